@@ -1,0 +1,1 @@
+//! Tapestry's local API and desired-state model.

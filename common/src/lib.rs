@@ -1,0 +1,428 @@
+//! Map keys, values and constants shared by Tapestry's eBPF programs and userspace.
+//!
+//! Every type is `#[repr(C)]` with fixed-width fields and explicit padding, so the kernel and
+//! userspace agree on the layout byte for byte (`tests` in this crate pin sizes and offsets).
+//! Addresses and ports are stored in network byte order, exactly as they appear in packets, so
+//! the datapath can compare them without swapping; userspace converts at the edge.
+#![no_std]
+
+/// Names of the pinned maps, as declared in the eBPF object (also their file names in bpffs).
+pub mod map_names {
+    pub const SERVICES: &str = "TAPESTRY_SERVICES";
+    pub const BACKENDS: &str = "TAPESTRY_BACKENDS";
+    pub const LB_TABLES: &str = "TAPESTRY_LB_TABLES";
+    pub const CONNTRACK: &str = "TAPESTRY_CT";
+    pub const AFFINITY: &str = "TAPESTRY_AFFINITY";
+    pub const FRAGMENTS: &str = "TAPESTRY_FRAGS";
+    pub const CONFIG: &str = "TAPESTRY_CONFIG";
+    pub const SERVICE_STATS: &str = "TAPESTRY_SVC_STATS";
+    pub const BACKEND_STATS: &str = "TAPESTRY_BE_STATS";
+    pub const DROPS: &str = "TAPESTRY_DROPS";
+    pub const COUNTERS: &str = "TAPESTRY_COUNTERS";
+    pub const EVENTS: &str = "TAPESTRY_EVENTS";
+    pub const ALL: [&str; 12] = [
+        SERVICES,
+        BACKENDS,
+        LB_TABLES,
+        CONNTRACK,
+        AFFINITY,
+        FRAGMENTS,
+        CONFIG,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        DROPS,
+        COUNTERS,
+        EVENTS,
+    ];
+}
+
+/// Names of the tc programs in the eBPF object.
+pub mod program_names {
+    /// Attached to the ingress of every endpoint's host-side interface (the endpoint's egress).
+    pub const FROM_ENDPOINT: &str = "tapestry_from_endpoint";
+}
+
+/// Capacity of the services map (frontends).
+pub const MAX_SERVICES: u32 = 65_536;
+/// Capacity of the backends map; also the bound on backend ids.
+pub const MAX_BACKENDS: u32 = 131_072;
+/// Conntrack entries (LRU): forward and reply entries count separately.
+pub const MAX_CONNTRACK: u32 = 262_144;
+pub const MAX_AFFINITY: u32 = 65_536;
+pub const MAX_FRAGMENTS: u32 = 8_192;
+/// Ring buffer for flow events, bytes (a power of two, a multiple of the page size).
+pub const EVENTS_RING_BYTES: u32 = 1 << 22;
+
+/// Entries in each service's backend selection table. Prime, as Maglev requires; with up to a
+/// few dozen backends per service it keeps the load imbalance near 1/LB_TABLE_SIZE per slot.
+pub const LB_TABLE_SIZE: usize = 1021;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Frontend: VIP, port and L4 protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    /// IPv4 address, network byte order.
+    pub vip: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Backend selection algorithms (`Service::algorithm`).
+pub mod algorithm {
+    /// Uniform random over the weighted table, per new flow.
+    pub const RANDOM: u8 = 0;
+    /// Maglev consistent hashing of the 5-tuple over the service's table.
+    pub const MAGLEV: u8 = 1;
+    /// Always the table's first slot: deterministic, for tests only.
+    pub const FIRST: u8 = 2;
+}
+
+/// `Service::flags`.
+pub mod service_flags {
+    /// ClientIP session affinity: a client keeps its backend for `affinity_timeout_s`.
+    pub const AFFINITY_CLIENT_IP: u8 = 1 << 0;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Service {
+    /// Stable id chosen by the daemon; indexes the stats and selection tables.
+    pub id: u32,
+    /// Backends that new flows may choose. Zero means "reject" (ICMP port unreachable).
+    pub backend_count: u32,
+    pub affinity_timeout_s: u32,
+    pub algorithm: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `Backend::state`.
+pub mod backend_state {
+    /// Chosen for new flows.
+    pub const ACTIVE: u8 = 0;
+    /// Not chosen for new flows; existing flows keep it (graceful drain).
+    pub const TERMINATING: u8 = 1;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// IPv4 address, network byte order.
+    pub ip: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub state: u8,
+}
+
+/// A service's backend selection table: backend ids, each repeated in proportion to its weight
+/// (random) or placed by Maglev's permutation (maglev). Replaced whole, in one map update, so a
+/// reader never sees a half-written table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbTable {
+    pub backends: [u32; LB_TABLE_SIZE],
+    pub _pad: u32,
+}
+
+impl Default for LbTable {
+    fn default() -> Self {
+        Self {
+            backends: [0; LB_TABLE_SIZE],
+            _pad: 0,
+        }
+    }
+}
+
+/// `CtKey::direction`.
+pub mod ct_direction {
+    /// Client -> frontend, keyed by the original tuple.
+    pub const FORWARD: u8 = 0;
+    /// Backend -> client, keyed by the tuple after NAT, as the reply arrives.
+    pub const REPLY: u8 = 1;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `CtEntry::flags`.
+pub mod ct_flags {
+    /// A FIN or RST was seen: the entry expires after the short closing lifetime.
+    pub const CLOSING: u8 = 1 << 0;
+    /// The client reached itself through the VIP; its source was rewritten to the hairpin address.
+    pub const HAIRPIN: u8 = 1 << 1;
+    /// A reply was seen (the flow is established in both directions).
+    pub const SEEN_REPLY: u8 = 1 << 2;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtEntry {
+    /// Forward: the address written as destination (backend). Reply: the address written as
+    /// source (the VIP).
+    pub nat_addr: u32,
+    /// Forward: the source address written for a hairpin flow (else 0). Reply: the client's own
+    /// address, restored as destination for a hairpin flow (else 0).
+    pub nat_peer_addr: u32,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// Monotonic nanoseconds (bpf_ktime_get_ns).
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub nat_port: u16,
+    pub flags: u8,
+    pub _pad: [u8; 5],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub client_ip: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityEntry {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_used_ns: u64,
+}
+
+/// Non-first IPv4 fragments carry no ports: the first fragment records them here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragmentKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragmentPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// `Config::flags`.
+pub mod config_flags {
+    /// Emit flow events (new flow, NAT decision, drop) to the ring buffer.
+    pub const FLOW_EVENTS: u32 = 1 << 0;
+}
+
+/// Runtime configuration, one entry in an array map, written by the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    pub flags: u32,
+    /// Source address written on hairpin flows (network byte order); link-local, never routed.
+    pub hairpin_snat_ip: u32,
+}
+
+/// Default hairpin source address: 169.254.42.1, as Cilium's service loopback address.
+pub const DEFAULT_HAIRPIN_SNAT_IP: [u8; 4] = [169, 254, 42, 1];
+
+/// Per-service and per-backend traffic counters (per CPU; userspace sums).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficStats {
+    pub packets: u64,
+    pub bytes: u64,
+    /// New flows (conntrack entries created) for this service or backend.
+    pub flows: u64,
+}
+
+macro_rules! named_u32_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $value:expr => $text:expr,)* }) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name { $($(#[$vmeta])* $variant = $value,)* }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+            /// Stable snake_case name, used in metrics labels and CLI output.
+            pub const fn name(self) -> &'static str {
+                match self { $($name::$variant => $text,)* }
+            }
+            pub const fn from_u32(v: u32) -> Option<Self> {
+                match v { $($value => Some($name::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+named_u32_enum! {
+    /// Why the datapath dropped or rejected a packet; index into the drops map.
+    DropReason {
+        /// The service has no backend: the client gets ICMP port unreachable.
+        NoBackend = 0 => "no_backend",
+        /// An IPv4 packet for a frontend whose L4 header is cut short.
+        Malformed = 1 => "malformed",
+        /// The selection table pointed at a backend id that is not in the backends map.
+        BackendMissing = 2 => "backend_missing",
+        /// Conntrack could not store the flow (map update failed).
+        ConntrackFull = 3 => "conntrack_full",
+        /// A rewrite helper failed; the packet is dropped rather than sent half-rewritten.
+        RewriteFailed = 4 => "rewrite_failed",
+        /// The reject reply (ICMP) could not be built; the packet is dropped instead.
+        RejectFailed = 5 => "reject_failed",
+    }
+}
+
+/// Number of slots in the drops map.
+pub const DROP_REASONS: u32 = 16;
+
+named_u32_enum! {
+    /// Datapath event counters; index into the counters map.
+    Counter {
+        /// Packets that entered a Tapestry program.
+        Packets = 0 => "packets",
+        /// Packets addressed to a frontend (service hits).
+        ServicePackets = 1 => "service_packets",
+        /// Conntrack entries created for new flows.
+        NewFlows = 2 => "new_flows",
+        /// Packets rewritten back to the frontend address (replies).
+        ReverseNat = 3 => "reverse_nat",
+        /// New flows whose client is also the chosen backend.
+        Hairpin = 4 => "hairpin",
+        /// Flows whose backend was removed and were moved to another backend.
+        Reselected = 5 => "reselected",
+        /// Flow events that could not be written (ring buffer full).
+        EventsLost = 6 => "events_lost",
+        /// Packets passed through untouched (not IPv4, not for a frontend, unparsable).
+        Passed = 7 => "passed",
+    }
+}
+
+pub const COUNTERS: u32 = 16;
+
+/// `FlowEvent::kind`.
+pub mod event_kind {
+    /// A new flow to a frontend and the backend chosen for it (the NAT decision).
+    pub const NEW_FLOW: u8 = 1;
+    /// A packet dropped or rejected; `reason` says why.
+    pub const DROP: u8 = 2;
+    /// A flow moved to another backend because its backend was removed.
+    pub const RESELECTED: u8 = 3;
+}
+
+/// One record in the flow events ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEvent {
+    pub timestamp_ns: u64,
+    pub ifindex: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    /// Backend address chosen (new flow), else 0.
+    pub nat_addr: u32,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub nat_port: u16,
+    pub kind: u8,
+    pub proto: u8,
+    /// `DropReason` for drops.
+    pub reason: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type below is #[repr(C)], made only of integers with explicit padding, so
+    // any bit pattern is valid and there are no implicit padding bytes (checked in tests).
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for LbTable {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityEntry {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentPorts {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for TrafficStats {}
+    unsafe impl aya::Pod for FlowEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn sizes_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(size_of::<LbTable>(), 4 * (LB_TABLE_SIZE + 1));
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtEntry>(), 40);
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityEntry>(), 16);
+        assert_eq!(size_of::<FragmentKey>(), 12);
+        assert_eq!(size_of::<FragmentPorts>(), 4);
+        assert_eq!(size_of::<Config>(), 8);
+        assert_eq!(size_of::<TrafficStats>(), 24);
+        assert_eq!(size_of::<FlowEvent>(), 48);
+    }
+
+    #[test]
+    fn field_offsets_match_the_datapath() {
+        assert_eq!(offset_of!(ServiceKey, port), 4);
+        assert_eq!(offset_of!(ServiceKey, proto), 6);
+        assert_eq!(offset_of!(Service, backend_count), 4);
+        assert_eq!(offset_of!(Service, algorithm), 12);
+        assert_eq!(offset_of!(CtKey, sport), 8);
+        assert_eq!(offset_of!(CtKey, proto), 12);
+        assert_eq!(offset_of!(CtKey, direction), 13);
+        assert_eq!(offset_of!(CtEntry, created_ns), 16);
+        assert_eq!(offset_of!(CtEntry, nat_port), 32);
+        assert_eq!(offset_of!(CtEntry, flags), 34);
+        assert_eq!(offset_of!(FlowEvent, sport), 32);
+        assert_eq!(offset_of!(FlowEvent, kind), 38);
+        assert_eq!(offset_of!(FlowEvent, reason), 40);
+        assert_eq!(align_of::<CtEntry>(), 8);
+    }
+
+    #[test]
+    fn drop_reasons_fit_the_map_and_round_trip() {
+        for r in DropReason::ALL {
+            assert!((*r as u32) < DROP_REASONS);
+            assert_eq!(DropReason::from_u32(*r as u32), Some(*r));
+        }
+        for c in Counter::ALL {
+            assert!((*c as u32) < COUNTERS);
+            assert_eq!(Counter::from_u32(*c as u32), Some(*c));
+        }
+        assert_eq!(DropReason::from_u32(DROP_REASONS), None);
+        assert_eq!(DropReason::NoBackend.name(), "no_backend");
+    }
+
+    #[test]
+    fn lb_table_size_is_prime() {
+        let n = LB_TABLE_SIZE;
+        assert!((2..n).take_while(|d| d * d <= n).all(|d| n % d != 0));
+    }
+}
