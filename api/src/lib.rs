@@ -1,1 +1,5 @@
-//! Tapestry's local API and desired-state model.
+//! Tapestry's local API: the desired-state model (the standalone state file), the API's request
+//! and response types, and a client.
+pub mod client;
+pub mod state;
+pub mod types;

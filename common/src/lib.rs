@@ -139,6 +139,33 @@ impl Default for LbTable {
     }
 }
 
+/// How long a conntrack entry lives after its last packet (Cilium's defaults). Checked by the
+/// datapath on lookup and by the daemon's garbage collector.
+pub mod ct_lifetime {
+    const S: u64 = 1_000_000_000;
+    /// TCP before the first reply (SYN sent).
+    pub const TCP_SYN_NS: u64 = 60 * S;
+    pub const TCP_ESTABLISHED_NS: u64 = 6 * 3600 * S;
+    /// After a FIN or RST.
+    pub const TCP_CLOSING_NS: u64 = 10 * S;
+    pub const NON_TCP_NS: u64 = 60 * S;
+    /// Entries are refreshed at most this often, to keep per-packet writes off shared cache lines.
+    pub const REFRESH_NS: u64 = S;
+
+    /// Lifetime of an entry with `flags` (see `ct_flags`) for protocol `proto`.
+    pub const fn for_entry(proto: u8, flags: u8) -> u64 {
+        if proto != super::IPPROTO_TCP {
+            NON_TCP_NS
+        } else if flags & super::ct_flags::CLOSING != 0 {
+            TCP_CLOSING_NS
+        } else if flags & super::ct_flags::SEEN_REPLY != 0 {
+            TCP_ESTABLISHED_NS
+        } else {
+            TCP_SYN_NS
+        }
+    }
+}
+
 /// `CtKey::direction`.
 pub mod ct_direction {
     /// Client -> frontend, keyed by the original tuple.

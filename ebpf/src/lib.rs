@@ -1,1 +1,25 @@
+//! Tapestry's datapath, as a library of steps the tc programs in `src/bin/` compose.
+//!
+//! The load-balancing path is factored as Cilium's is: parse -> service lookup -> backend
+//! selection -> conntrack (new flow or reply) -> rewrite with checksum fix-up. Each step returns
+//! `Result<_, DropReason>`, and the program entry point turns an error into an explicit, counted
+//! verdict.
 #![no_std]
+
+pub mod conntrack;
+pub mod events;
+pub mod maps;
+pub mod nat;
+pub mod packet;
+pub mod reject;
+pub mod service;
+
+/// Verdicts, as tc and TCX read them.
+pub mod verdict {
+    /// Not ours: let the next program (or the stack) decide. With TCX this is TCX_NEXT, so a
+    /// program that runs after ours (a primary CNI's, kube-proxy's path) still sees the packet.
+    pub const NEXT: i32 = -1;
+    /// Ours, handled: continue into the stack (after a rewrite).
+    pub const OK: i32 = 0;
+    pub const DROP: i32 = 2;
+}

@@ -1,1 +1,206 @@
-fn main() {}
+//! tapestryd: see the crate docs and README.md.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tapestry_api::{state::DesiredState, types};
+use tapestry_common::{Config, DEFAULT_HAIRPIN_SNAT_IP, config_flags};
+use tapestry_node_daemon::{
+    api,
+    datapath::Datapath,
+    flows::{self, FlowLog},
+    node::{Node, SharedNode},
+    reconcile::Reconciler,
+    source::{SourceStatus, StandaloneFile, StateSource},
+};
+use tokio::{signal::unix::SignalKind, sync::watch};
+use tracing::{error, info, warn};
+
+/// Tapestry's node daemon: eBPF Service load balancing for pods and VM guests.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Standalone mode: the desired state (services and backends), YAML or JSON, watched for
+    /// changes.
+    #[arg(long, env = "TAPESTRY_STATE_FILE", default_value = "/etc/tapestry/state.yaml")]
+    state_file: PathBuf,
+    /// bpffs directory for the pinned maps, program and links.
+    #[arg(long, env = "TAPESTRY_BPFFS_DIR", default_value = types::DEFAULT_BPFFS_DIR)]
+    bpffs_dir: PathBuf,
+    /// Unix socket of the local API.
+    #[arg(long, env = "TAPESTRY_SOCKET", default_value = types::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Address for Prometheus' /metrics (empty to disable).
+    #[arg(long, env = "TAPESTRY_METRICS_ADDR", default_value = types::DEFAULT_METRICS_ADDR)]
+    metrics_addr: String,
+    /// Attach the datapath to these host-side interfaces at start (also possible through the API).
+    #[arg(long = "attach", value_name = "IFNAME")]
+    attach: Vec<String>,
+    /// Emit flow events (new flow, NAT decision, drop) for `tapestry flows`.
+    #[arg(long, env = "TAPESTRY_FLOW_EVENTS")]
+    flow_events: bool,
+    /// Source address for hairpin flows (a backend reaching its own service).
+    #[arg(long, default_value_t = Ipv4Addr::from(DEFAULT_HAIRPIN_SNAT_IP))]
+    hairpin_snat_ip: Ipv4Addr,
+    /// Seconds between conntrack garbage collections.
+    #[arg(long, default_value_t = 10)]
+    conntrack_gc_interval: u64,
+    /// Remove every pin (datapath detached from every interface, maps gone) and exit.
+    #[arg(long)]
+    uninstall: bool,
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Args::parse()).await {
+        error!("{e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    if args.uninstall {
+        Datapath::unpin_all(&args.bpffs_dir)?;
+        info!(bpffs_dir = %args.bpffs_dir.display(), "datapath removed");
+        return Ok(());
+    }
+    let mut datapath = Datapath::load(&args.bpffs_dir)?;
+    datapath.set_config(Config {
+        flags: if args.flow_events {
+            config_flags::FLOW_EVENTS
+        } else {
+            0
+        },
+        hairpin_snat_ip: u32::from_ne_bytes(args.hairpin_snat_ip.octets()),
+    })?;
+    let reconciler = Reconciler::restore(&datapath.maps)?;
+    let adopted = datapath.adopt_links()?;
+    if !adopted.is_empty() {
+        info!(count = adopted.len(), "re-attached to the interfaces of the previous run");
+    }
+    for ifname in &args.attach {
+        datapath
+            .attach(ifname)
+            .with_context(|| format!("--attach {ifname}"))?;
+        info!(ifname, "attached");
+    }
+    let events = datapath.maps.events.take();
+    let flows = Arc::new(FlowLog::default());
+    let source = StandaloneFile::new(&args.state_file);
+    let node: SharedNode = Arc::new(Mutex::new(Node {
+        datapath,
+        reconciler,
+        generation: 0,
+        source: SourceStatus {
+            source: source.describe(),
+            ..Default::default()
+        },
+        apply_error: None,
+        mode: "standalone",
+        flow_events: args.flow_events,
+        flows: flows.clone(),
+    }));
+
+    let (updates_tx, updates_rx) = watch::channel(Arc::new(DesiredState::default()));
+    let (status_tx, status_rx) = watch::channel(SourceStatus::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(async move { source.run(updates_tx, status_tx).await.context("state source") });
+    tasks.spawn(reconcile_loop(node.clone(), updates_rx, status_rx));
+    {
+        let node = node.clone();
+        let socket = args.socket.clone();
+        tasks.spawn(async move { api::serve_unix(&socket, node).await });
+    }
+    if !args.metrics_addr.is_empty() {
+        let node = node.clone();
+        let addr = args.metrics_addr.clone();
+        tasks.spawn(async move { api::serve_tcp(&addr, node).await });
+    }
+    if let Some(ring) = events {
+        tasks.spawn(flows::drain(ring, flows));
+    }
+    {
+        let node = node.clone();
+        let every = Duration::from_secs(args.conntrack_gc_interval.max(1));
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let n = node.lock().unwrap_or_else(|p| p.into_inner()).collect_conntrack_garbage();
+                if n > 0 {
+                    tracing::debug!(removed = n, "conntrack garbage collected");
+                }
+            }
+        });
+    }
+
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let result = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+        Some(done) = tasks.join_next() => match done {
+            Ok(Ok(())) => Err(anyhow::anyhow!("a daemon task ended unexpectedly")),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(e.into()),
+        },
+    };
+    // The datapath stays attached and pinned: flows keep flowing while no daemon runs, and the
+    // next start adopts everything. `--uninstall` removes it.
+    let _ = std::fs::remove_file(&args.socket);
+    info!("stopped; the datapath stays in place");
+    result
+}
+
+/// Programs every new desired state; records failures without touching the last good state.
+async fn reconcile_loop(
+    node: SharedNode,
+    mut updates: watch::Receiver<Arc<DesiredState>>,
+    mut status: watch::Receiver<SourceStatus>,
+) -> Result<()> {
+    loop {
+        tokio::select! {
+            changed = updates.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let desired = updates.borrow_and_update().clone();
+                let mut guard = node.lock().unwrap_or_else(|p| p.into_inner());
+                let n = &mut *guard;
+                match n.reconciler.apply(&mut n.datapath.maps, &desired) {
+                    Ok(_) => {
+                        n.generation += 1;
+                        n.apply_error = None;
+                        if n.generation == 1 {
+                            info!(services = desired.services.len(), "ready");
+                        }
+                    }
+                    Err(e) => {
+                        let msg = format!("programming the desired state: {e:#}");
+                        warn!("{msg}");
+                        n.apply_error = Some(msg);
+                    }
+                }
+            }
+            changed = status.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let s = status.borrow_and_update().clone();
+                node.lock().unwrap_or_else(|p| p.into_inner()).source = s;
+            }
+        }
+    }
+}

@@ -1,1 +1,360 @@
-fn main(){}
+//! `tapestry_from_endpoint`: on the ingress of every endpoint's host-side interface (pods' veths,
+//! and the VM pods' veths, whose frames come from the guest), so every packet a pod or a guest
+//! sends passes here once. Packets to a frontend are load-balanced (DNAT, conntrack); replies from
+//! a backend are reverse-NATed back to the frontend address.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    macros::classifier,
+    programs::TcContext,
+};
+use tapestry_common::{
+    Backend, Counter, CtEntry, CtKey, DEFAULT_HAIRPIN_SNAT_IP, DropReason, FragmentKey,
+    FragmentPorts, IPPROTO_TCP, Service, ct_direction, ct_flags, event_kind,
+};
+use tapestry_ebpf::{
+    conntrack,
+    events::{account, count, count_drop, emit},
+    maps::{FRAGMENTS, config},
+    nat::{Side, rewrite_addr, rewrite_port, swap_macs},
+    packet::{self, Ipv4Packet, Parsed, TCP_ACK, TCP_SYN, ifindex},
+    reject::lb4_reject,
+    service::{lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
+    verdict,
+};
+
+/// Bytes of header we need in the linear area: Ethernet, the longest IPv4 header, TCP.
+const HEADERS_MAX: u32 = 14 + 60 + 20;
+
+#[classifier]
+pub fn tapestry_from_endpoint(ctx: TcContext) -> i32 {
+    count(Counter::Packets);
+    from_endpoint(&ctx)
+}
+
+#[inline(always)]
+fn from_endpoint(ctx: &TcContext) -> i32 {
+    let linear = (ctx.data_end() - ctx.data()) as u32;
+    if linear < HEADERS_MAX && linear < ctx.len() {
+        // Headers in a paged fragment are pulled into the linear area once; failure only means
+        // the parser below sees less and passes the packet.
+        let _ = ctx.pull_data(ctx.len().min(HEADERS_MAX));
+    }
+    let mut pkt = match packet::parse(ctx) {
+        Parsed::NotOurs => return pass(),
+        Parsed::Truncated {
+            daddr,
+            proto,
+            ports: Some((_, dport)),
+            ..
+        } if lb4_lookup_service(daddr, dport, proto).is_some() => {
+            // Addressed to a frontend but cut short: never rewrite half a header.
+            count_drop(DropReason::Malformed);
+            return verdict::DROP;
+        }
+        Parsed::Truncated { .. } => return pass(),
+        Parsed::Packet(p) => p,
+    };
+    if pkt.later_fragment {
+        // SAFETY: copied out at once.
+        match unsafe { FRAGMENTS.get(&fragment_key(&pkt)) }.copied() {
+            Some(ports) => {
+                pkt.sport = ports.sport;
+                pkt.dport = ports.dport;
+            }
+            None => return pass(),
+        }
+    }
+    if let Some(svc) = lb4_lookup_service(pkt.daddr, pkt.dport, pkt.proto) {
+        return match lb4_forward(ctx, &pkt, &svc) {
+            Ok(v) => v,
+            Err(reason) => drop(ctx, &pkt, reason, svc.id),
+        };
+    }
+    match lb4_reply(ctx, &pkt) {
+        Ok(Some(v)) => v,
+        Ok(None) => pass(),
+        Err(reason) => drop(ctx, &pkt, reason, 0),
+    }
+}
+
+#[inline(always)]
+fn pass() -> i32 {
+    count(Counter::Passed);
+    verdict::NEXT
+}
+
+#[inline(always)]
+fn drop(ctx: &TcContext, pkt: &Ipv4Packet, reason: DropReason, service_id: u32) -> i32 {
+    count_drop(reason);
+    emit(ctx, pkt, event_kind::DROP, reason as u32, service_id, 0, 0, 0);
+    verdict::DROP
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a helper with no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn fragment_key(pkt: &Ipv4Packet) -> FragmentKey {
+    FragmentKey {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        id: pkt.ip_id,
+        proto: pkt.proto,
+        _pad: 0,
+    }
+}
+
+/// The first fragment of a datagram we rewrite tells the later ones their ports.
+#[inline(always)]
+fn remember_fragment(pkt: &Ipv4Packet) {
+    if pkt.first_fragment {
+        let ports = FragmentPorts {
+            sport: pkt.sport,
+            dport: pkt.dport,
+        };
+        let _ = FRAGMENTS.insert(&fragment_key(pkt), &ports, 0);
+    }
+}
+
+#[inline(always)]
+fn hairpin_snat_ip() -> u32 {
+    match config().hairpin_snat_ip {
+        0 => u32::from_ne_bytes(DEFAULT_HAIRPIN_SNAT_IP),
+        ip => ip,
+    }
+}
+
+/// A TCP SYN (without ACK): the start of a connection.
+#[inline(always)]
+fn is_syn(pkt: &Ipv4Packet) -> bool {
+    pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// Client -> frontend.
+#[inline(always)]
+fn lb4_forward(ctx: &TcContext, pkt: &Ipv4Packet, svc: &Service) -> Result<i32, DropReason> {
+    count(Counter::ServicePackets);
+    let now = now();
+    let fkey = conntrack::forward_key(pkt);
+    let mut new_flow = true;
+    let mut reselect = false;
+    let mut chosen: Option<(u32, Backend, u8)> = None;
+
+    if let Some(entry) = conntrack::lookup(&fkey) {
+        // SAFETY: copied out of a live lookup.
+        let e = unsafe { *entry };
+        // A SYN on a closing entry is a new connection reusing the client's port.
+        let stale = conntrack::is_expired(&e, pkt.proto, now)
+            || (is_syn(pkt) && e.flags & ct_flags::CLOSING != 0);
+        if !stale {
+            match lb4_lookup_backend(e.backend_id) {
+                // Same id and same address: the flow's backend still exists (active or draining).
+                Some(b) if b.ip == e.nat_addr && b.port == e.nat_port => {
+                    conntrack::touch(entry, conntrack::flags_from_tcp(pkt), now);
+                    new_flow = false;
+                    chosen = Some((e.backend_id, b, e.flags & ct_flags::HAIRPIN));
+                }
+                // The backend was removed under a live flow. Choosing again beats black-holing:
+                // a UDP flow simply continues; a TCP peer that does not know the connection
+                // answers RST, and the client learns at once instead of timing out.
+                _ => reselect = true,
+            }
+        }
+    }
+
+    let (backend_id, backend, hairpin) = match chosen {
+        Some(c) => c,
+        None => {
+            if svc.backend_count == 0 {
+                return lb4_no_backend(ctx, pkt, svc, reselect);
+            }
+            lb4_new_flow(ctx, pkt, svc, now, &fkey, reselect)?
+        }
+    };
+
+    remember_fragment(pkt);
+    if hairpin != 0 {
+        rewrite_addr(ctx, pkt, Side::Source, pkt.saddr, hairpin_snat_ip())?;
+    }
+    rewrite_addr(ctx, pkt, Side::Destination, pkt.daddr, backend.ip)?;
+    rewrite_port(ctx, pkt, Side::Destination, pkt.dport, backend.port)?;
+    account(svc.id, backend_id, pkt.len, new_flow);
+    if hairpin != 0 {
+        // Client and backend are the same endpoint: send the packet straight back out of the
+        // interface it came from, as the gateway would.
+        swap_macs(ctx)?;
+        // SAFETY: a helper with no memory arguments.
+        return Ok(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32);
+    }
+    Ok(verdict::OK)
+}
+
+/// A service with no backend: new connections are refused with ICMP port unreachable, as
+/// kube-proxy does. A live flow whose last backend vanished is dropped instead (an ICMP error is
+/// only a soft error to an established TCP socket).
+#[inline(always)]
+fn lb4_no_backend(
+    ctx: &TcContext,
+    pkt: &Ipv4Packet,
+    svc: &Service,
+    live_flow: bool,
+) -> Result<i32, DropReason> {
+    if live_flow || (pkt.proto == IPPROTO_TCP && !is_syn(pkt)) {
+        return Err(DropReason::NoBackend);
+    }
+    count_drop(DropReason::NoBackend);
+    emit(
+        ctx,
+        pkt,
+        event_kind::DROP,
+        DropReason::NoBackend as u32,
+        svc.id,
+        0,
+        0,
+        0,
+    );
+    lb4_reject(ctx, pkt)
+}
+
+/// Chooses a backend and stores both conntrack entries. The reply entry goes in first, so a reply
+/// never arrives before it; if the forward entry then fails, the reply entry is taken back out.
+#[inline(always)]
+fn lb4_new_flow(
+    ctx: &TcContext,
+    pkt: &Ipv4Packet,
+    svc: &Service,
+    now: u64,
+    fkey: &CtKey,
+    reselect: bool,
+) -> Result<(u32, Backend, u8), DropReason> {
+    let (backend_id, backend) = lb4_select_backend(svc, pkt, now)?;
+    let hairpin = if backend.ip == pkt.saddr {
+        ct_flags::HAIRPIN
+    } else {
+        0
+    };
+    let snat = if hairpin != 0 { hairpin_snat_ip() } else { 0 };
+    let flags = hairpin | conntrack::flags_from_tcp(pkt);
+    let rkey = CtKey {
+        saddr: backend.ip,
+        daddr: if hairpin != 0 { snat } else { pkt.saddr },
+        sport: backend.port,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        direction: ct_direction::REPLY,
+        _pad: [0; 2],
+    };
+    let reply = CtEntry {
+        nat_addr: pkt.daddr,
+        nat_peer_addr: if hairpin != 0 { pkt.saddr } else { 0 },
+        backend_id,
+        service_id: svc.id,
+        created_ns: now,
+        last_seen_ns: now,
+        nat_port: pkt.dport,
+        flags: hairpin,
+        _pad: [0; 5],
+    };
+    let forward = CtEntry {
+        nat_addr: backend.ip,
+        nat_peer_addr: snat,
+        nat_port: backend.port,
+        flags,
+        ..reply
+    };
+    conntrack::insert(&rkey, &reply).map_err(|_| DropReason::ConntrackFull)?;
+    if conntrack::insert(fkey, &forward).is_err() {
+        conntrack::remove(&rkey);
+        return Err(DropReason::ConntrackFull);
+    }
+    count(Counter::NewFlows);
+    if hairpin != 0 {
+        count(Counter::Hairpin);
+    }
+    let kind = if reselect {
+        count(Counter::Reselected);
+        event_kind::RESELECTED
+    } else {
+        event_kind::NEW_FLOW
+    };
+    emit(
+        ctx,
+        pkt,
+        kind,
+        0,
+        svc.id,
+        backend_id,
+        backend.ip,
+        backend.port,
+    );
+    Ok((backend_id, backend, hairpin))
+}
+
+/// Backend -> client: restore the frontend as the source (and, for a hairpin flow, the client's
+/// own address as the destination).
+#[inline(always)]
+fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Option<i32>, DropReason> {
+    let rkey = conntrack::reply_key(pkt);
+    let Some(entry) = conntrack::lookup(&rkey) else {
+        return Ok(None);
+    };
+    // SAFETY: copied out of a live lookup.
+    let e = unsafe { *entry };
+    let now = now();
+    if conntrack::is_expired(&e, pkt.proto, now) {
+        return Ok(None);
+    }
+    conntrack::touch(
+        entry,
+        conntrack::flags_from_tcp(pkt) | ct_flags::SEEN_REPLY,
+        now,
+    );
+    let hairpin = e.flags & ct_flags::HAIRPIN != 0;
+    if e.flags & ct_flags::SEEN_REPLY == 0 {
+        // First reply: the forward entry moves from the SYN lifetime to the established one.
+        let fkey = CtKey {
+            saddr: if hairpin { e.nat_peer_addr } else { pkt.daddr },
+            daddr: e.nat_addr,
+            sport: pkt.dport,
+            dport: e.nat_port,
+            proto: pkt.proto,
+            direction: ct_direction::FORWARD,
+            _pad: [0; 2],
+        };
+        if let Some(f) = conntrack::lookup(&fkey) {
+            conntrack::touch(f, ct_flags::SEEN_REPLY, now);
+        }
+    }
+    remember_fragment(pkt);
+    rewrite_addr(ctx, pkt, Side::Source, pkt.saddr, e.nat_addr)?;
+    rewrite_port(ctx, pkt, Side::Source, pkt.sport, e.nat_port)?;
+    count(Counter::ReverseNat);
+    if hairpin {
+        rewrite_addr(ctx, pkt, Side::Destination, pkt.daddr, e.nat_peer_addr)?;
+        swap_macs(ctx)?;
+        // SAFETY: a helper with no memory arguments.
+        return Ok(Some(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32));
+    }
+    Ok(Some(verdict::OK))
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects a program whose panic path is reachable; this is never called.
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,204 @@
+//! A client of the daemon's local API, for the CNI plugin, the CLI and tests.
+//!
+//! HTTP/1.1 over the unix socket with hyper. The blocking wrapper runs a current-thread runtime
+//! per call, which costs microseconds: the CNI plugin and the CLI are short-lived processes.
+
+use std::path::{Path, PathBuf};
+
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, body::Bytes};
+use hyper_util::rt::TokioIo;
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::types::{
+    AttachRequest, AttachmentInfo, ConntrackEntry, ErrorBody, FlushResult, ServiceInfo, Status,
+    paths,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach tapestryd at {socket}: {source} (is the daemon running? start it with \
+         `tapestryd --state-file <file>`, or point --socket at its socket)"
+    )]
+    Unreachable {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("tapestryd answered {status}: {message}")]
+    Api { status: u16, message: String },
+    #[error("talking to tapestryd: {0}")]
+    Transport(String),
+    #[error("tapestryd sent a body this client does not understand: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+impl ClientError {
+    /// The daemon is not there (as opposed to: it refused the request).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Unreachable { .. })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: impl AsRef<Path>) -> Self {
+        Self {
+            socket: socket.as_ref().to_owned(),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Sends one request; returns the raw body of a 2xx answer.
+    pub async fn request_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let conn = tokio::spawn(conn);
+        let has_body = body.is_some();
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "tapestryd");
+        if has_body {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?
+            .to_bytes();
+        conn.abort();
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        Ok(bytes)
+    }
+
+    pub async fn request<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let body = body.map(serde_json::to_vec).transpose()?;
+        let bytes = self.request_raw(method, path, body).await?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        self.request(Method::GET, paths::STATUS, None::<&()>).await
+    }
+
+    pub async fn services(&self) -> Result<Vec<ServiceInfo>, ClientError> {
+        self.request(Method::GET, paths::SERVICES, None::<&()>).await
+    }
+
+    pub async fn conntrack(&self) -> Result<Vec<ConntrackEntry>, ClientError> {
+        self.request(Method::GET, paths::CONNTRACK, None::<&()>).await
+    }
+
+    pub async fn flush_conntrack(&self) -> Result<FlushResult, ClientError> {
+        self.request(Method::DELETE, paths::CONNTRACK, None::<&()>).await
+    }
+
+    pub async fn attachments(&self) -> Result<Vec<AttachmentInfo>, ClientError> {
+        self.request(Method::GET, paths::ATTACHMENTS, None::<&()>).await
+    }
+
+    pub async fn attach(&self, ifname: &str) -> Result<AttachmentInfo, ClientError> {
+        let req = AttachRequest {
+            ifname: ifname.to_owned(),
+        };
+        self.request(Method::POST, paths::ATTACHMENTS, Some(&req)).await
+    }
+
+    pub async fn detach(&self, ifname: &str) -> Result<serde_json::Value, ClientError> {
+        let path = format!("{}/{}", paths::ATTACHMENTS, ifname);
+        self.request(Method::DELETE, &path, None::<&()>).await
+    }
+
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let bytes = self.request_raw(Method::GET, paths::METRICS, None).await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+/// The same calls, blocking: for short-lived processes without a runtime of their own.
+pub mod blocking {
+    use super::*;
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime")
+            .block_on(f)
+    }
+
+    #[derive(Debug, Clone)]
+    pub struct Client(super::Client);
+
+    impl Client {
+        pub fn new(socket: impl AsRef<Path>) -> Self {
+            Self(super::Client::new(socket))
+        }
+        pub fn status(&self) -> Result<Status, ClientError> {
+            run(self.0.status())
+        }
+        pub fn services(&self) -> Result<Vec<ServiceInfo>, ClientError> {
+            run(self.0.services())
+        }
+        pub fn conntrack(&self) -> Result<Vec<ConntrackEntry>, ClientError> {
+            run(self.0.conntrack())
+        }
+        pub fn flush_conntrack(&self) -> Result<FlushResult, ClientError> {
+            run(self.0.flush_conntrack())
+        }
+        pub fn attachments(&self) -> Result<Vec<AttachmentInfo>, ClientError> {
+            run(self.0.attachments())
+        }
+        pub fn attach(&self, ifname: &str) -> Result<AttachmentInfo, ClientError> {
+            run(self.0.attach(ifname))
+        }
+        pub fn detach(&self, ifname: &str) -> Result<serde_json::Value, ClientError> {
+            run(self.0.detach(ifname))
+        }
+        pub fn metrics(&self) -> Result<String, ClientError> {
+            run(self.0.metrics())
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! Conntrack: a forward entry keyed by the client's original tuple (which backend, which NAT) and
+//! a reply entry keyed by the tuple the backend's replies carry (how to restore the frontend).
+
+use tapestry_common::{CtEntry, CtKey, ct_direction, ct_flags, ct_lifetime};
+
+use crate::{
+    maps::CONNTRACK,
+    packet::{Ipv4Packet, TCP_FIN, TCP_RST},
+};
+
+#[inline(always)]
+pub fn forward_key(pkt: &Ipv4Packet) -> CtKey {
+    CtKey {
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        direction: ct_direction::FORWARD,
+        _pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+pub fn reply_key(pkt: &Ipv4Packet) -> CtKey {
+    CtKey {
+        direction: ct_direction::REPLY,
+        ..forward_key(pkt)
+    }
+}
+
+#[inline(always)]
+pub fn is_expired(entry: &CtEntry, proto: u8, now: u64) -> bool {
+    now.saturating_sub(entry.last_seen_ns) > ct_lifetime::for_entry(proto, entry.flags)
+}
+
+/// Flags a TCP packet adds to its entry.
+#[inline(always)]
+pub fn flags_from_tcp(pkt: &Ipv4Packet) -> u8 {
+    if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        ct_flags::CLOSING
+    } else {
+        0
+    }
+}
+
+/// Refreshes `entry` for a packet seen now: at most once a second unless its flags change, so a
+/// busy flow does not write the shared entry on every packet.
+#[inline(always)]
+pub fn touch(entry: *mut CtEntry, add_flags: u8, now: u64) {
+    // SAFETY: `entry` comes from a successful map lookup; racing writers only ever move
+    // last_seen forward or add flags, and a lost update costs a refresh, never correctness.
+    unsafe {
+        let flags = (*entry).flags | add_flags;
+        if flags != (*entry).flags
+            || now.saturating_sub((*entry).last_seen_ns) > ct_lifetime::REFRESH_NS
+        {
+            (*entry).flags = flags;
+            (*entry).last_seen_ns = now;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
+    CONNTRACK.get_ptr_mut(key)
+}
+
+#[inline(always)]
+pub fn insert(key: &CtKey, entry: &CtEntry) -> Result<(), i32> {
+    CONNTRACK.insert(key, entry, 0)
+}
+
+#[inline(always)]
+pub fn remove(key: &CtKey) {
+    let _ = CONNTRACK.remove(key);
+}

@@ -1,0 +1,80 @@
+//! Counters, drop reasons and flow events.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use tapestry_common::{Counter, DropReason, FlowEvent, TrafficStats, config_flags};
+
+use crate::{maps::*, packet::Ipv4Packet};
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(v) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *v += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_drop(reason: DropReason) {
+    if let Some(v) = DROPS.get_ptr_mut(reason as u32) {
+        // SAFETY: as above.
+        unsafe { *v += 1 };
+    }
+}
+
+#[inline(always)]
+fn add(stats: Option<*mut TrafficStats>, bytes: u32, new_flow: bool) {
+    if let Some(s) = stats {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes as u64;
+            if new_flow {
+                (*s).flows += 1;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+pub fn account(service_id: u32, backend_id: u32, bytes: u32, new_flow: bool) {
+    add(SERVICE_STATS.get_ptr_mut(service_id), bytes, new_flow);
+    add(BACKEND_STATS.get_ptr_mut(backend_id), bytes, new_flow);
+}
+
+/// Writes a flow event when flow events are on. A full ring buffer never stalls the datapath:
+/// the event is dropped and counted.
+#[inline(always)]
+pub fn emit(
+    ctx: &TcContext,
+    pkt: &Ipv4Packet,
+    kind: u8,
+    reason: u32,
+    service_id: u32,
+    backend_id: u32,
+    nat_addr: u32,
+    nat_port: u16,
+) {
+    if config().flags & config_flags::FLOW_EVENTS == 0 {
+        return;
+    }
+    let event = FlowEvent {
+        // SAFETY: a helper with no preconditions.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        ifindex: crate::packet::ifindex(ctx),
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        nat_addr,
+        service_id,
+        backend_id,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        nat_port,
+        kind,
+        proto: pkt.proto,
+        reason,
+        _pad: 0,
+    };
+    if EVENTS.output::<FlowEvent>(&event, 0).is_err() {
+        count(Counter::EventsLost);
+    }
+}

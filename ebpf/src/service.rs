@@ -1,0 +1,114 @@
+//! Service lookup and backend selection.
+
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use tapestry_common::{
+    AffinityEntry, AffinityKey, Backend, DropReason, LB_TABLE_SIZE, Service, ServiceKey,
+    algorithm, backend_state, service_flags,
+};
+
+use crate::{maps::*, packet::Ipv4Packet};
+
+#[inline(always)]
+pub fn lb4_lookup_service(daddr: u32, dport: u16, proto: u8) -> Option<Service> {
+    let key = ServiceKey {
+        vip: daddr,
+        port: dport,
+        proto,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once; hash map values are RCU-protected.
+    unsafe { SERVICES.get(&key) }.copied()
+}
+
+#[inline(always)]
+pub fn lb4_lookup_backend(id: u32) -> Option<Backend> {
+    // SAFETY: copied out at once.
+    unsafe { BACKENDS.get(&id) }.copied()
+}
+
+/// Hash of the flow's 5-tuple for Maglev: the same flow always lands on the same table slot,
+/// on every node, whatever the packet's arrival CPU.
+#[inline(always)]
+pub fn hash_tuple(pkt: &Ipv4Packet) -> u32 {
+    let ports = ((pkt.sport as u32) << 16) | pkt.dport as u32;
+    let mut h = pkt.saddr.wrapping_mul(0x9e37_79b1)
+        ^ pkt.daddr.rotate_left(13)
+        ^ ports.wrapping_mul(0x85eb_ca77)
+        ^ pkt.proto as u32;
+    // murmur3 finaliser: spreads every input bit over the result.
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+#[inline(always)]
+fn lb4_select_from_table(svc: &Service, pkt: &Ipv4Packet) -> Result<u32, DropReason> {
+    let hash = match svc.algorithm {
+        algorithm::MAGLEV => hash_tuple(pkt),
+        algorithm::FIRST => 0,
+        // SAFETY: a helper with no preconditions.
+        _ => unsafe { bpf_get_prandom_u32() },
+    };
+    // Lemire's multiply-shift instead of `%`: the verifier cannot bound a modulo, but it can
+    // bound (u32 * N) >> 32 below N, so the table index is provably in range.
+    let slot = ((hash as u64 * LB_TABLE_SIZE as u64) >> 32) as usize;
+    let table = LB_TABLES.get_ptr(&svc.id).ok_or(DropReason::BackendMissing)?;
+    // SAFETY: the pointer comes from a successful lookup; `slot` is below LB_TABLE_SIZE.
+    let id = unsafe { (*table).backends.get(slot).copied() };
+    id.ok_or(DropReason::BackendMissing)
+}
+
+/// Chooses the backend of a new flow: the client's affine backend while it is fresh and still
+/// active, else a table slot (random or Maglev).
+#[inline(always)]
+pub fn lb4_select_backend(
+    svc: &Service,
+    pkt: &Ipv4Packet,
+    now: u64,
+) -> Result<(u32, Backend), DropReason> {
+    let affinity = svc.flags & service_flags::AFFINITY_CLIENT_IP != 0;
+    let akey = AffinityKey {
+        service_id: svc.id,
+        client_ip: pkt.saddr,
+    };
+    if affinity {
+        // SAFETY: copied out at once.
+        if let Some(a) = unsafe { AFFINITY.get(&akey) }.copied() {
+            let fresh = now.saturating_sub(a.last_used_ns) < svc.affinity_timeout_s as u64 * 1_000_000_000;
+            if fresh {
+                if let Some(b) = lb4_lookup_backend(a.backend_id) {
+                    if b.state == backend_state::ACTIVE {
+                        let _ = AFFINITY.insert(
+                            &akey,
+                            &AffinityEntry {
+                                backend_id: a.backend_id,
+                                _pad: 0,
+                                last_used_ns: now,
+                            },
+                            0,
+                        );
+                        return Ok((a.backend_id, b));
+                    }
+                }
+            }
+        }
+    }
+    let id = lb4_select_from_table(svc, pkt)?;
+    let backend = lb4_lookup_backend(id).ok_or(DropReason::BackendMissing)?;
+    if affinity {
+        // Best effort: a lost affinity entry costs stickiness, never the packet.
+        let _ = AFFINITY.insert(
+            &akey,
+            &AffinityEntry {
+                backend_id: id,
+                _pad: 0,
+                last_used_ns: now,
+            },
+            0,
+        );
+    }
+    Ok((id, backend))
+}

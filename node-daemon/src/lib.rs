@@ -1,0 +1,11 @@
+//! tapestryd, the node daemon: owns the pinned datapath, keeps its maps equal to the desired
+//! state, and serves the local API to the CNI plugin and the CLI.
+
+pub mod api;
+pub mod datapath;
+pub mod flows;
+pub mod maglev;
+pub mod metrics;
+pub mod node;
+pub mod reconcile;
+pub mod source;

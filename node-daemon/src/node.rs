@@ -1,0 +1,309 @@
+//! The daemon's shared state, and the views of it that the API and metrics serve.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context, Result};
+use aya::maps::MapError;
+use tapestry_api::{
+    state::{Algorithm, SessionAffinity},
+    types::{
+        AttachmentInfo, BackendInfo, ConntrackEntry, MapFill, ServiceInfo, Status, Traffic,
+    },
+};
+use tapestry_common::{
+    COUNTERS, CtEntry, CtKey, Counter, DROP_REASONS, DropReason, IPPROTO_TCP, MAX_AFFINITY,
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, TrafficStats, ct_direction,
+    ct_flags, ct_lifetime, map_names,
+};
+
+use crate::{
+    datapath::Datapath,
+    flows::FlowLog,
+    reconcile::{Reconciler, frontend_of},
+    source::SourceStatus,
+};
+
+pub struct Node {
+    pub datapath: Datapath,
+    pub reconciler: Reconciler,
+    /// Desired states fully programmed since start.
+    pub generation: u64,
+    pub source: SourceStatus,
+    /// The last desired state the reconciler could not program, and why.
+    pub apply_error: Option<String>,
+    pub mode: &'static str,
+    pub flow_events: bool,
+    pub flows: Arc<FlowLog>,
+}
+
+pub type SharedNode = Arc<Mutex<Node>>;
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        IPPROTO_TCP => "TCP".into(),
+        tapestry_common::IPPROTO_UDP => "UDP".into(),
+        other => other.to_string(),
+    }
+}
+
+fn sum_stats(v: &aya::maps::PerCpuValues<TrafficStats>) -> Traffic {
+    let mut t = Traffic::default();
+    for s in v.iter() {
+        t.packets += s.packets;
+        t.bytes += s.bytes;
+        t.flows += s.flows;
+    }
+    t
+}
+
+fn addr(ip: u32, port: u16) -> String {
+    format!("{}:{}", Ipv4Addr::from(ip.to_ne_bytes()), u16::from_be(port))
+}
+
+impl Node {
+    pub fn counters(&self) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>)> {
+        let maps = &self.datapath.maps;
+        let mut counters = BTreeMap::new();
+        for i in 0..COUNTERS {
+            if let Some(c) = Counter::from_u32(i) {
+                let v = maps.counters.get(&i, 0)?;
+                counters.insert(c.name().to_owned(), v.iter().sum());
+            }
+        }
+        let mut drops = BTreeMap::new();
+        for i in 0..DROP_REASONS {
+            if let Some(r) = DropReason::from_u32(i) {
+                let v = maps.drops.get(&i, 0)?;
+                drops.insert(r.name().to_owned(), v.iter().sum());
+            }
+        }
+        Ok((counters, drops))
+    }
+
+    fn conntrack_entries(&self) -> Vec<(CtKey, CtEntry)> {
+        self.datapath
+            .maps
+            .conntrack
+            .iter()
+            .filter_map(|r| r.ok())
+            .collect()
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        let (counters, drops) = self.counters()?;
+        let dir = self.datapath.pin_dir();
+        let count = |n: usize| n as u64;
+        let ct = count(self.datapath.maps.conntrack.keys().count());
+        let affinity = count(self.datapath.maps.affinity.keys().count());
+        let fill = |name: &str, entries: u64, max: u32| MapFill {
+            name: name.to_owned(),
+            entries,
+            max_entries: max as u64,
+            pinned: dir.join(name).exists(),
+        };
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            mode: self.mode.to_owned(),
+            source: self.source.source.clone(),
+            generation: self.generation,
+            last_error: self
+                .apply_error
+                .clone()
+                .or_else(|| self.source.last_error.clone()),
+            bpffs_dir: dir.display().to_string(),
+            program_pinned: dir.join("prog_from_endpoint").exists(),
+            attachments: self
+                .datapath
+                .attachments()
+                .into_iter()
+                .map(|a| AttachmentInfo {
+                    ifindex: a.ifindex,
+                    ifname: a.ifname,
+                })
+                .collect(),
+            maps: vec![
+                fill(
+                    map_names::SERVICES,
+                    count(self.reconciler.service_count()),
+                    MAX_SERVICES,
+                ),
+                fill(
+                    map_names::BACKENDS,
+                    count(self.reconciler.backend_count()),
+                    MAX_BACKENDS,
+                ),
+                fill(map_names::CONNTRACK, ct, MAX_CONNTRACK),
+                fill(map_names::AFFINITY, affinity, MAX_AFFINITY),
+            ],
+            counters,
+            drops,
+            services: self.reconciler.service_count(),
+            backends: self.reconciler.backend_count(),
+            flow_events: self.flow_events,
+        })
+    }
+
+    pub fn services(&self) -> Result<Vec<ServiceInfo>> {
+        let maps = &self.datapath.maps;
+        let now = monotonic_ns();
+        // Live forward flows per (service, backend).
+        let mut flows: HashMap<(u32, u32), u64> = HashMap::new();
+        for (k, e) in self.conntrack_entries() {
+            if k.direction == ct_direction::FORWARD
+                && now.saturating_sub(e.last_seen_ns) <= ct_lifetime::for_entry(k.proto, e.flags)
+            {
+                *flows.entry((e.service_id, e.backend_id)).or_default() += 1;
+            }
+        }
+        let mut out = Vec::new();
+        for (key, ps) in self.reconciler.services() {
+            let (vip, port, proto) = frontend_of(key);
+            let traffic = match maps.service_stats.get(&ps.id, 0) {
+                Ok(v) => sum_stats(&v),
+                Err(MapError::KeyNotFound) => Traffic::default(),
+                Err(e) => return Err(e).context("reading service stats"),
+            };
+            let spec = ps.spec.as_ref();
+            let mut backends = Vec::new();
+            if let Some(spec) = spec {
+                for (b, id) in spec.backends.iter().zip(&ps.backend_ids) {
+                    let traffic = maps
+                        .backend_stats
+                        .get(id, 0)
+                        .map(|v| sum_stats(&v))
+                        .unwrap_or_default();
+                    let state = if b.terminating {
+                        "terminating"
+                    } else {
+                        "active"
+                    };
+                    backends.push(BackendInfo {
+                        id: *id,
+                        ip: b.ip,
+                        port: b.target_port(spec),
+                        weight: b.weight,
+                        name: b.name.clone(),
+                        kind: format!("{:?}", b.kind).to_lowercase(),
+                        state: state.into(),
+                        traffic,
+                        active_flows: flows.get(&(ps.id, *id)).copied().unwrap_or(0),
+                    });
+                }
+            }
+            let active_flows = flows
+                .iter()
+                .filter(|((s, _), _)| *s == ps.id)
+                .map(|(_, n)| *n)
+                .sum();
+            out.push(ServiceInfo {
+                name: spec.map(|s| s.name.clone()).unwrap_or_default(),
+                id: ps.id,
+                vip,
+                port,
+                protocol: proto_name(proto),
+                algorithm: match spec.map(|s| s.algorithm) {
+                    Some(Algorithm::Maglev) => "maglev".into(),
+                    _ => "random".into(),
+                },
+                session_affinity: match spec.map(|s| s.session_affinity) {
+                    Some(SessionAffinity::ClientIP) => "ClientIP".into(),
+                    _ => "None".into(),
+                },
+                session_affinity_timeout_seconds: ps.entry.affinity_timeout_s,
+                active_backends: ps.entry.backend_count,
+                traffic,
+                active_flows,
+                backends,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    pub fn conntrack(&self) -> Vec<ConntrackEntry> {
+        let now = monotonic_ns();
+        let names: HashMap<u32, String> = self
+            .reconciler
+            .services()
+            .filter_map(|(_, ps)| ps.spec.as_ref().map(|s| (ps.id, s.name.clone())))
+            .collect();
+        let mut out: Vec<ConntrackEntry> = self
+            .conntrack_entries()
+            .into_iter()
+            .filter(|(k, e)| {
+                now.saturating_sub(e.last_seen_ns) <= ct_lifetime::for_entry(k.proto, e.flags)
+            })
+            .map(|(k, e)| {
+                let forward = k.direction == ct_direction::FORWARD;
+                ConntrackEntry {
+                    direction: if forward { "forward" } else { "reply" }.into(),
+                    protocol: proto_name(k.proto),
+                    src: addr(k.saddr, k.sport),
+                    dst: addr(k.daddr, k.dport),
+                    nat: addr(e.nat_addr, e.nat_port),
+                    service_id: e.service_id,
+                    service: names.get(&e.service_id).cloned(),
+                    backend_id: e.backend_id,
+                    idle_seconds: now.saturating_sub(e.last_seen_ns) as f64 / 1e9,
+                    age_seconds: now.saturating_sub(e.created_ns) as f64 / 1e9,
+                    closing: e.flags & ct_flags::CLOSING != 0,
+                    hairpin: e.flags & ct_flags::HAIRPIN != 0,
+                    seen_reply: e.flags & ct_flags::SEEN_REPLY != 0,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.src, &a.dst).cmp(&(&b.src, &b.dst)));
+        out
+    }
+
+    /// Removes every conntrack entry: live flows are balanced anew on their next packet.
+    pub fn flush_conntrack(&mut self) -> u64 {
+        let keys: Vec<CtKey> = self
+            .datapath
+            .maps
+            .conntrack
+            .keys()
+            .filter_map(|k| k.ok())
+            .collect();
+        let mut removed = 0;
+        for k in keys {
+            if self.datapath.maps.conntrack.remove(&k).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Deletes expired conntrack entries (the LRU only evicts when full).
+    pub fn collect_conntrack_garbage(&mut self) -> usize {
+        let now = monotonic_ns();
+        let expired: Vec<CtKey> = self
+            .conntrack_entries()
+            .into_iter()
+            .filter(|(k, e)| {
+                now.saturating_sub(e.last_seen_ns) > ct_lifetime::for_entry(k.proto, e.flags)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let n = expired.len();
+        for k in expired {
+            let _ = self.datapath.maps.conntrack.remove(&k);
+        }
+        n
+    }
+}

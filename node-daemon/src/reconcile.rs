@@ -1,0 +1,468 @@
+//! Keeps the datapath maps equal to the desired state, with the fewest map writes and no window
+//! in which a live service has no backends.
+//!
+//! Order of writes, so the datapath never reads a dangling reference:
+//! 1. new and changed backends (a table may only name backends that exist);
+//! 2. each service's selection table, then its service entry (a new service appears only once
+//!    its table is complete; a changed table is replaced whole, atomically);
+//! 3. removed services (entry first, then table);
+//! 4. backends no service references any more. Flows still pinned to them are moved by the
+//!    datapath on their next packet (see `lb4_forward`).
+//!
+//! Ids are restored from the pinned maps at start, so a restarted daemon given the same desired
+//! state writes nothing at all.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use aya::maps::{MapError, PerCpuValues};
+use tapestry_api::state::{Algorithm, DesiredState, Protocol, ServiceSpec, SessionAffinity};
+use tapestry_common::{
+    AffinityKey, Backend, IPPROTO_TCP, IPPROTO_UDP, LbTable, MAX_BACKENDS, MAX_SERVICES, Service,
+    ServiceKey, TrafficStats, algorithm, backend_state, service_flags,
+};
+use tracing::{debug, info};
+
+use crate::{
+    datapath::Maps,
+    maglev::{TableBackend, maglev_table, random_table},
+};
+
+/// A backend's identity: one id per address, shared by every service that lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+}
+
+impl BackendAddr {
+    fn entry(&self, state: u8) -> Backend {
+        Backend {
+            ip: u32::from_ne_bytes(self.ip.octets()),
+            port: self.port.to_be(),
+            proto: self.proto,
+            state,
+        }
+    }
+
+    fn from_entry(b: &Backend) -> Self {
+        Self {
+            ip: Ipv4Addr::from(b.ip.to_ne_bytes()),
+            port: u16::from_be(b.port),
+            proto: b.proto,
+        }
+    }
+
+    pub fn key(&self) -> String {
+        format!("{}:{}/{}", self.ip, self.port, self.proto)
+    }
+}
+
+pub fn proto_number(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => IPPROTO_TCP,
+        Protocol::Udp => IPPROTO_UDP,
+    }
+}
+
+pub fn service_key(vip: Ipv4Addr, port: u16, proto: u8) -> ServiceKey {
+    ServiceKey {
+        vip: u32::from_ne_bytes(vip.octets()),
+        port: port.to_be(),
+        proto,
+        _pad: 0,
+    }
+}
+
+/// Frontend of a service key, host order, for display.
+pub fn frontend_of(key: &ServiceKey) -> (Ipv4Addr, u16, u8) {
+    (
+        Ipv4Addr::from(key.vip.to_ne_bytes()),
+        u16::from_be(key.port),
+        key.proto,
+    )
+}
+
+/// Ids from 1 (0 means "none" in the datapath), handed out round-robin so a freed id is reused
+/// as late as possible: stale references to it (conntrack, affinity) age out first.
+#[derive(Debug)]
+struct IdPool {
+    max: u32,
+    next: u32,
+    used: HashSet<u32>,
+}
+
+impl IdPool {
+    fn new(max: u32) -> Self {
+        Self {
+            max,
+            next: 1,
+            used: HashSet::new(),
+        }
+    }
+
+    fn claim(&mut self, id: u32) {
+        self.used.insert(id);
+        if id >= self.next {
+            self.next = id + 1;
+        }
+    }
+
+    fn alloc(&mut self, what: &str) -> Result<u32> {
+        if self.used.len() as u32 >= self.max - 1 {
+            bail!("out of {what} ids: at most {} are supported", self.max - 1);
+        }
+        loop {
+            if self.next >= self.max {
+                self.next = 1;
+            }
+            let id = self.next;
+            self.next += 1;
+            if self.used.insert(id) {
+                return Ok(id);
+            }
+        }
+    }
+
+    fn free(&mut self, id: u32) {
+        self.used.remove(&id);
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProgrammedService {
+    pub id: u32,
+    pub entry: Service,
+    table_digest: u64,
+    /// The spec it was programmed from (None for a service restored from the maps and not yet
+    /// matched by a desired state).
+    pub spec: Option<ServiceSpec>,
+    /// Backend ids in the order of `spec.backends`.
+    pub backend_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ProgrammedBackend {
+    pub id: u32,
+    pub entry: Backend,
+}
+
+/// What one `apply` changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ApplyStats {
+    pub services_added: usize,
+    pub services_updated: usize,
+    pub services_removed: usize,
+    pub backends_added: usize,
+    pub backends_updated: usize,
+    pub backends_removed: usize,
+    pub tables_written: usize,
+    pub map_writes: usize,
+}
+
+impl ApplyStats {
+    pub fn changed(&self) -> bool {
+        self.map_writes > 0
+    }
+}
+
+pub struct Reconciler {
+    services: HashMap<ServiceKey, ProgrammedService>,
+    service_ids: IdPool,
+    backends: HashMap<BackendAddr, ProgrammedBackend>,
+    backend_ids: IdPool,
+}
+
+fn digest(table: &LbTable) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for id in table.backends {
+        h ^= id as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn zero_stats(n: usize) -> PerCpuValues<TrafficStats> {
+    PerCpuValues::try_from(vec![TrafficStats::default(); n]).expect("one value per possible CPU")
+}
+
+impl Reconciler {
+    /// Rebuilds the id allocation from what the pinned maps hold.
+    pub fn restore(maps: &Maps) -> Result<Self> {
+        let mut r = Self {
+            services: HashMap::new(),
+            service_ids: IdPool::new(MAX_SERVICES),
+            backends: HashMap::new(),
+            backend_ids: IdPool::new(MAX_BACKENDS),
+        };
+        for item in maps.backends.iter() {
+            let (id, b) = item.context("reading the backends map")?;
+            r.backend_ids.claim(id);
+            r.backends
+                .insert(BackendAddr::from_entry(&b), ProgrammedBackend { id, entry: b });
+        }
+        for item in maps.services.iter() {
+            let (key, svc) = item.context("reading the services map")?;
+            r.service_ids.claim(svc.id);
+            let table_digest = match maps.lb_tables.get(&svc.id, 0) {
+                Ok(t) => digest(&t),
+                Err(MapError::KeyNotFound) => 0,
+                Err(e) => return Err(e).context("reading a selection table"),
+            };
+            r.services.insert(
+                key,
+                ProgrammedService {
+                    id: svc.id,
+                    entry: svc,
+                    table_digest,
+                    spec: None,
+                    backend_ids: Vec::new(),
+                },
+            );
+        }
+        if !r.services.is_empty() || !r.backends.is_empty() {
+            info!(
+                services = r.services.len(),
+                backends = r.backends.len(),
+                "restored the programmed state from the pinned maps"
+            );
+        }
+        Ok(r)
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = (&ServiceKey, &ProgrammedService)> {
+        self.services.iter()
+    }
+
+    pub fn backends(&self) -> impl Iterator<Item = (&BackendAddr, &ProgrammedBackend)> {
+        self.backends.iter()
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Makes the maps equal to `desired`.
+    pub fn apply(&mut self, maps: &mut Maps, desired: &DesiredState) -> Result<ApplyStats> {
+        let started = Instant::now();
+        let mut stats = ApplyStats::default();
+        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+
+        // 1. Backends: the union over services; active wins over terminating.
+        let mut wanted: HashMap<BackendAddr, u8> = HashMap::new();
+        for svc in &desired.services {
+            let proto = proto_number(svc.protocol);
+            for b in &svc.backends {
+                let addr = BackendAddr {
+                    ip: b.ip,
+                    port: b.target_port(svc),
+                    proto,
+                };
+                let state = if b.terminating {
+                    backend_state::TERMINATING
+                } else {
+                    backend_state::ACTIVE
+                };
+                let e = wanted.entry(addr).or_insert(state);
+                *e = (*e).min(state);
+            }
+        }
+        let mut wanted_sorted: Vec<_> = wanted.iter().collect();
+        wanted_sorted.sort();
+        for (addr, state) in wanted_sorted {
+            match self.backends.get_mut(addr) {
+                Some(pb) if pb.entry.state == *state => {}
+                Some(pb) => {
+                    pb.entry.state = *state;
+                    maps.backends.insert(pb.id, pb.entry, 0)?;
+                    stats.backends_updated += 1;
+                    stats.map_writes += 1;
+                }
+                None => {
+                    let id = self.backend_ids.alloc("backend")?;
+                    let entry = addr.entry(*state);
+                    maps.backend_stats.set(id, zero_stats(ncpus), 0)?;
+                    maps.backends.insert(id, entry, 0)?;
+                    self.backends.insert(*addr, ProgrammedBackend { id, entry });
+                    stats.backends_added += 1;
+                    stats.map_writes += 2;
+                }
+            }
+        }
+
+        // 2. Services: table first, then the entry.
+        let mut desired_keys = HashSet::with_capacity(desired.services.len());
+        for svc in &desired.services {
+            let proto = proto_number(svc.protocol);
+            let key = service_key(svc.vip, svc.port, proto);
+            desired_keys.insert(key);
+            let mut table_backends = Vec::with_capacity(svc.backends.len());
+            let mut backend_ids = Vec::with_capacity(svc.backends.len());
+            for b in &svc.backends {
+                let addr = BackendAddr {
+                    ip: b.ip,
+                    port: b.target_port(svc),
+                    proto,
+                };
+                let id = self.backends[&addr].id;
+                backend_ids.push(id);
+                if !b.terminating {
+                    table_backends.push(TableBackend {
+                        id,
+                        weight: b.weight as u32,
+                        key: addr.key(),
+                    });
+                }
+            }
+            let (algo, table) = match svc.algorithm {
+                Algorithm::Random => (algorithm::RANDOM, random_table(&table_backends)),
+                Algorithm::Maglev => (algorithm::MAGLEV, maglev_table(&table_backends)),
+            };
+            let table_digest = digest(&table);
+            let affinity = matches!(svc.session_affinity, SessionAffinity::ClientIP);
+            let mut entry = Service {
+                id: 0,
+                backend_count: table_backends.len() as u32,
+                affinity_timeout_s: if affinity {
+                    svc.session_affinity_timeout_seconds
+                } else {
+                    0
+                },
+                algorithm: algo,
+                flags: if affinity {
+                    service_flags::AFFINITY_CLIENT_IP
+                } else {
+                    0
+                },
+                _pad: [0; 2],
+            };
+            match self.services.get_mut(&key) {
+                Some(ps) => {
+                    entry.id = ps.id;
+                    let mut changed = false;
+                    if ps.table_digest != table_digest {
+                        maps.lb_tables.insert(ps.id, table, 0)?;
+                        ps.table_digest = table_digest;
+                        stats.tables_written += 1;
+                        stats.map_writes += 1;
+                        changed = true;
+                    }
+                    if ps.entry != entry {
+                        maps.services.insert(key, entry, 0)?;
+                        ps.entry = entry;
+                        stats.map_writes += 1;
+                        changed = true;
+                    }
+                    if changed {
+                        stats.services_updated += 1;
+                    }
+                    ps.spec = Some(svc.clone());
+                    ps.backend_ids = backend_ids;
+                }
+                None => {
+                    let id = self.service_ids.alloc("service")?;
+                    entry.id = id;
+                    maps.service_stats.set(id, zero_stats(ncpus), 0)?;
+                    maps.lb_tables.insert(id, table, 0)?;
+                    maps.services.insert(key, entry, 0)?;
+                    self.services.insert(
+                        key,
+                        ProgrammedService {
+                            id,
+                            entry,
+                            table_digest,
+                            spec: Some(svc.clone()),
+                            backend_ids,
+                        },
+                    );
+                    stats.services_added += 1;
+                    stats.tables_written += 1;
+                    stats.map_writes += 3;
+                }
+            }
+        }
+
+        // 3. Removed services.
+        let gone: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !desired_keys.contains(k))
+            .copied()
+            .collect();
+        for key in gone {
+            let ps = self.services.remove(&key).expect("listed above");
+            ignore_missing(maps.services.remove(&key))?;
+            ignore_missing(maps.lb_tables.remove(&ps.id))?;
+            if ps.entry.flags & service_flags::AFFINITY_CLIENT_IP != 0 {
+                purge_affinity(maps, ps.id)?;
+            }
+            self.service_ids.free(ps.id);
+            stats.services_removed += 1;
+            stats.map_writes += 2;
+        }
+
+        // 4. Backends nobody references.
+        let unused: Vec<BackendAddr> = self
+            .backends
+            .keys()
+            .filter(|a| !wanted.contains_key(a))
+            .copied()
+            .collect();
+        for addr in unused {
+            let pb = self.backends.remove(&addr).expect("listed above");
+            ignore_missing(maps.backends.remove(&pb.id))?;
+            self.backend_ids.free(pb.id);
+            stats.backends_removed += 1;
+            stats.map_writes += 1;
+        }
+
+        let elapsed = started.elapsed();
+        if stats.changed() {
+            info!(
+                services = self.services.len(),
+                backends = self.backends.len(),
+                elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                ?stats,
+                "programmed {} services, {} backends in {:.1} ms",
+                self.services.len(),
+                self.backends.len(),
+                elapsed.as_secs_f64() * 1e3
+            );
+        } else {
+            debug!(elapsed = ?elapsed, "desired state already programmed");
+        }
+        Ok(stats)
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<()> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Affinity entries name a service id; a removed service's entries must not steer whoever gets
+/// the id next.
+fn purge_affinity(maps: &mut Maps, service_id: u32) -> Result<()> {
+    let stale: Vec<AffinityKey> = maps
+        .affinity
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| k.service_id == service_id)
+        .collect();
+    for k in stale {
+        ignore_missing(maps.affinity.remove(&k))?;
+    }
+    Ok(())
+}
