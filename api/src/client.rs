@@ -124,26 +124,31 @@ impl Client {
     }
 
     pub async fn services(&self) -> Result<Vec<ServiceInfo>, ClientError> {
-        self.request(Method::GET, paths::SERVICES, None::<&()>).await
+        self.request(Method::GET, paths::SERVICES, None::<&()>)
+            .await
     }
 
     pub async fn conntrack(&self) -> Result<Vec<ConntrackEntry>, ClientError> {
-        self.request(Method::GET, paths::CONNTRACK, None::<&()>).await
+        self.request(Method::GET, paths::CONNTRACK, None::<&()>)
+            .await
     }
 
     pub async fn flush_conntrack(&self) -> Result<FlushResult, ClientError> {
-        self.request(Method::DELETE, paths::CONNTRACK, None::<&()>).await
+        self.request(Method::DELETE, paths::CONNTRACK, None::<&()>)
+            .await
     }
 
     pub async fn attachments(&self) -> Result<Vec<AttachmentInfo>, ClientError> {
-        self.request(Method::GET, paths::ATTACHMENTS, None::<&()>).await
+        self.request(Method::GET, paths::ATTACHMENTS, None::<&()>)
+            .await
     }
 
     pub async fn attach(&self, ifname: &str) -> Result<AttachmentInfo, ClientError> {
         let req = AttachRequest {
             ifname: ifname.to_owned(),
         };
-        self.request(Method::POST, paths::ATTACHMENTS, Some(&req)).await
+        self.request(Method::POST, paths::ATTACHMENTS, Some(&req))
+            .await
     }
 
     pub async fn detach(&self, ifname: &str) -> Result<serde_json::Value, ClientError> {

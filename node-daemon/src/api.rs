@@ -10,16 +10,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{delete, get},
 };
-use tapestry_api::types::{
-    AttachRequest, AttachmentInfo, ErrorBody, FlushResult, paths,
-};
+use tapestry_api::types::{AttachRequest, AttachmentInfo, ErrorBody, FlushResult, paths};
 use tracing::info;
 
-use crate::{
-    datapath::ifindex_of,
-    metrics,
-    node::SharedNode,
-};
+use crate::{datapath::ifindex_of, metrics, node::SharedNode};
 
 /// An error answer: status and a message a user can act on.
 pub struct ApiError(StatusCode, String);
@@ -45,7 +39,10 @@ pub fn router(node: SharedNode) -> Router {
         .route(paths::SERVICES, get(services))
         .route(paths::CONNTRACK, get(conntrack).delete(flush_conntrack))
         .route(paths::ATTACHMENTS, get(attachments).post(attach))
-        .route(&format!("{}/{{ifname}}", paths::ATTACHMENTS), delete(detach))
+        .route(
+            &format!("{}/{{ifname}}", paths::ATTACHMENTS),
+            delete(detach),
+        )
         .route(paths::METRICS, get(metrics_text))
         .route("/v1/flows", get(flows))
         .with_state(node)
@@ -62,7 +59,11 @@ async fn healthz(State(node): State<SharedNode>) -> Response {
     if n.generation > 0 || n.source.generation == 0 {
         (StatusCode::OK, "ok\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "desired state not programmed yet\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "desired state not programmed yet\n",
+        )
+            .into_response()
     }
 }
 
@@ -109,11 +110,18 @@ async fn attach(
     if ifindex_of(&req.ifname).is_err() {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
-            format!("no interface named {:?} in the daemon's network namespace", req.ifname),
+            format!(
+                "no interface named {:?} in the daemon's network namespace",
+                req.ifname
+            ),
         ));
     }
     let a = lock(&node).datapath.attach(&req.ifname)?;
-    info!(ifname = a.ifname, ifindex = a.ifindex, "attached through the API");
+    info!(
+        ifname = a.ifname,
+        ifindex = a.ifindex,
+        "attached through the API"
+    );
     Ok(Json(AttachmentInfo {
         ifindex: a.ifindex,
         ifname: a.ifname,

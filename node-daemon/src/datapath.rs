@@ -83,7 +83,10 @@ pub fn ifindex_of(ifname: &str) -> Result<u32> {
     // SAFETY: a plain libc call on a valid C string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if idx == 0 {
-        bail!("no interface named {ifname:?}: {}", io::Error::last_os_error());
+        bail!(
+            "no interface named {ifname:?}: {}",
+            io::Error::last_os_error()
+        );
     }
     Ok(idx)
 }
@@ -110,8 +113,12 @@ impl Datapath {
                  rebuild without it"
             );
         }
-        fs::create_dir_all(pin_dir.join(LINKS_DIR))
-            .with_context(|| format!("creating {} (is bpffs mounted on /sys/fs/bpf?)", pin_dir.display()))?;
+        fs::create_dir_all(pin_dir.join(LINKS_DIR)).with_context(|| {
+            format!(
+                "creating {} (is bpffs mounted on /sys/fs/bpf?)",
+                pin_dir.display()
+            )
+        })?;
         let reused = map_names::ALL
             .iter()
             .filter(|n| pin_dir.join(n).exists())
@@ -124,7 +131,8 @@ impl Datapath {
             .program_mut(program_names::FROM_ENDPOINT)
             .context("program missing from the eBPF object")?
             .try_into()?;
-        prog.load().context("the kernel rejected the datapath program")?;
+        prog.load()
+            .context("the kernel rejected the datapath program")?;
         let prog_pin = pin_dir.join(PROGRAM_PIN);
         let _ = fs::remove_file(&prog_pin);
         prog.pin(&prog_pin)
@@ -175,7 +183,9 @@ impl Datapath {
     }
 
     fn link_pin(&self, ifindex: u32) -> PathBuf {
-        self.pin_dir.join(LINKS_DIR).join(format!("ingress-{ifindex}"))
+        self.pin_dir
+            .join(LINKS_DIR)
+            .join(format!("ingress-{ifindex}"))
     }
 
     /// Attaches to the ingress of `ifname` (an endpoint's host-side interface). Idempotent: an
@@ -241,7 +251,10 @@ impl Datapath {
         for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(idx) = name.strip_prefix("ingress-").and_then(|s| s.parse::<u32>().ok()) {
+            if let Some(idx) = name
+                .strip_prefix("ingress-")
+                .and_then(|s| s.parse::<u32>().ok())
+            {
                 found.insert(idx, entry.path());
             }
         }

@@ -3,11 +3,7 @@
 //! The datapath never waits for a reader: a full ring buffer drops the event and counts it
 //! (`events_lost`). The log here is bounded too, so a slow API client never holds memory.
 
-use std::{
-    collections::VecDeque,
-    net::Ipv4Addr,
-    sync::Mutex,
-};
+use std::{collections::VecDeque, net::Ipv4Addr, sync::Mutex};
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
@@ -39,7 +35,13 @@ pub struct Flow {
 
 impl Flow {
     pub fn decode(e: &FlowEvent) -> Self {
-        let a = |ip: u32, port: u16| format!("{}:{}", Ipv4Addr::from(ip.to_ne_bytes()), u16::from_be(port));
+        let a = |ip: u32, port: u16| {
+            format!(
+                "{}:{}",
+                Ipv4Addr::from(ip.to_ne_bytes()),
+                u16::from_be(port)
+            )
+        };
         let kind = match e.kind {
             event_kind::NEW_FLOW => "new",
             event_kind::RESELECTED => "reselected",
@@ -114,7 +116,8 @@ impl FlowLog {
 pub async fn drain(ring: RingBuf<MapData>, log: std::sync::Arc<FlowLog>) -> Result<()> {
     // SAFETY: the RingBuf owns its fd and moves into the AsyncFd, which deregisters it before
     // dropping it.
-    let mut fd = unsafe { AsyncFd::register(ring) }.context("polling the flow events ring buffer")?;
+    let mut fd =
+        unsafe { AsyncFd::register(ring) }.context("polling the flow events ring buffer")?;
     loop {
         let mut guard = fd.readable_mut().await?;
         let ring = guard.get_inner_mut();

@@ -148,7 +148,10 @@ mod tests {
             .filter(|(b, a)| b != a && **b != 4)
             .count();
         // Only the removed backend's slots must move; Maglev moves a few others at most.
-        assert!(moved < LB_TABLE_SIZE / 20, "{moved} slots of surviving backends moved");
+        assert!(
+            moved < LB_TABLE_SIZE / 20,
+            "{moved} slots of surviving backends moved"
+        );
         assert!(after.backends.iter().all(|id| *id != 4));
     }
 

@@ -28,7 +28,11 @@ use tracing::{error, info, warn};
 struct Args {
     /// Standalone mode: the desired state (services and backends), YAML or JSON, watched for
     /// changes.
-    #[arg(long, env = "TAPESTRY_STATE_FILE", default_value = "/etc/tapestry/state.yaml")]
+    #[arg(
+        long,
+        env = "TAPESTRY_STATE_FILE",
+        default_value = "/etc/tapestry/state.yaml"
+    )]
     state_file: PathBuf,
     /// bpffs directory for the pinned maps, program and links.
     #[arg(long, env = "TAPESTRY_BPFFS_DIR", default_value = types::DEFAULT_BPFFS_DIR)]
@@ -60,8 +64,7 @@ struct Args {
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -89,7 +92,10 @@ async fn run(args: Args) -> Result<()> {
     let reconciler = Reconciler::restore(&datapath.maps)?;
     let adopted = datapath.adopt_links()?;
     if !adopted.is_empty() {
-        info!(count = adopted.len(), "re-attached to the interfaces of the previous run");
+        info!(
+            count = adopted.len(),
+            "re-attached to the interfaces of the previous run"
+        );
     }
     for ifname in &args.attach {
         datapath
@@ -117,7 +123,12 @@ async fn run(args: Args) -> Result<()> {
     let (updates_tx, updates_rx) = watch::channel(Arc::new(DesiredState::default()));
     let (status_tx, status_rx) = watch::channel(SourceStatus::default());
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(async move { source.run(updates_tx, status_tx).await.context("state source") });
+    tasks.spawn(async move {
+        source
+            .run(updates_tx, status_tx)
+            .await
+            .context("state source")
+    });
     tasks.spawn(reconcile_loop(node.clone(), updates_rx, status_rx));
     {
         let node = node.clone();
@@ -139,7 +150,10 @@ async fn run(args: Args) -> Result<()> {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                let n = node.lock().unwrap_or_else(|p| p.into_inner()).collect_conntrack_garbage();
+                let n = node
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .collect_conntrack_garbage();
                 if n > 0 {
                     tracing::debug!(removed = n, "conntrack garbage collected");
                 }

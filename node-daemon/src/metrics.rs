@@ -166,7 +166,8 @@ pub fn render(node: &Node) -> Result<String> {
         MetricType::Gauge,
     );
     for m in &status.maps {
-        f.samples.push((vec![("map", m.name.clone())], m.max_entries));
+        f.samples
+            .push((vec![("map", m.name.clone())], m.max_entries));
     }
 
     let mut registry = Registry::default();

@@ -10,14 +10,12 @@ use anyhow::{Context, Result};
 use aya::maps::MapError;
 use tapestry_api::{
     state::{Algorithm, SessionAffinity},
-    types::{
-        AttachmentInfo, BackendInfo, ConntrackEntry, MapFill, ServiceInfo, Status, Traffic,
-    },
+    types::{AttachmentInfo, BackendInfo, ConntrackEntry, MapFill, ServiceInfo, Status, Traffic},
 };
 use tapestry_common::{
-    COUNTERS, CtEntry, CtKey, Counter, DROP_REASONS, DropReason, IPPROTO_TCP, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, TrafficStats, ct_direction,
-    ct_flags, ct_lifetime, map_names,
+    COUNTERS, Counter, CtEntry, CtKey, DROP_REASONS, DropReason, IPPROTO_TCP, MAX_AFFINITY,
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, TrafficStats, ct_direction, ct_flags, ct_lifetime,
+    map_names,
 };
 
 use crate::{
@@ -72,7 +70,11 @@ fn sum_stats(v: &aya::maps::PerCpuValues<TrafficStats>) -> Traffic {
 }
 
 fn addr(ip: u32, port: u16) -> String {
-    format!("{}:{}", Ipv4Addr::from(ip.to_ne_bytes()), u16::from_be(port))
+    format!(
+        "{}:{}",
+        Ipv4Addr::from(ip.to_ne_bytes()),
+        u16::from_be(port)
+    )
 }
 
 impl Node {

@@ -203,8 +203,10 @@ impl Reconciler {
         for item in maps.backends.iter() {
             let (id, b) = item.context("reading the backends map")?;
             r.backend_ids.claim(id);
-            r.backends
-                .insert(BackendAddr::from_entry(&b), ProgrammedBackend { id, entry: b });
+            r.backends.insert(
+                BackendAddr::from_entry(&b),
+                ProgrammedBackend { id, entry: b },
+            );
         }
         for item in maps.services.iter() {
             let (key, svc) = item.context("reading the services map")?;
@@ -255,7 +257,9 @@ impl Reconciler {
     pub fn apply(&mut self, maps: &mut Maps, desired: &DesiredState) -> Result<ApplyStats> {
         let started = Instant::now();
         let mut stats = ApplyStats::default();
-        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let ncpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting CPUs")?;
 
         // 1. Backends: the union over services; active wins over terminating.
         let mut wanted: HashMap<BackendAddr, u8> = HashMap::new();
