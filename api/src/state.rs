@@ -367,7 +367,8 @@ impl StateError {
     }
 }
 
-/// Parses and validates a state document. Without a hint, JSON is recognised by its leading `{`.
+/// Parses and validates a state document. Without a hint, a document starting with `{` is tried
+/// as JSON first (for its precise errors), then as YAML (a flow mapping also starts with `{`).
 /// Empty input (or only comments, or `services: []`) is the empty state.
 pub fn parse(text: &str, format_hint: Option<Format>) -> Result<DesiredState, StateError> {
     if text.trim().is_empty() {

@@ -40,6 +40,13 @@ pub fn random_table(backends: &[TableBackend]) -> LbTable {
     if backends.is_empty() {
         return table;
     }
+    if backends.iter().all(|b| b.weight == backends[0].weight) {
+        // Equal weights (the common case): plain rotation, O(table) instead of O(table * n).
+        for (slot, b) in table.backends.iter_mut().zip(backends.iter().cycle()) {
+            *slot = b.id;
+        }
+        return table;
+    }
     let total: i64 = backends.iter().map(|b| b.weight.max(1) as i64).sum();
     let mut current = vec![0i64; backends.len()];
     for slot in table.backends.iter_mut() {
@@ -57,7 +64,7 @@ pub fn random_table(backends: &[TableBackend]) -> LbTable {
 }
 
 /// Maglev table. Backends are ordered by key first, so the result does not depend on the order
-/// the caller lists them in. A backend of weight w takes w turns per round.
+/// the caller lists them in.
 pub fn maglev_table(backends: &[TableBackend]) -> LbTable {
     let mut table = LbTable::default();
     if backends.is_empty() {
@@ -77,21 +84,30 @@ pub fn maglev_table(backends: &[TableBackend]) -> LbTable {
     let mut next = vec![0u64; sorted.len()];
     let mut owner = vec![u32::MAX; LB_TABLE_SIZE];
     let mut filled = 0;
+    let w_max = sorted.iter().map(|b| b.weight.max(1) as u64).max().unwrap_or(1);
+    // Weighted turns: in round n a backend of weight w takes a turn when floor(n*w/w_max)
+    // grows, so the heaviest take one every round and the others proportionally fewer. Rounds
+    // stay short whatever the weights add up to (a plain "w turns per round" would let the first
+    // heavy backends fill the table before the others get any slot).
+    let mut round = 0u64;
     'rounds: loop {
+        round += 1;
         for (i, b) in sorted.iter().enumerate() {
-            for _ in 0..b.weight.max(1) {
-                let (offset, skip) = perms[i];
-                let mut slot = ((offset + next[i] * skip) % m) as usize;
-                while owner[slot] != u32::MAX {
-                    next[i] += 1;
-                    slot = ((offset + next[i] * skip) % m) as usize;
-                }
-                owner[slot] = i as u32;
+            let w = b.weight.max(1) as u64;
+            if round * w / w_max == (round - 1) * w / w_max {
+                continue;
+            }
+            let (offset, skip) = perms[i];
+            let mut slot = ((offset + next[i] * skip) % m) as usize;
+            while owner[slot] != u32::MAX {
                 next[i] += 1;
-                filled += 1;
-                if filled == LB_TABLE_SIZE {
-                    break 'rounds;
-                }
+                slot = ((offset + next[i] * skip) % m) as usize;
+            }
+            owner[slot] = i as u32;
+            next[i] += 1;
+            filled += 1;
+            if filled == LB_TABLE_SIZE {
+                break 'rounds;
             }
         }
     }
@@ -175,9 +191,26 @@ mod tests {
     }
 
     #[test]
+    fn heavy_weights_do_not_starve_later_backends() {
+        let mut b = backends(10);
+        for x in b.iter_mut() {
+            x.weight = 256;
+        }
+        b[9].weight = 128;
+        let s = shares(&maglev_table(&b));
+        assert_eq!(s.len(), 10, "{s:?}");
+        let ratio = s[&1] as f64 / s[&10] as f64;
+        assert!((1.7..2.3).contains(&ratio), "ratio {ratio}");
+    }
+
+    #[test]
     fn random_table_interleaves() {
         let t = random_table(&backends(3));
         assert_eq!(&t.backends[..6], &[1, 2, 3, 1, 2, 3]);
+        let mut weighted = backends(2);
+        weighted[0].weight = 2;
+        let t = random_table(&weighted);
+        assert_eq!(&t.backends[..6], &[1, 2, 1, 1, 2, 1]);
     }
 
     #[test]

@@ -184,6 +184,7 @@ async fn reconcile_loop(
     mut updates: watch::Receiver<Arc<DesiredState>>,
     mut status: watch::Receiver<SourceStatus>,
 ) -> Result<()> {
+    let mut status_open = true;
     loop {
         tokio::select! {
             changed = updates.changed() => {
@@ -208,8 +209,9 @@ async fn reconcile_loop(
                     }
                 }
             }
-            changed = status.changed() => {
+            changed = status.changed(), if status_open => {
                 if changed.is_err() {
+                    status_open = false;
                     continue;
                 }
                 let s = status.borrow_and_update().clone();

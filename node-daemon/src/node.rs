@@ -180,7 +180,7 @@ impl Node {
                 Err(MapError::KeyNotFound) => Traffic::default(),
                 Err(e) => return Err(e).context("reading service stats"),
             };
-            let spec = ps.spec.as_ref();
+            let spec = self.reconciler.spec(ps);
             let mut backends = Vec::new();
             if let Some(spec) = spec {
                 for (b, id) in spec.backends.iter().zip(&ps.backend_ids) {
@@ -242,7 +242,7 @@ impl Node {
         let names: HashMap<u32, String> = self
             .reconciler
             .services()
-            .filter_map(|(_, ps)| ps.spec.as_ref().map(|s| (ps.id, s.name.clone())))
+            .filter_map(|(_, ps)| self.reconciler.spec(ps).map(|s| (ps.id, s.name.clone())))
             .collect();
         let mut out: Vec<ConntrackEntry> = self
             .conntrack_entries()

@@ -15,6 +15,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::Ipv4Addr,
+    sync::Arc,
     time::Instant,
 };
 
@@ -22,7 +23,7 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{MapError, PerCpuValues};
 use tapestry_api::state::{Algorithm, DesiredState, Protocol, ServiceSpec, SessionAffinity};
 use tapestry_common::{
-    AffinityKey, Backend, IPPROTO_TCP, IPPROTO_UDP, LbTable, MAX_BACKENDS, MAX_SERVICES, Service,
+    AffinityKey, Backend, IPPROTO_TCP, IPPROTO_UDP, LB_TABLE_SIZE, LbTable, MAX_BACKENDS, MAX_SERVICES, Service,
     ServiceKey, TrafficStats, algorithm, backend_state, service_flags,
 };
 use tracing::{debug, info};
@@ -139,9 +140,9 @@ pub struct ProgrammedService {
     pub id: u32,
     pub entry: Service,
     table_digest: u64,
-    /// The spec it was programmed from (None for a service restored from the maps and not yet
-    /// matched by a desired state).
-    pub spec: Option<ServiceSpec>,
+    /// Index of its spec in the desired state last applied (None for a service restored from
+    /// the maps and not yet matched by a desired state).
+    spec_index: Option<usize>,
     /// Backend ids in the order of `spec.backends`.
     pub backend_ids: Vec<u32>,
 }
@@ -172,6 +173,8 @@ impl ApplyStats {
 }
 
 pub struct Reconciler {
+    /// The desired state last applied, shared with the source (never copied).
+    desired: Arc<DesiredState>,
     services: HashMap<ServiceKey, ProgrammedService>,
     service_ids: IdPool,
     backends: HashMap<BackendAddr, ProgrammedBackend>,
@@ -195,6 +198,7 @@ impl Reconciler {
     /// Rebuilds the id allocation from what the pinned maps hold.
     pub fn restore(maps: &Maps) -> Result<Self> {
         let mut r = Self {
+            desired: Arc::new(DesiredState::default()),
             services: HashMap::new(),
             service_ids: IdPool::new(MAX_SERVICES),
             backends: HashMap::new(),
@@ -222,7 +226,7 @@ impl Reconciler {
                     id: svc.id,
                     entry: svc,
                     table_digest,
-                    spec: None,
+                    spec_index: None,
                     backend_ids: Vec::new(),
                 },
             );
@@ -245,6 +249,11 @@ impl Reconciler {
         self.backends.iter()
     }
 
+    /// The spec `ps` was programmed from.
+    pub fn spec(&self, ps: &ProgrammedService) -> Option<&ServiceSpec> {
+        ps.spec_index.and_then(|i| self.desired.services.get(i))
+    }
+
     pub fn service_count(&self) -> usize {
         self.services.len()
     }
@@ -254,7 +263,7 @@ impl Reconciler {
     }
 
     /// Makes the maps equal to `desired`.
-    pub fn apply(&mut self, maps: &mut Maps, desired: &DesiredState) -> Result<ApplyStats> {
+    pub fn apply(&mut self, maps: &mut Maps, desired: &Arc<DesiredState>) -> Result<ApplyStats> {
         let started = Instant::now();
         let mut stats = ApplyStats::default();
         let ncpus = aya::util::nr_cpus()
@@ -294,18 +303,17 @@ impl Reconciler {
                 None => {
                     let id = self.backend_ids.alloc("backend")?;
                     let entry = addr.entry(*state);
-                    maps.backend_stats.set(id, zero_stats(ncpus), 0)?;
                     maps.backends.insert(id, entry, 0)?;
                     self.backends.insert(*addr, ProgrammedBackend { id, entry });
                     stats.backends_added += 1;
-                    stats.map_writes += 2;
+                    stats.map_writes += 1;
                 }
             }
         }
 
         // 2. Services: table first, then the entry.
         let mut desired_keys = HashSet::with_capacity(desired.services.len());
-        for svc in &desired.services {
+        for (index, svc) in desired.services.iter().enumerate() {
             let proto = proto_number(svc.protocol);
             let key = service_key(svc.vip, svc.port, proto);
             desired_keys.insert(key);
@@ -369,13 +377,12 @@ impl Reconciler {
                     if changed {
                         stats.services_updated += 1;
                     }
-                    ps.spec = Some(svc.clone());
+                    ps.spec_index = Some(index);
                     ps.backend_ids = backend_ids;
                 }
                 None => {
                     let id = self.service_ids.alloc("service")?;
                     entry.id = id;
-                    maps.service_stats.set(id, zero_stats(ncpus), 0)?;
                     maps.lb_tables.insert(id, table, 0)?;
                     maps.services.insert(key, entry, 0)?;
                     self.services.insert(
@@ -384,13 +391,13 @@ impl Reconciler {
                             id,
                             entry,
                             table_digest,
-                            spec: Some(svc.clone()),
+                            spec_index: Some(index),
                             backend_ids,
                         },
                     );
                     stats.services_added += 1;
                     stats.tables_written += 1;
-                    stats.map_writes += 3;
+                    stats.map_writes += 2;
                 }
             }
         }
@@ -409,9 +416,12 @@ impl Reconciler {
             if ps.entry.flags & service_flags::AFFINITY_CLIENT_IP != 0 {
                 purge_affinity(maps, ps.id)?;
             }
+            // Counters are zeroed when an id is freed, not when it is handed out: a fresh id's
+            // slot is already zero, so programming many new services costs no extra writes.
+            maps.service_stats.set(ps.id, zero_stats(ncpus), 0)?;
             self.service_ids.free(ps.id);
             stats.services_removed += 1;
-            stats.map_writes += 2;
+            stats.map_writes += 3;
         }
 
         // 4. Backends nobody references.
@@ -424,11 +434,13 @@ impl Reconciler {
         for addr in unused {
             let pb = self.backends.remove(&addr).expect("listed above");
             ignore_missing(maps.backends.remove(&pb.id))?;
+            maps.backend_stats.set(pb.id, zero_stats(ncpus), 0)?;
             self.backend_ids.free(pb.id);
             stats.backends_removed += 1;
-            stats.map_writes += 1;
+            stats.map_writes += 2;
         }
 
+        self.desired = desired.clone();
         let elapsed = started.elapsed();
         if stats.changed() {
             info!(
@@ -446,6 +458,32 @@ impl Reconciler {
         }
         Ok(stats)
     }
+}
+
+/// A selection table has `LB_TABLE_SIZE` slots: every active backend needs at least one. Checked
+/// before any write, so a state that cannot be programmed changes nothing.
+fn check_capacity(desired: &DesiredState) -> Result<()> {
+    for (i, svc) in desired.services.iter().enumerate() {
+        let active = svc.backends.iter().filter(|b| !b.terminating);
+        let (count, weight) = active.fold((0usize, 0u64), |(c, w), b| (c + 1, w + b.weight as u64));
+        if count > LB_TABLE_SIZE {
+            bail!(
+                "services[{i}] ({}): {count} active backends, at most {LB_TABLE_SIZE} are supported",
+                svc.name
+            );
+        }
+        let min = svc.backends.iter().filter(|b| !b.terminating).map(|b| b.weight as u64).min();
+        if let Some(min) = min
+            && min * LB_TABLE_SIZE as u64 / weight.max(1) == 0
+        {
+            bail!(
+                "services[{i}] ({}): weights add up to {weight}; a backend of weight {min} would get \
+                 no slot in the {LB_TABLE_SIZE}-slot table (use smaller weight ratios)",
+                svc.name
+            );
+        }
+    }
+    Ok(())
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<()> {

@@ -142,9 +142,10 @@ impl StateSource for StandaloneFile {
                         pending = true;
                         debounce.as_mut().reset(tokio::time::Instant::now() + DEBOUNCE);
                     }
-                    Some(Signal::DirectoryGone) => {
-                        bail!("{describe}: directory {} was removed or renamed; the file is no longer watched", dir.display());
-                    }
+                    Some(Signal::DirectoryGone) => bail!(
+                        "{describe}: directory {} was removed or renamed; the file is no longer watched",
+                        dir.display()
+                    ),
                     None => bail!("{describe}: file watcher stopped"),
                 },
                 () = &mut debounce, if pending => {

@@ -5,7 +5,10 @@
 use std::{
     net::Ipv4Addr,
     path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
 };
 
 use aya::programs::{TestRun, TestRunOptions};
@@ -78,7 +81,8 @@ impl Lb {
     }
 
     fn apply(&mut self, yaml: &str) {
-        let desired: DesiredState = state::parse(yaml, Some(state::Format::Yaml)).unwrap();
+        let desired: Arc<DesiredState> =
+            Arc::new(state::parse(yaml, Some(state::Format::Yaml)).unwrap());
         self.reconciler
             .apply(&mut self.datapath.maps, &desired)
             .unwrap();
@@ -687,7 +691,7 @@ fn per_service_and_backend_counters_count_traffic() {
     let (_, svc) = lb
         .reconciler
         .services()
-        .find(|(_, s)| s.spec.as_ref().unwrap().name == "web")
+        .find(|(_, s)| lb.reconciler.spec(s).unwrap().name == "web")
         .unwrap();
     let stats = lb.datapath.maps.service_stats.get(&svc.id, 0).unwrap();
     let packets: u64 = stats.iter().map(|s| s.packets).sum();
