@@ -11,8 +11,8 @@ use hyper_util::rt::TokioIo;
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::types::{
-    AttachRequest, AttachmentInfo, ConntrackEntry, ErrorBody, FlushResult, ServiceInfo, Status,
-    paths,
+    AttachRequest, AttachmentInfo, ConntrackEntry, EndpointGcRequest, EndpointInfo,
+    EndpointRequest, ErrorBody, FlushResult, ServiceInfo, Status, paths,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +160,55 @@ impl Client {
         let bytes = self.request_raw(Method::GET, paths::METRICS, None).await?;
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
+
+    /// The daemon is up and has programmed its desired state.
+    pub async fn healthz(&self) -> Result<(), ClientError> {
+        self.request_raw(Method::GET, paths::HEALTHZ, None).await?;
+        Ok(())
+    }
+
+    pub async fn add_endpoint(&self, req: &EndpointRequest) -> Result<EndpointInfo, ClientError> {
+        self.request(Method::POST, paths::ENDPOINTS, Some(req))
+            .await
+    }
+
+    pub async fn endpoints(&self) -> Result<Vec<EndpointInfo>, ClientError> {
+        self.request(Method::GET, paths::ENDPOINTS, None::<&()>)
+            .await
+    }
+
+    fn endpoint_path(container_id: &str, ifname: &str) -> String {
+        format!("{}/{container_id}/{ifname}", paths::ENDPOINTS)
+    }
+
+    pub async fn endpoint(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<EndpointInfo, ClientError> {
+        let path = Self::endpoint_path(container_id, ifname);
+        self.request(Method::GET, &path, None::<&()>).await
+    }
+
+    /// Idempotent: removing an unknown endpoint succeeds.
+    pub async fn delete_endpoint(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<(), ClientError> {
+        let path = Self::endpoint_path(container_id, ifname);
+        self.request_raw(Method::DELETE, &path, None).await?;
+        Ok(())
+    }
+
+    /// Removes every endpoint not in `req.valid`; returns the removed ones.
+    pub async fn gc_endpoints(
+        &self,
+        req: &EndpointGcRequest,
+    ) -> Result<Vec<EndpointInfo>, ClientError> {
+        self.request(Method::POST, paths::ENDPOINTS_GC, Some(req))
+            .await
+    }
 }
 
 /// The same calls, blocking: for short-lived processes without a runtime of their own.
@@ -204,6 +253,31 @@ pub mod blocking {
         }
         pub fn metrics(&self) -> Result<String, ClientError> {
             run(self.0.metrics())
+        }
+        pub fn healthz(&self) -> Result<(), ClientError> {
+            run(self.0.healthz())
+        }
+        pub fn add_endpoint(&self, req: &EndpointRequest) -> Result<EndpointInfo, ClientError> {
+            run(self.0.add_endpoint(req))
+        }
+        pub fn endpoints(&self) -> Result<Vec<EndpointInfo>, ClientError> {
+            run(self.0.endpoints())
+        }
+        pub fn endpoint(
+            &self,
+            container_id: &str,
+            ifname: &str,
+        ) -> Result<EndpointInfo, ClientError> {
+            run(self.0.endpoint(container_id, ifname))
+        }
+        pub fn delete_endpoint(&self, container_id: &str, ifname: &str) -> Result<(), ClientError> {
+            run(self.0.delete_endpoint(container_id, ifname))
+        }
+        pub fn gc_endpoints(
+            &self,
+            req: &EndpointGcRequest,
+        ) -> Result<Vec<EndpointInfo>, ClientError> {
+            run(self.0.gc_endpoints(req))
         }
     }
 }

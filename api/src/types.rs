@@ -17,6 +17,13 @@ pub mod paths {
     pub const SERVICES: &str = "/v1/services";
     pub const CONNTRACK: &str = "/v1/conntrack";
     pub const ATTACHMENTS: &str = "/v1/attachments";
+    /// POST an `EndpointRequest` (CNI ADD); GET lists `EndpointInfo`s.
+    pub const ENDPOINTS: &str = "/v1/endpoints";
+    /// DELETE `/v1/endpoints/{containerId}/{ifname}` (CNI DEL; idempotent);
+    /// GET the same path for one endpoint (CNI CHECK).
+    pub const ENDPOINT: &str = "/v1/endpoints/{container_id}/{ifname}";
+    /// POST an `EndpointGcRequest` (CNI GC).
+    pub const ENDPOINTS_GC: &str = "/v1/endpoints-gc";
     pub const METRICS: &str = "/metrics";
     pub const HEALTHZ: &str = "/healthz";
 }
@@ -147,4 +154,102 @@ pub struct FlushResult {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+}
+
+/// An endpoint (pod or VM pod) registered by the CNI plugin on ADD.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointRequest {
+    /// CNI_CONTAINERID.
+    pub container_id: String,
+    /// CNI_IFNAME: the pod's interface inside its network namespace (usually `eth0`).
+    pub ifname: String,
+    /// CNI_NETNS: path of the pod's network namespace.
+    pub netns: String,
+    /// The pod's host-side interface (a veth in the daemon's namespace) where the Service
+    /// datapath attaches.
+    pub host_ifname: String,
+    /// The pod's addresses from prevResult, CIDR notation ("10.22.0.5/16").
+    pub ips: Vec<String>,
+    /// Gateway from prevResult, if any.
+    pub gateway: Option<Ipv4Addr>,
+    /// MAC of the pod interface (`ifname`).
+    pub mac: Option<String>,
+    /// Pod identity from CNI_ARGS / runtimeConfig.
+    pub pod: Option<PodRef>,
+    /// Present for a VM pod: the tap the plugin created, which the guest owns.
+    pub vm: Option<VmAttachment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: Option<String>,
+}
+
+/// What the daemon needs to cross-connect a guest and answer its DHCP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmAttachment {
+    /// The tap in the pod's namespace (`tap0`).
+    pub tap: String,
+    /// The guest's MAC: the pod interface's MAC, handed to the guest.
+    pub guest_mac: String,
+    /// The guest's address and prefix ("10.22.0.5/16").
+    pub guest_ip: String,
+    pub mtu: u32,
+    /// Routes for the guest beyond the default via `gateway` (CIDR -> gateway).
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    #[serde(default)]
+    pub dns: DnsConfig,
+    /// Hostname offered by DHCP (the pod name).
+    pub hostname: Option<String>,
+    pub queues: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteSpec {
+    pub dst: String,
+    pub gw: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsConfig {
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+    #[serde(default)]
+    pub search: Vec<String>,
+    pub domain: Option<String>,
+}
+
+/// A registered endpoint as the daemon reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointInfo {
+    #[serde(flatten)]
+    pub request: EndpointRequest,
+    pub host_ifindex: u32,
+    /// For a VM pod: "Attached" (tap created, programs attached) or "Ready" (the guest used its
+    /// address: DHCP bound, ARP, or traffic with its own source).
+    pub guest_phase: Option<String>,
+    pub guest_ready_reason: Option<String>,
+}
+
+/// CNI GC (1.1.0): endpoints not in this list are removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointGcRequest {
+    pub valid: Vec<AttachmentKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachmentKey {
+    pub container_id: String,
+    pub ifname: String,
 }
