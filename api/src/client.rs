@@ -12,7 +12,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::types::{
     AttachRequest, AttachmentInfo, ConntrackEntry, EndpointGcRequest, EndpointInfo,
-    EndpointRequest, ErrorBody, FlushResult, ServiceInfo, Status, paths,
+    EndpointRequest, ErrorBody, FlushResult, GuestInfo, ServiceInfo, Status, paths,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +161,10 @@ impl Client {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
+    pub async fn guests(&self) -> Result<Vec<GuestInfo>, ClientError> {
+        self.request(Method::GET, paths::GUESTS, None::<&()>).await
+    }
+
     /// The daemon is up and has programmed its desired state.
     pub async fn healthz(&self) -> Result<(), ClientError> {
         self.request_raw(Method::GET, paths::HEALTHZ, None).await?;
@@ -253,6 +257,9 @@ pub mod blocking {
         }
         pub fn metrics(&self) -> Result<String, ClientError> {
             run(self.0.metrics())
+        }
+        pub fn guests(&self) -> Result<Vec<GuestInfo>, ClientError> {
+            run(self.0.guests())
         }
         pub fn healthz(&self) -> Result<(), ClientError> {
             run(self.0.healthz())

@@ -24,6 +24,8 @@ pub mod paths {
     pub const ENDPOINT: &str = "/v1/endpoints/{container_id}/{ifname}";
     /// POST an `EndpointGcRequest` (CNI GC).
     pub const ENDPOINTS_GC: &str = "/v1/endpoints-gc";
+    /// GET `GuestInfo`s.
+    pub const GUESTS: &str = "/v1/guests";
     pub const METRICS: &str = "/metrics";
     pub const HEALTHZ: &str = "/healthz";
 }
@@ -252,4 +254,34 @@ pub struct EndpointGcRequest {
 pub struct AttachmentKey {
     pub container_id: String,
     pub ifname: String,
+}
+
+/// A KVM guest on this node (a VM pod's tap), with its readiness and counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestInfo {
+    /// The pod's name (or the container id when the runtime gave no pod identity).
+    pub name: String,
+    pub namespace: Option<String>,
+    pub container_id: String,
+    pub netns: String,
+    pub tap: String,
+    pub mac: String,
+    pub ip: String,
+    pub mtu: u32,
+    pub queues: u32,
+    /// "Attached" or "Ready".
+    pub phase: String,
+    /// Why it is (not yet) ready.
+    pub reason: String,
+    pub dhcp_bound: bool,
+    /// Guest -> network.
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// Network -> guest.
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub dhcp_messages: u64,
+    /// Frames dropped from this guest, by reason (spoofed_mac, spoofed_ip, ...).
+    pub drops: BTreeMap<String, u64>,
 }

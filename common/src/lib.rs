@@ -20,6 +20,10 @@ pub mod map_names {
     pub const DROPS: &str = "TAPESTRY_DROPS";
     pub const COUNTERS: &str = "TAPESTRY_COUNTERS";
     pub const EVENTS: &str = "TAPESTRY_EVENTS";
+    /// Per-guest counters (guest programs).
+    pub const GUEST_STATS: &str = "TAPESTRY_GUEST_STATS";
+    /// DHCP requests from guests, for the daemon's DHCP server (guest programs).
+    pub const DHCP: &str = "TAPESTRY_DHCP";
     pub const ALL: [&str; 12] = [
         SERVICES,
         BACKENDS,
@@ -40,7 +44,30 @@ pub mod map_names {
 pub mod program_names {
     /// Attached to the ingress of every endpoint's host-side interface (the endpoint's egress).
     pub const FROM_ENDPOINT: &str = "tapestry_from_endpoint";
+    /// VM pods, in the pod's netns: the pod interface's ingress, towards the guest's tap.
+    pub const POD_TO_GUEST: &str = "tapestry_pod_to_guest";
+    /// VM pods, in the pod's netns: the tap's ingress (what the guest sends), checked for
+    /// spoofing, then out of the pod interface.
+    pub const GUEST_TO_POD: &str = "tapestry_guest_to_pod";
 }
+
+/// Per-attachment constants of the guest programs, set at load time (`.rodata`), so the fast
+/// path compares against immediates and needs no map lookup.
+pub mod guest_globals {
+    pub const SLOT: &str = "GUEST_SLOT";
+    pub const TAP_IFINDEX: &str = "GUEST_TAP_IFINDEX";
+    pub const POD_IFINDEX: &str = "GUEST_POD_IFINDEX";
+    /// The guest's MAC as a u64 (the 6 bytes in packet order in the low bytes, little endian).
+    pub const MAC: &str = "GUEST_MAC";
+    /// The guest's IPv4 address, network byte order.
+    pub const IP: &str = "GUEST_IP";
+}
+
+/// Guests per node (slots of the per-guest counters).
+pub const MAX_GUESTS: u32 = 4096;
+/// DHCP frames larger than this are cut (DHCP messages from clients are ~300-600 bytes).
+pub const DHCP_FRAME_MAX: usize = 1024;
+pub const DHCP_RING_BYTES: u32 = 1 << 18;
 
 /// Capacity of the services map (frontends).
 pub const MAX_SERVICES: u32 = 65_536;
@@ -311,6 +338,16 @@ named_u32_enum! {
         RewriteFailed = 4 => "rewrite_failed",
         /// The reject reply (ICMP) could not be built; the packet is dropped instead.
         RejectFailed = 5 => "reject_failed",
+        /// A frame from a guest with a source MAC that is not the guest's.
+        SpoofedMac = 6 => "spoofed_mac",
+        /// An IPv4 packet from a guest with a source address that is not the guest's.
+        SpoofedIp = 7 => "spoofed_ip",
+        /// An ARP from a guest claiming another address or hardware address.
+        SpoofedArp = 8 => "spoofed_arp",
+        /// A frame from a guest that is neither IPv4 nor ARP (the pod network is IPv4).
+        UnsupportedProtocol = 9 => "unsupported_protocol",
+        /// DHCP from a guest could not be handed to the daemon (its queue was full).
+        DhcpQueueFull = 10 => "dhcp_queue_full",
     }
 }
 
@@ -373,6 +410,34 @@ pub struct FlowEvent {
     pub _pad: u32,
 }
 
+/// Per-guest counters (per CPU; userspace sums; `seen_ns` takes the max).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GuestStats {
+    /// Guest -> network (frames from the tap, passed on).
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// Network -> guest (frames into the tap).
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// DHCP messages handed to the daemon.
+    pub dhcp: u64,
+    /// Drops by `DropReason` (indexes 6..=10 are the guest's).
+    pub drops: [u64; 16],
+    /// Last time the guest used its own address (IPv4 source or ARP sender): readiness.
+    pub seen_ns: u64,
+}
+
+/// One DHCP frame from a guest, as queued for the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DhcpFrame {
+    pub slot: u32,
+    /// Bytes of `data` used.
+    pub len: u32,
+    pub data: [u8; DHCP_FRAME_MAX],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -391,6 +456,8 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for GuestStats {}
+    unsafe impl aya::Pod for DhcpFrame {}
 }
 
 #[cfg(test)]
@@ -413,6 +480,8 @@ mod tests {
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<TrafficStats>(), 24);
         assert_eq!(size_of::<FlowEvent>(), 48);
+        assert_eq!(size_of::<GuestStats>(), 8 * (5 + 16 + 1));
+        assert_eq!(size_of::<DhcpFrame>(), 8 + DHCP_FRAME_MAX);
     }
 
     #[test]

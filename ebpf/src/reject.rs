@@ -15,8 +15,12 @@ use crate::{
 };
 
 const ICMP_HLEN: usize = 8;
-/// What the ICMP error quotes: the original IP header and the first 8 bytes of its payload.
-const QUOTE_LEN: usize = IPV4_MIN_HLEN + 8;
+/// What the ICMP error quotes: the original IP header and the start of its payload, at least 8
+/// bytes (RFC 792). For TCP the whole 20-byte header is kept: a CHECKSUM_PARTIAL skb (every SYN
+/// from a local socket on a veth) cannot be cut inside the bytes its pending checksum covers
+/// (bpf_skb_change_tail refuses with EINVAL).
+const UDP_QUOTE_LEN: usize = IPV4_MIN_HLEN + 8;
+const TCP_QUOTE_LEN: usize = IPV4_MIN_HLEN + 20;
 const ROOM: usize = IPV4_MIN_HLEN + ICMP_HLEN;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
@@ -54,29 +58,34 @@ pub fn lb4_reject(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, DropReason> 
     if !pkt.ihl_is_min || !pkt.has_l4 || pkt.first_fragment {
         return Err(DropReason::RejectFailed);
     }
+    let quote_len = if pkt.proto == tapestry_common::IPPROTO_TCP {
+        TCP_QUOTE_LEN
+    } else {
+        UDP_QUOTE_LEN
+    };
     // SAFETY: plain helpers on our own skb; the new length keeps the L2 header, the IP header and
-    // 8 bytes of L4, all present (has_l4 checked a full UDP or TCP header).
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + QUOTE_LEN) as u32, 0) } != 0 {
+    // the quoted L4 bytes, all present (has_l4 checked a full UDP or TCP header).
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + quote_len) as u32, 0) } != 0 {
         return Err(DropReason::RejectFailed);
     }
     ctx.adjust_room(ROOM as i32, BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| DropReason::RejectFailed)?;
 
     // ICMP header + quote, as words for bpf_csum_diff.
-    let mut icmp = [0u32; (ICMP_HLEN + QUOTE_LEN) / 4];
+    let mut icmp = [0u32; (ICMP_HLEN + TCP_QUOTE_LEN) / 4];
     {
         // SAFETY: reinterpreting a u32 array as bytes.
-        let bytes: &mut [u8; ICMP_HLEN + QUOTE_LEN] =
-            unsafe { &mut *(icmp.as_mut_ptr() as *mut [u8; ICMP_HLEN + QUOTE_LEN]) };
+        let bytes: &mut [u8; ICMP_HLEN + TCP_QUOTE_LEN] =
+            unsafe { &mut *(icmp.as_mut_ptr() as *mut [u8; ICMP_HLEN + TCP_QUOTE_LEN]) };
         // The raw helper with a constant length: the wrapper's computed length may be zero as
         // far as the verifier can tell, which it refuses.
-        // SAFETY: QUOTE_LEN bytes of stack buffer after the ICMP header.
+        // SAFETY: `quote_len` (one of two constants) bytes of stack buffer after the ICMP header.
         let ret = unsafe {
             bpf_skb_load_bytes(
                 ctx.skb.skb as *const _,
                 (ETH_HLEN + ROOM) as u32,
                 bytes.as_mut_ptr().add(ICMP_HLEN) as *mut _,
-                QUOTE_LEN as u32,
+                quote_len as u32,
             )
         };
         if ret != 0 {
@@ -85,9 +94,9 @@ pub fn lb4_reject(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, DropReason> 
         bytes[0] = ICMP_DEST_UNREACH;
         bytes[1] = ICMP_PORT_UNREACH;
     }
-    let icmp_csum = csum(&mut icmp);
+    let icmp_csum = csum(&mut icmp[..(ICMP_HLEN + quote_len) / 4]);
 
-    let tot_len = ((ROOM + QUOTE_LEN) as u16).to_be();
+    let tot_len = ((ROOM + quote_len) as u16).to_be();
     let mut ip = [0u32; IPV4_MIN_HLEN / 4];
     {
         // SAFETY: as above.

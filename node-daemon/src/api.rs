@@ -8,12 +8,15 @@ use axum::{
     extract::{Path as UrlPath, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
-    routing::{delete, get},
+    routing::{delete, get, post},
 };
-use tapestry_api::types::{AttachRequest, AttachmentInfo, ErrorBody, FlushResult, paths};
+use tapestry_api::types::{
+    AttachRequest, AttachmentInfo, EndpointGcRequest, EndpointInfo, EndpointRequest, ErrorBody,
+    FlushResult, GuestInfo, paths,
+};
 use tracing::info;
 
-use crate::{datapath::ifindex_of, metrics, node::SharedNode};
+use crate::{datapath::ifindex_of, endpoints::EndpointError, metrics, node::SharedNode};
 
 /// An error answer: status and a message a user can act on.
 pub struct ApiError(StatusCode, String);
@@ -30,7 +33,89 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+impl From<EndpointError> for ApiError {
+    fn from(e: EndpointError) -> Self {
+        match e {
+            EndpointError::Invalid(m) => ApiError(StatusCode::BAD_REQUEST, m),
+            EndpointError::NotFound(m) => ApiError(StatusCode::NOT_FOUND, m),
+            EndpointError::Internal(e) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        }
+    }
+}
+
 type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// Runs `f` with the node locked on a blocking thread: endpoint work enters network namespaces
+/// and loads programs, which must not stall the async workers.
+async fn with_node<T: Send + 'static>(
+    node: &SharedNode,
+    f: impl FnOnce(&mut crate::node::Node) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let node = node.clone();
+    tokio::task::spawn_blocking(move || f(&mut lock(&node)))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+async fn add_endpoint(
+    State(node): State<SharedNode>,
+    Json(req): Json<EndpointRequest>,
+) -> ApiResult<EndpointInfo> {
+    with_node(&node, move |n| {
+        let n = &mut *n;
+        Ok(Json(n.endpoints.add(&mut n.datapath, req)?))
+    })
+    .await
+}
+
+async fn list_endpoints(State(node): State<SharedNode>) -> ApiResult<Vec<EndpointInfo>> {
+    let n = lock(&node);
+    Ok(Json(n.endpoints.list(&n.datapath.maps)))
+}
+
+async fn get_endpoint(
+    State(node): State<SharedNode>,
+    UrlPath((container_id, ifname)): UrlPath<(String, String)>,
+) -> ApiResult<EndpointInfo> {
+    let n = lock(&node);
+    n.endpoints
+        .get(&container_id, &ifname, &n.datapath.maps)
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no endpoint {container_id}/{ifname} on this node"),
+            )
+        })
+}
+
+async fn delete_endpoint(
+    State(node): State<SharedNode>,
+    UrlPath((container_id, ifname)): UrlPath<(String, String)>,
+) -> ApiResult<serde_json::Value> {
+    with_node(&node, move |n| {
+        let n = &mut *n;
+        let removed = n.endpoints.remove(&mut n.datapath, &container_id, &ifname)?;
+        Ok(Json(serde_json::json!({ "removed": removed.is_some() })))
+    })
+    .await
+}
+
+async fn gc_endpoints(
+    State(node): State<SharedNode>,
+    Json(req): Json<EndpointGcRequest>,
+) -> ApiResult<Vec<EndpointInfo>> {
+    with_node(&node, move |n| {
+        let n = &mut *n;
+        Ok(Json(n.endpoints.gc(&mut n.datapath, &req.valid)?))
+    })
+    .await
+}
+
+async fn guests(State(node): State<SharedNode>) -> ApiResult<Vec<GuestInfo>> {
+    let n = lock(&node);
+    Ok(Json(n.endpoints.guests(&n.datapath.maps)))
+}
 
 pub fn router(node: SharedNode) -> Router {
     Router::new()
@@ -45,6 +130,10 @@ pub fn router(node: SharedNode) -> Router {
         )
         .route(paths::METRICS, get(metrics_text))
         .route("/v1/flows", get(flows))
+        .route(paths::ENDPOINTS, get(list_endpoints).post(add_endpoint))
+        .route(paths::ENDPOINT, get(get_endpoint).delete(delete_endpoint))
+        .route(paths::ENDPOINTS_GC, post(gc_endpoints))
+        .route(paths::GUESTS, get(guests))
         .with_state(node)
 }
 

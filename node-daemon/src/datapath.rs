@@ -23,8 +23,8 @@ use aya::{
     sys::SyscallError,
 };
 use tapestry_common::{
-    AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, LbTable, Service, ServiceKey,
-    TrafficStats, map_names, program_names,
+    AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, GuestStats, LbTable, Service,
+    ServiceKey, TrafficStats, map_names, program_names,
 };
 use tracing::{debug, info, warn};
 
@@ -48,6 +48,9 @@ pub struct Maps {
     pub counters: PerCpuArray<MapData, u64>,
     /// Taken by the flow-event reader.
     pub events: Option<RingBuf<MapData>>,
+    pub guest_stats: PerCpuArray<MapData, GuestStats>,
+    /// Taken by the DHCP server.
+    pub dhcp: Option<RingBuf<MapData>>,
 }
 
 pub struct Datapath {
@@ -143,6 +146,12 @@ impl Datapath {
             maps = map_names::ALL.len(),
             "datapath loaded"
         );
+        // The guest programs are loaded per guest; this copy only creates (or finds) their
+        // shared, pinned maps, so counters and the DHCP queue exist before any guest does.
+        let mut guest_maps = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(crate::guest::OBJECT)
+            .context("loading the guest programs' maps")?;
         let maps = Maps {
             services: take(&mut ebpf, map_names::SERVICES)?,
             backends: take(&mut ebpf, map_names::BACKENDS)?,
@@ -155,6 +164,8 @@ impl Datapath {
             drops: take(&mut ebpf, map_names::DROPS)?,
             counters: take(&mut ebpf, map_names::COUNTERS)?,
             events: Some(take(&mut ebpf, map_names::EVENTS)?),
+            guest_stats: take(&mut guest_maps, map_names::GUEST_STATS)?,
+            dhcp: Some(take(&mut guest_maps, map_names::DHCP)?),
         };
         Ok(Self {
             ebpf,

@@ -3,9 +3,13 @@
 
 pub mod api;
 pub mod datapath;
+pub mod dhcp;
+pub mod endpoints;
 pub mod flows;
+pub mod guest;
 pub mod maglev;
 pub mod metrics;
+pub mod netns;
 pub mod node;
 pub mod reconcile;
 pub mod source;

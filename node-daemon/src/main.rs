@@ -10,10 +10,11 @@ use std::{
 use anyhow::{Context, Result};
 use clap::Parser;
 use tapestry_api::{state::DesiredState, types};
-use tapestry_common::{Config, DEFAULT_HAIRPIN_SNAT_IP, config_flags};
+use tapestry_common::{Config, DEFAULT_HAIRPIN_SNAT_IP, DhcpFrame, config_flags};
 use tapestry_node_daemon::{
     api,
     datapath::Datapath,
+    endpoints::Endpoints,
     flows::{self, FlowLog},
     node::{Node, SharedNode},
     reconcile::Reconciler,
@@ -55,6 +56,9 @@ struct Args {
     /// Seconds between conntrack garbage collections.
     #[arg(long, default_value_t = 10)]
     conntrack_gc_interval: u64,
+    /// The daemon's own state (the endpoint registry), kept across restarts.
+    #[arg(long, env = "TAPESTRY_STATE_DIR", default_value = "/run/tapestry")]
+    state_dir: PathBuf,
     /// Remove every pin (datapath detached from every interface, maps gone) and exit.
     #[arg(long)]
     uninstall: bool,
@@ -103,7 +107,10 @@ async fn run(args: Args) -> Result<()> {
             .with_context(|| format!("--attach {ifname}"))?;
         info!(ifname, "attached");
     }
+    let mut endpoints = Endpoints::new(&args.state_dir);
+    endpoints.restore(&mut datapath)?;
     let events = datapath.maps.events.take();
+    let dhcp_ring = datapath.maps.dhcp.take();
     let flows = Arc::new(FlowLog::default());
     let source = StandaloneFile::new(&args.state_file);
     let node: SharedNode = Arc::new(Mutex::new(Node {
@@ -118,6 +125,7 @@ async fn run(args: Args) -> Result<()> {
         mode: "standalone",
         flow_events: args.flow_events,
         flows: flows.clone(),
+        endpoints,
     }));
 
     let (updates_tx, updates_rx) = watch::channel(Arc::new(DesiredState::default()));
@@ -142,6 +150,9 @@ async fn run(args: Args) -> Result<()> {
     }
     if let Some(ring) = events {
         tasks.spawn(flows::drain(ring, flows));
+    }
+    if let Some(ring) = dhcp_ring {
+        tasks.spawn(serve_dhcp(ring, node.clone()));
     }
     {
         let node = node.clone();
@@ -176,6 +187,25 @@ async fn run(args: Args) -> Result<()> {
     let _ = std::fs::remove_file(&args.socket);
     info!("stopped; the datapath stays in place");
     result
+}
+
+/// Answers the guests' DHCP, queued by the guest programs.
+async fn serve_dhcp(ring: aya::maps::RingBuf<aya::maps::MapData>, node: SharedNode) -> Result<()> {
+    // SAFETY: the RingBuf owns its fd and moves into the AsyncFd.
+    let mut fd = unsafe { tokio::io::unix::AsyncFd::register(ring) }.context("polling the DHCP queue")?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<DhcpFrame>() {
+                // SAFETY: the guest program writes whole DhcpFrames; the length was checked.
+                let frame: DhcpFrame =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr() as *const DhcpFrame) };
+                node.lock().unwrap_or_else(|p| p.into_inner()).endpoints.handle_dhcp(&frame);
+            }
+        }
+        guard.clear_ready();
+    }
 }
 
 /// Programs every new desired state; records failures without touching the last good state.

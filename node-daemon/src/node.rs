@@ -20,6 +20,7 @@ use tapestry_common::{
 
 use crate::{
     datapath::Datapath,
+    endpoints::Endpoints,
     flows::FlowLog,
     reconcile::{Reconciler, frontend_of},
     source::SourceStatus,
@@ -36,6 +37,7 @@ pub struct Node {
     pub mode: &'static str,
     pub flow_events: bool,
     pub flows: Arc<FlowLog>,
+    pub endpoints: Endpoints,
 }
 
 pub type SharedNode = Arc<Mutex<Node>>;

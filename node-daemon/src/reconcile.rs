@@ -269,6 +269,7 @@ impl Reconciler {
         let ncpus = aya::util::nr_cpus()
             .map_err(|(_, e)| e)
             .context("counting CPUs")?;
+        check_capacity(desired)?;
 
         // 1. Backends: the union over services; active wins over terminating.
         let mut wanted: HashMap<BackendAddr, u8> = HashMap::new();

@@ -1,0 +1,231 @@
+//! The VM pod cross-connect, inside the pod's network namespace: no bridge, no NAT.
+//!
+//! - `tapestry_pod_to_guest` on the pod interface's ingress (eth0: what the pod network sends to
+//!   the pod) redirects every frame into the tap, to the guest, who owns the pod's IP and MAC.
+//! - `tapestry_guest_to_pod` on the tap's ingress (what the guest sends) checks the source MAC,
+//!   IPv4 source and ARP sender against the guest's, hands DHCP to the daemon through a ring
+//!   buffer, and redirects the rest out of the pod interface (a plain egress redirect, so the
+//!   frame really leaves eth0 and the host sees ordinary pod egress on the pod's veth).
+//!
+//! One copy is loaded per guest: the interfaces and the guest's addresses are `.rodata`
+//! constants set at load time, so the fast path compares immediates and needs no lookup.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_skb_load_bytes},
+    macros::{classifier, map},
+    maps::{PerCpuArray, RingBuf},
+    programs::TcContext,
+};
+use tapestry_common::{
+    DHCP_FRAME_MAX, DHCP_RING_BYTES, DhcpFrame, DropReason, GuestStats, IPPROTO_UDP, MAX_GUESTS,
+};
+use tapestry_ebpf::{
+    events::count_drop,
+    packet::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, read},
+    verdict,
+};
+
+#[unsafe(no_mangle)]
+static GUEST_SLOT: u32 = 0;
+#[unsafe(no_mangle)]
+static GUEST_TAP_IFINDEX: u32 = 0;
+#[unsafe(no_mangle)]
+static GUEST_POD_IFINDEX: u32 = 0;
+#[unsafe(no_mangle)]
+static GUEST_MAC: u64 = 0;
+#[unsafe(no_mangle)]
+static GUEST_IP: u32 = 0;
+
+#[map(name = "TAPESTRY_GUEST_STATS")]
+static GUEST_STATS: PerCpuArray<GuestStats> = PerCpuArray::pinned(MAX_GUESTS, 0);
+
+#[map(name = "TAPESTRY_DHCP")]
+static DHCP: RingBuf = RingBuf::pinned(DHCP_RING_BYTES, 0);
+
+const ETH_P_ARP: u16 = 0x0806;
+const DHCP_SERVER_PORT: u16 = 67;
+const DHCP_CLIENT_PORT: u16 = 68;
+/// Smallest frame that can hold a DHCP message's headers (Ethernet, IPv4, UDP).
+const DHCP_FRAME_MIN: u32 = (ETH_HLEN + 20 + 8) as u32;
+
+/// `.rodata` reads must not be folded by the compiler: the loader rewrites them.
+#[inline(always)]
+fn constant<T: Copy>(v: &T) -> T {
+    // SAFETY: reading a static.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+#[inline(always)]
+fn stats() -> Option<*mut GuestStats> {
+    GUEST_STATS.get_ptr_mut(constant(&GUEST_SLOT))
+}
+
+#[inline(always)]
+fn mac_u64(mac: &[u8; 6]) -> u64 {
+    let mut b = [0u8; 8];
+    b[..6].copy_from_slice(mac);
+    u64::from_le_bytes(b)
+}
+
+#[classifier]
+pub fn tapestry_pod_to_guest(ctx: TcContext) -> i32 {
+    if let Some(s) = stats() {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            (*s).tx_packets += 1;
+            (*s).tx_bytes += ctx.len() as u64;
+        }
+    }
+    // SAFETY: a helper with no memory arguments. Without a reader on the tap (the VM process
+    // not started yet) the tap drops the frame and counts it in its own tx_dropped.
+    unsafe { bpf_redirect(constant(&GUEST_TAP_IFINDEX), 0) as i32 }
+}
+
+#[classifier]
+pub fn tapestry_guest_to_pod(ctx: TcContext) -> i32 {
+    match guest_to_pod(&ctx) {
+        Ok(v) => v,
+        Err(reason) => {
+            count_drop(reason);
+            if let Some(s) = stats()
+                && let Some(d) = unsafe { (*s).drops.get_mut(reason as usize) }
+            {
+                *d += 1;
+            }
+            verdict::DROP
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ArpIpv4 {
+    htype: u16,
+    ptype: u16,
+    hlen: u8,
+    plen: u8,
+    op: u16,
+    sha: [u8; 6],
+    spa: [u8; 4],
+    tha: [u8; 6],
+    tpa: [u8; 4],
+}
+
+#[inline(always)]
+fn mark_seen() {
+    if let Some(s) = stats() {
+        // SAFETY: per-CPU slot; written once, the first time (readiness, not liveness).
+        unsafe {
+            if (*s).seen_ns == 0 {
+                (*s).seen_ns = bpf_ktime_get_ns();
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn guest_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
+    let eth = read::<EthHdr>(ctx, 0).ok_or(DropReason::UnsupportedProtocol)?;
+    if mac_u64(&eth.src) != constant(&GUEST_MAC) {
+        return Err(DropReason::SpoofedMac);
+    }
+    let guest_ip = constant(&GUEST_IP);
+    if eth.proto == ETH_P_ARP.to_be() {
+        let arp = read::<ArpIpv4>(ctx, ETH_HLEN).ok_or(DropReason::SpoofedArp)?;
+        if mac_u64(&arp.sha) != constant(&GUEST_MAC) {
+            return Err(DropReason::SpoofedArp);
+        }
+        let spa = u32::from_ne_bytes(arp.spa);
+        // 0.0.0.0 is an address probe (RFC 5227) before the guest configures its address.
+        if spa != guest_ip && spa != 0 {
+            return Err(DropReason::SpoofedArp);
+        }
+        if spa == guest_ip {
+            mark_seen();
+        }
+    } else if eth.proto == ETH_P_IP.to_be() {
+        let ip = read::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(DropReason::SpoofedIp)?;
+        if ip.proto == IPPROTO_UDP && is_dhcp_request(ctx, &ip) {
+            dhcp_to_daemon(ctx)?;
+            return Ok(verdict::DROP);
+        }
+        if ip.saddr != guest_ip {
+            return Err(DropReason::SpoofedIp);
+        }
+        mark_seen();
+    } else {
+        return Err(DropReason::UnsupportedProtocol);
+    }
+    if let Some(s) = stats() {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            (*s).rx_packets += 1;
+            (*s).rx_bytes += ctx.len() as u64;
+        }
+    }
+    // SAFETY: a helper with no memory arguments.
+    Ok(unsafe { bpf_redirect(constant(&GUEST_POD_IFINDEX), 0) } as i32)
+}
+
+#[inline(always)]
+fn is_dhcp_request(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
+    let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
+    match read::<[u16; 2]>(ctx, ETH_HLEN + ihl) {
+        Some([sport, dport]) => {
+            sport == DHCP_CLIENT_PORT.to_be() && dport == DHCP_SERVER_PORT.to_be()
+        }
+        None => false,
+    }
+}
+
+/// Queues the whole frame for the daemon's DHCP server, which answers on the tap.
+#[inline(always)]
+fn dhcp_to_daemon(ctx: &TcContext) -> Result<(), DropReason> {
+    let len = ctx.len().min(DHCP_FRAME_MAX as u32);
+    if len < DHCP_FRAME_MIN {
+        return Err(DropReason::UnsupportedProtocol);
+    }
+    let mut entry = DHCP
+        .reserve::<DhcpFrame>(0)
+        .ok_or(DropReason::DhcpQueueFull)?;
+    let frame = entry.as_mut_ptr();
+    // SAFETY: `frame` points at a reserved record of size_of::<DhcpFrame>(); `len` is between
+    // DHCP_FRAME_MIN and DHCP_FRAME_MAX, within `data`.
+    let ret = unsafe {
+        (*frame).slot = constant(&GUEST_SLOT);
+        (*frame).len = len;
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            0,
+            (*frame).data.as_mut_ptr() as *mut _,
+            len,
+        )
+    };
+    if ret != 0 {
+        entry.discard(0);
+        return Err(DropReason::DhcpQueueFull);
+    }
+    entry.submit(0);
+    if let Some(s) = stats() {
+        // SAFETY: per-CPU slot.
+        unsafe { (*s).dhcp += 1 };
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects a program whose panic path is reachable; this is never called.
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

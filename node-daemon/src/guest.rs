@@ -1,0 +1,159 @@
+//! A VM pod's cross-connect: the guest programs on the pod interface and the tap, inside the pod's
+//! namespace, with the guest's constants baked in at load time.
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    EbpfLoader,
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+use tapestry_common::{guest_globals, program_names};
+
+use crate::netns;
+
+/// The compiled guest programs (built by build.rs from `ebpf/`).
+pub static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapestry-guest"));
+
+/// What the programs are specialised with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestWiring {
+    pub slot: u32,
+    pub netns: PathBuf,
+    pub pod_ifname: String,
+    pub tap: String,
+    pub mac: [u8; 6],
+    pub ip: Ipv4Addr,
+}
+
+/// What attaching found in the pod's namespace.
+#[derive(Debug)]
+pub struct Attached {
+    pub pod_ifindex: u32,
+    pub tap_ifindex: u32,
+    /// The tap's own MAC: the source of the daemon's DHCP answers.
+    pub tap_mac: [u8; 6],
+    /// Send-only packet socket on the tap, for DHCP answers.
+    pub socket: OwnedFd,
+}
+
+pub fn mac_u64(mac: &[u8; 6]) -> u64 {
+    let mut b = [0u8; 8];
+    b[..6].copy_from_slice(mac);
+    u64::from_le_bytes(b)
+}
+
+fn link_pins(pin_dir: &Path, slot: u32) -> [PathBuf; 2] {
+    let links = pin_dir.join("links");
+    [
+        links.join(format!("guest-{slot}-pod")),
+        links.join(format!("guest-{slot}-tap")),
+    ]
+}
+
+/// Loads the guest programs for `w` and attaches them in the pod's namespace; an existing pinned
+/// link (a restarted daemon) is switched to the new programs atomically.
+pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
+    if OBJECT.is_empty() {
+        anyhow::bail!("this tapestryd carries no eBPF object (built with AYA_BUILD_SKIP=1)");
+    }
+    let pin_dir = pin_dir.to_owned();
+    let w = w.clone();
+    netns::in_netns(&w.netns.clone(), move || {
+        let pod_ifindex = netns::ifindex(&w.pod_ifname)
+            .with_context(|| format!("pod interface {} in {}", w.pod_ifname, w.netns.display()))?;
+        let tap_ifindex = netns::ifindex(&w.tap)
+            .with_context(|| format!("tap {} in {}", w.tap, w.netns.display()))?;
+        let tap_mac = netns::mac_of(&w.tap)?;
+        let ip = u32::from_ne_bytes(w.ip.octets());
+        let mac = mac_u64(&w.mac);
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .override_global(guest_globals::SLOT, &w.slot, true)
+            .override_global(guest_globals::TAP_IFINDEX, &tap_ifindex, true)
+            .override_global(guest_globals::POD_IFINDEX, &pod_ifindex, true)
+            .override_global(guest_globals::MAC, &mac, true)
+            .override_global(guest_globals::IP, &ip, true)
+            .load(OBJECT)
+            .context("loading the guest programs")?;
+        let [pod_pin, tap_pin] = link_pins(&pin_dir, w.slot);
+        for (prog_name, ifname, pin) in [
+            (program_names::POD_TO_GUEST, &w.pod_ifname, &pod_pin),
+            (program_names::GUEST_TO_POD, &w.tap, &tap_pin),
+        ] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(prog_name)
+                .context("guest program missing")?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("the kernel rejected {prog_name}"))?;
+            let id = match PinnedLink::from_pin(pin) {
+                Ok(old) => {
+                    let link = SchedClassifierLink::try_from(FdLink::from(old))?;
+                    let id = prog.attach_to_link(link)?;
+                    let _ = fs::remove_file(pin);
+                    id
+                }
+                Err(_) => prog
+                    .attach_with_options(
+                        ifname,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::first()),
+                    )
+                    .with_context(|| format!("attaching {prog_name} to {ifname}"))?,
+            };
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            link.pin(pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+        }
+        let socket = netns::packet_socket(tap_ifindex)?;
+        Ok(Attached {
+            pod_ifindex,
+            tap_ifindex,
+            tap_mac,
+            socket,
+        })
+    })
+}
+
+/// Detaches the guest programs of `slot` (idempotent: links of interfaces already gone were
+/// released by the kernel; only their pins remain, and go).
+pub fn detach(pin_dir: &Path, slot: u32) -> Result<()> {
+    for pin in link_pins(pin_dir, slot) {
+        if let Ok(link) = PinnedLink::from_pin(&pin) {
+            drop(link.unpin().context("unpinning a guest link")?);
+        }
+        let _ = fs::remove_file(&pin);
+    }
+    Ok(())
+}
+
+/// Guest link pins present under `pin_dir`, by slot.
+pub fn pinned_slots(pin_dir: &Path) -> Vec<u32> {
+    let mut slots: Vec<u32> = fs::read_dir(pin_dir.join("links"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("guest-")?
+                .split('-')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    slots.sort_unstable();
+    slots.dedup();
+    slots
+}

@@ -1,0 +1,114 @@
+//! Work inside a pod's network namespace. A netns belongs to an OS thread, so the work runs on a
+//! fresh thread that calls setns(CLONE_NEWNET) and ends afterwards: never on an async worker,
+//! whose namespace would leak into unrelated tasks.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+use anyhow::{Context, Result, anyhow};
+
+/// Runs `f` on a new thread inside the network namespace at `netns` (a path such as
+/// `/var/run/netns/x` or `/proc/<pid>/ns/net`).
+pub fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let ns = File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
+    std::thread::Builder::new()
+        .name("tapestry-netns".into())
+        .spawn(move || {
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
+            }
+            f()
+        })
+        .context("spawning a netns thread")?
+        .join()
+        .map_err(|_| anyhow!("the netns thread panicked"))?
+}
+
+pub fn ifindex(ifname: &str) -> Result<u32> {
+    crate::datapath::ifindex_of(ifname)
+}
+
+/// The MAC address of `ifname` in the calling thread's namespace.
+pub fn mac_of(ifname: &str) -> Result<[u8; 6]> {
+    // SAFETY: a plain socket for the ioctl; closed by OwnedFd.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("socket for SIOCGIFHWADDR");
+    }
+    // SAFETY: fd is ours.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; zeroed is a valid start.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = ifname.as_bytes();
+    if name.len() >= req.ifr_name.len() {
+        anyhow::bail!("interface name {ifname:?} is too long");
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of the ifreq we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("MAC of {ifname}"));
+    }
+    // SAFETY: the union member written by SIOCGIFHWADDR.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (m, d) in mac.iter_mut().zip(data.iter()) {
+        *m = *d as u8;
+    }
+    Ok(mac)
+}
+
+/// A send-only packet socket on `ifindex` (protocol 0: it receives nothing, so it costs the
+/// interface's traffic nothing).
+pub fn packet_socket(ifindex: u32) -> Result<OwnedFd> {
+    // SAFETY: plain socket call.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("AF_PACKET socket");
+    }
+    // SAFETY: fd is ours.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = 0;
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: binding our socket to a sockaddr_ll of the right size.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            &addr as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("binding the packet socket");
+    }
+    Ok(sock)
+}
+
+/// Sends one whole Ethernet frame on a bound packet socket.
+pub fn send_frame(sock: &OwnedFd, frame: &[u8]) -> Result<()> {
+    // SAFETY: sending from a buffer we own.
+    let n = unsafe {
+        libc::send(
+            sock.as_raw_fd(),
+            frame.as_ptr() as *const libc::c_void,
+            frame.len(),
+            0,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error()).context("sending on the tap");
+    }
+    Ok(())
+}

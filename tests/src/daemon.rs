@@ -1,0 +1,233 @@
+//! A real `tapestryd` process for integration tests and the demo: its own bpffs directory,
+//! socket and state file, so several can run at once; restart and `kill -9` on demand.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use tapestry_api::{client::blocking::Client, types::Status};
+
+/// Where the workspace's binaries are: `$TAPESTRY_BIN_DIR`, else `target/<profile>` of this
+/// workspace (the profile this test crate was built with).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TAPESTRY_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join(profile)
+}
+
+/// Path of a workspace binary, or an error saying how to build it.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if !p.exists() {
+        bail!(
+            "{} not found: build the workspace binaries first (`cargo build --workspace --bins`, \
+             or `make build`), or set TAPESTRY_BIN_DIR",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+pub struct Daemon {
+    pub dir: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub socket: PathBuf,
+    pub state_file: PathBuf,
+    pub log_file: PathBuf,
+    attach: Vec<String>,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Daemon {
+    /// Writes `state_yaml`, starts the daemon attached to `attach`, and waits until the state is
+    /// programmed.
+    pub fn start(name: &str, state_yaml: &str, attach: &[&str]) -> Result<Daemon> {
+        Self::start_with(name, state_yaml, attach, &[])
+    }
+
+    pub fn start_with(
+        name: &str,
+        state_yaml: &str,
+        attach: &[&str],
+        extra_args: &[&str],
+    ) -> Result<Daemon> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let id = format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(format!("tapestry-{id}"));
+        fs::create_dir_all(&dir)?;
+        let mut d = Daemon {
+            bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/tapestry-{id}")),
+            socket: dir.join("tapestryd.sock"),
+            state_file: dir.join("state.yaml"),
+            log_file: dir.join("tapestryd.log"),
+            dir,
+            attach: attach.iter().map(|s| s.to_string()).collect(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            starts: 0,
+        };
+        d.write_state(state_yaml)?;
+        d.spawn()?;
+        d.wait_generation(1, Duration::from_secs(20))?;
+        Ok(d)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_file)?;
+        let mut cmd = Command::new(binary("tapestryd")?);
+        cmd.arg("--state-file")
+            .arg(&self.state_file)
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs_dir)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--metrics-addr")
+            .arg("")
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for a in &self.attach {
+            cmd.arg("--attach").arg(a);
+        }
+        self.child = Some(cmd.spawn().context("starting tapestryd")?);
+        self.starts += 1;
+        Ok(())
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.socket)
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        Ok(self.client().status()?)
+    }
+
+    /// Replaces the state file atomically (write + rename), as an operator's tooling would.
+    pub fn write_state(&self, yaml: &str) -> Result<()> {
+        let tmp = self.dir.join(".state.yaml.tmp");
+        fs::write(&tmp, yaml)?;
+        fs::rename(&tmp, &self.state_file)?;
+        Ok(())
+    }
+
+    /// Waits until the daemon answers and has programmed at least `generation` states.
+    pub fn wait_generation(&mut self, generation: u64, timeout: Duration) -> Result<Status> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("tapestryd exited ({status}):\n{}", self.log());
+            }
+            if let Ok(s) = self.status()
+                && s.generation >= generation
+            {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "tapestryd did not reach generation {generation} in {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the status satisfies `pred` (e.g. a rejected state file shows its error).
+    pub fn wait_status(&self, timeout: Duration, pred: impl Fn(&Status) -> bool) -> Result<Status> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(s) = self.status()
+                && pred(&s)
+            {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("condition not met in {timeout:?}; last status: {:?}", self.status().ok());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait: a clean stop.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL: no chance to clean up anything.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the daemon again (after `stop` or `kill9`) and waits until it answers with the
+    /// state programmed.
+    pub fn restart(&mut self) -> Result<Status> {
+        if self.child.is_some() {
+            self.stop()?;
+        }
+        self.spawn()?;
+        self.wait_generation(1, Duration::from_secs(20))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// Starts since creation (1 + restarts).
+    pub fn starts(&self) -> u32 {
+        self.starts
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.kill9();
+        // The pins hold the datapath in place; removing them detaches it everywhere.
+        let _ = fs::remove_dir_all(&self.bpffs_dir);
+        if std::env::var_os("TAPESTRY_KEEP_LOGS").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}

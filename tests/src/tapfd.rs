@@ -1,0 +1,117 @@
+//! A guest stand-in: the tap's file descriptor, opened as QEMU opens it. Frames written to it are
+//! what a guest sends; frames read from it are what reaches the guest. Deterministic and fast, for
+//! datapath tests; `guest` runs a real QEMU guest for end-to-end ones.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Read, Write},
+    os::fd::AsRawFd,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+
+use crate::netns::in_netns;
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+
+pub struct TapGuest {
+    file: File,
+    /// When set, ARP requests for this address are answered with this MAC while receiving, as
+    /// the guest's kernel would.
+    identity: Option<([u8; 6], [u8; 4])>,
+}
+
+impl TapGuest {
+    /// Attaches to the existing tap `name` in the namespace at `netns` (the tap must have been
+    /// created without multiqueue or vnet header, as `ip tuntap add mode tap` does).
+    pub fn open(netns: &Path, name: &str) -> Result<TapGuest> {
+        let name = name.to_owned();
+        let file = in_netns(netns, move || -> Result<File> {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .context("opening /dev/net/tun")?;
+            // SAFETY: ifreq is plain data.
+            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+            for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+                *d = *s as libc::c_char;
+            }
+            req.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI;
+            // SAFETY: TUNSETIFF reads the ifreq we own.
+            if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } != 0 {
+                return Err(io::Error::last_os_error()).context("TUNSETIFF");
+            }
+            // SAFETY: setting O_NONBLOCK on our fd.
+            unsafe {
+                let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
+            Ok(file)
+        })??;
+        Ok(TapGuest {
+            file,
+            identity: None,
+        })
+    }
+
+    /// Answer ARP for `ip` with `mac` from now on.
+    pub fn answer_arp(&mut self, mac: [u8; 6], ip: std::net::Ipv4Addr) {
+        self.identity = Some((mac, ip.octets()));
+    }
+
+    fn arp_reply(&self, frame: &[u8]) -> Option<Vec<u8>> {
+        let (mac, ip) = self.identity?;
+        // Ethernet + ARP request (op 1) whose target protocol address is ours.
+        if frame.len() < 42 || frame[12..14] != [0x08, 0x06] || frame[20..22] != [0, 1] {
+            return None;
+        }
+        if frame[38..42] != ip {
+            return None;
+        }
+        let (sha, spa) = (&frame[22..28], &frame[28..32]);
+        let mut r = Vec::with_capacity(42);
+        r.extend_from_slice(sha);
+        r.extend_from_slice(&mac);
+        r.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 2]);
+        r.extend_from_slice(&mac);
+        r.extend_from_slice(&ip);
+        r.extend_from_slice(sha);
+        r.extend_from_slice(spa);
+        Some(r)
+    }
+
+    /// The guest sends one frame.
+    pub fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.file.write_all(frame)
+    }
+
+    /// The next frame that reaches the guest and satisfies `pred`, within `timeout`.
+    pub fn recv_matching(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&[u8]) -> bool,
+    ) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 65536];
+        while Instant::now() < deadline {
+            match self.file.read(&mut buf) {
+                Ok(n) if pred(&buf[..n]) => return Some(buf[..n].to_vec()),
+                Ok(n) => {
+                    if let Some(reply) = self.arp_reply(&buf[..n]) {
+                        let _ = self.file.write_all(&reply);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+}
