@@ -12,7 +12,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::types::{
     AttachRequest, AttachmentInfo, ConntrackEntry, EndpointGcRequest, EndpointInfo,
-    EndpointRequest, ErrorBody, FlushResult, GuestInfo, ServiceInfo, Status, paths,
+    EndpointRequest, ErrorBody, FlowsResponse, FlushResult, GuestInfo, ServiceInfo, Status, paths,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +161,12 @@ impl Client {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
+    /// Flow events with sequence >= `since` (0 for all the daemon still holds).
+    pub async fn flows(&self, since: u64) -> Result<FlowsResponse, ClientError> {
+        let path = format!("{}?since={since}", paths::FLOWS);
+        self.request(Method::GET, &path, None::<&()>).await
+    }
+
     pub async fn guests(&self) -> Result<Vec<GuestInfo>, ClientError> {
         self.request(Method::GET, paths::GUESTS, None::<&()>).await
     }
@@ -257,6 +263,9 @@ pub mod blocking {
         }
         pub fn metrics(&self) -> Result<String, ClientError> {
             run(self.0.metrics())
+        }
+        pub fn flows(&self, since: u64) -> Result<FlowsResponse, ClientError> {
+            run(self.0.flows(since))
         }
         pub fn guests(&self) -> Result<Vec<GuestInfo>, ClientError> {
             run(self.0.guests())

@@ -26,6 +26,8 @@ pub mod paths {
     pub const ENDPOINTS_GC: &str = "/v1/endpoints-gc";
     /// GET `GuestInfo`s.
     pub const GUESTS: &str = "/v1/guests";
+    /// GET `FlowsResponse`; `?since=<seq>` for newer events only.
+    pub const FLOWS: &str = "/v1/flows";
     pub const METRICS: &str = "/metrics";
     pub const HEALTHZ: &str = "/healthz";
 }
@@ -284,4 +286,54 @@ pub struct GuestInfo {
     pub dhcp_messages: u64,
     /// Frames dropped from this guest, by reason (spoofed_mac, spoofed_ip, ...).
     pub drops: BTreeMap<String, u64>,
+}
+
+/// Who an address belongs to, as far as this node knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    /// "pod" or "vm".
+    pub kind: String,
+    pub name: String,
+    pub namespace: Option<String>,
+}
+
+/// One flow event from the datapath, with VM and pod identities.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowRecord {
+    /// Sequence number in the daemon's flow log.
+    pub seq: u64,
+    /// Wall-clock time the daemon read the event, RFC 3339.
+    pub time: String,
+    /// Unix time in milliseconds (for --since filters).
+    pub unix_ms: u64,
+    /// "new", "reselected" or "drop".
+    pub kind: String,
+    /// "forwarded" or "dropped".
+    pub verdict: String,
+    pub protocol: String,
+    pub src: String,
+    pub dst: String,
+    /// The backend chosen (new flows).
+    pub backend: Option<String>,
+    pub service: Option<String>,
+    pub src_identity: Option<Identity>,
+    pub dst_identity: Option<Identity>,
+    pub backend_identity: Option<Identity>,
+    pub drop_reason: Option<String>,
+    pub ifindex: u32,
+    /// The datapath's service id (0 when none).
+    pub service_id: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowsResponse {
+    pub flows: Vec<FlowRecord>,
+    /// Ask for `since=next` to get only newer events.
+    pub next: u64,
+    /// Events lost so far: the datapath's ring buffer was full, or the log overflowed before a
+    /// reader came.
+    pub lost: u64,
 }

@@ -129,7 +129,7 @@ pub fn router(node: SharedNode) -> Router {
             delete(detach),
         )
         .route(paths::METRICS, get(metrics_text))
-        .route("/v1/flows", get(flows))
+        .route(paths::FLOWS, get(flows))
         .route(paths::ENDPOINTS, get(list_endpoints).post(add_endpoint))
         .route(paths::ENDPOINT, get(get_endpoint).delete(delete_endpoint))
         .route(paths::ENDPOINTS_GC, post(gc_endpoints))
@@ -256,10 +256,8 @@ struct FlowsQuery {
 async fn flows(
     State(node): State<SharedNode>,
     axum::extract::Query(q): axum::extract::Query<FlowsQuery>,
-) -> ApiResult<serde_json::Value> {
-    let log = lock(&node).flows.clone();
-    let (flows, next) = log.since(q.since);
-    Ok(Json(serde_json::json!({ "flows": flows, "next": next })))
+) -> ApiResult<tapestry_api::types::FlowsResponse> {
+    Ok(Json(lock(&node).flows(q.since)?))
 }
 
 /// Serves the API on `socket` until the task is aborted.

@@ -3,112 +3,132 @@
 //! The datapath never waits for a reader: a full ring buffer drops the event and counts it
 //! (`events_lost`). The log here is bounded too, so a slow API client never holds memory.
 
-use std::{collections::VecDeque, net::Ipv4Addr, sync::Mutex};
+use std::{
+    collections::VecDeque,
+    net::Ipv4Addr,
+    sync::Mutex,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
-use serde::Serialize;
+use tapestry_api::types::FlowRecord;
 use tapestry_common::{DropReason, FlowEvent, event_kind};
 use tokio::io::unix::AsyncFd;
 
 /// Events kept for readers.
 pub const FLOW_LOG_CAPACITY: usize = 8192;
 
-/// A flow event, decoded.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Flow {
-    /// Monotonic nanoseconds (as the datapath saw it).
-    pub timestamp_ns: u64,
-    /// "new", "reselected" or "drop".
-    pub kind: String,
-    pub protocol: String,
-    pub src: String,
-    pub dst: String,
-    /// The backend chosen, for new flows.
-    pub backend: Option<String>,
-    pub service_id: u32,
-    pub backend_id: u32,
-    pub ifindex: u32,
-    pub drop_reason: Option<String>,
+fn addr(ip: u32, port: u16) -> String {
+    format!("{}:{}", Ipv4Addr::from(ip.to_ne_bytes()), u16::from_be(port))
 }
 
-impl Flow {
-    pub fn decode(e: &FlowEvent) -> Self {
-        let a = |ip: u32, port: u16| {
-            format!(
-                "{}:{}",
-                Ipv4Addr::from(ip.to_ne_bytes()),
-                u16::from_be(port)
-            )
-        };
-        let kind = match e.kind {
-            event_kind::NEW_FLOW => "new",
-            event_kind::RESELECTED => "reselected",
-            event_kind::DROP => "drop",
-            _ => "unknown",
-        };
-        Flow {
-            timestamp_ns: e.timestamp_ns,
-            kind: kind.into(),
-            protocol: match e.proto {
-                6 => "TCP".into(),
-                17 => "UDP".into(),
-                p => p.to_string(),
-            },
-            src: a(e.saddr, e.sport),
-            dst: a(e.daddr, e.dport),
-            backend: (e.nat_addr != 0).then(|| a(e.nat_addr, e.nat_port)),
-            service_id: e.service_id,
-            backend_id: e.backend_id,
-            ifindex: e.ifindex,
-            drop_reason: (e.kind == event_kind::DROP)
-                .then(|| DropReason::from_u32(e.reason).map(|r| r.name().to_owned()))
-                .flatten(),
+/// Decodes a datapath event; identities are filled in by the API from the node's knowledge.
+pub fn decode(e: &FlowEvent, seq: u64, now: SystemTime) -> FlowRecord {
+    let kind = match e.kind {
+        event_kind::NEW_FLOW => "new",
+        event_kind::RESELECTED => "reselected",
+        event_kind::DROP => "drop",
+        _ => "unknown",
+    };
+    let unix_ms = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    FlowRecord {
+        seq,
+        time: humantime_rfc3339(now),
+        unix_ms,
+        kind: kind.into(),
+        verdict: if e.kind == event_kind::DROP {
+            "dropped"
+        } else {
+            "forwarded"
         }
+        .into(),
+        protocol: match e.proto {
+            6 => "TCP".into(),
+            17 => "UDP".into(),
+            p => p.to_string(),
+        },
+        src: addr(e.saddr, e.sport),
+        dst: addr(e.daddr, e.dport),
+        backend: (e.nat_addr != 0).then(|| addr(e.nat_addr, e.nat_port)),
+        service: None,
+        src_identity: None,
+        dst_identity: None,
+        backend_identity: None,
+        drop_reason: (e.kind == event_kind::DROP)
+            .then(|| DropReason::from_u32(e.reason).map(|r| r.name().to_owned()))
+            .flatten(),
+        ifindex: e.ifindex,
+        service_id: e.service_id,
     }
+}
+
+/// RFC 3339 in UTC with milliseconds, without a date library.
+fn humantime_rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = if month <= 2 { y + 1 } else { y };
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
 }
 
 /// The last `FLOW_LOG_CAPACITY` events, with a sequence number so readers can follow.
 #[derive(Debug, Default)]
 pub struct FlowLog {
     inner: Mutex<FlowLogInner>,
-    notify: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
 struct FlowLogInner {
-    events: VecDeque<(u64, Flow)>,
+    events: VecDeque<FlowRecord>,
     next_seq: u64,
+    /// Events pushed out of the log before anyone read them.
+    overflowed: u64,
 }
 
 impl FlowLog {
-    pub fn push(&self, flow: Flow) {
-        let mut g = self.inner.lock().expect("flow log lock");
+    pub fn push(&self, e: &FlowEvent) {
+        let now = SystemTime::now();
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let seq = g.next_seq;
         g.next_seq += 1;
         if g.events.len() == FLOW_LOG_CAPACITY {
             g.events.pop_front();
+            g.overflowed += 1;
         }
-        g.events.push_back((seq, flow));
-        drop(g);
-        self.notify.notify_waiters();
+        g.events.push_back(decode(e, seq, now));
     }
 
-    /// Events with sequence >= `from`, and the sequence to ask for next.
-    pub fn since(&self, from: u64) -> (Vec<Flow>, u64) {
-        let g = self.inner.lock().expect("flow log lock");
+    /// Events with sequence >= `from`, the sequence to ask for next, and how many events were
+    /// pushed out of the log unread.
+    pub fn since(&self, from: u64) -> (Vec<FlowRecord>, u64, u64) {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let flows = g
             .events
             .iter()
-            .filter(|(s, _)| *s >= from)
-            .map(|(_, f)| f.clone())
+            .filter(|f| f.seq >= from)
+            .cloned()
             .collect();
-        (flows, g.next_seq)
-    }
-
-    pub async fn wait(&self) {
-        self.notify.notified().await
+        (flows, g.next_seq, g.overflowed)
     }
 }
 
@@ -126,9 +146,41 @@ pub async fn drain(ring: RingBuf<MapData>, log: std::sync::Arc<FlowLog>) -> Resu
                 // SAFETY: the datapath writes whole FlowEvents; the length was checked.
                 let e: FlowEvent =
                     unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEvent) };
-                log.push(Flow::decode(&e));
+                log.push(&e);
             }
         }
         guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_of_known_instants() {
+        let t = UNIX_EPOCH + std::time::Duration::from_millis(1_764_099_000_123);
+        assert_eq!(humantime_rfc3339(t), "2025-11-25T19:30:00.123Z");
+        assert_eq!(humantime_rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn the_log_is_bounded_and_counts_overflow() {
+        let log = FlowLog::default();
+        let e = FlowEvent {
+            kind: event_kind::DROP,
+            reason: DropReason::SpoofedIp as u32,
+            ..Default::default()
+        };
+        for _ in 0..FLOW_LOG_CAPACITY + 5 {
+            log.push(&e);
+        }
+        let (all, next, lost) = log.since(0);
+        assert_eq!(all.len(), FLOW_LOG_CAPACITY);
+        assert_eq!((next, lost), (FLOW_LOG_CAPACITY as u64 + 5, 5));
+        assert_eq!(all[0].drop_reason.as_deref(), Some("spoofed_ip"));
+        assert_eq!(all[0].verdict, "dropped");
+        let (newer, _, _) = log.since(next - 2);
+        assert_eq!(newer.len(), 2);
     }
 }

@@ -10,7 +10,10 @@ use anyhow::{Context, Result};
 use aya::maps::MapError;
 use tapestry_api::{
     state::{Algorithm, SessionAffinity},
-    types::{AttachmentInfo, BackendInfo, ConntrackEntry, MapFill, ServiceInfo, Status, Traffic},
+    types::{
+        AttachmentInfo, BackendInfo, ConntrackEntry, FlowsResponse, Identity, MapFill,
+        ServiceInfo, Status, Traffic,
+    },
 };
 use tapestry_common::{
     COUNTERS, Counter, CtEntry, CtKey, DROP_REASONS, DropReason, IPPROTO_TCP, MAX_AFFINITY,
@@ -273,6 +276,67 @@ impl Node {
             .collect();
         out.sort_by(|a, b| (&a.src, &a.dst).cmp(&(&b.src, &b.dst)));
         out
+    }
+
+    /// Who each known address is: endpoints registered on this node, then service backends
+    /// named in the desired state.
+    pub fn identities(&self) -> HashMap<Ipv4Addr, Identity> {
+        let mut ids = HashMap::new();
+        for (_, ps) in self.reconciler.services() {
+            if let Some(spec) = self.reconciler.spec(ps) {
+                for b in &spec.backends {
+                    if let Some(name) = &b.name {
+                        ids.entry(b.ip).or_insert_with(|| Identity {
+                            kind: b.kind.as_str().to_lowercase(),
+                            name: name.clone(),
+                            namespace: None,
+                        });
+                    }
+                }
+            }
+        }
+        for ep in self.endpoints.list(&self.datapath.maps) {
+            let r = &ep.request;
+            let Some(pod) = &r.pod else { continue };
+            for ip in &r.ips {
+                if let Some(Ok(addr)) = ip.split('/').next().map(str::parse::<Ipv4Addr>) {
+                    ids.insert(
+                        addr,
+                        Identity {
+                            kind: if r.vm.is_some() { "vm" } else { "pod" }.into(),
+                            name: pod.name.clone(),
+                            namespace: Some(pod.namespace.clone()),
+                        },
+                    );
+                }
+            }
+        }
+        ids
+    }
+
+    /// Flow events since `since`, with services and endpoints named.
+    pub fn flows(&self, since: u64) -> Result<FlowsResponse> {
+        let (mut flows, next, overflowed) = self.flows.since(since);
+        let names: HashMap<u32, String> = self
+            .reconciler
+            .services()
+            .filter_map(|(_, ps)| self.reconciler.spec(ps).map(|s| (ps.id, s.name.clone())))
+            .collect();
+        let ids = self.identities();
+        let who = |a: &str| {
+            a.rsplit_once(':')
+                .and_then(|(ip, _)| ip.parse::<Ipv4Addr>().ok())
+                .and_then(|ip| ids.get(&ip).cloned())
+        };
+        for f in &mut flows {
+            f.service = names.get(&f.service_id).cloned();
+            f.src_identity = who(&f.src);
+            f.dst_identity = who(&f.dst);
+            f.backend_identity = f.backend.as_deref().and_then(who);
+        }
+        let (counters, _) = self.counters()?;
+        let lost = counters.get(Counter::EventsLost.name()).copied().unwrap_or(0) + overflowed;
+        Ok(FlowsResponse { flows, next, lost })
     }
 
     /// Removes every conntrack entry: live flows are balanced anew on their next packet.
