@@ -20,7 +20,7 @@ need_root() {
 # --- Debian packages -----------------------------------------------------------------------
 DEB_PACKAGES=(
   iproute2 iptables nftables ethtool bpftool procps psmisc util-linux
-  # CNI and runtimes (CNI issue)
+  # CNI and runtimes
   containernetworking-plugins podman runc
   # guests under software emulation (CNI issue)
   qemu-system-x86 busybox-static cpio
@@ -87,9 +87,18 @@ mount_bpffs() {
   fi
 }
 
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+# Go comes with the machine image (Debian's golang-go is too old for the modules built here).
+command -v go >/dev/null || export PATH="$PATH:/usr/local/go/bin"
+command -v go >/dev/null || { echo "setup: Go >= 1.24 is needed (the image has it in /usr/local/go)" >&2; exit 1; }
+
 need_root
 install_packages
 install_rust
 install_bpf_linker
 mount_bpffs
+# Test parts built from the registries, each cached by version under $CACHE:
+# CNI reference plugins that speak 1.1.0 (STATUS, GC), and the QEMU guest's kernel + initramfs.
+"$ROOT/scripts/install-cni-plugins.sh" >/dev/null
+"$ROOT/scripts/build-guest.sh" >/dev/null
 log "ready"

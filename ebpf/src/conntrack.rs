@@ -46,10 +46,14 @@ pub fn flags_from_tcp(pkt: &Ipv4Packet) -> u8 {
 
 /// Refreshes `entry` for a packet seen now: at most once a second unless its flags change, so a
 /// busy flow does not write the shared entry on every packet.
+///
+/// # Safety
+/// `entry` must come from a successful conntrack lookup in this program run. Racing writers
+/// only ever move last_seen forward or add flags; a lost update costs a refresh, never
+/// correctness.
 #[inline(always)]
-pub fn touch(entry: *mut CtEntry, add_flags: u8, now: u64) {
-    // SAFETY: `entry` comes from a successful map lookup; racing writers only ever move
-    // last_seen forward or add flags, and a lost update costs a refresh, never correctness.
+pub unsafe fn touch(entry: *mut CtEntry, add_flags: u8, now: u64) {
+    // SAFETY: see the contract above.
     unsafe {
         let flags = (*entry).flags | add_flags;
         if flags != (*entry).flags

@@ -41,19 +41,35 @@ pub fn account(service_id: u32, backend_id: u32, bytes: u32, new_flow: bool) {
     add(BACKEND_STATS.get_ptr_mut(backend_id), bytes, new_flow);
 }
 
+/// What the datapath decided about a packet, for its flow event.
+pub struct Decision {
+    pub kind: u8,
+    /// `DropReason` for drops.
+    pub reason: u32,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub nat_addr: u32,
+    pub nat_port: u16,
+}
+
+impl Decision {
+    #[inline(always)]
+    pub fn drop(reason: DropReason, service_id: u32) -> Self {
+        Decision {
+            kind: tapestry_common::event_kind::DROP,
+            reason: reason as u32,
+            service_id,
+            backend_id: 0,
+            nat_addr: 0,
+            nat_port: 0,
+        }
+    }
+}
+
 /// Writes a flow event when flow events are on. A full ring buffer never stalls the datapath:
 /// the event is dropped and counted.
 #[inline(always)]
-pub fn emit(
-    ctx: &TcContext,
-    pkt: &Ipv4Packet,
-    kind: u8,
-    reason: u32,
-    service_id: u32,
-    backend_id: u32,
-    nat_addr: u32,
-    nat_port: u16,
-) {
+pub fn emit(ctx: &TcContext, pkt: &Ipv4Packet, d: &Decision) {
     if config().flags & config_flags::FLOW_EVENTS == 0 {
         return;
     }
@@ -63,15 +79,15 @@ pub fn emit(
         ifindex: crate::packet::ifindex(ctx),
         saddr: pkt.saddr,
         daddr: pkt.daddr,
-        nat_addr,
-        service_id,
-        backend_id,
+        nat_addr: d.nat_addr,
+        service_id: d.service_id,
+        backend_id: d.backend_id,
         sport: pkt.sport,
         dport: pkt.dport,
-        nat_port,
-        kind,
+        nat_port: d.nat_port,
+        kind: d.kind,
         proto: pkt.proto,
-        reason,
+        reason: d.reason,
         _pad: 0,
     };
     if EVENTS.output::<FlowEvent>(&event, 0).is_err() {

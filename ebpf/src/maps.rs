@@ -23,12 +23,10 @@ pub static LB_TABLES: HashMap<u32, LbTable> = HashMap::pinned(MAX_SERVICES, BPF_
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CONNTRACK, 0);
 
 #[map(name = "TAPESTRY_AFFINITY")]
-pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
-    LruHashMap::pinned(MAX_AFFINITY, 0);
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> = LruHashMap::pinned(MAX_AFFINITY, 0);
 
 #[map(name = "TAPESTRY_FRAGS")]
-pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
-    LruHashMap::pinned(MAX_FRAGMENTS, 0);
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> = LruHashMap::pinned(MAX_FRAGMENTS, 0);
 
 #[map(name = "TAPESTRY_CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);

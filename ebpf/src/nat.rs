@@ -67,7 +67,8 @@ pub fn rewrite_addr(
         Side::Source => IP_SADDR_OFF,
         Side::Destination => IP_DADDR_OFF,
     };
-    ctx.store(off, &new, 0).map_err(|_| DropReason::RewriteFailed)
+    ctx.store(off, &new, 0)
+        .map_err(|_| DropReason::RewriteFailed)
 }
 
 /// Rewrites the source or destination port (only for packets that carry the L4 header).
@@ -88,7 +89,8 @@ pub fn rewrite_port(
         Side::Source => pkt.l4_off,
         Side::Destination => pkt.l4_off + 2,
     };
-    ctx.store(off, &new, 0).map_err(|_| DropReason::RewriteFailed)
+    ctx.store(off, &new, 0)
+        .map_err(|_| DropReason::RewriteFailed)
 }
 
 /// Swaps the Ethernet addresses, to send a frame back out of the interface it came in on.
@@ -98,5 +100,6 @@ pub fn swap_macs(ctx: &TcContext) -> Result<(), DropReason> {
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&eth.src);
     macs[6..].copy_from_slice(&eth.dst);
-    ctx.store(0, &macs, 0).map_err(|_| DropReason::RewriteFailed)
+    ctx.store(0, &macs, 0)
+        .map_err(|_| DropReason::RewriteFailed)
 }

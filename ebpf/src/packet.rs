@@ -88,7 +88,12 @@ pub enum Parsed {
     /// Not IPv4 TCP/UDP, or too short to tell: never ours, passed untouched.
     NotOurs,
     /// IPv4 TCP/UDP whose L4 header is cut short; `ports` when at least they were readable.
-    Truncated { saddr: u32, daddr: u32, proto: u8, ports: Option<(u16, u16)> },
+    Truncated {
+        saddr: u32,
+        daddr: u32,
+        proto: u8,
+        ports: Option<(u16, u16)>,
+    },
     Packet(Ipv4Packet),
 }
 
@@ -133,7 +138,12 @@ pub fn parse(ctx: &TcContext) -> Parsed {
         return Parsed::Packet(pkt);
     }
     let Some(ports) = read::<[u16; 2]>(ctx, l4_off) else {
-        return Parsed::Truncated { saddr: ip.saddr, daddr: ip.daddr, proto, ports: None };
+        return Parsed::Truncated {
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            proto,
+            ports: None,
+        };
     };
     pkt.sport = ports[0];
     pkt.dport = ports[1];

@@ -2,8 +2,8 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use tapestry_common::{
-    AffinityEntry, AffinityKey, Backend, DropReason, LB_TABLE_SIZE, Service, ServiceKey,
-    algorithm, backend_state, service_flags,
+    AffinityEntry, AffinityKey, Backend, DropReason, LB_TABLE_SIZE, Service, ServiceKey, algorithm,
+    backend_state, service_flags,
 };
 
 use crate::{maps::*, packet::Ipv4Packet};
@@ -17,13 +17,13 @@ pub fn lb4_lookup_service(daddr: u32, dport: u16, proto: u8) -> Option<Service> 
         _pad: 0,
     };
     // SAFETY: the value is copied out at once; hash map values are RCU-protected.
-    unsafe { SERVICES.get(&key) }.copied()
+    unsafe { SERVICES.get(key) }.copied()
 }
 
 #[inline(always)]
 pub fn lb4_lookup_backend(id: u32) -> Option<Backend> {
     // SAFETY: copied out at once.
-    unsafe { BACKENDS.get(&id) }.copied()
+    unsafe { BACKENDS.get(id) }.copied()
 }
 
 /// Hash of the flow's 5-tuple for Maglev: the same flow always lands on the same table slot,
@@ -55,7 +55,9 @@ fn lb4_select_from_table(svc: &Service, pkt: &Ipv4Packet) -> Result<u32, DropRea
     // Lemire's multiply-shift instead of `%`: the verifier cannot bound a modulo, but it can
     // bound (u32 * N) >> 32 below N, so the table index is provably in range.
     let slot = ((hash as u64 * LB_TABLE_SIZE as u64) >> 32) as usize;
-    let table = LB_TABLES.get_ptr(&svc.id).ok_or(DropReason::BackendMissing)?;
+    let table = LB_TABLES
+        .get_ptr(svc.id)
+        .ok_or(DropReason::BackendMissing)?;
     // SAFETY: the pointer comes from a successful lookup; `slot` is below LB_TABLE_SIZE.
     let id = unsafe { (*table).backends.get(slot).copied() };
     id.ok_or(DropReason::BackendMissing)
@@ -76,24 +78,21 @@ pub fn lb4_select_backend(
     };
     if affinity {
         // SAFETY: copied out at once.
-        if let Some(a) = unsafe { AFFINITY.get(&akey) }.copied() {
-            let fresh = now.saturating_sub(a.last_used_ns) < svc.affinity_timeout_s as u64 * 1_000_000_000;
-            if fresh {
-                if let Some(b) = lb4_lookup_backend(a.backend_id) {
-                    if b.state == backend_state::ACTIVE {
-                        let _ = AFFINITY.insert(
-                            &akey,
-                            &AffinityEntry {
-                                backend_id: a.backend_id,
-                                _pad: 0,
-                                last_used_ns: now,
-                            },
-                            0,
-                        );
-                        return Ok((a.backend_id, b));
-                    }
-                }
-            }
+        if let Some(a) = unsafe { AFFINITY.get(akey) }.copied()
+            && now.saturating_sub(a.last_used_ns) < svc.affinity_timeout_s as u64 * 1_000_000_000
+            && let Some(b) = lb4_lookup_backend(a.backend_id)
+            && b.state == backend_state::ACTIVE
+        {
+            let _ = AFFINITY.insert(
+                akey,
+                AffinityEntry {
+                    backend_id: a.backend_id,
+                    _pad: 0,
+                    last_used_ns: now,
+                },
+                0,
+            );
+            return Ok((a.backend_id, b));
         }
     }
     let id = lb4_select_from_table(svc, pkt)?;
@@ -101,8 +100,8 @@ pub fn lb4_select_backend(
     if affinity {
         // Best effort: a lost affinity entry costs stickiness, never the packet.
         let _ = AFFINITY.insert(
-            &akey,
-            &AffinityEntry {
+            akey,
+            AffinityEntry {
                 backend_id: id,
                 _pad: 0,
                 last_used_ns: now,

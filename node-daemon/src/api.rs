@@ -38,7 +38,9 @@ impl From<EndpointError> for ApiError {
         match e {
             EndpointError::Invalid(m) => ApiError(StatusCode::BAD_REQUEST, m),
             EndpointError::NotFound(m) => ApiError(StatusCode::NOT_FOUND, m),
-            EndpointError::Internal(e) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+            EndpointError::Internal(e) => {
+                ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+            }
         }
     }
 }
@@ -95,7 +97,9 @@ async fn delete_endpoint(
 ) -> ApiResult<serde_json::Value> {
     with_node(&node, move |n| {
         let n = &mut *n;
-        let removed = n.endpoints.remove(&mut n.datapath, &container_id, &ifname)?;
+        let removed = n
+            .endpoints
+            .remove(&mut n.datapath, &container_id, &ifname)?;
         Ok(Json(serde_json::json!({ "removed": removed.is_some() })))
     })
     .await

@@ -41,10 +41,7 @@ pub const DEFAULT_LEASE_SECONDS: u32 = 86_400;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// A frame to send to the guest.
-    Reply {
-        frame: Vec<u8>,
-        kind: MessageType,
-    },
+    Reply { frame: Vec<u8>, kind: MessageType },
     /// The guest gave its address back.
     Released,
     /// Nothing to answer, and why.
@@ -81,7 +78,8 @@ pub fn handle(frame: &[u8], guest_mac: [u8; 6], server_mac: [u8; 6], cfg: &Lease
                 _ => msg.ciaddr(),
             };
             // A REQUEST for another server's offer names that server: not ours to answer.
-            if let Some(DhcpOption::ServerIdentifier(id)) = msg.opts().get(OptionCode::ServerIdentifier)
+            if let Some(DhcpOption::ServerIdentifier(id)) =
+                msg.opts().get(OptionCode::ServerIdentifier)
                 && *id != cfg.server_ip
             {
                 return Outcome::Ignored(format!("request for server {id}"));
@@ -131,7 +129,12 @@ fn prefix_mask(prefix: u8) -> Ipv4Addr {
     Ipv4Addr::from(bits)
 }
 
-fn build_reply(req: &Message, kind: MessageType, reply_kind: MessageType, cfg: &LeaseConfig) -> Message {
+fn build_reply(
+    req: &Message,
+    kind: MessageType,
+    reply_kind: MessageType,
+    cfg: &LeaseConfig,
+) -> Message {
     let mut m = Message::new_with_id(
         req.xid(),
         req.ciaddr(),
@@ -171,7 +174,10 @@ fn build_reply(req: &Message, kind: MessageType, reply_kind: MessageType, cfg: &
     if let Some(gw) = cfg.gateway.filter(|_| gateway_off_link) {
         // A routed primary (Calico style) gives the pod a /32 and a gateway outside it: the
         // guest needs an on-link route to the gateway first (RFC 3442, router 0.0.0.0).
-        routes.insert(0, (Ipv4Net::new(gw, 32).expect("/32"), Ipv4Addr::UNSPECIFIED));
+        routes.insert(
+            0,
+            (Ipv4Net::new(gw, 32).expect("/32"), Ipv4Addr::UNSPECIFIED),
+        );
     }
     if !routes.is_empty() {
         // RFC 3442: a client that gets option 121 ignores option 3, so the default route
@@ -193,7 +199,7 @@ fn build_reply(req: &Message, kind: MessageType, reply_kind: MessageType, cfg: &
         .filter_map(|s| s.parse::<Name>().ok())
         .collect();
     if !search.is_empty() {
-        opts.insert(DhcpOption::DomainSearch(search.into_iter().map(Into::into).collect()));
+        opts.insert(DhcpOption::DomainSearch(search));
     }
     opts.insert(DhcpOption::InterfaceMtu(cfg.mtu));
     if let Some(h) = &cfg.hostname {
@@ -225,8 +231,20 @@ mod tests {
         }
     }
 
-    fn request_frame(kind: MessageType, mac: [u8; 6], requested: Option<Ipv4Addr>, ciaddr: Ipv4Addr) -> Vec<u8> {
-        let mut m = Message::new_with_id(0x1234, ciaddr, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &mac);
+    fn request_frame(
+        kind: MessageType,
+        mac: [u8; 6],
+        requested: Option<Ipv4Addr>,
+        ciaddr: Ipv4Addr,
+    ) -> Vec<u8> {
+        let mut m = Message::new_with_id(
+            0x1234,
+            ciaddr,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            &mac,
+        );
         m.opts_mut().insert(DhcpOption::MessageType(kind));
         if let Some(ip) = requested {
             m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
@@ -244,17 +262,31 @@ mod tests {
 
     fn decode_reply(frame: &[u8]) -> (Ipv4Addr, Message) {
         let p = SlicedPacket::from_ethernet(frame).unwrap();
-        let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!() };
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+            panic!()
+        };
         let dst = ip.header().destination_addr();
-        let Some(TransportSlice::Udp(u)) = p.transport else { panic!() };
+        let Some(TransportSlice::Udp(u)) = p.transport else {
+            panic!()
+        };
         assert_eq!((u.source_port(), u.destination_port()), (67, 68));
-        (dst, Message::decode(&mut Decoder::new(u.payload())).unwrap())
+        (
+            dst,
+            Message::decode(&mut Decoder::new(u.payload())).unwrap(),
+        )
     }
 
     #[test]
     fn discover_gets_an_offer_with_the_pods_configuration() {
-        let out = handle(&request_frame(MessageType::Discover, GUEST, None, Ipv4Addr::UNSPECIFIED), GUEST, SERVER, &cfg());
-        let Outcome::Reply { frame, kind } = out else { panic!("{out:?}") };
+        let out = handle(
+            &request_frame(MessageType::Discover, GUEST, None, Ipv4Addr::UNSPECIFIED),
+            GUEST,
+            SERVER,
+            &cfg(),
+        );
+        let Outcome::Reply { frame, kind } = out else {
+            panic!("{out:?}")
+        };
         assert_eq!(kind, MessageType::Offer);
         assert_eq!(&frame[..6], &GUEST);
         let (dst, m) = decode_reply(&frame);
@@ -262,29 +294,97 @@ mod tests {
         assert_eq!(m.xid(), 0x1234);
         assert_eq!(m.yiaddr(), Ipv4Addr::new(10, 22, 0, 5));
         let o = m.opts();
-        assert_eq!(o.get(OptionCode::SubnetMask), Some(&DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 0, 0))));
-        assert_eq!(o.get(OptionCode::Router), Some(&DhcpOption::Router(vec![Ipv4Addr::new(10, 22, 0, 1)])));
-        assert_eq!(o.get(OptionCode::InterfaceMtu), Some(&DhcpOption::InterfaceMtu(1450)));
-        assert_eq!(o.get(OptionCode::Hostname), Some(&DhcpOption::Hostname("vm-1".into())));
-        assert_eq!(o.get(OptionCode::DomainNameServer), Some(&DhcpOption::DomainNameServer(vec![Ipv4Addr::new(10, 96, 0, 10)])));
-        assert!(matches!(o.get(OptionCode::DomainSearch), Some(DhcpOption::DomainSearch(v)) if v.len() == 2));
-        assert_eq!(o.get(OptionCode::ServerIdentifier), Some(&DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 22, 0, 1))));
+        assert_eq!(
+            o.get(OptionCode::SubnetMask),
+            Some(&DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 0, 0)))
+        );
+        assert_eq!(
+            o.get(OptionCode::Router),
+            Some(&DhcpOption::Router(vec![Ipv4Addr::new(10, 22, 0, 1)]))
+        );
+        assert_eq!(
+            o.get(OptionCode::InterfaceMtu),
+            Some(&DhcpOption::InterfaceMtu(1450))
+        );
+        assert_eq!(
+            o.get(OptionCode::Hostname),
+            Some(&DhcpOption::Hostname("vm-1".into()))
+        );
+        assert_eq!(
+            o.get(OptionCode::DomainNameServer),
+            Some(&DhcpOption::DomainNameServer(vec![Ipv4Addr::new(
+                10, 96, 0, 10
+            )]))
+        );
+        assert!(
+            matches!(o.get(OptionCode::DomainSearch), Some(DhcpOption::DomainSearch(v)) if v.len() == 2)
+        );
+        assert_eq!(
+            o.get(OptionCode::ServerIdentifier),
+            Some(&DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 22, 0, 1)))
+        );
     }
 
     #[test]
     fn request_for_the_pod_ip_is_acked_and_any_other_is_naked() {
-        let ok = handle(&request_frame(MessageType::Request, GUEST, Some(Ipv4Addr::new(10, 22, 0, 5)), Ipv4Addr::UNSPECIFIED), GUEST, SERVER, &cfg());
-        assert!(matches!(ok, Outcome::Reply { kind: MessageType::Ack, .. }), "{ok:?}");
-        let bad = handle(&request_frame(MessageType::Request, GUEST, Some(Ipv4Addr::new(10, 22, 0, 9)), Ipv4Addr::UNSPECIFIED), GUEST, SERVER, &cfg());
-        let Outcome::Reply { frame, kind: MessageType::Nak } = bad else { panic!("{bad:?}") };
+        let ok = handle(
+            &request_frame(
+                MessageType::Request,
+                GUEST,
+                Some(Ipv4Addr::new(10, 22, 0, 5)),
+                Ipv4Addr::UNSPECIFIED,
+            ),
+            GUEST,
+            SERVER,
+            &cfg(),
+        );
+        assert!(
+            matches!(
+                ok,
+                Outcome::Reply {
+                    kind: MessageType::Ack,
+                    ..
+                }
+            ),
+            "{ok:?}"
+        );
+        let bad = handle(
+            &request_frame(
+                MessageType::Request,
+                GUEST,
+                Some(Ipv4Addr::new(10, 22, 0, 9)),
+                Ipv4Addr::UNSPECIFIED,
+            ),
+            GUEST,
+            SERVER,
+            &cfg(),
+        );
+        let Outcome::Reply {
+            frame,
+            kind: MessageType::Nak,
+        } = bad
+        else {
+            panic!("{bad:?}")
+        };
         assert_eq!(decode_reply(&frame).1.yiaddr(), Ipv4Addr::UNSPECIFIED);
     }
 
     #[test]
     fn renewal_is_unicast_to_the_client() {
         let ip = Ipv4Addr::new(10, 22, 0, 5);
-        let out = handle(&request_frame(MessageType::Request, GUEST, None, ip), GUEST, SERVER, &cfg());
-        let Outcome::Reply { frame, kind: MessageType::Ack } = out else { panic!("{out:?}") };
+        let out = handle(
+            &request_frame(MessageType::Request, GUEST, None, ip),
+            GUEST,
+            SERVER,
+            &cfg(),
+        );
+        let Outcome::Reply {
+            frame,
+            kind: MessageType::Ack,
+        } = out
+        else {
+            panic!("{out:?}")
+        };
         assert_eq!(decode_reply(&frame).0, ip);
     }
 
@@ -292,10 +392,21 @@ mod tests {
     fn classless_routes_carry_the_default_route_too() {
         let mut c = cfg();
         c.routes = vec![("10.96.0.0/12".parse().unwrap(), Ipv4Addr::new(10, 22, 0, 1))];
-        let out = handle(&request_frame(MessageType::Discover, GUEST, None, Ipv4Addr::UNSPECIFIED), GUEST, SERVER, &c);
-        let Outcome::Reply { frame, .. } = out else { panic!() };
+        let out = handle(
+            &request_frame(MessageType::Discover, GUEST, None, Ipv4Addr::UNSPECIFIED),
+            GUEST,
+            SERVER,
+            &c,
+        );
+        let Outcome::Reply { frame, .. } = out else {
+            panic!()
+        };
         let m = decode_reply(&frame).1;
-        let Some(DhcpOption::ClasslessStaticRoute(r)) = m.opts().get(OptionCode::ClasslessStaticRoute) else { panic!() };
+        let Some(DhcpOption::ClasslessStaticRoute(r)) =
+            m.opts().get(OptionCode::ClasslessStaticRoute)
+        else {
+            panic!()
+        };
         assert_eq!(r.len(), 2);
         assert!(r.iter().any(|(net, _)| net.prefix_len() == 0));
     }
@@ -305,19 +416,57 @@ mod tests {
         let mut c = cfg();
         c.prefix = 32;
         c.gateway = Some(Ipv4Addr::new(169, 254, 1, 1));
-        let out = handle(&request_frame(MessageType::Discover, GUEST, None, Ipv4Addr::UNSPECIFIED), GUEST, SERVER, &c);
-        let Outcome::Reply { frame, .. } = out else { panic!() };
+        let out = handle(
+            &request_frame(MessageType::Discover, GUEST, None, Ipv4Addr::UNSPECIFIED),
+            GUEST,
+            SERVER,
+            &c,
+        );
+        let Outcome::Reply { frame, .. } = out else {
+            panic!()
+        };
         let m = decode_reply(&frame).1;
-        let Some(DhcpOption::ClasslessStaticRoute(r)) = m.opts().get(OptionCode::ClasslessStaticRoute) else { panic!("no routes") };
-        assert_eq!(r[0], ("169.254.1.1/32".parse().unwrap(), Ipv4Addr::UNSPECIFIED));
+        let Some(DhcpOption::ClasslessStaticRoute(r)) =
+            m.opts().get(OptionCode::ClasslessStaticRoute)
+        else {
+            panic!("no routes")
+        };
+        assert_eq!(
+            r[0],
+            ("169.254.1.1/32".parse().unwrap(), Ipv4Addr::UNSPECIFIED)
+        );
         assert_eq!(r[1], (Ipv4Net::default(), Ipv4Addr::new(169, 254, 1, 1)));
     }
 
     #[test]
     fn release_foreign_clients_and_garbage() {
-        assert_eq!(handle(&request_frame(MessageType::Release, GUEST, None, Ipv4Addr::new(10, 22, 0, 5)), GUEST, SERVER, &cfg()), Outcome::Released);
+        assert_eq!(
+            handle(
+                &request_frame(
+                    MessageType::Release,
+                    GUEST,
+                    None,
+                    Ipv4Addr::new(10, 22, 0, 5)
+                ),
+                GUEST,
+                SERVER,
+                &cfg()
+            ),
+            Outcome::Released
+        );
         let other = [0x02, 1, 2, 3, 4, 5];
-        assert!(matches!(handle(&request_frame(MessageType::Discover, other, None, Ipv4Addr::UNSPECIFIED), GUEST, SERVER, &cfg()), Outcome::Ignored(_)));
-        assert!(matches!(handle(&[0u8; 30], GUEST, SERVER, &cfg()), Outcome::Ignored(_)));
+        assert!(matches!(
+            handle(
+                &request_frame(MessageType::Discover, other, None, Ipv4Addr::UNSPECIFIED),
+                GUEST,
+                SERVER,
+                &cfg()
+            ),
+            Outcome::Ignored(_)
+        ));
+        assert!(matches!(
+            handle(&[0u8; 30], GUEST, SERVER, &cfg()),
+            Outcome::Ignored(_)
+        ));
     }
 }

@@ -207,7 +207,10 @@ impl Endpoints {
         for p in persisted.endpoints {
             let key = format!("{}/{}", p.request.container_id, p.request.ifname);
             if !Path::new(&p.request.netns).exists() {
-                info!(endpoint = key, "pod gone while the daemon was down; forgetting it");
+                info!(
+                    endpoint = key,
+                    "pod gone while the daemon was down; forgetting it"
+                );
                 continue;
             }
             match self.establish(datapath, p.request, p.slot) {
@@ -408,7 +411,10 @@ impl Endpoints {
         } else if stats.dhcp > 0 {
             ("Attached", "DHCP in progress".into())
         } else {
-            ("Attached", "no traffic from the guest yet (is the VM running?)".into())
+            (
+                "Attached",
+                "no traffic from the guest yet (is the VM running?)".into(),
+            )
         }
     }
 
@@ -498,11 +504,17 @@ impl Endpoints {
             }
             Outcome::Released => {
                 g.bound = false;
-                info!(container = ep.request.container_id, "guest released its address");
+                info!(
+                    container = ep.request.container_id,
+                    "guest released its address"
+                );
                 let _ = self.persist();
             }
             Outcome::Ignored(why) => {
-                debug!(container = ep.request.container_id, why, "DHCP message ignored")
+                debug!(
+                    container = ep.request.container_id,
+                    why, "DHCP message ignored"
+                )
             }
         }
     }

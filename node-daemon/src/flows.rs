@@ -20,7 +20,11 @@ use tokio::io::unix::AsyncFd;
 pub const FLOW_LOG_CAPACITY: usize = 8192;
 
 fn addr(ip: u32, port: u16) -> String {
-    format!("{}:{}", Ipv4Addr::from(ip.to_ne_bytes()), u16::from_be(port))
+    format!(
+        "{}:{}",
+        Ipv4Addr::from(ip.to_ne_bytes()),
+        u16::from_be(port)
+    )
 }
 
 /// Decodes a datapath event; identities are filled in by the API from the node's knowledge.
@@ -122,12 +126,7 @@ impl FlowLog {
     /// pushed out of the log unread.
     pub fn since(&self, from: u64) -> (Vec<FlowRecord>, u64, u64) {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let flows = g
-            .events
-            .iter()
-            .filter(|f| f.seq >= from)
-            .cloned()
-            .collect();
+        let flows = g.events.iter().filter(|f| f.seq >= from).cloned().collect();
         (flows, g.next_seq, g.overflowed)
     }
 }

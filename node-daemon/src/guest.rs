@@ -22,8 +22,7 @@ use tapestry_common::{guest_globals, program_names};
 use crate::netns;
 
 /// The compiled guest programs (built by build.rs from `ebpf/`).
-pub static OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapestry-guest"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapestry-guest"));
 
 /// What the programs are specialised with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,11 +145,7 @@ pub fn pinned_slots(pin_dir: &Path) -> Vec<u32> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix("guest-")?
-                .split('-')
-                .next()?
-                .parse()
-                .ok()
+            name.strip_prefix("guest-")?.split('-').next()?.parse().ok()
         })
         .collect();
     slots.sort_unstable();

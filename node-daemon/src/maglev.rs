@@ -84,7 +84,11 @@ pub fn maglev_table(backends: &[TableBackend]) -> LbTable {
     let mut next = vec![0u64; sorted.len()];
     let mut owner = vec![u32::MAX; LB_TABLE_SIZE];
     let mut filled = 0;
-    let w_max = sorted.iter().map(|b| b.weight.max(1) as u64).max().unwrap_or(1);
+    let w_max = sorted
+        .iter()
+        .map(|b| b.weight.max(1) as u64)
+        .max()
+        .unwrap_or(1);
     // Weighted turns: in round n a backend of weight w takes a turn when floor(n*w/w_max)
     // grows, so the heaviest take one every round and the others proportionally fewer. Rounds
     // stay short whatever the weights add up to (a plain "w turns per round" would let the first

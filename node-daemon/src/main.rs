@@ -192,7 +192,8 @@ async fn run(args: Args) -> Result<()> {
 /// Answers the guests' DHCP, queued by the guest programs.
 async fn serve_dhcp(ring: aya::maps::RingBuf<aya::maps::MapData>, node: SharedNode) -> Result<()> {
     // SAFETY: the RingBuf owns its fd and moves into the AsyncFd.
-    let mut fd = unsafe { tokio::io::unix::AsyncFd::register(ring) }.context("polling the DHCP queue")?;
+    let mut fd =
+        unsafe { tokio::io::unix::AsyncFd::register(ring) }.context("polling the DHCP queue")?;
     loop {
         let mut guard = fd.readable_mut().await?;
         let ring = guard.get_inner_mut();
@@ -201,7 +202,10 @@ async fn serve_dhcp(ring: aya::maps::RingBuf<aya::maps::MapData>, node: SharedNo
                 // SAFETY: the guest program writes whole DhcpFrames; the length was checked.
                 let frame: DhcpFrame =
                     unsafe { std::ptr::read_unaligned(item.as_ptr() as *const DhcpFrame) };
-                node.lock().unwrap_or_else(|p| p.into_inner()).endpoints.handle_dhcp(&frame);
+                node.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .endpoints
+                    .handle_dhcp(&frame);
             }
         }
         guard.clear_ready();

@@ -11,8 +11,8 @@ use aya::maps::MapError;
 use tapestry_api::{
     state::{Algorithm, SessionAffinity},
     types::{
-        AttachmentInfo, BackendInfo, ConntrackEntry, FlowsResponse, Identity, MapFill,
-        ServiceInfo, Status, Traffic,
+        AttachmentInfo, BackendInfo, ConntrackEntry, FlowsResponse, Identity, MapFill, ServiceInfo,
+        Status, Traffic,
     },
 };
 use tapestry_common::{
@@ -335,7 +335,11 @@ impl Node {
             f.backend_identity = f.backend.as_deref().and_then(who);
         }
         let (counters, _) = self.counters()?;
-        let lost = counters.get(Counter::EventsLost.name()).copied().unwrap_or(0) + overflowed;
+        let lost = counters
+            .get(Counter::EventsLost.name())
+            .copied()
+            .unwrap_or(0)
+            + overflowed;
         Ok(FlowsResponse { flows, next, lost })
     }
 

@@ -23,8 +23,8 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{MapError, PerCpuValues};
 use tapestry_api::state::{Algorithm, DesiredState, Protocol, ServiceSpec, SessionAffinity};
 use tapestry_common::{
-    AffinityKey, Backend, IPPROTO_TCP, IPPROTO_UDP, LB_TABLE_SIZE, LbTable, MAX_BACKENDS, MAX_SERVICES, Service,
-    ServiceKey, TrafficStats, algorithm, backend_state, service_flags,
+    AffinityKey, Backend, IPPROTO_TCP, IPPROTO_UDP, LB_TABLE_SIZE, LbTable, MAX_BACKENDS,
+    MAX_SERVICES, Service, ServiceKey, TrafficStats, algorithm, backend_state, service_flags,
 };
 use tracing::{debug, info};
 
@@ -473,7 +473,12 @@ fn check_capacity(desired: &DesiredState) -> Result<()> {
                 svc.name
             );
         }
-        let min = svc.backends.iter().filter(|b| !b.terminating).map(|b| b.weight as u64).min();
+        let min = svc
+            .backends
+            .iter()
+            .filter(|b| !b.terminating)
+            .map(|b| b.weight as u64)
+            .min();
         if let Some(min) = min
             && min * LB_TABLE_SIZE as u64 / weight.max(1) == 0
         {

@@ -63,7 +63,10 @@
 //! ```
 
 pub mod cmd;
+pub mod cni;
 pub mod daemon;
+pub mod guest;
+pub mod k8s;
 pub mod lab;
 pub mod net;
 pub mod netns;

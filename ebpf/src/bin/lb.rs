@@ -16,7 +16,7 @@ use tapestry_common::{
 };
 use tapestry_ebpf::{
     conntrack,
-    events::{account, count, count_drop, emit},
+    events::{Decision, account, count, count_drop, emit},
     maps::{FRAGMENTS, config},
     nat::{Side, rewrite_addr, rewrite_port, swap_macs},
     packet::{self, Ipv4Packet, Parsed, TCP_ACK, TCP_SYN, ifindex},
@@ -59,7 +59,7 @@ fn from_endpoint(ctx: &TcContext) -> i32 {
     };
     if pkt.later_fragment {
         // SAFETY: copied out at once.
-        match unsafe { FRAGMENTS.get(&fragment_key(&pkt)) }.copied() {
+        match unsafe { FRAGMENTS.get(fragment_key(&pkt)) }.copied() {
             Some(ports) => {
                 pkt.sport = ports.sport;
                 pkt.dport = ports.dport;
@@ -89,7 +89,7 @@ fn pass() -> i32 {
 #[inline(always)]
 fn drop(ctx: &TcContext, pkt: &Ipv4Packet, reason: DropReason, service_id: u32) -> i32 {
     count_drop(reason);
-    emit(ctx, pkt, event_kind::DROP, reason as u32, service_id, 0, 0, 0);
+    emit(ctx, pkt, &Decision::drop(reason, service_id));
     verdict::DROP
 }
 
@@ -118,7 +118,7 @@ fn remember_fragment(pkt: &Ipv4Packet) {
             sport: pkt.sport,
             dport: pkt.dport,
         };
-        let _ = FRAGMENTS.insert(&fragment_key(pkt), &ports, 0);
+        let _ = FRAGMENTS.insert(fragment_key(pkt), ports, 0);
     }
 }
 
@@ -156,7 +156,8 @@ fn lb4_forward(ctx: &TcContext, pkt: &Ipv4Packet, svc: &Service) -> Result<i32, 
             match lb4_lookup_backend(e.backend_id) {
                 // Same id and same address: the flow's backend still exists (active or draining).
                 Some(b) if b.ip == e.nat_addr && b.port == e.nat_port => {
-                    conntrack::touch(entry, conntrack::flags_from_tcp(pkt), now);
+                    // SAFETY: `entry` comes from the lookup above.
+                    unsafe { conntrack::touch(entry, conntrack::flags_from_tcp(pkt), now) };
                     new_flow = false;
                     chosen = Some((e.backend_id, b, e.flags & ct_flags::HAIRPIN));
                 }
@@ -209,16 +210,7 @@ fn lb4_no_backend(
         return Err(DropReason::NoBackend);
     }
     count_drop(DropReason::NoBackend);
-    emit(
-        ctx,
-        pkt,
-        event_kind::DROP,
-        DropReason::NoBackend as u32,
-        svc.id,
-        0,
-        0,
-        0,
-    );
+    emit(ctx, pkt, &Decision::drop(DropReason::NoBackend, svc.id));
     lb4_reject(ctx, pkt)
 }
 
@@ -286,12 +278,14 @@ fn lb4_new_flow(
     emit(
         ctx,
         pkt,
-        kind,
-        0,
-        svc.id,
-        backend_id,
-        backend.ip,
-        backend.port,
+        &Decision {
+            kind,
+            reason: 0,
+            service_id: svc.id,
+            backend_id,
+            nat_addr: backend.ip,
+            nat_port: backend.port,
+        },
     );
     Ok((backend_id, backend, hairpin))
 }
@@ -310,11 +304,14 @@ fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Option<i32>, DropReaso
     if conntrack::is_expired(&e, pkt.proto, now) {
         return Ok(None);
     }
-    conntrack::touch(
-        entry,
-        conntrack::flags_from_tcp(pkt) | ct_flags::SEEN_REPLY,
-        now,
-    );
+    // SAFETY: `entry` comes from the lookup above.
+    unsafe {
+        conntrack::touch(
+            entry,
+            conntrack::flags_from_tcp(pkt) | ct_flags::SEEN_REPLY,
+            now,
+        )
+    };
     let hairpin = e.flags & ct_flags::HAIRPIN != 0;
     if e.flags & ct_flags::SEEN_REPLY == 0 {
         // First reply: the forward entry moves from the SYN lifetime to the established one.
@@ -328,7 +325,8 @@ fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Option<i32>, DropReaso
             _pad: [0; 2],
         };
         if let Some(f) = conntrack::lookup(&fkey) {
-            conntrack::touch(f, ct_flags::SEEN_REPLY, now);
+            // SAFETY: `f` comes from the lookup just above.
+            unsafe { conntrack::touch(f, ct_flags::SEEN_REPLY, now) };
         }
     }
     remember_fragment(pkt);
