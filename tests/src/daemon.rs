@@ -172,7 +172,10 @@ impl Daemon {
                 return Ok(s);
             }
             if Instant::now() > deadline {
-                bail!("condition not met in {timeout:?}; last status: {:?}", self.status().ok());
+                bail!(
+                    "condition not met in {timeout:?}; last status: {:?}",
+                    self.status().ok()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -738,7 +738,14 @@ impl Registry {
         // Lab addresses never leave the machine: pods have /32 routes, which win; a VIP the
         // datapath did not rewrite (a bug, or nothing attached) hits this instead of the host's
         // default route.
-        ip(&["route", "replace", "unreachable", LAB_SUPERNET, "metric", "4242"])?;
+        ip(&[
+            "route",
+            "replace",
+            "unreachable",
+            LAB_SUPERNET,
+            "metric",
+            "4242",
+        ])?;
         Ok(())
     }
 
@@ -751,7 +758,14 @@ impl Registry {
         if others || !saved.exists() {
             return Ok(());
         }
-        let _ = ip(&["route", "del", "unreachable", LAB_SUPERNET, "metric", "4242"]);
+        let _ = ip(&[
+            "route",
+            "del",
+            "unreachable",
+            LAB_SUPERNET,
+            "metric",
+            "4242",
+        ]);
         let text = fs::read_to_string(&saved)?;
         for line in text.lines() {
             if let Some((key, value)) = line.split_once('=') {

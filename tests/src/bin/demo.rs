@@ -63,7 +63,12 @@ fn run(args: Args) -> Result<()> {
     let vip = lab.service_ip(0);
     println!("  {:<8} {:<15} {:<16}", "pod", "IP", "host interface");
     for p in lab.pods() {
-        println!("  {:<8} {:<15} {:<16}", p.name, p.ip.to_string(), p.host_ifname);
+        println!(
+            "  {:<8} {:<15} {:<16}",
+            p.name,
+            p.ip.to_string(),
+            p.host_ifname
+        );
     }
     println!("  Service web: {vip}:80/TCP -> the three web pods on port 8080");
 
@@ -88,7 +93,10 @@ fn run(args: Args) -> Result<()> {
         daemon.status()?.attachments.len()
     );
 
-    heading(&format!("3. {} requests from the client to {vip}:80", args.requests));
+    heading(&format!(
+        "3. {} requests from the client to {vip}:80",
+        args.requests
+    ));
     let addr = SocketAddrV4::new(vip, 80);
     let mut tally = BTreeMap::new();
     for i in 1..=args.requests {
@@ -146,7 +154,10 @@ fn run(args: Args) -> Result<()> {
         });
         fs::write(RECORD, serde_json::to_vec_pretty(&record)?)?;
         heading("Left running");
-        println!("  client pod:   nsenter --net={} sh", client.netns_path.display());
+        println!(
+            "  client pod:   nsenter --net={} sh",
+            client.netns_path.display()
+        );
         println!(
             "  the service:  curl --unix-socket {} http://x/v1/services",
             daemon.socket.display()
@@ -214,6 +225,13 @@ fn cleanup() -> Result<()> {
         fs::remove_file(RECORD)?;
     }
     let removed = tapestry_tests::cleanup_labs(true)?;
-    println!("removed: {}", if removed.is_empty() { "nothing".into() } else { removed.join(", ") });
+    println!(
+        "removed: {}",
+        if removed.is_empty() {
+            "nothing".into()
+        } else {
+            removed.join(", ")
+        }
+    );
     Ok(())
 }

@@ -1,0 +1,413 @@
+//! VM pods: which pods are, and what their guest is handed.
+//!
+//! A guest owns the pod's IP and MAC. The plugin gives it a tap and tells the daemon the
+//! guest's address, gateway, routes, DNS and hostname, which the daemon serves over DHCP.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnetwork::IpNetwork;
+use tapestry_api::types::{DnsConfig, RouteSpec, VmAttachment};
+
+use crate::{
+    args::CniArgs,
+    config::NetConf,
+    error::{CniError, Result},
+    interface::PodRoute,
+    names::{KUBEVIRT_DOMAIN_ANNOTATION, VM_ANNOTATION, VM_ARG},
+    version::{CniResult, IpConfig},
+};
+
+/// Why a pod is a VM pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmSource {
+    /// `vm.enabled` in the network config: a network for VMs only.
+    Network,
+    /// `TAPESTRY_VM=true` in CNI_ARGS.
+    CniArgs,
+    /// The pod annotation `tapestry.dev/vm: "true"`.
+    Annotation,
+    /// A KubeVirt virt-launcher pod (`kubevirt.io/domain`).
+    KubeVirt,
+}
+
+impl VmSource {
+    pub fn describe(self) -> String {
+        match self {
+            VmSource::Network => "vm.enabled in the network config".into(),
+            VmSource::CniArgs => format!("{VM_ARG}=true in CNI_ARGS"),
+            VmSource::Annotation => format!("pod annotation {VM_ANNOTATION}"),
+            VmSource::KubeVirt => format!("pod annotation {KUBEVIRT_DOMAIN_ANNOTATION}"),
+        }
+    }
+}
+
+/// Decides whether this pod is a VM pod. An explicit `tapestry.dev/vm: "false"` keeps a
+/// KubeVirt pod out (one that uses another binding), but not on a VM-only network.
+pub fn select(conf: &NetConf, args: &CniArgs) -> Option<VmSource> {
+    if conf.vm.enabled {
+        return Some(VmSource::Network);
+    }
+    if args.vm {
+        return Some(VmSource::CniArgs);
+    }
+    let annotations = &conf.runtime_config.pod_annotations;
+    match annotations
+        .get(VM_ANNOTATION)
+        .map(|v| v.trim().to_ascii_lowercase())
+    {
+        Some(v) if v == "true" => return Some(VmSource::Annotation),
+        Some(v) if v == "false" => return None,
+        _ => {}
+    }
+    annotations
+        .contains_key(KUBEVIRT_DOMAIN_ANNOTATION)
+        .then_some(VmSource::KubeVirt)
+}
+
+/// The guest's hostname: KubeVirt names the guest after the VMI (the annotation's value), not
+/// after the virt-launcher pod; other VM pods use the pod name.
+pub fn hostname(conf: &NetConf, args: &CniArgs) -> Option<String> {
+    conf.runtime_config
+        .pod_annotations
+        .get(KUBEVIRT_DOMAIN_ANNOTATION)
+        .filter(|v| !v.is_empty())
+        .cloned()
+        .or_else(|| args.pod_name.clone())
+}
+
+/// The facts about the pod that the guest takes over.
+pub struct GuestInputs<'a> {
+    pub tap: &'a str,
+    pub mac: &'a str,
+    pub mtu: u32,
+    pub queues: u32,
+    pub hostname: Option<String>,
+    pub pod_ips: &'a [&'a IpConfig],
+    pub prev: &'a CniResult,
+    pub conf: &'a NetConf,
+    /// The routes the primary set up in the pod (read before the pod interface gave up its
+    /// address): they tell whether the pod's subnet is on-link (a bridge) or routed through
+    /// the gateway (ptp, Calico), and the guest must see the same.
+    pub pod_routes: &'a [PodRoute],
+}
+
+/// The guest's IPv4 address and gateway: the first IPv4 address the primary gave the pod.
+pub fn guest_ipv4(pod_ips: &[&IpConfig]) -> Option<(IpNetwork, Option<Ipv4Addr>)> {
+    pod_ips.iter().find_map(|ip| {
+        let net = ip.network();
+        net.is_ipv4().then(|| {
+            let gw = match ip.gateway {
+                Some(IpAddr::V4(gw)) => Some(gw),
+                _ => None,
+            };
+            (net, gw)
+        })
+    })
+}
+
+pub fn attachment(inputs: GuestInputs<'_>) -> Result<VmAttachment> {
+    let Some((mut guest_ip, _)) = guest_ipv4(inputs.pod_ips) else {
+        return Err(CniError::InvalidConfig(
+            "prevResult gives the pod interface no IPv4 address; a VM guest takes the pod's \
+             IPv4 address over DHCP, so the primary plugin must assign one"
+                .into(),
+        ));
+    };
+    let mut routes = routes(inputs.prev);
+    // A subnet the primary routes through the gateway (ptp, Calico) is not on-link for the
+    // guest either: it gets a /32 and the routes, so it sends everything to the gateway as the
+    // pod did. On a bridge the subnet stays on-link.
+    if let IpNetwork::V4(net) = guest_ip {
+        let routed_subnet = inputs.pod_routes.iter().find(|r| {
+            r.gw.is_some() && r.prefix == net.prefix() && r.dst == net.network() && r.prefix < 32
+        });
+        if let Some(r) = routed_subnet {
+            guest_ip =
+                IpNetwork::V4(ipnetwork::Ipv4Network::new(net.ip(), 32).expect("a /32 is valid"));
+            let dst = format!("{}/{}", r.dst, r.prefix);
+            if !routes.iter().any(|x| x.dst == dst) {
+                routes.push(RouteSpec { dst, gw: r.gw });
+            }
+        }
+    }
+    Ok(VmAttachment {
+        tap: inputs.tap.to_owned(),
+        guest_mac: inputs.mac.to_owned(),
+        guest_ip: guest_ip.to_string(),
+        mtu: inputs.mtu,
+        routes,
+        dns: dns(inputs.conf, inputs.prev),
+        hostname: inputs.hostname,
+        queues: inputs.queues,
+    })
+}
+
+/// prevResult's IPv4 routes other than the default one (the guest gets that from `gateway`).
+fn routes(prev: &CniResult) -> Vec<RouteSpec> {
+    prev.routes
+        .iter()
+        .filter(|r| !r.is_default())
+        .filter_map(|r| {
+            let dst: IpNetwork = r.dst.parse().ok()?;
+            if !dst.is_ipv4() {
+                return None;
+            }
+            let gw = match r.gw {
+                Some(IpAddr::V4(gw)) => Some(gw),
+                Some(IpAddr::V6(_)) => return None,
+                None => None,
+            };
+            Some(RouteSpec {
+                dst: dst.to_string(),
+                gw,
+            })
+        })
+        .collect()
+}
+
+/// DNS for the guest, most specific first: the pod's own (the runtime's `dns` capability, which
+/// the kubelet fills from the pod's dnsPolicy), then the network config's `dns`, then
+/// prevResult's. Lists are merged without duplicates; the first domain wins.
+fn dns(conf: &NetConf, prev: &CniResult) -> DnsConfig {
+    let mut out = DnsConfig::default();
+    let mut add = |nameservers: &[String], search: &[String], domain: Option<&String>| {
+        for ns in nameservers {
+            if !out.nameservers.contains(ns) {
+                out.nameservers.push(ns.clone());
+            }
+        }
+        for s in search {
+            if !out.search.contains(s) {
+                out.search.push(s.clone());
+            }
+        }
+        if out.domain.is_none() {
+            out.domain = domain.filter(|d| !d.is_empty()).cloned();
+        }
+    };
+    if let Some(rt) = &conf.runtime_config.dns {
+        add(&rt.servers, &rt.searches, None);
+    }
+    if let Some(c) = &conf.dns {
+        add(&c.nameservers, &c.search, c.domain.as_ref());
+    }
+    if let Some(p) = &prev.dns {
+        add(&p.nameservers, &p.search, p.domain.as_ref());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::version::{CniVersion, parse_result, tests as fixtures};
+
+    fn conf(v: serde_json::Value) -> NetConf {
+        NetConf::parse(&serde_json::to_vec(&v).unwrap()).unwrap()
+    }
+
+    fn annotated(annotations: serde_json::Value) -> NetConf {
+        conf(json!({
+            "cniVersion": "1.0.0", "name": "k8s",
+            "runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations}
+        }))
+    }
+
+    #[test]
+    fn plain_pods_are_not_vm_pods() {
+        let c = conf(json!({"cniVersion": "1.0.0", "name": "k8s"}));
+        assert_eq!(select(&c, &CniArgs::default()), None);
+        let c = annotated(json!({"app": "web"}));
+        assert_eq!(select(&c, &CniArgs::default()), None);
+    }
+
+    #[test]
+    fn each_source_selects_a_vm_pod() {
+        let c = conf(json!({"cniVersion": "1.0.0", "name": "vms", "vm": {"enabled": true}}));
+        assert_eq!(select(&c, &CniArgs::default()), Some(VmSource::Network));
+
+        let c = conf(json!({"cniVersion": "1.0.0", "name": "k8s"}));
+        let args = CniArgs::parse("IgnoreUnknown=1;TAPESTRY_VM=true").unwrap();
+        assert_eq!(select(&c, &args), Some(VmSource::CniArgs));
+
+        let c = annotated(json!({"tapestry.dev/vm": "true"}));
+        assert_eq!(select(&c, &CniArgs::default()), Some(VmSource::Annotation));
+        let c = annotated(json!({"tapestry.dev/vm": "True"}));
+        assert_eq!(select(&c, &CniArgs::default()), Some(VmSource::Annotation));
+
+        let c = annotated(json!({"kubevirt.io/domain": "fedora-vm", "other": "x"}));
+        assert_eq!(select(&c, &CniArgs::default()), Some(VmSource::KubeVirt));
+    }
+
+    #[test]
+    fn explicit_opt_out_beats_kubevirt_but_not_a_vm_network() {
+        let c = annotated(json!({"kubevirt.io/domain": "vm1", "tapestry.dev/vm": "false"}));
+        assert_eq!(select(&c, &CniArgs::default()), None);
+        let c = conf(json!({
+            "cniVersion": "1.0.0", "name": "vms", "vm": {"enabled": true},
+            "runtimeConfig": {"io.kubernetes.cri.pod-annotations": {"tapestry.dev/vm": "false"}}
+        }));
+        assert_eq!(select(&c, &CniArgs::default()), Some(VmSource::Network));
+    }
+
+    #[test]
+    fn hostname_is_the_vmi_name_for_kubevirt_else_the_pod_name() {
+        let args =
+            CniArgs::parse("K8S_POD_NAME=virt-launcher-vm1-abcde;K8S_POD_NAMESPACE=ns").unwrap();
+        assert_eq!(
+            hostname(&annotated(json!({"kubevirt.io/domain": "vm1"})), &args).as_deref(),
+            Some("vm1")
+        );
+        assert_eq!(
+            hostname(&annotated(json!({})), &args).as_deref(),
+            Some("virt-launcher-vm1-abcde")
+        );
+    }
+
+    #[test]
+    fn a_subnet_routed_through_the_gateway_gives_the_guest_a_slash_32() {
+        // What ptp leaves in the pod: the subnet via the gateway, not on-link.
+        let c = conf(json!({"cniVersion": "0.4.0", "name": "k8s"}));
+        let prev = parse_result(&fixtures::bridge_0_4_0(), CniVersion::V0_4_0).unwrap();
+        let ips: Vec<&IpConfig> = prev.ips.iter().collect();
+        let gw = Ipv4Addr::new(10, 22, 0, 1);
+        let pod_routes = [PodRoute {
+            dst: Ipv4Addr::new(10, 22, 0, 0),
+            prefix: 16,
+            gw: Some(gw),
+        }];
+        let vm = attachment(GuestInputs {
+            tap: "tap0",
+            mac: "8a:7a:4c:0e:21:95",
+            mtu: 1450,
+            queues: 1,
+            hostname: None,
+            pod_ips: &ips,
+            prev: &prev,
+            conf: &c,
+            pod_routes: &pod_routes,
+        })
+        .unwrap();
+        assert_eq!(vm.guest_ip, "10.22.0.5/32");
+        assert!(vm.routes.contains(&RouteSpec {
+            dst: "10.22.0.0/16".into(),
+            gw: Some(gw)
+        }));
+        // On a bridge (the subnet on-link: no such route) the prefix stays.
+        let on_link = [PodRoute {
+            dst: Ipv4Addr::new(10, 96, 0, 0),
+            prefix: 12,
+            gw: Some(gw),
+        }];
+        let vm = attachment(GuestInputs {
+            tap: "tap0",
+            mac: "8a:7a:4c:0e:21:95",
+            mtu: 1450,
+            queues: 1,
+            hostname: None,
+            pod_ips: &ips,
+            prev: &prev,
+            conf: &c,
+            pod_routes: &on_link,
+        })
+        .unwrap();
+        assert_eq!(vm.guest_ip, "10.22.0.5/16");
+    }
+
+    #[test]
+    fn attachment_from_a_bridge_result_with_every_dns_source() {
+        let c = conf(json!({
+            "cniVersion": "0.4.0", "name": "k8s",
+            "dns": {"nameservers": ["10.0.0.53", "10.96.0.10"], "search": ["corp.example"], "domain": "cluster.local"},
+            "runtimeConfig": {"dns": {"servers": ["10.96.0.10"], "searches": ["ns.svc.cluster.local", "svc.cluster.local"], "options": ["ndots:5"]}}
+        }));
+        let prev = parse_result(&fixtures::bridge_0_4_0(), CniVersion::V0_4_0).unwrap();
+        let ips: Vec<&IpConfig> = prev.ips.iter().collect();
+        let vm = attachment(GuestInputs {
+            tap: "tap0",
+            mac: "8a:7a:4c:0e:21:95",
+            mtu: 1450,
+            queues: 2,
+            hostname: Some("vm1".into()),
+            pod_ips: &ips,
+            prev: &prev,
+            conf: &c,
+            pod_routes: &[],
+        })
+        .unwrap();
+        assert_eq!(vm.guest_ip, "10.22.0.5/16");
+        assert_eq!(vm.guest_mac, "8a:7a:4c:0e:21:95");
+        assert_eq!((vm.mtu, vm.queues), (1450, 2));
+        assert_eq!(
+            vm.routes,
+            vec![RouteSpec {
+                dst: "10.96.0.0/12".into(),
+                gw: None
+            }]
+        );
+        assert_eq!(vm.dns.nameservers, vec!["10.96.0.10", "10.0.0.53"]);
+        assert_eq!(
+            vm.dns.search,
+            vec![
+                "ns.svc.cluster.local",
+                "svc.cluster.local",
+                "corp.example",
+                "default.svc.cluster.local"
+            ]
+        );
+        assert_eq!(vm.dns.domain.as_deref(), Some("cluster.local"));
+        assert_eq!(vm.hostname.as_deref(), Some("vm1"));
+    }
+
+    #[test]
+    fn dual_stack_guest_gets_the_ipv4_address_and_ipv4_routes() {
+        let c = conf(json!({"cniVersion": "1.0.0", "name": "k8s"}));
+        let prev = parse_result(&fixtures::ptp_1_0_0(), CniVersion::V1_0_0).unwrap();
+        let ips: Vec<&IpConfig> = prev.ips.iter().rev().collect();
+        let (ip, gw) = guest_ipv4(&ips).unwrap();
+        assert_eq!(ip.to_string(), "10.1.1.2/24");
+        assert_eq!(gw, Some("10.1.1.1".parse().unwrap()));
+        let vm = attachment(GuestInputs {
+            tap: "tap0",
+            mac: "4a:22:6e:91:0c:3d",
+            mtu: 1500,
+            queues: 1,
+            hostname: None,
+            pod_ips: &ips,
+            prev: &prev,
+            conf: &c,
+            pod_routes: &[],
+        })
+        .unwrap();
+        assert_eq!(
+            vm.routes,
+            vec![RouteSpec {
+                dst: "10.244.0.0/16".into(),
+                gw: Some("10.1.1.1".parse().unwrap())
+            }]
+        );
+        assert_eq!(vm.dns, DnsConfig::default());
+    }
+
+    #[test]
+    fn a_guest_needs_an_ipv4_address() {
+        let c = conf(json!({"cniVersion": "1.0.0", "name": "k8s"}));
+        let prev = parse_result(&fixtures::ptp_1_0_0(), CniVersion::V1_0_0).unwrap();
+        let v6_only: Vec<&IpConfig> = vec![&prev.ips[1]];
+        let err = attachment(GuestInputs {
+            tap: "tap0",
+            mac: "4a:22:6e:91:0c:3d",
+            mtu: 1500,
+            queues: 1,
+            hostname: None,
+            pod_ips: &v6_only,
+            prev: &prev,
+            conf: &c,
+            pod_routes: &[],
+        })
+        .unwrap_err();
+        assert_eq!(err.code(), 7);
+    }
+}
