@@ -48,14 +48,23 @@ fn setup(name: &str, n: usize) -> Setup {
 
 impl Setup {
     fn interfaces(&self) -> Vec<&str> {
-        self.lab.pods().iter().map(|p| p.host_ifname.as_str()).collect()
+        self.lab
+            .pods()
+            .iter()
+            .map(|p| p.host_ifname.as_str())
+            .collect()
     }
 
     fn state(&self, backends: &[&Pod], extra: &str) -> String {
         let list = |port: u16| -> String {
             backends
                 .iter()
-                .map(|b| format!("      - {{ ip: {}, port: {port}, name: {} }}\n", b.ip, b.name))
+                .map(|b| {
+                    format!(
+                        "      - {{ ip: {}, port: {port}, name: {} }}\n",
+                        b.ip, b.name
+                    )
+                })
                 .collect()
         };
         format!(
@@ -76,7 +85,8 @@ impl Setup {
     fn tally(&self, n: usize) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();
         for _ in 0..n {
-            *m.entry(self.tcp().expect("request through the VIP")).or_default() += 1;
+            *m.entry(self.tcp().expect("request through the VIP"))
+                .or_default() += 1;
         }
         m
     }
@@ -112,7 +122,10 @@ fn tcp_and_udp_clients_reach_every_backend_through_the_vip() {
     assert_eq!(web.backends.len(), 3);
     assert!(web.backends.iter().all(|b| b.traffic.packets > 0));
     let metrics = d.client().metrics().unwrap();
-    assert!(metrics.contains("tapestry_service_flows_total{service=\"web\""), "{metrics}");
+    assert!(
+        metrics.contains("tapestry_service_flows_total{service=\"web\""),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -134,9 +147,7 @@ fn state_file_updates_add_and_remove_backends_live() {
     // A broken file names the field, and the last good state stays in force.
     d.write_state(&s.state(&[b], "").replace("port: 80", "port: 0"))
         .unwrap();
-    let st = d
-        .wait_status(T, |st| st.last_error.is_some())
-        .unwrap();
+    let st = d.wait_status(T, |st| st.last_error.is_some()).unwrap();
     let err = st.last_error.unwrap();
     assert!(err.contains("services[0].port"), "{err}");
     assert_eq!(s.tally(10).keys().collect::<Vec<_>>(), vec!["be1"]);
@@ -149,8 +160,16 @@ fn a_service_without_backends_refuses_connections_at_once() {
     let _d = Daemon::start("lb-no-backend", &s.state(&[], ""), &s.interfaces()).unwrap();
     let started = Instant::now();
     let err = s.tcp().expect_err("no backend");
-    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}: {:?}", _d.status().unwrap());
-    assert!(started.elapsed() < Duration::from_secs(1), "refused, not timed out");
+    assert_eq!(
+        err.kind(),
+        ErrorKind::ConnectionRefused,
+        "{err}: {:?}",
+        _d.status().unwrap()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused, not timed out"
+    );
 }
 
 #[test]
@@ -209,17 +228,26 @@ fn restart_and_kill9_drop_no_flow_and_fail_no_connection() {
     std::thread::sleep(Duration::from_millis(300));
     d.restart().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(tapestry_tests::stream_request(&mut long, b"2\n").unwrap(), first);
+    assert_eq!(
+        tapestry_tests::stream_request(&mut long, b"2\n").unwrap(),
+        first
+    );
     d.kill9().unwrap();
     // No daemon at all: the pinned datapath keeps working on its own.
     std::thread::sleep(Duration::from_millis(500));
     let during = ok.load(Ordering::Relaxed);
-    assert_eq!(tapestry_tests::stream_request(&mut long, b"3\n").unwrap(), first);
+    assert_eq!(
+        tapestry_tests::stream_request(&mut long, b"3\n").unwrap(),
+        first
+    );
     d.restart().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     running.store(false, Ordering::Relaxed);
     h.join().unwrap();
-    assert_eq!(tapestry_tests::stream_request(&mut long, b"4\n").unwrap(), first);
+    assert_eq!(
+        tapestry_tests::stream_request(&mut long, b"4\n").unwrap(),
+        first
+    );
 
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert_eq!(failed, 0, "{failed} of {} connections failed", ok + failed);
@@ -228,5 +256,9 @@ fn restart_and_kill9_drop_no_flow_and_fail_no_connection() {
     let st = d.status().unwrap();
     assert_eq!(st.services, 2);
     assert_eq!(st.attachments.len(), s.interfaces().len());
-    assert!(d.log().contains("restored the programmed state"), "{}", d.log());
+    assert!(
+        d.log().contains("restored the programmed state"),
+        "{}",
+        d.log()
+    );
 }

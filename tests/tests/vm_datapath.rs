@@ -25,7 +25,8 @@ fn mac_str(m: &[u8; 6]) -> String {
 /// `tap0` exists; then registers it with the daemon.
 fn make_vm_pod(d: &Daemon, pod: &Pod) -> EndpointRequest {
     pod.ip(&["addr", "flush", "dev", "eth0"]).unwrap();
-    pod.ip(&["tuntap", "add", "dev", "tap0", "mode", "tap"]).unwrap();
+    pod.ip(&["tuntap", "add", "dev", "tap0", "mode", "tap"])
+        .unwrap();
     pod.ip(&["link", "set", "tap0", "up"]).unwrap();
     let req = EndpointRequest {
         container_id: format!("ctr-{}", pod.name),
@@ -94,7 +95,13 @@ fn dhcp_reply(frame: &[u8]) -> Option<Message> {
 }
 
 /// A UDP frame as the guest sends it: its own MAC to the gateway's (the host veth's).
-fn guest_udp(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+fn guest_udp(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+) -> Vec<u8> {
     let mut f = Vec::new();
     PacketBuilder::ethernet2(src_mac, dst_mac)
         .ipv4(src.octets(), dst.octets(), 64)
@@ -141,10 +148,15 @@ fn guest_gets_its_address_by_dhcp_talks_to_pods_and_services_and_cannot_spoof() 
     let mut guest = TapGuest::open(&vm.netns_path, "tap0").unwrap();
     guest.answer_arp(vm.mac, vm.ip);
     let g = &d.client().guests().unwrap()[0];
-    assert_eq!((g.phase.as_str(), g.ip.as_str()), ("Attached", &*format!("{}/32", vm.ip)));
+    assert_eq!(
+        (g.phase.as_str(), g.ip.as_str()),
+        ("Attached", &*format!("{}/32", vm.ip))
+    );
 
     // DHCP: DISCOVER -> OFFER of the pod IP, REQUEST -> ACK; the guest is then Ready.
-    guest.send(&dhcp_frame(vm.mac, MessageType::Discover, None)).unwrap();
+    guest
+        .send(&dhcp_frame(vm.mac, MessageType::Discover, None))
+        .unwrap();
     let offer = guest
         .recv_matching(T, |f| dhcp_reply(f).is_some())
         .map(|f| dhcp_reply(&f).unwrap())
@@ -210,7 +222,13 @@ fn guest_gets_its_address_by_dhcp_talks_to_pods_and_services_and_cannot_spoof() 
         .send(&guest_udp(vm.mac, vm.host_mac, spoofed_ip, be.ip, 5353))
         .unwrap();
     guest
-        .send(&guest_udp([0x02, 9, 9, 9, 9, 9], vm.host_mac, vm.ip, be.ip, 5353))
+        .send(&guest_udp(
+            [0x02, 9, 9, 9, 9, 9],
+            vm.host_mac,
+            vm.ip,
+            be.ip,
+            5353,
+        ))
         .unwrap();
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&vm.mac);
@@ -221,7 +239,11 @@ fn guest_gets_its_address_by_dhcp_talks_to_pods_and_services_and_cannot_spoof() 
     arp.extend_from_slice(&be.ip.octets());
     guest.send(&arp).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(_udp.requests(), before, "no spoofed datagram reached the pod");
+    assert_eq!(
+        _udp.requests(),
+        before,
+        "no spoofed datagram reached the pod"
+    );
     let g = &d.client().guests().unwrap()[0];
     for reason in ["spoofed_ip", "spoofed_mac", "spoofed_arp"] {
         assert_eq!(g.drops.get(reason), Some(&1), "{reason}: {:?}", g.drops);
@@ -275,6 +297,12 @@ fn a_restarted_daemon_keeps_its_guests() {
     assert_eq!(guests.len(), 1, "the guest is restored");
     assert_eq!(guests[0].name, "vm");
     // And the restarted daemon answers its DHCP.
-    guest.send(&dhcp_frame(vm.mac, MessageType::Discover, None)).unwrap();
-    assert!(guest.recv_matching(T, |f| dhcp_reply(f).is_some()).is_some());
+    guest
+        .send(&dhcp_frame(vm.mac, MessageType::Discover, None))
+        .unwrap();
+    assert!(
+        guest
+            .recv_matching(T, |f| dhcp_reply(f).is_some())
+            .is_some()
+    );
 }
