@@ -183,6 +183,10 @@ pub struct EndpointRequest {
     pub pod: Option<PodRef>,
     /// Present for a VM pod: the tap the plugin created, which the guest owns.
     pub vm: Option<VmAttachment>,
+    /// The CNI network (conflist `name`) that added it: GC of one network leaves the others'
+    /// endpoints alone.
+    #[serde(default)]
+    pub network: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,6 +252,9 @@ pub struct EndpointInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointGcRequest {
+    /// Only endpoints added by this network are considered (all, when absent).
+    #[serde(default)]
+    pub network: Option<String>,
     pub valid: Vec<AttachmentKey>,
 }
 

@@ -380,6 +380,7 @@ fn status_and_gc_talk_to_the_daemon() {
                 mac: None,
                 pod: None,
                 vm: None,
+                network: None,
             },
             host_ifindex: 3,
             guest_phase: None,

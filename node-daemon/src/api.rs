@@ -111,7 +111,11 @@ async fn gc_endpoints(
 ) -> ApiResult<Vec<EndpointInfo>> {
     with_node(&node, move |n| {
         let n = &mut *n;
-        Ok(Json(n.endpoints.gc(&mut n.datapath, &req.valid)?))
+        Ok(Json(n.endpoints.gc(
+            &mut n.datapath,
+            req.network.as_deref(),
+            &req.valid,
+        )?))
     })
     .await
 }

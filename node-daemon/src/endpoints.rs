@@ -376,11 +376,14 @@ impl Endpoints {
     pub fn gc(
         &mut self,
         datapath: &mut Datapath,
+        network: Option<&str>,
         valid: &[AttachmentKey],
     ) -> Result<Vec<EndpointInfo>, EndpointError> {
         let stale: Vec<(String, String)> = self
             .entries
-            .keys()
+            .iter()
+            .filter(|(_, e)| network.is_none() || e.request.network.as_deref() == network)
+            .map(|(k, _)| k)
             .filter(|(c, i)| !valid.iter().any(|v| &v.container_id == c && &v.ifname == i))
             .cloned()
             .collect();

@@ -95,6 +95,7 @@ fn make_vm_pod(d: &Daemon, pod: &Pod) {
             hostname: Some(pod.name.clone()),
             queues: 1,
         }),
+        network: None,
     };
     d.client().add_endpoint(&req).expect("endpoint registered");
 }

@@ -1014,6 +1014,11 @@ fn tapestry_gc_and_status() {
         "gc2's attachment survived GC"
     );
     assert!(attached(&daemon, &hosts[0]).is_some());
+    // GC is scoped to its network: another network's GC with an empty list leaves these alone.
+    let mut other = l.clone();
+    other.name = "another-network".into();
+    forgetful.gc(&other, &[]).unwrap();
+    assert_eq!(ids(&daemon), BTreeSet::from(["gc0".into(), "gc1".into()]));
     // An empty valid list means every attachment is stale.
     forgetful.gc(&l, &[]).unwrap();
     assert!(

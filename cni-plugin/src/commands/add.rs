@@ -203,6 +203,7 @@ fn register(att: &Attachment, prev: &CniResult, pod: &PodSide, pod_ips: &[IpConf
         mac: pod.link.mac.clone(),
         pod: att.args.pod_ref(),
         vm,
+        network: att.conf.name.clone(),
     };
     let info = att
         .client()

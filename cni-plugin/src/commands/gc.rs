@@ -16,6 +16,7 @@ pub fn gc(net: &Network) -> Result<()> {
         ));
     };
     let request = EndpointGcRequest {
+        network: net.conf.name.clone(),
         valid: valid.into_iter().map(Into::into).collect(),
     };
     let removed = net
