@@ -866,7 +866,13 @@ fn tapestry_lifecycle(dir: PathBuf, primary: Primary, tag: &str) {
                         eth0_itf["mac"].as_str(),
                         "{ctx}"
                     );
-                    assert_eq!(v.guest_ip, addr, "{ctx}");
+                    // ptp routes the pod's subnet through the gateway, so the guest gets a /32
+                    // and the routes; on a bridge the subnet is on-link and the prefix stays.
+                    let expected = match primary {
+                        Primary::Ptp => format!("{}/32", addr.split('/').next().unwrap()),
+                        Primary::Bridge => addr.clone(),
+                    };
+                    assert_eq!(v.guest_ip, expected, "{ctx}");
                     assert_eq!(u64::from(v.mtu), eth0["mtu"].as_u64().unwrap(), "{ctx}");
                 }
                 (other, _) => panic!("{ctx}: endpoint vm = {other:?}"),

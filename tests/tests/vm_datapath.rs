@@ -154,14 +154,18 @@ fn guest_gets_its_address_by_dhcp_talks_to_pods_and_services_and_cannot_spoof() 
         ("Attached", &*format!("{}/32", vm.ip))
     );
 
-    // DHCP: DISCOVER -> OFFER of the pod IP, REQUEST -> ACK; the guest is then Ready.
-    guest
-        .send(&dhcp_frame(vm.mac, MessageType::Discover, None))
-        .unwrap();
-    let offer = guest
-        .recv_matching(T, |f| dhcp_reply(f).is_some())
-        .map(|f| dhcp_reply(&f).unwrap())
-        .expect("an OFFER");
+    // DHCP: DISCOVER -> OFFER of the pod IP, REQUEST -> ACK; the guest is then Ready. A client
+    // retransmits an unanswered DISCOVER (RFC 2131 4.1), and so does this one.
+    let offer = (0..3)
+        .find_map(|_| {
+            guest
+                .send(&dhcp_frame(vm.mac, MessageType::Discover, None))
+                .unwrap();
+            guest
+                .recv_matching(T, |f| dhcp_reply(f).is_some())
+                .map(|f| dhcp_reply(&f).unwrap())
+        })
+        .unwrap_or_else(|| panic!("no OFFER; daemon log:\n{}", d.log()));
     assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
     assert_eq!(offer.yiaddr(), vm.ip);
     assert_eq!(
