@@ -19,7 +19,7 @@ need_root() {
 
 # --- Debian packages -----------------------------------------------------------------------
 DEB_PACKAGES=(
-  iproute2 iptables nftables ethtool bpftool procps psmisc util-linux
+  iproute2 iptables nftables ethtool bpftool procps psmisc util-linux openssl
   # CNI and runtimes
   containernetworking-plugins podman runc
   # guests under software emulation (CNI issue)
@@ -97,8 +97,11 @@ install_packages
 install_rust
 install_bpf_linker
 mount_bpffs
-# Test parts built from the registries, each cached by version under $CACHE:
-# CNI reference plugins that speak 1.1.0 (STATUS, GC), and the QEMU guest's kernel + initramfs.
+# Test parts built from the registries, each cached by version under $CACHE: CNI reference
+# plugins that speak 1.1.0 (STATUS, GC), the QEMU guest's kernel + initramfs, Kubernetes.
 "$ROOT/scripts/install-cni-plugins.sh" >/dev/null
 "$ROOT/scripts/build-guest.sh" >/dev/null
+# A real kube-apiserver, etcd, kubectl and kube-controller-manager for the Kubernetes tests,
+# built from the Go module proxy by the committed module in tests/k8s.
+"$ROOT/scripts/build-k8s.sh" >/dev/null
 log "ready"

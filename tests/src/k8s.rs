@@ -14,7 +14,8 @@
 //!   file, kubeconfigs, and one log per process (`etcd.log`, `kube-apiserver.log`,
 //!   `kube-controller-manager.log`). Dropping the [`ControlPlane`] kills the processes
 //!   (controller-manager, apiserver, then etcd: an apiserver whose etcd is gone hangs in
-//!   shutdown) and removes the directory; a test that panics keeps the logs and prints where.
+//!   shutdown) and removes the directory; a test that panics, or a start that fails, keeps the
+//!   logs and says where. Do not keep a `ControlPlane` in a `static` (never dropped).
 //!   Processes leaked by a killed test binary are killed by the next `start` (their directory
 //!   names a dead owner).
 //! - Ports: etcd's client port and the apiserver's secure port are free loopback ports picked at
@@ -30,7 +31,9 @@
 //!   (`system:kube-controller-manager`). [`ControlPlane::start_with`] adds more.
 //! - kube-apiserver: `--authorization-mode=Node,RBAC`, `--service-cluster-ip-range=`[`SERVICE_CIDR`],
 //!   the ServiceAccount admission plugin off (pods need no service account), ValidatingAdmissionPolicy
-//!   on. Ready when `/readyz` answers `ok`.
+//!   on, `--endpoint-reconciler-type=none` (it refuses the loopback advertise address, so the
+//!   `default/kubernetes` Service has no endpoints). Ready when `/readyz` answers `ok` (about 3 s
+//!   on an idle machine).
 //! - [`ControlPlane::start_controller_manager`]: kube-controller-manager with the EndpointSlice,
 //!   garbage-collector and namespace controllers, as `system:kube-controller-manager` with
 //!   `--use-service-account-credentials` (each controller acts as its own service account, under
@@ -337,6 +340,8 @@ pub struct ControlPlane {
     etcd: Option<Child>,
     apiserver: Option<Child>,
     controller_manager: Option<Child>,
+    /// Keep the logs on drop (set when starting failed).
+    keep_logs: bool,
 }
 
 impl ControlPlane {
@@ -395,6 +400,7 @@ impl ControlPlane {
             etcd: None,
             apiserver: None,
             controller_manager: None,
+            keep_logs: false,
         };
         // From here on, Drop cleans up whatever was started.
         cp.write_pki()?;
@@ -408,7 +414,11 @@ impl ControlPlane {
                         || cp.log("kube-apiserver").contains("address already in use");
                     cp.stop_processes();
                     if !port_race || attempt == START_ATTEMPTS {
-                        return Err(e);
+                        cp.keep_logs = true;
+                        return Err(e.context(format!(
+                            "starting a control plane (logs kept in {})",
+                            cp.dir.display()
+                        )));
                     }
                     eprintln!("tapestry k8s: lost a port race (attempt {attempt}), retrying");
                     last_err = Some(e);
@@ -452,6 +462,8 @@ impl ControlPlane {
         api.arg(format!("--etcd-servers={client_url}"))
             .arg("--bind-address=127.0.0.1")
             .arg("--advertise-address=127.0.0.1")
+            // The reconciler of default/kubernetes's endpoints refuses a loopback address.
+            .arg("--endpoint-reconciler-type=none")
             .arg(format!("--secure-port={}", self.api_port))
             .arg(format!(
                 "--cert-dir={}",
@@ -506,7 +518,7 @@ impl ControlPlane {
             && let Some(status) = c.try_wait()?
         {
             *child = None;
-            bail!("{name} exited ({status}):\n{}", tail(&log(), 40));
+            bail!("{name} exited ({status}):\n{}", log_summary(&log()));
         }
         Ok(())
     }
@@ -528,7 +540,7 @@ impl ControlPlane {
             if Instant::now() > deadline {
                 bail!(
                     "{name} is not listening on {addr} after {timeout:?}:\n{}",
-                    tail(&read_log(&self.dir, name), 40)
+                    log_summary(&read_log(&self.dir, name))
                 );
             }
             thread::sleep(Duration::from_millis(50));
@@ -557,7 +569,7 @@ impl ControlPlane {
                 bail!(
                     "kube-apiserver not ready after {READY_TIMEOUT:?}; last /readyz: {}\n{}",
                     last.trim(),
-                    tail(&self.log("kube-apiserver"), 40)
+                    log_summary(&self.log("kube-apiserver"))
                 );
             }
             thread::sleep(Duration::from_millis(200));
@@ -926,7 +938,7 @@ impl ControlPlane {
                 bail!(
                     "kube-controller-manager: no service account {} after {READY_TIMEOUT:?}:\n{}",
                     missing.join(", "),
-                    tail(&self.log("kube-controller-manager"), 40)
+                    log_summary(&self.log("kube-controller-manager"))
                 );
             }
             thread::sleep(Duration::from_millis(250));
@@ -935,13 +947,14 @@ impl ControlPlane {
 
     /// Stops kube-controller-manager (if running).
     pub fn stop_controller_manager(&mut self) {
-        stop(&mut self.controller_manager);
+        kill(&mut self.controller_manager);
     }
 
     fn stop_processes(&mut self) {
-        // Order matters: an apiserver whose etcd is gone hangs in shutdown.
-        stop(&mut self.controller_manager);
-        stop(&mut self.apiserver);
+        // Order matters: an apiserver whose etcd is gone hangs in shutdown. The apiserver's and
+        // the controller-manager's graceful shutdown (about a second) buys a test nothing.
+        kill(&mut self.controller_manager);
+        kill(&mut self.apiserver);
         stop(&mut self.etcd);
     }
 }
@@ -949,13 +962,15 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.stop_processes();
-        if thread::panicking() {
+        if thread::panicking() || self.keep_logs {
             let _ = fs::remove_dir_all(self.dir.join("etcd"));
             let _ = fs::write(self.dir.join("kept"), "");
-            eprintln!(
-                "tapestry k8s: test panicked; control-plane logs kept in {}",
-                self.dir.display()
-            );
+            if !self.keep_logs {
+                eprintln!(
+                    "tapestry k8s: test panicked; control-plane logs kept in {}",
+                    self.dir.display()
+                );
+            }
         } else if let Err(e) = fs::remove_dir_all(&self.dir) {
             eprintln!("tapestry k8s: removing {}: {e}", self.dir.display());
         }
@@ -1065,6 +1080,23 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The last error lines of a klog/zap log (klog `E`/`F` lines, `"level":"error"`, `Error:`)
+/// and its last lines: what a start failure shows.
+fn log_summary(text: &str) -> String {
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with('E')
+                || l.starts_with('F')
+                || l.contains("\"level\":\"error\"")
+                || l.contains("\"level\":\"fatal\"")
+                || l.contains("Error:")
+        })
+        .collect();
+    let errors = errors[errors.len().saturating_sub(10)..].join("\n");
+    format!("errors:\n{errors}\nlast lines:\n{}", tail(text, 15))
+}
+
 fn random_hex(bytes: usize) -> Result<String> {
     let mut buf = vec![0u8; bytes];
     fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
@@ -1084,6 +1116,14 @@ fn free_port() -> Result<u16> {
     bail!("no free loopback port")
 }
 
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// SIGTERM, then SIGKILL after 5 s.
 fn stop(child: &mut Option<Child>) {
     let Some(mut c) = child.take() else {
         return;

@@ -1,11 +1,11 @@
 //! [`Lab`] and [`Pod`]: a Calico-style routed topology of network namespaces on this host.
 //!
-//! Every lab reserves a slot `0..4096` in a registry under `/run/tapestry-lab` (an `flock`ed
+//! Every lab reserves a slot `0..2048` in a registry under `/run/tapestry-lab` (an `flock`ed
 //! directory, so labs in parallel test threads *and* parallel processes never collide). The slot
 //! gives the lab:
 //! - its prefix `tpXXX` (`XXX` = slot in hex): netns `tpXXX-<pod>`, host veths
 //!   `tpXXX-NN<pod>` (NN = pod number in hex, cut to 15 characters);
-//! - its /24 `10.(240 + slot / 256).(slot % 256).0/24` out of 10.240.0.0/12: pods get `.2` to
+//! - its /24 `10.(240 + slot / 256).(slot % 256).0/24` out of 10.240.0.0/13: pods get `.2` to
 //!   `.127` ([`Lab::pod_cidr`]), and `.128` to `.254` are free addresses for Service VIPs
 //!   ([`Lab::service_ip`], [`Lab::service_cidr`]) that no other lab uses. The lab installs no
 //!   route for VIPs: unhandled VIP traffic follows the host's default route.
@@ -41,8 +41,10 @@ const SAVED_SYSCTLS: &str = "saved-sysctls";
 /// Host sysctls a lab sets to 1 (and restores when the last lab goes).
 const HOST_SYSCTLS: &[&str] = &["net.ipv4.ip_forward"];
 /// Every lab's pods and VIPs are inside this prefix.
-const LAB_SUPERNET: &str = "10.240.0.0/12";
-const SLOTS: u16 = 4096;
+/// 10.240.0.0/13: clear of 10.248.0.0/13, where resolvers of this kind of machine live
+/// (10.255.255.53): the lab must never shadow them.
+const LAB_SUPERNET: &str = "10.240.0.0/13";
+const SLOTS: u16 = 2048;
 /// Pods per lab: `.2` to `.127`.
 pub const MAX_PODS: usize = 126;
 /// Service VIPs per lab: `.128` to `.254`.

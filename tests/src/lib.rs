@@ -6,7 +6,7 @@
 //! # Topology (Calico-style, routed)
 //!
 //! A [`Lab`] owns a set of [`Pod`]s. Each pod is a network namespace `tpXXX-<name>` with `eth0`
-//! (a veth) holding a `/32` from the lab's own /24 in 10.240.0.0/12, and a default route
+//! (a veth) holding a `/32` from the lab's own /24 in 10.240.0.0/13, and a default route
 //! `via 169.254.1.1 dev eth0 onlink`. The host-side veth `tpXXX-NN<name>` stays in the root
 //! namespace with `proxy_arp=1` (so it answers ARP for 169.254.1.1), `rp_filter=0`, and a `/32`
 //! route to the pod; its `neigh.proxy_delay=0` makes proxy ARP answer at once, as Calico does.
