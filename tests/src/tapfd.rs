@@ -115,3 +115,48 @@ impl TapGuest {
         None
     }
 }
+
+/// Makes `pod` a VM pod as the CNI plugin would, without the plugin: the pod interface gives up
+/// its address, `tap0` is created (single queue, no vnet header, so [`TapGuest`] can open it),
+/// and the endpoint is registered with the daemon at `client`. Returns the request sent.
+pub fn register_vm_pod(
+    client: &tapestry_api::client::blocking::Client,
+    pod: &crate::Pod,
+) -> Result<tapestry_api::types::EndpointRequest> {
+    use tapestry_api::types::{DnsConfig, EndpointRequest, PodRef, VmAttachment};
+    pod.ip(&["addr", "flush", "dev", "eth0"])?;
+    pod.ip(&["tuntap", "add", "dev", "tap0", "mode", "tap"])?;
+    pod.ip(&["link", "set", "tap0", "up"])?;
+    let mac = crate::guest::fmt_mac(&pod.mac);
+    let req = EndpointRequest {
+        container_id: format!("ctr-{}", pod.name),
+        ifname: "eth0".into(),
+        netns: pod.netns_path.display().to_string(),
+        host_ifname: pod.host_ifname.clone(),
+        ips: vec![format!("{}/32", pod.ip)],
+        gateway: Some(crate::POD_GATEWAY),
+        mac: Some(mac.clone()),
+        pod: Some(PodRef {
+            namespace: "default".into(),
+            name: pod.name.clone(),
+            uid: None,
+        }),
+        vm: Some(VmAttachment {
+            tap: "tap0".into(),
+            guest_mac: mac,
+            guest_ip: format!("{}/32", pod.ip),
+            mtu: 1500,
+            routes: vec![],
+            dns: DnsConfig {
+                nameservers: vec!["10.96.0.10".into()],
+                search: vec!["default.svc.cluster.local".into()],
+                domain: None,
+            },
+            hostname: Some(pod.name.clone()),
+            queues: 1,
+        }),
+        network: None,
+    };
+    client.add_endpoint(&req)?;
+    Ok(req)
+}

@@ -13,11 +13,14 @@ use std::{
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use serde::de::DeserializeOwned;
-use tapestry_api::types::{
-    ConntrackEntry, DnsConfig, EndpointRequest, FlowRecord, GuestInfo, PodRef, ServiceInfo, Status,
-    VmAttachment,
+use tapestry_api::types::{ConntrackEntry, FlowRecord, GuestInfo, ServiceInfo, Status};
+use tapestry_tests::{
+    Lab, Pod,
+    daemon::Daemon,
+    guest::fmt_mac,
+    require_lab,
+    tapfd::{TapGuest, register_vm_pod},
 };
-use tapestry_tests::{Lab, Pod, daemon::Daemon, require_lab, tapfd::TapGuest};
 
 const T: Duration = Duration::from_secs(3);
 
@@ -57,47 +60,6 @@ fn ok(socket: &Path, args: &[&str]) -> String {
 fn json<T: DeserializeOwned>(socket: &Path, args: &[&str]) -> T {
     let out = ok(socket, args);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("tapestry {args:?}: {e}:\n{out}"))
-}
-
-fn mac_str(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Turns `pod` into a VM pod as the CNI plugin does and registers it (as in vm_datapath.rs).
-fn make_vm_pod(d: &Daemon, pod: &Pod) {
-    pod.ip(&["addr", "flush", "dev", "eth0"]).unwrap();
-    pod.ip(&["tuntap", "add", "dev", "tap0", "mode", "tap"])
-        .unwrap();
-    pod.ip(&["link", "set", "tap0", "up"]).unwrap();
-    let req = EndpointRequest {
-        container_id: format!("ctr-{}", pod.name),
-        ifname: "eth0".into(),
-        netns: pod.netns_path.display().to_string(),
-        host_ifname: pod.host_ifname.clone(),
-        ips: vec![format!("{}/32", pod.ip)],
-        gateway: Some(Ipv4Addr::new(169, 254, 1, 1)),
-        mac: Some(mac_str(&pod.mac)),
-        pod: Some(PodRef {
-            namespace: "default".into(),
-            name: pod.name.clone(),
-            uid: None,
-        }),
-        vm: Some(VmAttachment {
-            tap: "tap0".into(),
-            guest_mac: mac_str(&pod.mac),
-            guest_ip: format!("{}/32", pod.ip),
-            mtu: 1500,
-            routes: vec![],
-            dns: DnsConfig::default(),
-            hostname: Some(pod.name.clone()),
-            queues: 1,
-        }),
-        network: None,
-    };
-    d.client().add_endpoint(&req).expect("endpoint registered");
 }
 
 /// The guest answers one UDP request to `port` with `reply`, as a server in the VM would.
@@ -201,7 +163,7 @@ fn the_cli_shows_the_labs_real_state() {
     )
     .unwrap();
     let sock = d.socket.as_path();
-    make_vm_pod(&d, &vm);
+    register_vm_pod(&d.client(), &vm).expect("endpoint registered");
     let mut guest = TapGuest::open(&vm.netns_path, "tap0").unwrap();
     guest.answer_arp(vm.mac, vm.ip);
 
@@ -276,7 +238,7 @@ fn the_cli_shows_the_labs_real_state() {
     let g = &guests[0];
     assert_eq!((g.name.as_str(), g.tap.as_str()), ("vm", "tap0"));
     assert_eq!(g.ip, format!("{}/32", vm.ip));
-    assert_eq!(g.mac, mac_str(&vm.mac));
+    assert_eq!(g.mac, fmt_mac(&vm.mac));
     assert_eq!(g.phase, "Ready", "{g:?}");
     assert!(g.rx_packets >= 1 && g.tx_packets >= 1, "{g:?}");
 

@@ -9,57 +9,14 @@ use dhcproto::{
     v4::{DhcpOption, Message, MessageType, OptionCode},
 };
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use tapestry_api::types::{DnsConfig, EndpointRequest, PodRef, VmAttachment};
-use tapestry_tests::{Lab, Pod, daemon::Daemon, require_lab, tapfd::TapGuest};
+use tapestry_tests::{
+    Lab,
+    daemon::Daemon,
+    require_lab,
+    tapfd::{TapGuest, register_vm_pod},
+};
 
 const T: Duration = Duration::from_secs(3);
-
-fn mac_str(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Turns `pod` into a VM pod as the CNI plugin does: the pod interface gives up its address,
-/// `tap0` exists; then registers it with the daemon.
-fn make_vm_pod(d: &Daemon, pod: &Pod) -> EndpointRequest {
-    pod.ip(&["addr", "flush", "dev", "eth0"]).unwrap();
-    pod.ip(&["tuntap", "add", "dev", "tap0", "mode", "tap"])
-        .unwrap();
-    pod.ip(&["link", "set", "tap0", "up"]).unwrap();
-    let req = EndpointRequest {
-        container_id: format!("ctr-{}", pod.name),
-        ifname: "eth0".into(),
-        netns: pod.netns_path.display().to_string(),
-        host_ifname: pod.host_ifname.clone(),
-        ips: vec![format!("{}/32", pod.ip)],
-        gateway: Some(Ipv4Addr::new(169, 254, 1, 1)),
-        mac: Some(mac_str(&pod.mac)),
-        pod: Some(PodRef {
-            namespace: "default".into(),
-            name: pod.name.clone(),
-            uid: None,
-        }),
-        vm: Some(VmAttachment {
-            tap: "tap0".into(),
-            guest_mac: mac_str(&pod.mac),
-            guest_ip: format!("{}/32", pod.ip),
-            mtu: 1500,
-            routes: vec![],
-            dns: DnsConfig {
-                nameservers: vec!["10.96.0.10".into()],
-                search: vec!["default.svc.cluster.local".into()],
-                domain: None,
-            },
-            hostname: Some(pod.name.clone()),
-            queues: 1,
-        }),
-        network: None,
-    };
-    d.client().add_endpoint(&req).expect("endpoint registered");
-    req
-}
 
 fn dhcp_frame(mac: [u8; 6], kind: MessageType, requested: Option<Ipv4Addr>) -> Vec<u8> {
     let mut m = Message::new_with_id(
@@ -145,7 +102,7 @@ fn guest_gets_its_address_by_dhcp_talks_to_pods_and_services_and_cannot_spoof() 
         &[&client.host_ifname, &be.host_ifname],
     )
     .unwrap();
-    make_vm_pod(&d, &vm);
+    register_vm_pod(&d.client(), &vm).expect("endpoint registered");
     let mut guest = TapGuest::open(&vm.netns_path, "tap0").unwrap();
     guest.answer_arp(vm.mac, vm.ip);
     let g = &d.client().guests().unwrap()[0];
@@ -284,7 +241,7 @@ fn a_restarted_daemon_keeps_its_guests() {
     let vm = lab.add_pod("vm").unwrap();
     let _udp = be.serve_udp_name(5353).unwrap();
     let mut d = Daemon::start("vm-restart", "services: []\n", &[&be.host_ifname]).unwrap();
-    make_vm_pod(&d, &vm);
+    register_vm_pod(&d.client(), &vm).expect("endpoint registered");
     let mut guest = TapGuest::open(&vm.netns_path, "tap0").unwrap();
     guest.answer_arp(vm.mac, vm.ip);
     d.kill9().unwrap();
