@@ -28,9 +28,10 @@ test: lint build
 demo: release
 	./target/release/tapestry-demo $(DEMO_ARGS)
 
-## Side-by-side benchmarks; results in bench/results/.
-bench: release
-	./target/release/tapestry-bench $(BENCH_ARGS)
+## Side-by-side benchmarks (the datapath, then the CNI step and the VM tap path);
+## results in bench/results/.
+bench: setup
+	bash bench/bench.sh $(BENCH_ARGS)
 
 ## Removes the pinned datapath (detaching it from every interface).
 uninstall: release

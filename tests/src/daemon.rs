@@ -78,7 +78,12 @@ impl Daemon {
         let mut d = Daemon {
             bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/tapestry-{id}")),
             socket: dir.join("tapestryd.sock"),
-            state_file: dir.join("state.yaml"),
+            // The daemon reads the format from the extension.
+            state_file: dir.join(if state_yaml.trim_start().starts_with('{') {
+                "state.json"
+            } else {
+                "state.yaml"
+            }),
             log_file: dir.join("tapestryd.log"),
             dir,
             attach: attach.iter().map(|s| s.to_string()).collect(),
@@ -131,8 +136,9 @@ impl Daemon {
     }
 
     /// Replaces the state file atomically (write + rename), as an operator's tooling would.
+    /// The text must be in the file's format (JSON for a daemon started with JSON).
     pub fn write_state(&self, yaml: &str) -> Result<()> {
-        let tmp = self.dir.join(".state.yaml.tmp");
+        let tmp = self.dir.join(".state.tmp");
         fs::write(&tmp, yaml)?;
         fs::rename(&tmp, &self.state_file)?;
         Ok(())

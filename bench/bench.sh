@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# `make bench`: build the release binaries, then run every datapath case side by side
+# (bench/README.md). Extra arguments go to tapestry-bench, e.g. `--rounds 5` or `--no-tapestry`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "make bench: run as root (network namespaces, veths, iptables/nftables, eBPF)" >&2
+  exit 1
+fi
+
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+cargo build --release -p tapestry-bench
+args=("$@")
+if [[ " $* " != *" --no-tapestry "* ]]; then
+  # Needs the eBPF toolchain that scripts/setup.sh installs.
+  cargo build --release -p tapestry-node-daemon
+  args=(--tapestryd "$target_dir/release/tapestryd" "${args[@]}")
+fi
+exec "$target_dir/release/tapestry-bench" "${args[@]}"
