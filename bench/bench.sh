@@ -17,4 +17,9 @@ if [[ " $* " != *" --no-tapestry "* ]]; then
   cargo build --release -p tapestry-node-daemon
   args=(--tapestryd "$target_dir/release/tapestryd" "${args[@]}")
 fi
-exec "$target_dir/release/tapestry-bench" "${args[@]}"
+"$target_dir/release/tapestry-bench" "${args[@]}"
+if [[ " $* " != *" --no-tapestry "* ]]; then
+  # The VM pod's costs: CNI ADD latency and the tap path (bench/VM.md).
+  cargo build --release -p tapestry-cni-plugin
+  "$target_dir/release/tapestry-bench-vm" --bin-dir "$target_dir/release"
+fi
