@@ -17,12 +17,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tapestry_tests::cni::{NetworkConfigList, Runtime, RuntimeConf, parse_error_object};
 
 /// One plugin execution.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Step {
     /// The plugin's `type`.
     pub plugin: String,
@@ -31,7 +31,7 @@ pub struct Step {
 }
 
 /// One ADD or DEL of a whole list.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChainRun {
     /// Every plugin in execution order.
     pub steps: Vec<Step>,
@@ -323,7 +323,7 @@ pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
 }
 
 /// p50, p99, min, max, mean of a sample, milliseconds.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Latency {
     pub samples: usize,
     pub p50_ms: Option<f64>,

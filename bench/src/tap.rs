@@ -29,7 +29,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tapestry_tests::cmd;
 use tapestry_tests::netns::in_netns;
@@ -208,7 +208,7 @@ pub fn pin_to_cpu(cpu: usize) -> Result<()> {
 }
 
 /// What one generator run did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GenReport {
     /// Frames written (successful writes) during the measured interval.
     pub sent: u64,
@@ -338,11 +338,12 @@ pub fn generate(
 }
 
 /// How the tap is cross-connected to the pod interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Variant {
     Tapestry,
     Bridge,
+    #[serde(rename = "bridge-nonf")]
     BridgeNoNf,
     Mirred,
 }
@@ -378,7 +379,7 @@ impl Variant {
 }
 
 /// The VM pod as the benchmark sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PodTopology {
     /// Namespace name (`ip -n`).
     pub netns: String,

@@ -10,11 +10,10 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use tapestry_api::types::FlowRecord;
 use tapestry_common::{DropReason, FlowEvent, event_kind};
-use tokio::io::unix::AsyncFd;
 
 /// Events kept for readers.
 pub const FLOW_LOG_CAPACITY: usize = 8192;
@@ -131,15 +130,16 @@ impl FlowLog {
     }
 }
 
+/// How often the ring buffer is drained. The datapath writes events without waking a reader
+/// (`BPF_RB_NO_WAKEUP`), so reading costs one pass per tick, however many flows start.
+pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Drains the ring buffer into `log` until the task is aborted.
-pub async fn drain(ring: RingBuf<MapData>, log: std::sync::Arc<FlowLog>) -> Result<()> {
-    // SAFETY: the RingBuf owns its fd and moves into the AsyncFd, which deregisters it before
-    // dropping it.
-    let mut fd =
-        unsafe { AsyncFd::register(ring) }.context("polling the flow events ring buffer")?;
+pub async fn drain(mut ring: RingBuf<MapData>, log: std::sync::Arc<FlowLog>) -> Result<()> {
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
+        tick.tick().await;
         while let Some(item) = ring.next() {
             if item.len() >= std::mem::size_of::<FlowEvent>() {
                 // SAFETY: the datapath writes whole FlowEvents; the length was checked.
@@ -148,7 +148,6 @@ pub async fn drain(ring: RingBuf<MapData>, log: std::sync::Arc<FlowLog>) -> Resu
                 log.push(&e);
             }
         }
-        guard.clear_ready();
     }
 }
 

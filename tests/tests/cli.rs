@@ -284,15 +284,22 @@ fn the_cli_shows_the_labs_real_state() {
         .tcp_request(SocketAddrV4::new(vip, 81), b"x\n", T)
         .expect_err("no backend");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
-    let dropped: Vec<FlowRecord> = ok(sock, &["flows", "--verdict", "dropped", "-o", "json"])
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(
-        dropped.iter().any(|f| f.service.as_deref() == Some("empty")
-            && f.drop_reason.as_deref() == Some("no_backend")),
-        "{dropped:?}"
-    );
+    // The daemon drains flow events every 50 ms: poll for up to a second.
+    let is_refusal = |f: &FlowRecord| {
+        f.service.as_deref() == Some("empty") && f.drop_reason.as_deref() == Some("no_backend")
+    };
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let dropped: Vec<FlowRecord> = loop {
+        let d: Vec<FlowRecord> = ok(sock, &["flows", "--verdict", "dropped", "-o", "json"])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if d.iter().any(is_refusal) || Instant::now() > deadline {
+            break d;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(dropped.iter().any(is_refusal), "{dropped:?}");
     assert!(
         dropped.iter().all(|f| f.verdict == "dropped"),
         "{dropped:?}"

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tapestry_api::client::blocking::Client;
 use tapestry_api::types::EndpointRequest;
@@ -72,6 +72,12 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Remove what a killed run left: the nftables table, the route, its daemon, dead labs.
     Cleanup,
+    /// Redraw vm.png from vm.json (no root needed).
+    Plot {
+        /// The directory holding vm.json; vm.png is written there.
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -137,6 +143,7 @@ fn main() {
         None => run(cli.run),
         Some(Cmd::Run(args)) => run(*args),
         Some(Cmd::Cleanup) => cleanup_command(),
+        Some(Cmd::Plot { out }) => replot(&out),
     };
     if let Err(e) = result {
         eprintln!("tapestry-bench-vm: {e:#}");
@@ -558,7 +565,7 @@ fn run(args: RunArgs) -> Result<()> {
 // Part 1: CNI ADD latency
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 enum CniCase {
     PrimaryOnly,
@@ -594,7 +601,7 @@ impl CniCase {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct CniCycle {
     cycle: usize,
     case: CniCase,
@@ -605,7 +612,7 @@ struct CniCycle {
 
 /// One pod through the spec-exact runtime, before timing: proves the chain works as a runtime
 /// drives it. Its per-plugin times (polled every 2 ms by that runtime) are kept for reference.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Reference {
     case: CniCase,
     add_steps_ms: Vec<(String, f64)>,
@@ -613,7 +620,7 @@ struct Reference {
     endpoints_registered: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct CniStats {
     label: String,
     add_total: Latency,
@@ -622,7 +629,7 @@ struct CniStats {
     del_steps: BTreeMap<String, Latency>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct CniReport {
     cycles: usize,
     warmup_cycles: usize,
@@ -788,7 +795,7 @@ fn cni_part(ctx: &mut Ctx) -> Result<CniReport> {
 // Part 2: the tap <-> pod interface path
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct TapRun {
     round: usize,
     variant: Variant,
@@ -808,7 +815,7 @@ struct TapRun {
     guest_drops: Option<BTreeMap<String, u64>>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct TapMedian {
     variant: Variant,
     label: String,
@@ -825,7 +832,7 @@ struct TapMedian {
     on_cpu_share: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct TapReport {
     topology: PodTopology,
     destination: Ipv4Addr,
@@ -1509,7 +1516,7 @@ fn kernel() -> String {
 }
 
 /// Three panels: CNI ADD p50/p99; packets/s at the first size; Gbit/s at the last size.
-fn plot(cni: Option<&CniReport>, tapr: Option<&TapReport>, png: &Path) -> Result<()> {
+fn plot(cni: Option<&CniReport>, tapr: Option<&TapReport>, date: &str, png: &Path) -> Result<()> {
     let dir = std::env::temp_dir().join(format!(
         "tapestry-{DAEMON_NAME}-{}-plot",
         std::process::id()
@@ -1609,6 +1616,7 @@ plot "{dat}" using 2:xtic(1) title "p50" lc rgb "#4477aa", \
             panels.push(format!(
                 r##"set title "guest tap -> pod veth, {size} B frames, 1 CPU"
 set xtics font "Sans,10"
+set offsets 0, 0, graph 0.22, 0
 set ylabel "{ylabel}"
 set format y "%g"
 plot "{dat}" using 2:xtic(1) title "per second" lc rgb "#228833", \
@@ -1640,7 +1648,7 @@ set multiplot layout 1,{n} title "tapestry-bench-vm ({date})"
 "##,
         png = png.display(),
         n = panels.len(),
-        date = utc_now()
+        date = date
     );
     for p in panels {
         script.push_str(&p);
@@ -1664,6 +1672,21 @@ set multiplot layout 1,{n} title "tapestry-bench-vm ({date})"
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    Ok(())
+}
+
+fn replot(out: &Path) -> Result<()> {
+    let path = out.join("vm.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let doc: Value = serde_json::from_str(&text)?;
+    let cni: Option<CniReport> = serde_json::from_value(doc["cni"].clone())
+        .with_context(|| format!("{}: cni", path.display()))?;
+    let tapr: Option<TapReport> = serde_json::from_value(doc["tap"].clone())
+        .with_context(|| format!("{}: tap", path.display()))?;
+    let date = doc["meta"]["date"].as_str().unwrap_or_default();
+    plot(cni.as_ref(), tapr.as_ref(), date, &out.join("vm.png"))?;
+    eprintln!("tapestry-bench-vm: wrote {}", out.join("vm.png").display());
     Ok(())
 }
 
@@ -1699,7 +1722,8 @@ fn write_results(ctx: &Ctx, cni: Option<&CniReport>, tapr: Option<&TapReport>) -
     let md = markdown(ctx, cni, tapr);
     write_atomic(&out.join("vm.md"), &md)?;
     merge_summary(&out.join("summary.json"), &summary)?;
-    if let Err(e) = plot(cni, tapr, &out.join("vm.png")) {
+    let date = doc["meta"]["date"].as_str().unwrap_or_default();
+    if let Err(e) = plot(cni, tapr, date, &out.join("vm.png")) {
         eprintln!("tapestry-bench-vm: no plot: {e:#}");
     }
     print!("{md}");

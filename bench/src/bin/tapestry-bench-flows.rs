@@ -1,0 +1,206 @@
+//! `tapestry-bench-flows`: what flow events cost. TCP_CRR through a Tapestry VIP with the
+//! daemon's flow events off and on (interleaved rounds, medians of paired ratios), and the
+//! events per second a `tapestry flows --follow` reader receives meanwhile. Reports only: no
+//! threshold anywhere. Writes bench/results/flows.{json,md} and merges
+//! `flow_events_crr_cost_ratio` (on / off) and `flow_events_per_s` into summary.json.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use serde_json::{Map, json};
+use tapestry_bench::{load::ClientReport, report::merge_summary};
+use tapestry_tests::{Lab, daemon::Daemon, require_root_and_bpffs};
+
+#[derive(Parser)]
+#[command(about = "Flow events: TCP_CRR cost with events on vs off, and events/s to a reader")]
+struct Args {
+    #[arg(long, default_value_t = 4)]
+    rounds: usize,
+    /// Seconds of each CRR run.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// CPU for client and server (same vCPU, as the datapath benchmark).
+    #[arg(long, default_value_t = 1)]
+    cpu: usize,
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Err(why) = require_root_and_bpffs() {
+        bail!("{why}");
+    }
+    let bin = tapestry_tests::daemon::bin_dir();
+    let load = bin.join("tapestry-load");
+    let cli = tapestry_tests::daemon::binary("tapestry")?;
+    let mut lab = Lab::new("bench-flows")?;
+    let client = lab.add_pod("client")?;
+    let server = lab.add_pod("server")?;
+    for p in [&client, &server] {
+        p.set_sysctl("net.ipv4.tcp_max_tw_buckets", "0")?;
+    }
+    let vip = lab.service_ip(0);
+    let mut srv = server
+        .spawn(
+            Command::new(&load)
+                .args(["serve", "--port", "8080", "--cpu"])
+                .arg(args.cpu.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .context("starting the load server")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let state = json!({"services": [{"name": "flows", "vip": vip.to_string(), "port": 80,
+        "backends": [{"ip": server.ip.to_string(), "port": 8080}]}]})
+    .to_string();
+    let ifaces = [client.host_ifname.as_str(), server.host_ifname.as_str()];
+
+    let mut runs = Vec::new();
+    let (mut ratios, mut rates) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        let mut tps = [0.0f64; 2];
+        // Alternate which mode goes first, so drift on the shared machine cancels out.
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for events in order {
+            let extra: &[&str] = if events { &["--flow-events"] } else { &[] };
+            let d = Daemon::start_with("bench-flows", &state, &ifaces, extra)?;
+            let received = Arc::new(AtomicU64::new(0));
+            let mut reader = None;
+            if events {
+                let mut child = Command::new(&cli)
+                    .args(["flows", "--follow", "-o", "json", "--socket"])
+                    .arg(&d.socket)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting `tapestry flows --follow`")?;
+                let out = child.stdout.take().expect("piped");
+                let n = received.clone();
+                std::thread::spawn(move || {
+                    for line in BufReader::new(out).lines() {
+                        if line.is_err() {
+                            break;
+                        }
+                        n.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+                reader = Some(child);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            let before = received.load(Ordering::Relaxed);
+            let started = Instant::now();
+            let out = client
+                .run(
+                    Command::new(&load)
+                        .args(["crr", "--target"])
+                        .arg(format!("{vip}:80"))
+                        .arg("--seconds")
+                        .arg(args.seconds.to_string())
+                        .arg("--cpu")
+                        .arg(args.cpu.to_string()),
+                )
+                .context("running the CRR client")?;
+            // Give the reader one poll interval to catch up before counting.
+            std::thread::sleep(Duration::from_millis(400));
+            let elapsed = started.elapsed().as_secs_f64();
+            let delivered = received.load(Ordering::Relaxed) - before;
+            if let Some(mut c) = reader {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let report: ClientReport = serde_json::from_slice(
+                out.stdout
+                    .split(|b| *b == b'\n')
+                    .rfind(|l| !l.is_empty())
+                    .unwrap_or_default(),
+            )
+            .with_context(|| {
+                format!(
+                    "parsing the client's report: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
+            let lost = d.client().flows(0).map(|f| f.lost).unwrap_or(0);
+            drop(d);
+            tps[usize::from(events)] = report.transactions_per_s;
+            if events {
+                rates.push(delivered as f64 / elapsed);
+            }
+            println!(
+                "  [{round}] flow events {}: crr {:.1}k/s{}",
+                if events { "on " } else { "off" },
+                report.transactions_per_s / 1e3,
+                if events {
+                    format!(
+                        ", {delivered} events to the reader ({:.0}/s), {lost} lost",
+                        delivered as f64 / elapsed
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            runs.push(json!({"round": round, "flowEvents": events, "crrPerS": report.transactions_per_s,
+                "errors": report.errors, "eventsDelivered": delivered, "seconds": elapsed, "lost": lost}));
+        }
+        if tps[0] > 0.0 {
+            ratios.push(tps[1] / tps[0]);
+        }
+    }
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let ratio = median(ratios);
+    let rate = median(rates);
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(
+        args.out.join("flows.json"),
+        serde_json::to_vec_pretty(
+            &json!({"runs": runs, "crrCostRatio": ratio, "eventsPerS": rate}),
+        )?,
+    )?;
+    std::fs::write(
+        args.out.join("flows.md"),
+        format!(
+            "# Flow events\n\nTCP_CRR through a Tapestry VIP, {} rounds x {} s, client and server on CPU {}, \
+             medians of per-round ratios.\n\n| figure | value |\n|---|---:|\n| CRR with events on / off | {ratio:.3} |\n\
+             | events/s delivered to `tapestry flows --follow` | {rate:.0} |\n",
+            args.rounds, args.seconds, args.cpu
+        ),
+    )?;
+    let mut m = Map::new();
+    m.insert(
+        "flow_events_crr_cost_ratio".into(),
+        json!((ratio * 1e4).round() / 1e4),
+    );
+    m.insert("flow_events_per_s".into(), json!(rate.round()));
+    merge_summary(&args.out.join("summary.json"), &m)?;
+    println!("flow events: CRR on/off {ratio:.3}, {rate:.0} events/s to the reader");
+    Ok(())
+}
