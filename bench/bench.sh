@@ -22,4 +22,7 @@ if [[ " $* " != *" --no-tapestry "* ]]; then
   # The VM pod's costs: CNI ADD latency and the tap path (bench/VM.md).
   cargo build --release -p tapestry-cni-plugin
   "$target_dir/release/tapestry-bench-vm" --bin-dir "$target_dir/release"
+  # What flow events cost: TCP_CRR with them on vs off, and events/s to a reader.
+  cargo build --release -p tapestry-cli
+  "$target_dir/release/tapestry-bench-flows"
 fi
