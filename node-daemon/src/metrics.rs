@@ -139,6 +139,52 @@ pub fn render(node: &Node) -> Result<String> {
     )
     .samples = be_bytes;
 
+    // Guests, labelled with their identity.
+    let guests = node.endpoints.guests(&node.datapath.maps);
+    let guest_labels = |g: &tapestry_api::types::GuestInfo| -> Labels {
+        vec![
+            ("guest", g.name.clone()),
+            ("namespace", g.namespace.clone().unwrap_or_default()),
+            ("ip", g.ip.clone()),
+        ]
+    };
+    let mut f = Vec::new();
+    let mut ready = Vec::new();
+    for g in &guests {
+        for (dir, v) in [("from_guest", g.rx_packets), ("to_guest", g.tx_packets)] {
+            let mut l = guest_labels(g);
+            l.push(("direction", dir.to_owned()));
+            f.push((l, v));
+        }
+        ready.push((guest_labels(g), u64::from(g.phase == "Ready")));
+    }
+    snap.family(
+        "tapestry_guest_packets",
+        "Packets between a guest and the pod network, by direction.",
+        MetricType::Counter,
+    )
+    .samples = f;
+    let mut drops = Vec::new();
+    for g in &guests {
+        for (reason, v) in &g.drops {
+            let mut l = guest_labels(g);
+            l.push(("reason", reason.clone()));
+            drops.push((l, *v));
+        }
+    }
+    snap.family(
+        "tapestry_guest_drops",
+        "Frames from a guest dropped by the anti-spoofing checks, by reason.",
+        MetricType::Counter,
+    )
+    .samples = drops;
+    snap.family(
+        "tapestry_guest_ready",
+        "1 when the guest is Ready (bound its address or sent traffic from it).",
+        MetricType::Gauge,
+    )
+    .samples = ready;
+
     let status = node.status()?;
     snap.family(
         "tapestry_desired_state_generation",

@@ -212,6 +212,21 @@ fn guest_gets_its_address_by_dhcp_talks_to_pods_and_services_and_cannot_spoof() 
     }
     let status = d.status().unwrap();
     assert!(status.drops["spoofed_ip"] >= 1);
+    // Prometheus has them per guest, with the guest's identity.
+    let metrics = d.client().metrics().unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tapestry_guest_drops_total{")
+                && l.contains("guest=\"vm\"")
+                && l.contains("reason=\"spoofed_arp\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tapestry_guest_ready{guest=\"vm\""),
+        "{metrics}"
+    );
 
     // Pod deletion (CNI DEL): the guest and its links go; DEL again is fine.
     let c = d.client();
