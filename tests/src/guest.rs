@@ -194,16 +194,7 @@ pub fn require_qemu() -> Result<GuestArtifacts, String> {
 /// The policy behind [`require_qemu!`](crate::require_qemu): `true` when [`require_qemu`]
 /// passes; otherwise panics under `CI=...`, or prints `skipped: <why>` and returns `false`.
 pub fn qemu_available() -> bool {
-    match require_qemu() {
-        Ok(_) => true,
-        Err(why) => {
-            if std::env::var_os("CI").is_some() {
-                panic!("CI is set and a guest prerequisite is missing: {why}");
-            }
-            eprintln!("skipped: {why}");
-            false
-        }
-    }
+    crate::prereq::available("guest", require_qemu())
 }
 
 /// After [`require_lab!`](crate::require_lab) in a test that boots guests: returns early

@@ -229,16 +229,7 @@ pub fn require_k8s() -> Result<PathBuf, String> {
 /// The policy behind [`require_k8s!`](crate::require_k8s): `true` when [`require_k8s`] passes;
 /// otherwise panics under `CI=...`, or prints `skipped: <why>` and returns `false`.
 pub fn k8s_available() -> bool {
-    match require_k8s() {
-        Ok(_) => true,
-        Err(why) => {
-            if std::env::var_os("CI").is_some() {
-                panic!("CI is set and a Kubernetes prerequisite is missing: {why}");
-            }
-            eprintln!("skipped: {why}");
-            false
-        }
-    }
+    crate::prereq::available("Kubernetes", require_k8s())
 }
 
 /// First line of a test that runs a [`ControlPlane`]: returns early (with `()` or the given

@@ -50,20 +50,25 @@ fn bpffs_mounted(path: &str) -> std::io::Result<bool> {
     Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }
 
-/// The policy behind [`require_lab!`](crate::require_lab): `true` when the prerequisites are
-/// met. Otherwise, with the environment variable `CI` set (any value) it panics naming what is
-/// missing; without it, it prints `skipped: <why>` to stderr and returns `false`.
-pub fn lab_available() -> bool {
-    match require_root_and_bpffs() {
-        Ok(()) => true,
+/// The skip-or-fail policy of every test prerequisite: `true` when `check` passed. Otherwise,
+/// with the environment variable `CI` set (any value) it panics naming what is missing (`what`:
+/// "lab", "guest", "Kubernetes"); without it, it prints `skipped: <why>` and returns `false`.
+pub fn available<T>(what: &str, check: Result<T, String>) -> bool {
+    match check {
+        Ok(_) => true,
         Err(why) => {
             if std::env::var_os("CI").is_some() {
-                panic!("CI is set and a lab prerequisite is missing: {why}");
+                panic!("CI is set and a {what} prerequisite is missing: {why}");
             }
             eprintln!("skipped: {why}");
             false
         }
     }
+}
+
+/// The policy behind [`require_lab!`](crate::require_lab), for root, bpffs and `ip`.
+pub fn lab_available() -> bool {
+    available("lab", require_root_and_bpffs())
 }
 
 /// First line of every integration test that needs root, bpffs and `ip`:
