@@ -215,16 +215,7 @@ pub async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Actio
 
 async fn reconcile_service(service: &Service, ctx: &Context) -> Result<Action> {
     ctx.caches_ready().await?;
-    let ns = service
-        .metadata
-        .namespace
-        .as_deref()
-        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
-    let name = service
-        .metadata
-        .name
-        .as_deref()
-        .ok_or(Error::MissingObjectKey("metadata.name"))?;
+    let (ns, name) = endpointslice::namespace_and_name(&service.metadata)?;
 
     let slices = ctx
         .slices

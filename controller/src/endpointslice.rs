@@ -287,16 +287,7 @@ pub fn desired_slices<'a>(
     let Some(selector) = service_selector(service) else {
         return Ok(Vec::new());
     };
-    let namespace = service
-        .metadata
-        .namespace
-        .as_deref()
-        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
-    let name = service
-        .metadata
-        .name
-        .as_deref()
-        .ok_or(Error::MissingObjectKey("metadata.name"))?;
+    let (namespace, name) = namespace_and_name(&service.metadata)?;
     let uid = service
         .metadata
         .uid
@@ -408,6 +399,22 @@ pub fn same_content(desired: &EndpointSlice, existing: &EndpointSlice) -> bool {
             .as_deref()
             .unwrap_or_default()
             == existing.owner_references()
+}
+
+/// `metadata.namespace` and `metadata.name` of a namespaced object, which the API server always
+/// sets.
+pub fn namespace_and_name(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<(&str, &str), Error> {
+    let namespace = meta
+        .namespace
+        .as_deref()
+        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let name = meta
+        .name
+        .as_deref()
+        .ok_or(Error::MissingObjectKey("metadata.name"))?;
+    Ok((namespace, name))
 }
 
 #[cfg(test)]
