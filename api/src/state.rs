@@ -250,6 +250,11 @@ impl ServiceSpec {
     }
 
     /// The frontend key: unique across the state.
+    /// The checks [`DesiredState::validate`] makes of one service; `at` names it in errors.
+    pub fn validate(&self, at: &str) -> Result<(), StateError> {
+        validate_service(at, self)
+    }
+
     pub fn frontend(&self) -> (Ipv4Addr, u16, Protocol) {
         (self.vip, self.port, self.protocol)
     }

@@ -7,6 +7,7 @@ pub mod dhcp;
 pub mod endpoints;
 pub mod flows;
 pub mod guest;
+pub mod kubernetes;
 pub mod maglev;
 pub mod metrics;
 pub mod netns;

@@ -18,15 +18,39 @@ use tapestry_node_daemon::{
     flows::{self, FlowLog},
     node::{Node, SharedNode},
     reconcile::Reconciler,
+    kubernetes::{self, KubernetesSource},
     source::{SourceStatus, StandaloneFile, StateSource},
 };
 use tokio::{signal::unix::SignalKind, sync::watch};
 use tracing::{error, info, warn};
 
+/// Where the desired state comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SourceKind {
+    /// A local state file (--state-file): standalone mode, a single host.
+    File,
+    /// The Kubernetes API: Services and EndpointSlices in, this node's Guests out.
+    Kubernetes,
+}
+
 /// Tapestry's node daemon: eBPF Service load balancing for pods and VM guests.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Args {
+    /// Where the desired state comes from.
+    #[arg(long, value_enum, env = "TAPESTRY_SOURCE", default_value = "file")]
+    source: SourceKind,
+    /// This node's name (Kubernetes mode): Guests are published under it, and
+    /// `internalTrafficPolicy: Local` keeps its endpoints.
+    #[arg(long, env = "NODE_NAME", required_if_eq("source", "kubernetes"))]
+    node_name: Option<String>,
+    /// Kubeconfig for Kubernetes mode (default: in-cluster, then $KUBECONFIG).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: program every Service from Services and EndpointSlices (a kube-proxy
+    /// replacement). With false the daemon only plumbs VM guests and publishes Guests.
+    #[arg(long, env = "TAPESTRY_KUBE_PROXY_REPLACEMENT", default_value_t = true, action = clap::ArgAction::Set)]
+    kube_proxy_replacement: bool,
     /// Standalone mode: the desired state (services and backends), YAML or JSON, watched for
     /// changes.
     #[arg(
@@ -112,7 +136,26 @@ async fn run(args: Args) -> Result<()> {
     let events = datapath.maps.events.take();
     let dhcp_ring = datapath.maps.dhcp.take();
     let flows = Arc::new(FlowLog::default());
-    let source = StandaloneFile::new(&args.state_file);
+    let kube = match args.source {
+        SourceKind::File => None,
+        SourceKind::Kubernetes => {
+            let node_name = args
+                .node_name
+                .clone()
+                .context("--node-name (or $NODE_NAME) is required with --source kubernetes")?;
+            Some((
+                kubernetes::client(args.kubeconfig.as_deref()).await?,
+                node_name,
+            ))
+        }
+    };
+    let source = match &kube {
+        None => Source::File(StandaloneFile::new(&args.state_file)),
+        Some(_) if !args.kube_proxy_replacement => Source::None,
+        Some((client, node_name)) => {
+            Source::Kubernetes(KubernetesSource::new(client.clone(), node_name.clone()))
+        }
+    };
     let node: SharedNode = Arc::new(Mutex::new(Node {
         datapath,
         reconciler,
@@ -122,7 +165,11 @@ async fn run(args: Args) -> Result<()> {
             ..Default::default()
         },
         apply_error: None,
-        mode: "standalone",
+        mode: if kube.is_some() {
+            "kubernetes"
+        } else {
+            "standalone"
+        },
         flow_events: args.flow_events,
         flows: flows.clone(),
         endpoints,
@@ -132,11 +179,21 @@ async fn run(args: Args) -> Result<()> {
     let (status_tx, status_rx) = watch::channel(SourceStatus::default());
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(async move {
-        source
-            .run(updates_tx, status_tx)
-            .await
-            .context("state source")
+        match source {
+            Source::File(s) => s.run(updates_tx, status_tx).await,
+            Source::Kubernetes(s) => s.run(updates_tx, status_tx).await,
+            Source::None => {
+                // Keep the channels open: the reconciler waits, the datapath's services stay.
+                let _keep = (updates_tx, status_tx);
+                std::future::pending().await
+            }
+        }
+        .context("state source")
     });
+    if let Some((client, node_name)) = kube {
+        let node = node.clone();
+        tasks.spawn(kubernetes::publish_guests(client, node_name, node));
+    }
     tasks.spawn(reconcile_loop(node.clone(), updates_rx, status_rx));
     {
         let node = node.clone();
@@ -187,6 +244,24 @@ async fn run(args: Args) -> Result<()> {
     let _ = std::fs::remove_file(&args.socket);
     info!("stopped; the datapath stays in place");
     result
+}
+
+/// The configured desired-state source.
+enum Source {
+    File(StandaloneFile),
+    Kubernetes(KubernetesSource),
+    /// Kubernetes mode without kube-proxy replacement: no Services are programmed.
+    None,
+}
+
+impl Source {
+    fn describe(&self) -> String {
+        match self {
+            Source::File(s) => s.describe(),
+            Source::Kubernetes(s) => s.describe(),
+            Source::None => "none (kube-proxy replacement off)".into(),
+        }
+    }
 }
 
 /// Answers the guests' DHCP, queued by the guest programs.

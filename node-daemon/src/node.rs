@@ -25,7 +25,7 @@ use crate::{
     datapath::Datapath,
     endpoints::Endpoints,
     flows::FlowLog,
-    reconcile::{Reconciler, frontend_of},
+    reconcile::{BackendAddr, Reconciler, frontend_of},
     source::SourceStatus,
 };
 
@@ -177,6 +177,13 @@ impl Node {
                 *flows.entry((e.service_id, e.backend_id)).or_default() += 1;
             }
         }
+        // Restored from the pins but not yet reprogrammed (no desired state since the start,
+        // e.g. the apiserver is away): the backends come from the selection table.
+        let by_id: HashMap<u32, &BackendAddr> = self
+            .reconciler
+            .backends()
+            .map(|(addr, pb)| (pb.id, addr))
+            .collect();
         let mut out = Vec::new();
         for (key, ps) in self.reconciler.services() {
             let (vip, port, proto) = frontend_of(key);
@@ -209,6 +216,33 @@ impl Node {
                         state: state.into(),
                         traffic,
                         active_flows: flows.get(&(ps.id, *id)).copied().unwrap_or(0),
+                    });
+                }
+            } else if let Ok(table) = maps.lb_tables.get(&ps.id, 0) {
+                // Every slot holds an active backend's id once any backend is active.
+                let mut ids: Vec<u32> = if ps.entry.backend_count > 0 {
+                    table.backends.to_vec()
+                } else {
+                    Vec::new()
+                };
+                ids.sort_unstable();
+                ids.dedup();
+                for id in ids {
+                    let Some(addr) = by_id.get(&id) else { continue };
+                    backends.push(BackendInfo {
+                        id,
+                        ip: addr.ip,
+                        port: addr.port,
+                        weight: 0,
+                        name: None,
+                        kind: "unknown".into(),
+                        state: "active".into(),
+                        traffic: maps
+                            .backend_stats
+                            .get(&id, 0)
+                            .map(|v| sum_stats(&v))
+                            .unwrap_or_default(),
+                        active_flows: flows.get(&(ps.id, id)).copied().unwrap_or(0),
                     });
                 }
             }

@@ -1,4 +1,5 @@
-//! Where the desired state comes from: a standalone state file now, the Kubernetes API later.
+//! Where the desired state comes from: a standalone state file, or the Kubernetes API
+//! ([`crate::kubernetes`]).
 //!
 //! A source publishes complete [`DesiredState`]s on a `watch` channel; the reconciler only ever
 //! sees valid states. Invalid input is reported through [`SourceStatus`] and logs, and the last
@@ -188,7 +189,7 @@ fn classify(event: &notify::Event, dir: &Path, name: &OsStr) -> Option<Signal> {
 }
 
 /// Publishes states and keeps the status in step.
-struct Publisher {
+pub(crate) struct Publisher {
     describe: String,
     updates: watch::Sender<Arc<DesiredState>>,
     status: watch::Sender<SourceStatus>,
@@ -197,7 +198,7 @@ struct Publisher {
 }
 
 impl Publisher {
-    fn new(
+    pub(crate) fn new(
         describe: String,
         updates: watch::Sender<Arc<DesiredState>>,
         status: watch::Sender<SourceStatus>,
@@ -232,7 +233,7 @@ impl Publisher {
     }
 
     /// Publishes `state` unless it equals the last one published.
-    fn publish(&mut self, state: DesiredState) {
+    pub(crate) fn publish(&mut self, state: DesiredState) {
         let services = state.services.len();
         if self.last.as_deref() == Some(&state) {
             debug!(source = %self.describe, services, "desired state unchanged");
@@ -268,7 +269,7 @@ impl Publisher {
     }
 
     /// `loaded` is `Some` when input was read and valid; otherwise the previous time is kept.
-    fn set_status(&self, last_error: Option<String>, loaded: Option<SystemTime>) {
+    pub(crate) fn set_status(&self, last_error: Option<String>, loaded: Option<SystemTime>) {
         let generation = self.generation;
         self.status.send_modify(|s| {
             s.generation = generation;

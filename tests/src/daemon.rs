@@ -216,6 +216,16 @@ impl Daemon {
         self.wait_generation(1, Duration::from_secs(20))
     }
 
+    /// Starts the daemon again without waiting for a desired state (its source may be
+    /// unreachable): returns once the API answers.
+    pub fn restart_unsynced(&mut self) -> Result<Status> {
+        if self.child.is_some() {
+            self.stop()?;
+        }
+        self.spawn()?;
+        self.wait_generation(0, Duration::from_secs(20))
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }

@@ -33,7 +33,9 @@
 //!   the ServiceAccount admission plugin off (pods need no service account), ValidatingAdmissionPolicy
 //!   on, `--endpoint-reconciler-type=none` (it refuses the loopback advertise address, so the
 //!   `default/kubernetes` Service has no endpoints). Ready when `/readyz` answers `ok` (about 3 s
-//!   on an idle machine).
+//!   on an idle machine). [`ControlPlane::start_with_options`] binds it to another address (a
+//!   real node's, see [`crate::node`]; then `default/kubernetes` has that endpoint) and can turn
+//!   the ServiceAccount admission plugin on.
 //! - [`ControlPlane::start_controller_manager`]: kube-controller-manager with the EndpointSlice,
 //!   garbage-collector and namespace controllers, as `system:kube-controller-manager` with
 //!   `--use-service-account-credentials` (each controller acts as its own service account, under
@@ -58,7 +60,7 @@ use std::{
     ffi::OsStr,
     fs,
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -88,6 +90,13 @@ pub const DEFAULT_CONTROLLERS: &[&str] = &[
     "endpointslice-controller",
     "garbage-collector-controller",
     "namespace-controller",
+];
+/// What a node needs on top of [`DEFAULT_CONTROLLERS`] when pods get service-account tokens
+/// ([`ControlPlaneOptions::service_accounts`]): the `default` ServiceAccount of every namespace
+/// and the `kube-root-ca.crt` ConfigMap that the token volume mounts.
+pub const SERVICE_ACCOUNT_CONTROLLERS: &[&str] = &[
+    "serviceaccount-controller",
+    "root-ca-certificate-publisher-controller",
 ];
 /// Binaries [`require_k8s`] checks for: what [`ControlPlane`] runs.
 pub const REQUIRED_BINARIES: &[&str] = &[
@@ -315,6 +324,25 @@ fn default_identities() -> Vec<Identity> {
 // ---------------------------------------------------------------------------------------------
 // The control plane
 
+/// How [`ControlPlane::start_with_options`] sets up a control plane; the default is what
+/// [`ControlPlane::start`] does.
+#[derive(Debug, Clone, Default)]
+pub struct ControlPlaneOptions {
+    /// Identities besides the defaults (ids must differ from theirs).
+    pub identities: Vec<Identity>,
+    /// Address the apiserver (and nothing else) binds and advertises; `None`: 127.0.0.1. Any
+    /// other address (a real node's, which its pods can reach) goes into the serving
+    /// certificate, kubeconfigs use it, and the lease endpoint reconciler gives
+    /// `default/kubernetes` an endpoint there, so pods reach the apiserver through its
+    /// ClusterIP as in a cluster.
+    pub address: Option<Ipv4Addr>,
+    /// Turn the ServiceAccount admission plugin on: pods get a service account and a projected
+    /// token (with [`SERVICE_ACCOUNT_CONTROLLERS`] running, see
+    /// [`ControlPlane::start_controller_manager_with`]). Off by default, so that pods need no
+    /// service account.
+    pub service_accounts: bool,
+}
+
 struct Member {
     identity: Identity,
     token: String,
@@ -333,6 +361,8 @@ pub struct ControlPlane {
     controller_manager: Option<Child>,
     /// Keep the logs on drop (set when starting failed).
     keep_logs: bool,
+    address: Ipv4Addr,
+    service_accounts: bool,
 }
 
 impl ControlPlane {
@@ -344,10 +374,22 @@ impl ControlPlane {
 
     /// [`start`](Self::start) with more identities (ids must differ from the defaults').
     pub fn start_with(extra: &[Identity]) -> Result<ControlPlane> {
+        Self::start_with_options(ControlPlaneOptions {
+            identities: extra.to_vec(),
+            ..ControlPlaneOptions::default()
+        })
+    }
+
+    /// Starts a control plane as `options` say.
+    pub fn start_with_options(options: ControlPlaneOptions) -> Result<ControlPlane> {
         let bin = require_k8s().map_err(|e| anyhow!(e))?;
         sweep_leftovers();
+        let address = options.address.unwrap_or(Ipv4Addr::LOCALHOST);
+        if address.is_unspecified() || address.is_multicast() || address.is_broadcast() {
+            bail!("control-plane address {address}: give a unicast address of this host");
+        }
         let mut identities = default_identities();
-        for id in extra {
+        for id in &options.identities {
             if identities.iter().any(|i| i.id == id.id) {
                 bail!("identity id {:?} is used twice", id.id);
             }
@@ -392,6 +434,8 @@ impl ControlPlane {
             apiserver: None,
             controller_manager: None,
             keep_logs: false,
+            address,
+            service_accounts: options.service_accounts,
         };
         // From here on, Drop cleans up whatever was started.
         cp.write_pki()?;
@@ -420,8 +464,8 @@ impl ControlPlane {
     }
 
     fn try_start_processes(&mut self) -> Result<()> {
-        self.etcd_port = free_port()?;
-        self.api_port = free_port()?;
+        self.etcd_port = free_port(Ipv4Addr::LOCALHOST)?;
+        self.api_port = free_port(self.address)?;
         for f in ["etcd.log", "kube-apiserver.log"] {
             let _ = fs::remove_file(self.dir.join(f));
         }
@@ -448,14 +492,26 @@ impl ControlPlane {
                 &m.token,
             )?;
         }
+        self.spawn_apiserver()?;
+        self.wait_ready()
+    }
+
+    /// Starts kube-apiserver on [`Self::api_port`] against the running etcd.
+    fn spawn_apiserver(&mut self) -> Result<()> {
+        let client_url = self.etcd_url();
         let pki = |f: &str| self.pki(f).display().to_string();
         let mut api = Command::new(self.bin.join("kube-apiserver"));
         api.arg(format!("--etcd-servers={client_url}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--bind-address={}", self.address))
+            .arg(format!("--advertise-address={}", self.address));
+        if self.address.is_loopback() {
             // The reconciler of default/kubernetes's endpoints refuses a loopback address.
-            .arg("--endpoint-reconciler-type=none")
-            .arg(format!("--secure-port={}", self.api_port))
+            api.arg("--endpoint-reconciler-type=none");
+        }
+        if !self.service_accounts {
+            api.arg("--disable-admission-plugins=ServiceAccount");
+        }
+        api.arg(format!("--secure-port={}", self.api_port))
             .arg(format!(
                 "--cert-dir={}",
                 self.dir.join("apiserver-certs").display()
@@ -476,7 +532,6 @@ impl ControlPlane {
                 self.dir.join("tokens.csv").display()
             ))
             .arg("--enable-admission-plugins=ValidatingAdmissionPolicy")
-            .arg("--disable-admission-plugins=ServiceAccount")
             .arg("--allow-privileged=true")
             .arg(format!(
                 "--kubelet-client-certificate={}",
@@ -489,6 +544,19 @@ impl ControlPlane {
             .arg("--kubelet-preferred-address-types=InternalIP")
             .arg("--profiling=false");
         self.apiserver = Some(self.spawn("kube-apiserver", api)?);
+        Ok(())
+    }
+
+    /// Kills kube-apiserver (etcd keeps the data): an outage, as clients see it.
+    pub fn stop_apiserver(&mut self) {
+        kill(&mut self.apiserver);
+    }
+
+    /// Starts kube-apiserver again after [`Self::stop_apiserver`], on the same port, and waits
+    /// until it is ready.
+    pub fn restart_apiserver(&mut self) -> Result<()> {
+        kill(&mut self.apiserver);
+        self.spawn_apiserver()?;
         self.wait_ready()
     }
 
@@ -516,7 +584,12 @@ impl ControlPlane {
 
     fn wait_port(&mut self, name: &str, port: u16, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let host = if name == "etcd" {
+            Ipv4Addr::LOCALHOST
+        } else {
+            self.address
+        };
+        let addr = SocketAddr::from((host, port));
         loop {
             let dir = self.dir.clone();
             let child = if name == "etcd" {
@@ -576,7 +649,14 @@ impl ControlPlane {
     fn write_pki(&self) -> Result<()> {
         let pki = self.dir.join("pki");
         fs::create_dir_all(&pki)?;
-        fs::write(pki.join("openssl.cnf"), OPENSSL_CNF)?;
+        let mut cnf = OPENSSL_CNF.to_string();
+        if !self.address.is_loopback() {
+            cnf = cnf.replace(
+                "subjectAltName = IP:127.0.0.1,",
+                &format!("subjectAltName = IP:127.0.0.1,IP:{},", self.address),
+            );
+        }
+        fs::write(pki.join("openssl.cnf"), cnf)?;
         openssl(
             &pki,
             &[
@@ -726,9 +806,15 @@ impl ControlPlane {
 
     // --- accessors ---------------------------------------------------------------------------
 
-    /// `https://127.0.0.1:<port>`.
+    /// `https://<address>:<port>` (127.0.0.1 unless [`ControlPlaneOptions::address`] said
+    /// otherwise).
     pub fn server_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.api_port)
+        format!("https://{}:{}", self.address, self.api_port)
+    }
+
+    /// The address the apiserver binds and advertises.
+    pub fn address(&self) -> Ipv4Addr {
+        self.address
     }
 
     /// The apiserver's secure port.
@@ -981,6 +1067,12 @@ fn controller_service_account(controller: &str) -> Option<&'static str> {
             "endpointslicemirroring-controller"
         }
         "serviceaccount-controller" | "serviceaccount" => "service-account-controller",
+        "daemonset-controller" | "daemonset" => "daemon-set-controller",
+        "deployment-controller" | "deployment" => "deployment-controller",
+        "replicaset-controller" | "replicaset" => "replicaset-controller",
+        "root-ca-certificate-publisher-controller" | "root-ca-cert-publisher" => {
+            "root-ca-cert-publisher"
+        }
         _ => return None,
     })
 }
@@ -1094,11 +1186,13 @@ fn random_hex(bytes: usize) -> Result<String> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// A loopback port that was free a moment ago and that this process has not handed out before.
-fn free_port() -> Result<u16> {
+/// A port on `addr` that was free a moment ago and that this process has not handed out before.
+fn free_port(addr: Ipv4Addr) -> Result<u16> {
     static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
     for _ in 0..100 {
-        let port = TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port();
+        let port = TcpListener::bind((IpAddr::V4(addr), 0))?
+            .local_addr()?
+            .port();
         let mut set = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
         if set.get_or_insert_with(HashSet::new).insert(port) {
             return Ok(port);

@@ -1,0 +1,987 @@
+//! Kubernetes mode: the desired state from Services and EndpointSlices, and this node's Guests.
+//!
+//! [`KubernetesSource`] watches every Service and every EndpointSlice (whoever manages it: the
+//! built-in controller's pod slices, tapestry-controller's guest slices, anyone's hand-written
+//! ones) and turns them into the same [`DesiredState`] a standalone file gives, so the reconciler
+//! programs the datapath the same way: a kube-proxy replacement for pods and VM guests alike.
+//!
+//! What it takes from a Service, as kube-proxy does: every IPv4 cluster IP, each TCP/UDP port
+//! (SCTP and IPv6 are not in the datapath), `sessionAffinity: ClientIP` with its timeout,
+//! `internalTrafficPolicy: Local`; headless and ExternalName Services are left out. The
+//! `tapestry.dev/lb-algorithm` annotation (`random`, `maglev`) chooses the selection. Endpoints
+//! are ready ones; when a port has none, serving-and-terminating ones take new flows (kube-proxy's
+//! fallback); other terminating ones keep their flows and get no new ones. When two slices list
+//! the same address and port, the tapestry-managed one wins: its readiness is the guest's own.
+//!
+//! Nothing is published until both watches have listed once, so a daemon that starts while the
+//! apiserver is down leaves the datapath it adopted untouched; while the apiserver is away the
+//! last state stays in force and `tapestry status` says why; after the watches re-list, the
+//! state is published again, and the reconciler writes only the difference.
+//!
+//! [`publish_guests`] writes one Guest per VM pod this node attached (from the endpoint
+//! registry that the CNI plugin fills), owned by its Pod (so Kubernetes' garbage collector
+//! removes it with the pod, even if this node is gone), with the pod's labels and declared ports,
+//! and deletes this node's Guests that no longer have an attachment.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::Ipv4Addr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, Result, bail};
+use futures::{StreamExt, stream};
+use k8s_openapi::{
+    api::{
+        core::v1::{Pod, Service},
+        discovery::v1::{EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::{OwnerReference, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, Preconditions},
+    runtime::{
+        WatchStreamExt,
+        reflector,
+        watcher,
+    },
+};
+use serde_json::json;
+use tapestry_api::{
+    state::{
+        Algorithm, BackendSpec, DesiredState, EndpointKind, Protocol, ServiceSpec, SessionAffinity,
+    },
+    types::EndpointInfo,
+};
+use tapestry_k8s::{
+    ConditionStatus, Guest, GuestCondition, GuestConditionType, GuestPodRef, GuestPort, GuestSpec,
+    GuestStatus, names,
+};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::{
+    node::SharedNode,
+    source::{Publisher, SourceStatus, StateSource},
+};
+
+/// Service annotation choosing the backend selection (`random` or `maglev`).
+pub const LB_ALGORITHM_ANNOTATION: &str = "tapestry.dev/lb-algorithm";
+
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+/// How long a burst of watch events is collected before the state is rebuilt once.
+const COALESCE: Duration = Duration::from_millis(20);
+
+/// The desired state from the Kubernetes API.
+pub struct KubernetesSource {
+    client: Client,
+    node_name: String,
+}
+
+impl KubernetesSource {
+    pub fn new(client: Client, node_name: impl Into<String>) -> Self {
+        KubernetesSource {
+            client,
+            node_name: node_name.into(),
+        }
+    }
+}
+
+/// What one watch event means to the source.
+enum Seen {
+    Changed,
+    Listed,
+    Failed(String),
+}
+
+fn seen<K>(which: u8) -> impl FnMut(Result<watcher::Event<K>, watcher::Error>) -> (u8, Seen) {
+    move |ev| {
+        let seen = match ev {
+            Ok(watcher::Event::InitDone) => Seen::Listed,
+            Ok(_) => Seen::Changed,
+            Err(e) => Seen::Failed(e.to_string()),
+        };
+        (which, seen)
+    }
+}
+
+const SERVICES: u8 = 1;
+const SLICES: u8 = 2;
+
+impl StateSource for KubernetesSource {
+    fn describe(&self) -> String {
+        format!("kubernetes (node {})", self.node_name)
+    }
+
+    async fn run(
+        self,
+        updates: watch::Sender<Arc<DesiredState>>,
+        status: watch::Sender<SourceStatus>,
+    ) -> Result<()> {
+        let describe = self.describe();
+        let (services, svc_writer) = reflector::store::<Service>();
+        let (slices, slice_writer) = reflector::store::<EndpointSlice>();
+        let svc_events = watcher(
+            Api::<Service>::all(self.client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(svc_writer)
+        .map(seen(SERVICES));
+        let slice_events = watcher(
+            Api::<EndpointSlice>::all(self.client.clone()),
+            watcher::Config::default().labels(names::labels::SERVICE_NAME),
+        )
+        .default_backoff()
+        .reflect(slice_writer)
+        .map(seen(SLICES));
+        let mut events = std::pin::pin!(stream::select(svc_events, slice_events));
+
+        let mut publisher = Publisher::new(describe.clone(), updates, status);
+        let mut listed = 0u8;
+        let mut failing: HashMap<u8, String> = HashMap::new();
+        let mut problems_logged: HashSet<String> = HashSet::new();
+        info!(source = %describe, "watching Services and EndpointSlices");
+        loop {
+            let Some(first) = events.next().await else {
+                bail!("{describe}: the watches ended");
+            };
+            let mut dirty = false;
+            let mut note = |(which, seen): (u8, Seen), listed: &mut u8, dirty: &mut bool| match seen
+            {
+                Seen::Changed => {
+                    failing.remove(&which);
+                    *dirty = true;
+                }
+                Seen::Listed => {
+                    failing.remove(&which);
+                    *listed |= which;
+                    *dirty = true;
+                }
+                Seen::Failed(e) => {
+                    if failing.insert(which, e.clone()).is_none() {
+                        warn!(source = %describe, error = %e, "Kubernetes API watch failed; the datapath keeps its state and the watch retries");
+                    }
+                }
+            };
+            note(first, &mut listed, &mut dirty);
+            // A burst (a rollout, a re-list) becomes one rebuild.
+            let deadline = tokio::time::Instant::now() + COALESCE;
+            while let Ok(next) = tokio::time::timeout_at(deadline, events.next()).await {
+                match next {
+                    Some(ev) => note(ev, &mut listed, &mut dirty),
+                    None => bail!("{describe}: the watches ended"),
+                }
+            }
+            let error = (!failing.is_empty()).then(|| {
+                let mut why: Vec<&str> = failing.values().map(String::as_str).collect();
+                why.sort();
+                format!(
+                    "Kubernetes API unreachable ({}); the last state stays in force",
+                    why.join("; ")
+                )
+            });
+            if listed != SERVICES | SLICES {
+                publisher.set_status(
+                    error.or_else(|| Some("waiting for the first list of Services and EndpointSlices; the datapath is left as it is".into())),
+                    None,
+                );
+                continue;
+            }
+            if dirty {
+                let (state, problems) =
+                    desired_state(&services.state(), &slices.state(), &self.node_name);
+                for p in problems {
+                    if problems_logged.insert(p.clone()) {
+                        warn!(source = %describe, "{p}");
+                    }
+                }
+                publisher.publish(state);
+            }
+            let loaded = error.is_none().then(SystemTime::now);
+            publisher.set_status(error, loaded);
+        }
+    }
+}
+
+/// The desired state for the Services and EndpointSlices given; also the problems found (a
+/// Service left out, and why), to be logged once each.
+pub fn desired_state(
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    node_name: &str,
+) -> (DesiredState, Vec<String>) {
+    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let (Some(ns), Some(svc)) = (
+            slice.metadata.namespace.as_deref(),
+            slice.labels().get(names::labels::SERVICE_NAME),
+        ) else {
+            continue;
+        };
+        by_service.entry((ns, svc.as_str())).or_default().push(slice);
+    }
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for svc in services {
+        let empty = Vec::new();
+        let ns = svc.namespace().unwrap_or_default();
+        let name = svc.name_any();
+        let slices = by_service
+            .get(&(ns.as_str(), name.as_str()))
+            .unwrap_or(&empty);
+        for spec in service_specs(svc, slices, node_name, &mut problems) {
+            match spec.validate(&spec.name) {
+                Ok(()) => out.push(spec),
+                Err(e) => problems.push(format!("service {ns}/{name} left out: {e}")),
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    (DesiredState { services: out }, problems)
+}
+
+/// One [`ServiceSpec`] per cluster IP and port of `svc`.
+fn service_specs(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node_name: &str,
+    problems: &mut Vec<String>,
+) -> Vec<ServiceSpec> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return Vec::new();
+    };
+    let ns = svc.namespace().unwrap_or_default();
+    let name = svc.name_any();
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Vec::new();
+    }
+    let mut ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
+    if ips.is_empty() {
+        ips.extend(spec.cluster_ip.as_ref());
+    }
+    let vips: Vec<Ipv4Addr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+    if vips.is_empty() {
+        // Headless ("None"), not yet allocated, or IPv6 only.
+        return Vec::new();
+    }
+    let algorithm = match svc.annotations().get(LB_ALGORITHM_ANNOTATION) {
+        None => Algorithm::Random,
+        Some(v) => v.parse().unwrap_or_else(|why| {
+            problems.push(format!(
+                "service {ns}/{name}: annotation {LB_ALGORITHM_ANNOTATION} {why}; using random"
+            ));
+            Algorithm::Random
+        }),
+    };
+    let (session_affinity, timeout) = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => (
+            SessionAffinity::ClientIP,
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|t| u32::try_from(t).ok())
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT),
+        ),
+        _ => (SessionAffinity::None, DEFAULT_AFFINITY_TIMEOUT),
+    };
+    let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    let mut out = Vec::new();
+    for port in ports {
+        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            _ => continue, // SCTP: not in the datapath
+        };
+        let Ok(number) = u16::try_from(port.port) else {
+            continue;
+        };
+        let port_name = port.name.as_deref().unwrap_or_default();
+        let backends = backends_for(slices, port_name, protocol, local_only, node_name);
+        for (i, vip) in vips.iter().enumerate() {
+            let mut label = format!("{ns}/{name}");
+            if ports.len() > 1 {
+                label.push('/');
+                if port_name.is_empty() {
+                    label.push_str(&number.to_string());
+                } else {
+                    label.push_str(port_name);
+                }
+            }
+            if i > 0 {
+                label.push_str(&format!("/{vip}"));
+            }
+            out.push(ServiceSpec {
+                name: label,
+                vip: *vip,
+                port: number,
+                protocol,
+                algorithm,
+                session_affinity,
+                session_affinity_timeout_seconds: timeout,
+                backends: backends.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// The backends that `slices` give one Service port.
+fn backends_for(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    protocol: Protocol,
+    local_only: bool,
+    node_name: &str,
+) -> Vec<BackendSpec> {
+    struct Candidate {
+        backend: BackendSpec,
+        ready: bool,
+        serving: bool,
+        usable: bool,
+        ours: bool,
+    }
+    let mut found: BTreeMap<(Ipv4Addr, u16), Candidate> = BTreeMap::new();
+    for slice in slices {
+        let Some(target) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| slice_port_matches(p, port_name, protocol))
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        else {
+            continue;
+        };
+        let ours = slice.labels().get(names::labels::MANAGED_BY).map(String::as_str)
+            == Some(names::MANAGED_BY);
+        for ep in &slice.endpoints {
+            if local_only && ep.node_name.as_deref() != Some(node_name) {
+                continue;
+            }
+            let c = ep.conditions.as_ref();
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            // Not ready and not draining: no traffic at all. Still recorded, so that a guest's
+            // own "not ready" hides its pod's "ready" from another slice.
+            let usable = ready || terminating;
+            let (kind, display) = match ep.target_ref.as_ref() {
+                Some(r) => (
+                    if r.kind.as_deref() == Some(names::GUEST_KIND) {
+                        EndpointKind::Vm
+                    } else {
+                        EndpointKind::Pod
+                    },
+                    r.name.clone(),
+                ),
+                None => (EndpointKind::Pod, None),
+            };
+            for address in &ep.addresses {
+                let Ok(ip) = address.parse::<Ipv4Addr>() else {
+                    continue;
+                };
+                let candidate = Candidate {
+                    backend: BackendSpec {
+                        ip,
+                        port: Some(target),
+                        weight: 1,
+                        name: display.clone(),
+                        kind,
+                        terminating: !ready,
+                    },
+                    ready,
+                    serving,
+                    usable,
+                    ours,
+                };
+                match found.get(&(ip, target)) {
+                    Some(old) if (old.ours, old.ready) >= (candidate.ours, candidate.ready) => {}
+                    _ => {
+                        found.insert((ip, target), candidate);
+                    }
+                }
+            }
+        }
+    }
+    let any_ready = found.values().any(|c| c.ready);
+    found
+        .into_values()
+        .filter(|c| c.usable)
+        .map(|mut c| {
+            if !any_ready && c.serving {
+                c.backend.terminating = false;
+            }
+            c.backend
+        })
+        .collect()
+}
+
+fn slice_port_matches(p: &EndpointPort, port_name: &str, protocol: Protocol) -> bool {
+    p.name.as_deref().unwrap_or_default() == port_name
+        && p.protocol.as_deref().unwrap_or("TCP") == protocol.as_str()
+}
+
+/// A client from `kubeconfig`, or from the environment (in-cluster, then `$KUBECONFIG`).
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no Kubernetes configuration (not in a cluster, no $KUBECONFIG, no --kubeconfig)")?,
+    };
+    Client::try_from(config).context("creating the Kubernetes client")
+}
+
+/// How often the Guests are compared with the attachments.
+pub const GUEST_SYNC_INTERVAL: Duration = Duration::from_millis(250);
+/// How often this node's Guests are listed to find stale ones.
+pub const GUEST_GC_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What was last written for one Guest.
+#[derive(Debug, Clone, PartialEq)]
+struct Published {
+    labels: BTreeMap<String, String>,
+    spec: GuestSpec,
+    owner_uid: Option<String>,
+    ready: bool,
+    reason: String,
+    since: Time,
+}
+
+/// Publishes this node's Guests and removes the stale ones, until the task is aborted. Failures
+/// (apiserver away, RBAC) are logged and retried; they never touch the datapath.
+pub async fn publish_guests(client: Client, node_name: String, node: SharedNode) -> Result<()> {
+    let mut published: HashMap<(String, String), Published> = HashMap::new();
+    let mut pods: HashMap<(String, String), Option<Arc<Pod>>> = HashMap::new();
+    let mut last_error: Option<String> = None;
+    let mut next_gc = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(GUEST_SYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    info!(node = %node_name, "publishing this node's Guests");
+    loop {
+        tick.tick().await;
+        let attached: Vec<EndpointInfo> = {
+            let n = node.lock().unwrap_or_else(|p| p.into_inner());
+            n.endpoints
+                .list(&n.datapath.maps)
+                .into_iter()
+                .filter(|e| e.request.vm.is_some() && e.request.pod.is_some())
+                .collect()
+        };
+        let result = sync_guests(
+            &client,
+            &node_name,
+            &attached,
+            &mut published,
+            &mut pods,
+            tokio::time::Instant::now() >= next_gc,
+        )
+        .await;
+        if tokio::time::Instant::now() >= next_gc {
+            next_gc = tokio::time::Instant::now() + GUEST_GC_INTERVAL;
+        }
+        match result {
+            Ok(()) => {
+                if last_error.take().is_some() {
+                    info!("Guests in sync again");
+                }
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if last_error.as_deref() != Some(&msg) {
+                    warn!(error = %msg, "publishing Guests failed; retrying");
+                    last_error = Some(msg);
+                }
+            }
+        }
+    }
+}
+
+async fn sync_guests(
+    client: &Client,
+    node_name: &str,
+    attached: &[EndpointInfo],
+    published: &mut HashMap<(String, String), Published>,
+    pods: &mut HashMap<(String, String), Option<Arc<Pod>>>,
+    collect_garbage: bool,
+) -> Result<()> {
+    let mut wanted: HashSet<(String, String)> = HashSet::new();
+    for e in attached {
+        let (Some(pod_ref), Some(vm)) = (e.request.pod.as_ref(), e.request.vm.as_ref()) else {
+            continue;
+        };
+        let key = (pod_ref.namespace.clone(), pod_ref.name.clone());
+        wanted.insert(key.clone());
+        let pod = match pods.get(&key) {
+            Some(p) => p.clone(),
+            None => {
+                let p = Api::<Pod>::namespaced(client.clone(), &pod_ref.namespace)
+                    .get_opt(&pod_ref.name)
+                    .await
+                    .with_context(|| format!("reading pod {}/{}", key.0, key.1))?
+                    .map(Arc::new);
+                pods.insert(key.clone(), p.clone());
+                p
+            }
+        };
+        // The pod must be the one the CNI plugin attached (same uid when the runtime said).
+        let pod = pod.filter(|p| match (&pod_ref.uid, &p.metadata.uid) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        });
+        let Some(pod) = pod else {
+            // Gone already (its Guest goes with it), or not a Kubernetes pod.
+            debug!(pod = %format!("{}/{}", key.0, key.1), "no pod for this VM attachment");
+            pods.remove(&key);
+            continue;
+        };
+        let ready = e.guest_phase.as_deref() == Some("Ready");
+        let reason = e.guest_ready_reason.clone().unwrap_or_default();
+        let spec = GuestSpec {
+            node_name: node_name.to_owned(),
+            pod_ref: Some(GuestPodRef {
+                name: pod_ref.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            ips: vec![vm.guest_ip.split('/').next().unwrap_or_default().to_owned()],
+            mac: vm.guest_mac.clone(),
+            tap: vm.tap.clone(),
+            ports: declared_ports(&pod),
+        };
+        let labels = pod.labels().clone();
+        let owner_uid = pod.metadata.uid.clone();
+        let previous = published.get(&key);
+        let since = match previous {
+            Some(p) if p.ready == ready => p.since.clone(),
+            _ => Time(Timestamp::now()),
+        };
+        let next = Published {
+            labels,
+            spec,
+            owner_uid,
+            ready,
+            reason,
+            since,
+        };
+        if previous == Some(&next) {
+            continue;
+        }
+        write_guest(client, &key.0, &key.1, &pod, &next).await?;
+        debug!(guest = %format!("{}/{}", key.0, key.1), ready, "Guest written");
+        published.insert(key, next);
+    }
+    pods.retain(|k, _| wanted.contains(k));
+    // Detached since the last round: delete now rather than at the next sweep.
+    let gone: Vec<(String, String)> = published
+        .keys()
+        .filter(|k| !wanted.contains(*k))
+        .cloned()
+        .collect();
+    for key in gone {
+        delete_guest(client, &key, None).await?;
+        published.remove(&key);
+    }
+    if collect_garbage {
+        let mine = Api::<Guest>::all(client.clone())
+            .list(&ListParams::default().fields(&format!("spec.nodeName={node_name}")))
+            .await
+            .context("listing this node's Guests")?;
+        for g in mine {
+            let key = (g.namespace().unwrap_or_default(), g.name_any());
+            if !wanted.contains(&key) {
+                delete_guest(client, &key, g.metadata.uid.clone()).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes a Guest of this node (only the one with `uid`, when given); gone already is fine.
+async fn delete_guest(client: &Client, key: &(String, String), uid: Option<String>) -> Result<()> {
+    let dp = DeleteParams {
+        preconditions: uid.map(|uid| Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match Api::<Guest>::namespaced(client.clone(), &key.0)
+        .delete(&key.1, &dp)
+        .await
+    {
+        Ok(_) => {
+            info!(guest = %format!("{}/{}", key.0, key.1), "Guest deleted: no attachment on this node");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("deleting Guest {}/{}", key.0, key.1)),
+    }
+}
+
+/// The pod's named container ports: what a Service's named targetPort resolves against.
+fn declared_ports(pod: &Pod) -> Vec<GuestPort> {
+    let mut ports: Vec<GuestPort> = pod
+        .spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            Some(GuestPort {
+                name: p.name.clone()?,
+                port: p.container_port,
+                protocol: match p.protocol.as_deref() {
+                    Some("UDP") => tapestry_k8s::Protocol::Udp,
+                    Some("SCTP") => tapestry_k8s::Protocol::Sctp,
+                    _ => tapestry_k8s::Protocol::Tcp,
+                },
+            })
+        })
+        .collect();
+    ports.sort_by(|a, b| a.name.cmp(&b.name));
+    ports.dedup_by(|a, b| a.name == b.name);
+    ports
+}
+
+async fn write_guest(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    pod: &Pod,
+    p: &Published,
+) -> Result<()> {
+    let api = Api::<Guest>::namespaced(client.clone(), namespace);
+    let pp = PatchParams::apply(names::DAEMON_FIELD_MANAGER).force();
+    let owner = p.owner_uid.as_ref().map(|uid| OwnerReference {
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        name: pod.name_any(),
+        uid: uid.clone(),
+        controller: Some(false),
+        block_owner_deletion: Some(false),
+    });
+    let guest = Guest {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(p.labels.clone()),
+            owner_references: owner.map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: p.spec.clone(),
+        status: None,
+    };
+    let mut body = serde_json::to_value(&guest)?;
+    body["apiVersion"] = json!(Guest::api_version(&()));
+    body["kind"] = json!(Guest::kind(&()));
+    api.patch(name, &pp, &Patch::Apply(&body))
+        .await
+        .with_context(|| format!("applying Guest {namespace}/{name}"))?;
+    let status = GuestStatus {
+        conditions: vec![
+            GuestCondition {
+                type_: GuestConditionType::Attached,
+                status: ConditionStatus::True,
+                reason: Some("TapAttached".into()),
+                message: Some(format!("{} is cross-connected to the pod interface", p.spec.tap)),
+                last_transition_time: None,
+            },
+            GuestCondition {
+                type_: GuestConditionType::Ready,
+                status: if p.ready {
+                    ConditionStatus::True
+                } else {
+                    ConditionStatus::False
+                },
+                reason: Some(if p.ready { "GuestUp" } else { "WaitingForGuest" }.into()),
+                message: (!p.reason.is_empty()).then(|| p.reason.clone()),
+                last_transition_time: Some(p.since.clone()),
+            },
+        ],
+        observed_generation: None,
+    };
+    let body = json!({
+        "apiVersion": Guest::api_version(&()),
+        "kind": Guest::kind(&()),
+        "status": status,
+    });
+    api.patch_status(name, &pp, &Patch::Apply(&body))
+        .await
+        .with_context(|| format!("applying the status of Guest {namespace}/{name}"))?;
+    Ok(())
+}
+
+/// A store that is handy in tests: reflect `objects` as a watch would.
+#[cfg(test)]
+fn store_of<K>(objects: Vec<K>) -> reflector::Store<K>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(o));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    reader
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn service(v: serde_json::Value) -> Arc<Service> {
+        Arc::new(serde_json::from_value(v).unwrap())
+    }
+
+    fn slice(v: serde_json::Value) -> Arc<EndpointSlice> {
+        Arc::new(serde_json::from_value(v).unwrap())
+    }
+
+    fn web() -> Arc<Service> {
+        service(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                     "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}
+        }))
+    }
+
+    fn pod_slice(name: &str, eps: serde_json::Value) -> Arc<EndpointSlice> {
+        slice(json!({
+            "metadata": {"name": name, "namespace": "default", "labels": {
+                "kubernetes.io/service-name": "web",
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+            "addressType": "IPv4",
+            "ports": [{"port": 8080, "protocol": "TCP", "name": ""}],
+            "endpoints": eps
+        }))
+    }
+
+    #[test]
+    fn a_clusterip_service_with_pod_endpoints() {
+        let slices = vec![pod_slice(
+            "web-abc",
+            json!([
+                {"addresses": ["10.1.0.5"], "conditions": {"ready": true},
+                 "targetRef": {"kind": "Pod", "name": "web-1"}, "nodeName": "a"},
+                {"addresses": ["10.1.0.6"], "conditions": {"ready": false, "serving": false}},
+                {"addresses": ["10.1.0.7"]}
+            ]),
+        )];
+        let (state, problems) = desired_state(&[web()], &slices, "a");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(state.services.len(), 1);
+        let s = &state.services[0];
+        assert_eq!(s.name, "default/web");
+        assert_eq!(s.vip, Ipv4Addr::new(10, 96, 0, 10));
+        assert_eq!((s.port, s.protocol), (80, Protocol::Tcp));
+        let ips: Vec<_> = s.backends.iter().map(|b| (b.ip.to_string(), b.port)).collect();
+        assert_eq!(
+            ips,
+            [
+                ("10.1.0.5".to_string(), Some(8080)),
+                ("10.1.0.7".to_string(), Some(8080))
+            ],
+            "the unready endpoint is left out; no conditions means ready"
+        );
+        assert_eq!(s.backends[0].name.as_deref(), Some("web-1"));
+        assert!(state.validate().is_ok());
+    }
+
+    #[test]
+    fn headless_externalname_and_ipv6_services_are_left_out() {
+        let services = [
+            service(json!({"metadata": {"name": "h", "namespace": "d"},
+                "spec": {"clusterIP": "None", "ports": [{"port": 80}]}})),
+            service(json!({"metadata": {"name": "x", "namespace": "d"},
+                "spec": {"type": "ExternalName", "externalName": "example.org"}})),
+            service(json!({"metadata": {"name": "v6", "namespace": "d"},
+                "spec": {"clusterIP": "fd00::10", "clusterIPs": ["fd00::10"], "ports": [{"port": 80}]}})),
+            service(json!({"metadata": {"name": "sctp", "namespace": "d"},
+                "spec": {"clusterIP": "10.96.0.11", "ports": [{"port": 80, "protocol": "SCTP"}]}})),
+        ];
+        let (state, _) = desired_state(&services, &[], "a");
+        assert!(state.services.is_empty(), "{:?}", state.services);
+    }
+
+    #[test]
+    fn multi_port_services_match_slice_ports_by_name_and_protocol() {
+        let svc = service(json!({
+            "metadata": {"name": "dns", "namespace": "kube-system",
+                         "annotations": {"tapestry.dev/lb-algorithm": "maglev"}},
+            "spec": {"clusterIP": "10.96.0.53", "sessionAffinity": "ClientIP",
+                     "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}},
+                     "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
+                               {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}
+        }));
+        let sl = slice(json!({
+            "metadata": {"name": "dns-1", "namespace": "kube-system",
+                         "labels": {"kubernetes.io/service-name": "dns"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"},
+                      {"name": "dns-tcp", "port": 5354, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.1.0.9"]}]
+        }));
+        let (state, problems) = desired_state(&[svc], &[sl], "a");
+        assert!(problems.is_empty());
+        let by_name: HashMap<&str, &ServiceSpec> =
+            state.services.iter().map(|s| (s.name.as_str(), s)).collect();
+        let udp = by_name["kube-system/dns/dns"];
+        let tcp = by_name["kube-system/dns/dns-tcp"];
+        assert_eq!((udp.protocol, udp.backends[0].port), (Protocol::Udp, Some(5353)));
+        assert_eq!((tcp.protocol, tcp.backends[0].port), (Protocol::Tcp, Some(5354)));
+        assert_eq!(udp.algorithm, Algorithm::Maglev);
+        assert_eq!(udp.session_affinity, SessionAffinity::ClientIP);
+        assert_eq!(udp.session_affinity_timeout_seconds, 60);
+        assert!(state.validate().is_ok());
+    }
+
+    #[test]
+    fn the_tapestry_slice_wins_for_an_address_listed_twice() {
+        let ours = slice(json!({
+            "metadata": {"name": "web-tapestry", "namespace": "default", "labels": {
+                "kubernetes.io/service-name": "web",
+                "endpointslice.kubernetes.io/managed-by": names::MANAGED_BY}},
+            "addressType": "IPv4",
+            "ports": [{"port": 8080, "protocol": "TCP", "name": ""}],
+            "endpoints": [{"addresses": ["10.1.0.5"], "conditions": {"ready": false, "serving": false},
+                           "targetRef": {"kind": "Guest", "name": "vm-1"}}]
+        }));
+        let theirs = pod_slice(
+            "web-abc",
+            json!([{"addresses": ["10.1.0.5"], "conditions": {"ready": true},
+                    "targetRef": {"kind": "Pod", "name": "vm-1"}}]),
+        );
+        // The pod is Ready but its guest is not: the guest's own readiness counts.
+        let (state, _) = desired_state(&[web()], &[theirs.clone(), ours.clone()], "a");
+        assert!(state.services[0].backends.is_empty());
+        let (state, _) = desired_state(&[web()], &[ours, theirs], "a");
+        assert!(state.services[0].backends.is_empty());
+    }
+
+    #[test]
+    fn terminating_endpoints_drain_and_take_over_when_nothing_is_ready() {
+        let sl = pod_slice(
+            "web-abc",
+            json!([
+                {"addresses": ["10.1.0.5"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.1.0.6"], "conditions": {"ready": true}}
+            ]),
+        );
+        let (state, _) = desired_state(&[web()], &[sl], "a");
+        let b = &state.services[0].backends;
+        assert_eq!(b.len(), 2);
+        assert!(b[0].terminating && !b[1].terminating);
+        let sl = pod_slice(
+            "web-abc",
+            json!([{"addresses": ["10.1.0.5"], "conditions": {"ready": false, "serving": true, "terminating": true}}]),
+        );
+        let (state, _) = desired_state(&[web()], &[sl], "a");
+        assert!(!state.services[0].backends[0].terminating);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
+        let svc = service(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.10", "internalTrafficPolicy": "Local",
+                     "ports": [{"port": 80, "protocol": "TCP"}]}
+        }));
+        let sl = pod_slice(
+            "web-abc",
+            json!([{"addresses": ["10.1.0.5"], "nodeName": "a"},
+                   {"addresses": ["10.1.0.6"], "nodeName": "b"}]),
+        );
+        let (state, _) = desired_state(&[svc], &[sl], "a");
+        let ips: Vec<_> = state.services[0].backends.iter().map(|b| b.ip).collect();
+        assert_eq!(ips, [Ipv4Addr::new(10, 1, 0, 5)]);
+    }
+
+    #[test]
+    fn a_bad_annotation_is_reported_and_the_service_still_works() {
+        let svc = service(json!({
+            "metadata": {"name": "web", "namespace": "default",
+                         "annotations": {"tapestry.dev/lb-algorithm": "round-robin"}},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+        }));
+        let (state, problems) = desired_state(&[svc], &[], "a");
+        assert_eq!(state.services.len(), 1);
+        assert_eq!(state.services[0].algorithm, Algorithm::Random);
+        assert!(problems[0].contains("round-robin"), "{problems:?}");
+    }
+
+    #[test]
+    fn slices_of_other_services_and_families_are_ignored() {
+        let other = slice(json!({
+            "metadata": {"name": "db-1", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "db"}},
+            "addressType": "IPv4", "ports": [{"port": 8080, "protocol": "TCP", "name": ""}],
+            "endpoints": [{"addresses": ["10.1.0.8"]}]
+        }));
+        let v6 = slice(json!({
+            "metadata": {"name": "web-v6", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv6", "ports": [{"port": 8080, "protocol": "TCP", "name": ""}],
+            "endpoints": [{"addresses": ["fd00::8"]}]
+        }));
+        let other_ns = slice(json!({
+            "metadata": {"name": "web-1", "namespace": "prod",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"port": 8080, "protocol": "TCP", "name": ""}],
+            "endpoints": [{"addresses": ["10.1.0.9"]}]
+        }));
+        let (state, _) = desired_state(&[web()], &[other, v6, other_ns], "a");
+        assert!(state.services[0].backends.is_empty());
+    }
+
+    #[test]
+    fn stores_feed_the_builder() {
+        let services = store_of(vec![(*web()).clone()]);
+        let slices = store_of(vec![
+            (*pod_slice("web-abc", json!([{"addresses": ["10.1.0.5"]}]))).clone(),
+        ]);
+        let (state, _) = desired_state(&services.state(), &slices.state(), "a");
+        assert_eq!(state.services[0].backends.len(), 1);
+    }
+
+    #[test]
+    fn declared_ports_are_the_named_container_ports() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "vm"},
+            "spec": {"containers": [
+                {"name": "compute", "ports": [
+                    {"name": "http", "containerPort": 80},
+                    {"containerPort": 9999},
+                    {"name": "dns", "containerPort": 53, "protocol": "UDP"}]}
+            ]}
+        }))
+        .unwrap();
+        let ports = declared_ports(&pod);
+        assert_eq!(ports.len(), 2);
+        assert_eq!(
+            (ports[0].name.as_str(), ports[0].port, ports[0].protocol),
+            ("dns", 53, tapestry_k8s::Protocol::Udp)
+        );
+        assert_eq!(ports[1].name, "http");
+    }
+}

@@ -1,0 +1,362 @@
+//! tapestryd in Kubernetes mode against a real kube-apiserver (`tapestry_tests::k8s`): its maps
+//! follow Services and EndpointSlices written by any manager, real TCP reaches pods through
+//! the ClusterIP, an apiserver outage (and a daemon restart during it) leaves the datapath as it
+//! was, and the daemon publishes and garbage-collects its node's Guests from the CNI
+//! attachments. Needs root (netns, bpffs) and the Kubernetes binaries; skipped outside CI
+//! without them, failed under `CI=...`.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+use tapestry_tests::{
+    Lab, Pod,
+    daemon::Daemon,
+    k8s::{ControlPlane, k8s_available},
+    require_lab,
+    tapfd::{TapGuest, register_vm_pod},
+};
+
+const T: Duration = Duration::from_secs(3);
+const NODE: &str = "node-a";
+
+/// ClusterIPs the tests set explicitly, inside the control plane's service range; an
+/// unreachable route keeps a packet the datapath did not translate on this host.
+const VIP_NET: &str = "10.96.77.0/24";
+
+struct VipGuard;
+
+impl VipGuard {
+    fn new() -> VipGuard {
+        let _ = Command::new("ip")
+            .args(["route", "replace", "unreachable", VIP_NET])
+            .status();
+        VipGuard
+    }
+}
+
+impl Drop for VipGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["route", "del", "unreachable", VIP_NET])
+            .status();
+    }
+}
+
+fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = Some(e),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what} (last error: {last:?})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn daemon(name: &str, cp: &ControlPlane, attach: &[&str]) -> Daemon {
+    let kubeconfig = cp.kubeconfig_path("admin").unwrap();
+    Daemon::start_with(
+        name,
+        "services: []\n",
+        attach,
+        &[
+            "--source",
+            "kubernetes",
+            "--node-name",
+            NODE,
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ],
+    )
+    .unwrap()
+}
+
+fn install_crd(cp: &ControlPlane) {
+    let out = Command::new(tapestry_tests::daemon::binary("tapestry-controller").unwrap())
+        .arg("crd")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    cp.apply(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    cp.kubectl_ok([
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/guests.tapestry.dev",
+    ])
+    .unwrap();
+}
+
+/// A slice written by a controller that is neither Kubernetes' nor Tapestry's.
+fn slice(name: &str, service: &str, endpoints: Value) -> String {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "default", "labels": {
+            "kubernetes.io/service-name": service,
+            "endpointslice.kubernetes.io/managed-by": "hand-written.example.com"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    })
+    .to_string()
+}
+
+fn endpoint(pod: &Pod, ready: bool) -> Value {
+    json!({"addresses": [pod.ip.to_string()], "conditions": {"ready": ready},
+           "targetRef": {"kind": "Pod", "name": pod.name, "namespace": "default"}})
+}
+
+/// Backend ips of the service named `name` in the daemon, or None while it has no such service.
+fn backends(d: &Daemon, name: &str) -> Option<Vec<String>> {
+    let services = d.client().services().ok()?;
+    let s = services.iter().find(|s| s.name == name)?;
+    let mut ips: Vec<String> = s
+        .backends
+        .iter()
+        .filter(|b| b.state == "active")
+        .map(|b| format!("{}:{}", b.ip, b.port))
+        .collect();
+    ips.sort();
+    Some(ips)
+}
+
+fn wait_backends(d: &Daemon, name: &str, want: &[&Pod]) -> Result<()> {
+    let mut want: Vec<String> = want.iter().map(|p| format!("{}:8080", p.ip)).collect();
+    want.sort();
+    poll(Duration::from_secs(10), &format!("{name} -> {want:?}"), || {
+        Ok((backends(d, name).as_ref() == Some(&want)).then_some(()))
+    })
+}
+
+fn answers(client: &Pod, vip: Ipv4Addr, n: usize) -> std::collections::BTreeSet<String> {
+    (0..n)
+        .map(|_| {
+            client
+                .tcp_request(SocketAddrV4::new(vip, 80), b"hi\n", T)
+                .expect("request through the ClusterIP")
+        })
+        .collect()
+}
+
+#[test]
+fn maps_follow_endpointslices_of_any_manager_and_survive_an_apiserver_outage() {
+    require_lab!();
+    if !k8s_available() {
+        return;
+    }
+    let _guard = VipGuard::new();
+    let mut cp = ControlPlane::start().unwrap();
+    let mut lab = Lab::new("k8s-mode").unwrap();
+    let client = lab.add_pod("client").unwrap();
+    let a = lab.add_pod("a").unwrap();
+    let b = lab.add_pod("b").unwrap();
+    let _sa = a.serve_tcp_name(8080).unwrap();
+    let _sb = b.serve_tcp_name(8080).unwrap();
+    let mut d = daemon(
+        "k8s-mode",
+        &cp,
+        &[&client.host_ifname, &a.host_ifname, &b.host_ifname],
+    );
+    let st = d.status().unwrap();
+    assert_eq!(st.mode, "kubernetes");
+    assert!(st.source.contains(NODE), "{}", st.source);
+
+    // A Service without a selector and a slice from a third-party controller.
+    let vip = Ipv4Addr::new(10, 96, 77, 10);
+    cp.apply(
+        &json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": vip.to_string(),
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
+        .to_string(),
+    )
+    .unwrap();
+    cp.apply(&slice("web-1", "web", json!([endpoint(&a, true)])))
+        .unwrap();
+    wait_backends(&d, "default/web", &[&a]).unwrap();
+    assert_eq!(answers(&client, vip, 5), ["a".to_string()].into());
+
+    // A second endpoint, then the first one not ready.
+    cp.apply(&slice(
+        "web-1",
+        "web",
+        json!([endpoint(&a, true), endpoint(&b, true)]),
+    ))
+    .unwrap();
+    wait_backends(&d, "default/web", &[&a, &b]).unwrap();
+    assert_eq!(answers(&client, vip, 40).len(), 2, "both pods answer");
+    cp.apply(&slice(
+        "web-1",
+        "web",
+        json!([endpoint(&a, false), endpoint(&b, true)]),
+    ))
+    .unwrap();
+    wait_backends(&d, "default/web", &[&b]).unwrap();
+    assert_eq!(answers(&client, vip, 10), ["b".to_string()].into());
+
+    // The apiserver goes away: the datapath keeps serving, and says why nothing changes.
+    let generation = d.status().unwrap().generation;
+    cp.stop_apiserver();
+    d.wait_status(Duration::from_secs(30), |s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("unreachable"))
+    })
+    .expect("the status reports the outage");
+    assert_eq!(answers(&client, vip, 10), ["b".to_string()].into());
+    // A daemon restarted during the outage adopts the datapath and programs nothing.
+    let st = d.restart_unsynced().unwrap();
+    assert_eq!(st.generation, 0);
+    assert_eq!(answers(&client, vip, 10), ["b".to_string()].into());
+    // The restored maps know addresses, not names: look the service up by its frontend.
+    let restored = d.client().services().unwrap();
+    let web = restored
+        .iter()
+        .find(|s| s.vip == vip && s.port == 80)
+        .expect("the ClusterIP is still programmed");
+    assert_eq!(web.backends.len(), 1, "{web:?}");
+    assert_eq!(web.backends[0].ip, b.ip);
+
+    // Back: the watches re-list and the next change lands.
+    cp.restart_apiserver().unwrap();
+    d.wait_generation(1, Duration::from_secs(30)).unwrap();
+    cp.apply(&slice("web-1", "web", json!([endpoint(&a, true)])))
+        .unwrap();
+    wait_backends(&d, "default/web", &[&a]).unwrap();
+    d.wait_status(Duration::from_secs(10), |s| s.last_error.is_none())
+        .unwrap();
+    assert_eq!(answers(&client, vip, 5), ["a".to_string()].into());
+    assert!(d.status().unwrap().generation >= 1);
+    let _ = generation;
+
+    // A UDP port and a second slice of the same Service; then the Service goes.
+    cp.kubectl_ok(["delete", "service", "web"]).unwrap();
+    poll(Duration::from_secs(10), "web removed", || {
+        Ok(backends(&d, "default/web").is_none().then_some(()))
+    })
+    .unwrap();
+    assert!(
+        client
+            .tcp_request(SocketAddrV4::new(vip, 80), b"hi\n", Duration::from_millis(500))
+            .is_err(),
+        "nothing answers on a removed ClusterIP"
+    );
+    lab.destroy().unwrap();
+}
+
+#[test]
+fn the_daemon_publishes_and_collects_its_nodes_guests() {
+    require_lab!();
+    if !k8s_available() {
+        return;
+    }
+    let cp = ControlPlane::start().unwrap();
+    install_crd(&cp);
+    let mut lab = Lab::new("k8s-guests").unwrap();
+    let vm = lab.add_pod("vm1").unwrap();
+    // A Guest of this node that no attachment backs (left by a previous run): collected.
+    let stale = json!({"apiVersion": "tapestry.dev/v1alpha1", "kind": "Guest",
+        "metadata": {"name": "stale", "namespace": "default"},
+        "spec": {"nodeName": NODE, "ips": ["10.9.9.9"], "mac": "52:54:00:00:00:09", "tap": "tap0"}});
+    let other = json!({"apiVersion": "tapestry.dev/v1alpha1", "kind": "Guest",
+        "metadata": {"name": "elsewhere", "namespace": "default"},
+        "spec": {"nodeName": "node-b", "ips": ["10.9.9.8"], "mac": "52:54:00:00:00:08", "tap": "tap0"}});
+    cp.apply(&stale.to_string()).unwrap();
+    cp.apply(&other.to_string()).unwrap();
+    // The VM pod as the API knows it (no kubelet: it stays Pending, which changes nothing).
+    cp.apply(
+        &json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "vm1", "namespace": "default", "labels": {"app": "vm", "tier": "web"}},
+            "spec": {"nodeName": NODE, "containers": [{"name": "compute", "image": "virt-launcher",
+                "ports": [{"name": "http", "containerPort": 8080}]}]}})
+        .to_string(),
+    )
+    .unwrap();
+    let pod_uid = cp
+        .kubectl_ok(["get", "pod", "vm1", "-o", "jsonpath={.metadata.uid}"])
+        .unwrap();
+    let d = daemon("k8s-guests", &cp, &[&vm.host_ifname]);
+    register_vm_pod(&d.client(), &vm).unwrap();
+
+    let get = |name: &str| -> Result<Option<Value>> {
+        let out = cp.kubectl(["get", "guest", name, "-o", "json", "--show-managed-fields"])?;
+        if !out.status.success() {
+            return Ok(None);
+        }
+        Ok(Some(serde_json::from_slice(&out.stdout)?))
+    };
+    let condition = |g: &Value, t: &str| -> String {
+        g["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == t)
+            .map(|c| c["status"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    };
+    let g = poll(Duration::from_secs(15), "Guest vm1", || get("vm1")).unwrap();
+    assert_eq!(g["spec"]["nodeName"], NODE);
+    assert_eq!(g["spec"]["ips"], json!([vm.ip.to_string()]));
+    assert_eq!(g["spec"]["tap"], "tap0");
+    assert_eq!(g["spec"]["podRef"]["name"], "vm1");
+    assert_eq!(g["spec"]["podRef"]["uid"], pod_uid.as_str());
+    assert_eq!(
+        g["spec"]["ports"],
+        json!([{"name": "http", "port": 8080, "protocol": "TCP"}])
+    );
+    assert_eq!(g["metadata"]["labels"], json!({"app": "vm", "tier": "web"}));
+    assert_eq!(g["metadata"]["ownerReferences"][0]["uid"], pod_uid.as_str());
+    assert_eq!(g["metadata"]["ownerReferences"][0]["kind"], "Pod");
+    assert_eq!(condition(&g, "Attached"), "True");
+    assert_eq!(condition(&g, "Ready"), "False", "the guest has not spoken yet");
+    let managers: Vec<&str> = g["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["manager"].as_str())
+        .collect();
+    assert!(managers.iter().all(|m| *m == "tapestryd"), "{managers:?}");
+
+    // The guest speaks from its own address: Ready flips in the API.
+    let mut tap = TapGuest::open(&vm.netns_path, "tap0").unwrap();
+    tap.answer_arp(vm.mac, vm.ip);
+    let mut frame = Vec::new();
+    etherparse::PacketBuilder::ethernet2(vm.mac, [0xff; 6])
+        .ipv4(vm.ip.octets(), [10, 96, 0, 1], 64)
+        .udp(40000, 9)
+        .write(&mut frame, b"up\n")
+        .unwrap();
+    tap.send(&frame).unwrap();
+    poll(Duration::from_secs(10), "Guest vm1 Ready", || {
+        Ok(get("vm1")?.filter(|g| condition(g, "Ready") == "True"))
+    })
+    .unwrap();
+
+    // Labels follow the pod's (read when the guest is first published).
+    // The stale Guest of this node is collected; another node's is left alone.
+    poll(Duration::from_secs(20), "stale Guest collected", || {
+        Ok(get("stale")?.is_none().then_some(()))
+    })
+    .unwrap();
+    assert!(get("elsewhere").unwrap().is_some());
+
+    // CNI DEL: the Guest goes at once.
+    d.client().delete_endpoint("ctr-vm1", "eth0").unwrap();
+    poll(Duration::from_secs(10), "Guest vm1 deleted", || {
+        Ok(get("vm1")?.is_none().then_some(()))
+    })
+    .unwrap();
+    drop(tap);
+    lab.destroy().unwrap();
+}
