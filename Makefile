@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build release lint test test-unit test-integration demo bench clean-lab uninstall
+.PHONY: setup build release lint test test-unit test-integration demo demo-node bench clean-lab uninstall manifests images
 
 setup:
 	@bash scripts/setup.sh
@@ -28,6 +28,13 @@ test: lint build
 demo: release
 	./target/release/tapestry-demo $(DEMO_ARGS)
 
+## A real Kubernetes node on this machine (kubelet + containerd, no registry, no kube-proxy) with
+## Tapestry installed by its Helm chart: two pods and a VM pod behind one ClusterIP
+## (tests/src/node.rs). `make demo-node DEMO_ARGS=--hold` keeps it up until Ctrl-C;
+## `DEMO_ARGS=--cleanup` removes a node left by a killed run.
+demo-node: release images
+	./target/release/tapestry-demo-node $(DEMO_ARGS)
+
 ## Side-by-side benchmarks (the datapath, then the CNI step and the VM tap path);
 ## results in bench/results/.
 bench: setup
@@ -36,3 +43,19 @@ bench: setup
 ## Removes the pinned datapath (detaching it from every interface).
 uninstall: release
 	./target/release/tapestryd --uninstall
+
+## The Guest CRD (printed by tapestry-controller) into the Helm chart, and the chart rendered
+## into deploy/manifests/tapestry.yaml; tests/tests/deploy.rs fails when either drifts.
+CHART := deploy/helm/tapestry
+manifests:
+	$(CARGO) run -q -p tapestry-controller -- crd > deploy/manifests/.crd.tmp
+	mv deploy/manifests/.crd.tmp $(CHART)/crds/guests.tapestry.dev.yaml
+	bin=$$(PATH="$$PATH:/usr/local/go/bin" bash scripts/build-k8s.sh helm) && \
+	  $$bin/helm template tapestry $(CHART) --namespace tapestry --include-crds \
+	  > deploy/manifests/tapestry.yaml.tmp
+	mv deploy/manifests/tapestry.yaml.tmp deploy/manifests/tapestry.yaml
+
+## The daemon, controller and install-cni images (FROM scratch, static musl binaries) built with
+## podman and saved as OCI archives in ~/.cache/tapestry/images (scripts/build-images.sh).
+images: setup
+	bash scripts/build-images.sh

@@ -4,7 +4,7 @@
 # a binary already built for this go.sum is not built again. Nothing goes into the checkout.
 #
 #   scripts/build-k8s.sh                 # what the tests use: kube-apiserver etcd kubectl kube-controller-manager
-#   scripts/build-k8s.sh kubelet helm    # those as well (or: all)
+#   scripts/build-k8s.sh kubelet kube-scheduler helm   # those as well, for the real node (or: all)
 #
 # Prints the bin directory on stdout (logs go to stderr). Layout (TAPESTRY_CACHE defaults to
 # ~/.cache/tapestry):
@@ -32,11 +32,12 @@ declare -A PKG=(
   [kube-controller-manager]=k8s.io/kubernetes/cmd/kube-controller-manager
   [kubectl]=k8s.io/kubernetes/cmd/kubectl
   [kubelet]=k8s.io/kubernetes/cmd/kubelet
+  [kube-scheduler]=k8s.io/kubernetes/cmd/kube-scheduler
   [etcd]=go.etcd.io/etcd/server/v3
   [helm]=helm.sh/helm/v4/cmd/helm
 )
 DEFAULT=(kube-apiserver etcd kubectl kube-controller-manager)
-ALL=(kube-apiserver etcd kubectl kube-controller-manager kubelet helm)
+ALL=(kube-apiserver etcd kubectl kube-controller-manager kubelet kube-scheduler helm)
 
 wanted=()
 if [ "$#" -eq 0 ]; then

@@ -20,14 +20,14 @@ need_root() {
 # --- Debian packages -----------------------------------------------------------------------
 DEB_PACKAGES=(
   iproute2 iptables nftables ethtool bpftool procps psmisc util-linux openssl
-  # CNI and runtimes
-  containernetworking-plugins podman runc
+  # CNI and runtimes (containerd: the real node of tests/src/node.rs)
+  containernetworking-plugins podman runc containerd
   # guests under software emulation (CNI issue)
   qemu-system-x86 busybox-static cpio
   # plots for `make bench`
   gnuplot-nox
-  # static (musl) binaries for FROM scratch images
-  musl-tools
+  # static (musl) binaries for FROM scratch images (`file` checks they are static)
+  musl-tools file
 )
 install_packages() {
   local missing=()
@@ -104,4 +104,7 @@ mount_bpffs
 # A real kube-apiserver, etcd, kubectl and kube-controller-manager for the Kubernetes tests,
 # built from the Go module proxy by the committed module in tests/k8s.
 "$ROOT/scripts/build-k8s.sh" >/dev/null
+# kubelet and kube-scheduler for the real node (tests/src/node.rs), helm for the chart
+# (deploy/helm, tests/tests/deploy.rs).
+"$ROOT/scripts/build-k8s.sh" kubelet kube-scheduler helm >/dev/null
 log "ready"

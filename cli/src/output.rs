@@ -519,6 +519,7 @@ pub fn or_dash(s: Option<&str>) -> String {
 
 /// The local time zone's offset from UTC at `unix_secs`, in seconds.
 pub fn local_offset_secs(unix_secs: i64) -> i64 {
+    #[allow(deprecated)] // musl's time_t is deprecated only to warn of a future 64-bit change
     let t = unix_secs as libc::time_t;
     // SAFETY: localtime_r writes into the tm we own.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };

@@ -54,8 +54,9 @@ pub fn mac_of(ifname: &str) -> Result<[u8; 6]> {
     for (d, s) in req.ifr_name.iter_mut().zip(name) {
         *d = *s as libc::c_char;
     }
-    // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of the ifreq we own.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
+    // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of the ifreq we own. (`as _`: the request is a
+    // c_ulong on glibc and a c_int on musl.)
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR as _, &mut req) } != 0 {
         return Err(io::Error::last_os_error()).with_context(|| format!("MAC of {ifname}"));
     }
     // SAFETY: the union member written by SIOCGIFHWADDR.

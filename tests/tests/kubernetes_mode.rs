@@ -17,7 +17,7 @@ use tapestry_tests::{
     Lab, Pod,
     daemon::Daemon,
     k8s::{ControlPlane, k8s_available},
-    require_lab,
+    require_k8s, require_lab,
     tapfd::{TapGuest, register_vm_pod},
 };
 
@@ -64,7 +64,10 @@ fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T
 }
 
 fn daemon(name: &str, cp: &ControlPlane, attach: &[&str]) -> Daemon {
-    let kubeconfig = cp.kubeconfig_path("admin").unwrap();
+    daemon_as(name, &cp.kubeconfig_path("admin").unwrap(), attach)
+}
+
+fn daemon_as(name: &str, kubeconfig: &std::path::Path, attach: &[&str]) -> Daemon {
     Daemon::start_with(
         name,
         "services: []\n",
@@ -79,6 +82,90 @@ fn daemon(name: &str, cp: &ControlPlane, attach: &[&str]) -> Daemon {
         ],
     )
     .unwrap()
+}
+
+/// The daemon's identity as the chart makes it: the ServiceAccount, its ClusterRole, and the
+/// ValidatingAdmissionPolicy that scopes it to its node (rendered by helm from the chart).
+fn install_node_identity(cp: &ControlPlane) {
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/tapestry");
+    let out = Command::new(tapestry_tests::k8s::binary("helm").unwrap())
+        .args(["template", "tapestry"])
+        .arg(&chart)
+        .args([
+            "--namespace",
+            "tapestry",
+            "--show-only",
+            "templates/serviceaccounts.yaml",
+            "--show-only",
+            "templates/rbac-node.yaml",
+            "--show-only",
+            "templates/admission-policy.yaml",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cp.kubectl_ok(["create", "namespace", "tapestry"]).unwrap();
+    cp.apply(&String::from_utf8(out.stdout).unwrap()).unwrap();
+}
+
+/// A kubeconfig for the daemon of `node`: a token of the tapestry-node ServiceAccount bound to
+/// a daemon Pod on that node, as the kubelet would mount it (so it carries the node-name claim).
+fn node_kubeconfig(cp: &ControlPlane, node: &str) -> std::path::PathBuf {
+    let pod = format!("tapestry-node-{node}");
+    let _ = cp.apply(
+        &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}).to_string(),
+    );
+    cp.apply(
+        &json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod, "namespace": "tapestry"},
+            "spec": {"nodeName": node, "serviceAccountName": "tapestry-node",
+                     "containers": [{"name": "tapestryd", "image": "tapestryd"}]}})
+        .to_string(),
+    )
+    .unwrap();
+    let uid = cp
+        .kubectl_ok([
+            "get",
+            "pod",
+            "-n",
+            "tapestry",
+            &pod,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])
+        .unwrap();
+    let token = cp
+        .kubectl_ok([
+            "create",
+            "token",
+            "tapestry-node",
+            "-n",
+            "tapestry",
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            &pod,
+            "--bound-object-uid",
+            &uid,
+        ])
+        .unwrap();
+    let path = cp.dir().join(format!("kubeconfig-daemon-{node}.yaml"));
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
+             users:\n- name: u\n  user:\n    token: {}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n",
+            cp.server_url(),
+            cp.ca_path().display(),
+            token.trim()
+        ),
+    )
+    .unwrap();
+    path
 }
 
 fn install_crd(cp: &ControlPlane) {
@@ -134,9 +221,11 @@ fn backends(d: &Daemon, name: &str) -> Option<Vec<String>> {
 fn wait_backends(d: &Daemon, name: &str, want: &[&Pod]) -> Result<()> {
     let mut want: Vec<String> = want.iter().map(|p| format!("{}:8080", p.ip)).collect();
     want.sort();
-    poll(Duration::from_secs(10), &format!("{name} -> {want:?}"), || {
-        Ok((backends(d, name).as_ref() == Some(&want)).then_some(()))
-    })
+    poll(
+        Duration::from_secs(10),
+        &format!("{name} -> {want:?}"),
+        || Ok((backends(d, name).as_ref() == Some(&want)).then_some(())),
+    )
 }
 
 fn answers(client: &Pod, vip: Ipv4Addr, n: usize) -> std::collections::BTreeSet<String> {
@@ -248,7 +337,11 @@ fn maps_follow_endpointslices_of_any_manager_and_survive_an_apiserver_outage() {
     .unwrap();
     assert!(
         client
-            .tcp_request(SocketAddrV4::new(vip, 80), b"hi\n", Duration::from_millis(500))
+            .tcp_request(
+                SocketAddrV4::new(vip, 80),
+                b"hi\n",
+                Duration::from_millis(500)
+            )
             .is_err(),
         "nothing answers on a removed ClusterIP"
     );
@@ -263,6 +356,7 @@ fn the_daemon_publishes_and_collects_its_nodes_guests() {
     }
     let cp = ControlPlane::start().unwrap();
     install_crd(&cp);
+    install_node_identity(&cp);
     let mut lab = Lab::new("k8s-guests").unwrap();
     let vm = lab.add_pod("vm1").unwrap();
     // A Guest of this node that no attachment backs (left by a previous run): collected.
@@ -286,7 +380,12 @@ fn the_daemon_publishes_and_collects_its_nodes_guests() {
     let pod_uid = cp
         .kubectl_ok(["get", "pod", "vm1", "-o", "jsonpath={.metadata.uid}"])
         .unwrap();
-    let d = daemon("k8s-guests", &cp, &[&vm.host_ifname]);
+    // The daemon runs as the chart's node-scoped identity: what it needs is what it may do.
+    let d = daemon_as(
+        "k8s-guests",
+        &node_kubeconfig(&cp, NODE),
+        &[&vm.host_ifname],
+    );
     register_vm_pod(&d.client(), &vm).unwrap();
 
     let get = |name: &str| -> Result<Option<Value>> {
@@ -319,7 +418,11 @@ fn the_daemon_publishes_and_collects_its_nodes_guests() {
     assert_eq!(g["metadata"]["ownerReferences"][0]["uid"], pod_uid.as_str());
     assert_eq!(g["metadata"]["ownerReferences"][0]["kind"], "Pod");
     assert_eq!(condition(&g, "Attached"), "True");
-    assert_eq!(condition(&g, "Ready"), "False", "the guest has not spoken yet");
+    assert_eq!(
+        condition(&g, "Ready"),
+        "False",
+        "the guest has not spoken yet"
+    );
     let managers: Vec<&str> = g["metadata"]["managedFields"]
         .as_array()
         .unwrap()
@@ -359,4 +462,118 @@ fn the_daemon_publishes_and_collects_its_nodes_guests() {
     .unwrap();
     drop(tap);
     lab.destroy().unwrap();
+}
+
+#[test]
+fn the_node_identity_writes_only_its_own_nodes_guests() {
+    require_k8s!();
+    let cp = ControlPlane::start().unwrap();
+    install_crd(&cp);
+    install_node_identity(&cp);
+    let kubeconfig = node_kubeconfig(&cp, NODE);
+    let as_node = |args: &[&str], stdin: Option<&str>| -> std::process::Output {
+        let mut cmd = Command::new(tapestry_tests::k8s::binary("kubectl").unwrap());
+        cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .args(args)
+            .env_remove("KUBECONFIG")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(text) = stdin {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().unwrap()
+    };
+    let guest = |name: &str, node: &str| {
+        json!({"apiVersion": "tapestry.dev/v1alpha1", "kind": "Guest",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"nodeName": node, "ips": ["10.9.9.9"], "mac": "52:54:00:00:00:09", "tap": "tap0"}})
+        .to_string()
+    };
+    let who = as_node(&["auth", "whoami", "-o", "json"], None);
+    let who: Value = serde_json::from_slice(&who.stdout).unwrap();
+    assert_eq!(
+        who["status"]["userInfo"]["extra"]["authentication.kubernetes.io/node-name"],
+        json!([NODE]),
+        "the token carries the node: {who}"
+    );
+
+    // Its own node's Guest: create, update, status, delete.
+    let out = as_node(&["create", "-f", "-"], Some(&guest("mine", NODE)));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = as_node(&["label", "guest", "mine", "app=web"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Another node's: not created, not changed, not deleted, not moved to this node.
+    let out = as_node(&["create", "-f", "-"], Some(&guest("theirs", "node-b")));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tapestry-node-guests") && err.contains("node-b"),
+        "denied by the policy, saying why: {err}"
+    );
+    cp.apply(&guest("theirs", "node-b")).unwrap();
+    let out = as_node(&["label", "guest", "theirs", "app=web"], None);
+    assert!(
+        !out.status.success(),
+        "another node's Guest cannot be changed"
+    );
+    let out = as_node(
+        &[
+            "patch",
+            "guest",
+            "theirs",
+            "--type=merge",
+            "-p",
+            &format!(r#"{{"spec":{{"nodeName":"{NODE}"}}}}"#),
+        ],
+        None,
+    );
+    assert!(!out.status.success(), "nor taken over");
+    let out = as_node(&["delete", "guest", "theirs"], None);
+    assert!(!out.status.success(), "nor deleted");
+    let out = as_node(&["delete", "guest", "mine"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And RBAC: it reads Services but writes none.
+    let out = as_node(&["get", "services", "-A"], None);
+    assert!(out.status.success());
+    let out = as_node(&["create", "service", "clusterip", "x", "--tcp=80"], None);
+    assert!(!out.status.success());
+    // A token without the node claim (a plain ServiceAccount token) may write no Guest at all.
+    let plain = cp
+        .kubectl_ok(["create", "token", "tapestry-node", "-n", "tapestry"])
+        .unwrap();
+    let out = cp
+        .kubectl(["--token", plain.trim(), "create", "-f", &{
+            let p = cp.dir().join("guest-plain.json");
+            std::fs::write(&p, guest("plain", NODE)).unwrap();
+            p.display().to_string()
+        }])
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pod-bound token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

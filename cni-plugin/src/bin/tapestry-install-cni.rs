@@ -36,6 +36,11 @@ struct Args {
     /// remove the binary, then exit.
     #[arg(long)]
     uninstall: bool,
+    /// Without --once: on SIGTERM, take the step out and remove the binary before exiting (what
+    /// a DaemonSet's watching container does, so that `helm uninstall` leaves no step behind
+    /// that nothing serves). The watch stops first, so nothing puts the step back.
+    #[arg(long, conflicts_with_all = ["once", "uninstall"])]
+    uninstall_on_exit: bool,
     /// The plugin to install [default: tapestry-cni next to this executable].
     #[arg(long, value_name = "PATH")]
     plugin_binary: Option<PathBuf>,
@@ -110,5 +115,10 @@ fn run(args: Args) -> Result<(), InstallError> {
             }
         };
         installer.watch(shutdown).await
-    })
+    })?;
+    if args.uninstall_on_exit {
+        // The watch has stopped: nothing re-inserts what this removes.
+        return installer.uninstall();
+    }
+    Ok(())
 }
