@@ -87,7 +87,8 @@ for i in "${images[@]}"; do
 done
 log "building ${images[*]}: cargo build --release --target $TARGET ${packages[*]}"
 # tapestryd embeds its eBPF object at build time (node-daemon/build.rs): never skip that here.
-(cd "$ROOT" && env -u AYA_BUILD_SKIP "$CARGO" build --release --target "$TARGET" "${packages[@]}" >&2)
+# No debug info: the images are stripped anyway, and it halves the build (make test builds these).
+(cd "$ROOT" && env -u AYA_BUILD_SKIP CARGO_PROFILE_RELEASE_DEBUG=0 "$CARGO" build --release --target "$TARGET" "${packages[@]}" >&2)
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 BIN="$TARGET_DIR/$TARGET/release"
