@@ -43,11 +43,7 @@ use k8s_openapi::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, Preconditions},
-    runtime::{
-        WatchStreamExt,
-        reflector,
-        watcher,
-    },
+    runtime::{WatchStreamExt, reflector, watcher},
 };
 use serde_json::json;
 use tapestry_api::{
@@ -227,7 +223,10 @@ pub fn desired_state(
         ) else {
             continue;
         };
-        by_service.entry((ns, svc.as_str())).or_default().push(slice);
+        by_service
+            .entry((ns, svc.as_str()))
+            .or_default()
+            .push(slice);
     }
     let mut out = Vec::new();
     let mut problems = Vec::new();
@@ -364,7 +363,10 @@ fn backends_for(
         else {
             continue;
         };
-        let ours = slice.labels().get(names::labels::MANAGED_BY).map(String::as_str)
+        let ours = slice
+            .labels()
+            .get(names::labels::MANAGED_BY)
+            .map(String::as_str)
             == Some(names::MANAGED_BY);
         for ep in &slice.endpoints {
             if local_only && ep.node_name.as_deref() != Some(node_name) {
@@ -443,9 +445,9 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client> {
                 .await
                 .with_context(|| format!("kubeconfig {}", path.display()))?
         }
-        None => kube::Config::infer()
-            .await
-            .context("no Kubernetes configuration (not in a cluster, no $KUBECONFIG, no --kubeconfig)")?,
+        None => kube::Config::infer().await.context(
+            "no Kubernetes configuration (not in a cluster, no $KUBECONFIG, no --kubeconfig)",
+        )?,
     };
     Client::try_from(config).context("creating the Kubernetes client")
 }
@@ -700,7 +702,10 @@ async fn write_guest(
                 type_: GuestConditionType::Attached,
                 status: ConditionStatus::True,
                 reason: Some("TapAttached".into()),
-                message: Some(format!("{} is cross-connected to the pod interface", p.spec.tap)),
+                message: Some(format!(
+                    "{} is cross-connected to the pod interface",
+                    p.spec.tap
+                )),
                 last_transition_time: None,
             },
             GuestCondition {
@@ -710,7 +715,14 @@ async fn write_guest(
                 } else {
                     ConditionStatus::False
                 },
-                reason: Some(if p.ready { "GuestUp" } else { "WaitingForGuest" }.into()),
+                reason: Some(
+                    if p.ready {
+                        "GuestUp"
+                    } else {
+                        "WaitingForGuest"
+                    }
+                    .into(),
+                ),
                 message: (!p.reason.is_empty()).then(|| p.reason.clone()),
                 last_transition_time: Some(p.since.clone()),
             },
@@ -795,7 +807,11 @@ mod tests {
         assert_eq!(s.name, "default/web");
         assert_eq!(s.vip, Ipv4Addr::new(10, 96, 0, 10));
         assert_eq!((s.port, s.protocol), (80, Protocol::Tcp));
-        let ips: Vec<_> = s.backends.iter().map(|b| (b.ip.to_string(), b.port)).collect();
+        let ips: Vec<_> = s
+            .backends
+            .iter()
+            .map(|b| (b.ip.to_string(), b.port))
+            .collect();
         assert_eq!(
             ips,
             [
@@ -844,12 +860,21 @@ mod tests {
         }));
         let (state, problems) = desired_state(&[svc], &[sl], "a");
         assert!(problems.is_empty());
-        let by_name: HashMap<&str, &ServiceSpec> =
-            state.services.iter().map(|s| (s.name.as_str(), s)).collect();
+        let by_name: HashMap<&str, &ServiceSpec> = state
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s))
+            .collect();
         let udp = by_name["kube-system/dns/dns"];
         let tcp = by_name["kube-system/dns/dns-tcp"];
-        assert_eq!((udp.protocol, udp.backends[0].port), (Protocol::Udp, Some(5353)));
-        assert_eq!((tcp.protocol, tcp.backends[0].port), (Protocol::Tcp, Some(5354)));
+        assert_eq!(
+            (udp.protocol, udp.backends[0].port),
+            (Protocol::Udp, Some(5353))
+        );
+        assert_eq!(
+            (tcp.protocol, tcp.backends[0].port),
+            (Protocol::Tcp, Some(5354))
+        );
         assert_eq!(udp.algorithm, Algorithm::Maglev);
         assert_eq!(udp.session_affinity, SessionAffinity::ClientIP);
         assert_eq!(udp.session_affinity_timeout_seconds, 60);

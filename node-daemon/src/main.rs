@@ -16,9 +16,9 @@ use tapestry_node_daemon::{
     datapath::Datapath,
     endpoints::Endpoints,
     flows::{self, FlowLog},
+    kubernetes::{self, KubernetesSource},
     node::{Node, SharedNode},
     reconcile::Reconciler,
-    kubernetes::{self, KubernetesSource},
     source::{SourceStatus, StandaloneFile, StateSource},
 };
 use tokio::{signal::unix::SignalKind, sync::watch};

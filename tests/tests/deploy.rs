@@ -391,7 +391,10 @@ fn chart_renders_the_agreed_objects() -> Result<()> {
         strings(&side["args"]).contains(&"--uninstall-on-exit".into()),
         "{side}"
     );
-    assert!(side["lifecycle"].is_null(), "no preStop racing the watch: {side}");
+    assert!(
+        side["lifecycle"].is_null(),
+        "no preStop racing the watch: {side}"
+    );
     for (vol, path) in [
         ("/host/etc/cni/net.d", "/etc/cni/net.d"),
         ("/host/opt/cni/bin", "/opt/cni/bin"),
