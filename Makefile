@@ -19,8 +19,9 @@ lint: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## Everything: formatting and clippy, unit tests, in-kernel packet tests, netns integration tests.
-test: lint build
+## Everything: formatting and clippy, unit tests, in-kernel packet tests, netns integration tests,
+## the Kubernetes tests, the images (`make images`: the chart on the real node runs them).
+test: lint build images
 	$(CARGO) test --workspace --no-fail-fast
 
 ## A single-host lab in standalone mode: pods behind a Service VIP, one request at a time.

@@ -22,7 +22,15 @@ if [[ " $* " != *" --no-tapestry "* ]]; then
   # The VM pod's costs: CNI ADD latency and the tap path (bench/VM.md).
   cargo build --release -p tapestry-cni-plugin
   "$target_dir/release/tapestry-bench-vm" --bin-dir "$target_dir/release"
+  # tapestry-install-cni: re-insert latency after the primary rewrites its config.
+  "$target_dir/release/tapestry-bench-install" --bin-dir "$target_dir/release"
   # What flow events cost: TCP_CRR with them on vs off, and events/s to a reader.
   cargo build --release -p tapestry-cli
   "$target_dir/release/tapestry-bench-flows"
+  # Pod sandbox-to-started on a real node: the chain (helm install) vs the primary alone
+  # (bench/NODE.md); the chart runs the images of `make images`.
+  bash scripts/build-images.sh
+  "$target_dir/release/tapestry-bench-node"
 fi
+# Guest Ready -> datapath map latency through the controller and the daemon (real apiserver).
+cargo build --release -p tapestry-node-daemon -p tapestry-controller -p tapestry-bench && "$target_dir/release/tapestry-bench-guests"

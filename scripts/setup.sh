@@ -107,4 +107,6 @@ mount_bpffs
 # kubelet and kube-scheduler for the real node (tests/src/node.rs), helm for the chart
 # (deploy/helm, tests/tests/deploy.rs).
 "$ROOT/scripts/build-k8s.sh" kubelet kube-scheduler helm >/dev/null
+# The real node's own images (pause, busybox, the VM pod's QEMU), cached by input hash.
+"$ROOT/tests/node/build-images.sh" >/dev/null
 log "ready"

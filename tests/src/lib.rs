@@ -70,6 +70,7 @@ pub mod k8s;
 pub mod lab;
 pub mod net;
 pub mod netns;
+pub mod node;
 pub mod prereq;
 pub mod tapfd;
 

@@ -1,0 +1,303 @@
+//! Tapestry on a real Kubernetes node on this machine (tests/src/node.rs): kubelet + containerd,
+//! the real apiserver, etcd, kube-controller-manager and kube-scheduler, no registry, no
+//! kube-proxy; the primary CNI is the reference bridge + host-local and Tapestry is installed
+//! with its own Helm chart. One node serves the whole file, in one test with numbered steps
+//! (starting a node takes seconds, and only one can run on a machine at a time).
+//!
+//! Needs root, `scripts/setup.sh` (containerd, the Kubernetes binaries, the guest) and `make
+//! images` for the Tapestry steps; under `CI=...` a missing prerequisite fails the test.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use tapestry_tests::node::{self, Node};
+
+const POD_TIMEOUT: Duration = Duration::from_secs(90);
+/// The VM pod is Ready when its guest (software emulation) serves TCP: boot and DHCP.
+const VM_TIMEOUT: Duration = Duration::from_secs(180);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[test]
+fn real_node() -> Result<()> {
+    tapestry_tests::require_node!(Ok(()));
+    let t0 = Instant::now();
+    let mut node = Node::start()?;
+    eprintln!("node Ready in {:?}", t0.elapsed());
+    let result = steps(&node);
+    if result.is_err() {
+        // Dropping the node still cleans up everything; the logs stay for the failure.
+        node.keep_logs();
+    }
+    eprintln!("steps done in {:?}", t0.elapsed());
+    result
+}
+
+fn steps(node: &Node) -> Result<()> {
+    primary_alone(node)?;
+
+    if !tapestry_tests::prereq::available("node (Tapestry)", node::require_tapestry()) {
+        return Ok(());
+    }
+    let primary = std::fs::read(node.primary_conflist_path())?;
+    tapestry_chained_in(node, &primary)?;
+    service_with_pods_and_vm(node)?;
+    uninstall_restores_primary(node, &primary)
+}
+
+/// Step 1: the node without Tapestry. A pod runs with an address of the primary's bridge and
+/// is reachable from the node and from another pod; its ClusterIP is not (no kube-proxy).
+fn primary_alone(node: &Node) -> Result<()> {
+    node.apply(&node.server_pod("plain", &[("app", "plain")]))?;
+    node.apply(&node.client_pod("plain-client"))?;
+    let ip = node.wait_pod_ready("default", "plain", POD_TIMEOUT)?;
+    node.wait_pod_running("default", "plain-client", POD_TIMEOUT)?;
+    assert!(
+        node::in_pod_subnet(ip),
+        "pod IP {ip} is outside {}",
+        node::POD_SUBNET
+    );
+    let reply = tapestry_tests::tcp_request(SocketAddrV4::new(ip, 8080), b"hi\n", REQUEST_TIMEOUT)
+        .context("the node reaching a pod through the bridge")?;
+    assert_eq!(reply, "plain");
+    let reply = node.request_from(
+        "default",
+        "plain-client",
+        SocketAddrV4::new(ip, 8080),
+        REQUEST_TIMEOUT,
+    )?;
+    assert_eq!(reply, "plain");
+
+    node.kubectl_ok([
+        "expose",
+        "pod",
+        "plain",
+        "--name=plain",
+        "--port=80",
+        "--target-port=8080",
+    ])?;
+    let vip = node.cluster_ip("plain")?;
+    node.wait_endpoints("plain", &[ip], Duration::from_secs(30))?;
+    let r = node.request_from(
+        "default",
+        "plain-client",
+        SocketAddrV4::new(vip, 80),
+        Duration::from_secs(2),
+    );
+    assert!(
+        r.is_err(),
+        "ClusterIP {vip} answered ({r:?}) on a node without kube-proxy and without Tapestry"
+    );
+    node.kubectl_ok(["delete", "service", "plain"])?;
+    node.kubectl_ok(["delete", "pod", "plain", "plain-client", "--grace-period=1"])?;
+    Ok(())
+}
+
+/// Step 2: `helm install` of Tapestry's chart. The DaemonSet's install container chains
+/// tapestry-cni into the primary conflist (declaring the pod-annotations capability) and
+/// copies the plugin into the CNI bin dir; the daemon and the controller become ready.
+fn tapestry_chained_in(node: &Node, primary: &[u8]) -> Result<()> {
+    node.import_tapestry_images()?;
+    let t = Instant::now();
+    node.install_tapestry(&[])?;
+    eprintln!("Tapestry installed and ready in {:?}", t.elapsed());
+
+    let primary: Value = serde_json::from_slice(primary)?;
+    let chained: Value = serde_json::from_slice(&std::fs::read(node.primary_conflist_path())?)?;
+    let plugins = chained["plugins"].as_array().context("conflist plugins")?;
+    assert_eq!(
+        plugins.len(),
+        2,
+        "the chained conflist has the primary's plugin and tapestry-cni: {chained}"
+    );
+    assert_eq!(
+        plugins[0], primary["plugins"][0],
+        "the primary's entry changed"
+    );
+    assert_eq!(plugins[1]["type"], "tapestry-cni");
+    assert_eq!(
+        plugins[1]["capabilities"]["io.kubernetes.cri.pod-annotations"], true,
+        "containerd hands pod annotations only to a plugin that declares the capability"
+    );
+    assert_eq!(
+        plugins[1]["socket"],
+        node.tapestry_dir()
+            .join("tapestryd.sock")
+            .display()
+            .to_string()
+    );
+    assert!(
+        node.cni_bin_dir().join("tapestry-cni").is_file(),
+        "the installer copied no tapestry-cni into {}",
+        node.cni_bin_dir().display()
+    );
+    Ok(())
+}
+
+/// Step 3: two pods and a VM pod behind one Service made with `kubectl expose`; a client pod
+/// reaches all three through the ClusterIP (only Tapestry's datapath handles it); deleting the
+/// VM pod removes its endpoint and its traffic.
+fn service_with_pods_and_vm(node: &Node) -> Result<()> {
+    let web = [("app", "web")];
+    node.apply(&node.server_pod("web-a", &web))?;
+    node.apply(&node.server_pod("web-b", &web))?;
+    node.apply(&node.vm_pod("vm-a", &web))?;
+    node.apply(&node.client_pod("client"))?;
+    let a = node.wait_pod_ready("default", "web-a", POD_TIMEOUT)?;
+    let b = node.wait_pod_ready("default", "web-b", POD_TIMEOUT)?;
+    node.wait_pod_running("default", "client", POD_TIMEOUT)?;
+    let t = Instant::now();
+    let vm = node
+        .wait_pod_ready("default", "vm-a", VM_TIMEOUT)
+        .with_context(|| {
+            format!(
+                "the VM pod's guest never served TCP 8080; vm-a's log:\n{}",
+                node.kubectl_ok(["logs", "vm-a", "--tail=40"])
+                    .unwrap_or_default()
+            )
+        })?;
+    eprintln!(
+        "VM pod Ready (guest serving) {:?} after the pods",
+        t.elapsed()
+    );
+    assert!(node::in_pod_subnet(vm));
+
+    node.kubectl_ok([
+        "expose",
+        "pod",
+        "web-a",
+        "--name=web",
+        "--port=80",
+        "--target-port=8080",
+        "--selector=app=web",
+    ])?;
+    let vip = node.cluster_ip("web")?;
+    node.wait_endpoints("web", &[a, b, vm], Duration::from_secs(60))?;
+
+    let client = node.pod_netns("default", "client")?;
+    let seen = names_through(
+        &client,
+        vip,
+        &["web-a", "web-b", "vm-a"],
+        Duration::from_secs(60),
+    )?;
+    eprintln!("through ClusterIP {vip}:80 the client reached {seen:?}");
+
+    node.kubectl_ok(["delete", "pod", "vm-a", "--grace-period=1", "--wait=true"])?;
+    node.wait_endpoints("web", &[a, b], Duration::from_secs(60))?;
+    // Give the datapath a moment to drop the backend, then every request lands on a pod.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let replies: Vec<String> = (0..12)
+            .map(|_| request(&client, vip))
+            .collect::<Result<_>>()?;
+        if replies.iter().all(|r| r == "web-a" || r == "web-b") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("30 s after the VM pod went, requests still reach {replies:?}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    node.kubectl_ok(["delete", "service", "web"])?;
+    node.kubectl_ok([
+        "delete",
+        "pod",
+        "web-a",
+        "web-b",
+        "client",
+        "--grace-period=1",
+    ])?;
+    Ok(())
+}
+
+/// Step 4: `helm uninstall` takes tapestry-cni out again: the conflist is the primary's (the
+/// same JSON; the installer rewrites a conflist, so the bytes may be formatted differently), and
+/// the plugin binary and the pinned datapath are gone.
+fn uninstall_restores_primary(node: &Node, primary: &[u8]) -> Result<()> {
+    node.uninstall_tapestry()?;
+    let want: Value = serde_json::from_slice(primary)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = std::fs::read(node.primary_conflist_path())?;
+        if serde_json::from_slice::<Value>(&now).ok().as_ref() == Some(&want) {
+            eprintln!(
+                "conflist restored: the same JSON{}",
+                if now == primary {
+                    ", byte for byte"
+                } else {
+                    " (formatted differently)"
+                }
+            );
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "after helm uninstall the conflist is\n{}\nnot the primary's\n{}",
+                String::from_utf8_lossy(&now),
+                String::from_utf8_lossy(primary)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !node.cni_bin_dir().join("tapestry-cni").exists(),
+        "tapestry-cni is still in the CNI bin dir after helm uninstall"
+    );
+    let pins: Vec<_> = std::fs::read_dir(node.bpffs_dir())
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        pins.is_empty(),
+        "pins left in {} after helm uninstall (daemon.uninstallOnStop): {pins:?}",
+        node.bpffs_dir().display()
+    );
+    Ok(())
+}
+
+/// One request from the client pod's network namespace to `vip:80`.
+fn request(client: &Path, vip: Ipv4Addr) -> Result<String> {
+    let addr = SocketAddrV4::new(vip, 80);
+    let reply = tapestry_tests::in_netns(client, || {
+        tapestry_tests::tcp_request(addr, b"hi\n", REQUEST_TIMEOUT)
+    })?;
+    reply.with_context(|| format!("TCP {addr} from the client pod"))
+}
+
+/// Requests through the ClusterIP until every name in `want` answered.
+fn names_through(
+    client: &Path,
+    vip: Ipv4Addr,
+    want: &[&str],
+    timeout: Duration,
+) -> Result<BTreeSet<String>> {
+    let deadline = Instant::now() + timeout;
+    let mut seen = BTreeSet::new();
+    let mut errors = Vec::new();
+    while Instant::now() < deadline {
+        match request(client, vip) {
+            Ok(name) => {
+                assert!(
+                    want.contains(&name.as_str()),
+                    "ClusterIP {vip} answered {name:?}, not a backend of the Service"
+                );
+                seen.insert(name);
+            }
+            Err(e) => {
+                errors.push(format!("{e:#}"));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        if want.iter().all(|w| seen.contains(*w)) {
+            return Ok(seen);
+        }
+    }
+    bail!(
+        "through ClusterIP {vip}:80 only {seen:?} answered within {timeout:?} (want {want:?}); \
+         last errors: {:?}",
+        &errors[errors.len().saturating_sub(3)..]
+    )
+}
