@@ -10,7 +10,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tapestry_api::types::DEFAULT_SOCKET;
 use tapestry_cli::{
     Ctx,
-    commands::{conntrack, flows, guest, metrics, service, status},
+    commands::{conntrack, expose, flows, guest, metrics, service, status},
     describe_error,
     output::{ColorChoice, Render},
 };
@@ -74,6 +74,9 @@ enum Command {
     Flows(flows::FlowsArgs),
     /// The daemon's Prometheus metrics.
     Metrics(metrics::MetricsArgs),
+    /// Create a Service for a KVM guest, as `kubectl expose` does for a pod (Kubernetes API).
+    #[command(subcommand)]
+    Expose(ExposeCommand),
     /// Print a shell completion script.
     #[command(after_help = "Examples:
   # bash
@@ -105,6 +108,12 @@ enum GuestCommand {
     List(guest::ListArgs),
     /// One guest: tap, MAC, IP, queues, MTU, readiness, counters, DHCP, drops.
     Show(guest::ShowArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ExposeCommand {
+    /// A Service selecting the guest by its labels, on its declared port or --port.
+    Guest(expose::GuestArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -161,6 +170,7 @@ fn run(cli: Cli, exe: &str) -> anyhow::Result<()> {
         Command::Conntrack(ConntrackCommand::Flush(a)) => conntrack::flush(&ctx, a),
         Command::Flows(a) => flows::run(&ctx, a),
         Command::Metrics(a) => metrics::run(&ctx, a),
+        Command::Expose(ExposeCommand::Guest(a)) => expose::guest(a),
         Command::Completion { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(*shell, &mut cmd, exe, &mut std::io::stdout());
@@ -181,6 +191,11 @@ fn main() -> ExitCode {
     };
     match run(cli, &exe) {
         Ok(()) => ExitCode::SUCCESS,
+        // The API server's refusals read as kubectl prints them.
+        Err(e) if e.is::<expose::FromServer>() => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {}", describe_error(&e));
             ExitCode::FAILURE

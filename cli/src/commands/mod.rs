@@ -1,6 +1,8 @@
-//! One module per command; each has a `run` that talks to the daemon and a pure `render`.
+//! One module per command; each has a `run` that talks to the daemon and a pure `render`
+//! (`expose` talks to the Kubernetes API instead).
 
 pub mod conntrack;
+pub mod expose;
 pub mod flows;
 pub mod guest;
 pub mod metrics;
