@@ -32,5 +32,7 @@ if [[ " $* " != *" --no-tapestry "* ]]; then
   bash scripts/build-images.sh
   "$target_dir/release/tapestry-bench-node"
 fi
+# tapestry-controller's full resync and peak RSS at 10,000 Services x 50,000 Guests (real apiserver).
+cargo build --release -p tapestry-controller && "$target_dir/release/tapestry-bench-controller"
 # Guest Ready -> datapath map latency through the controller and the daemon (real apiserver).
 cargo build --release -p tapestry-node-daemon -p tapestry-controller -p tapestry-bench && "$target_dir/release/tapestry-bench-guests"

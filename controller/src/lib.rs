@@ -9,6 +9,7 @@
 pub mod controller;
 pub mod endpointslice;
 pub mod error;
+pub mod index;
 pub mod leader;
 pub mod metrics;
 

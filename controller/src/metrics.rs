@@ -1,6 +1,10 @@
 //! Prometheus metrics (`tapestry_controller_*`) and the `/metrics` + `/healthz` endpoint.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
 
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{
@@ -36,6 +40,7 @@ pub struct Metrics {
     pub slice_writes: Family<WriteLabels, Counter>,
     pub leader: Gauge,
     pub leader_transitions: Counter,
+    pub initial_sync_seconds: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -78,8 +83,16 @@ impl Default for Metrics {
             "Times this replica became the leader",
             leader_transitions.clone(),
         );
+        let initial_sync_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "initial_sync_seconds",
+            "Time from taking the lead (or starting) to the end of the first reconcile of every \
+             Service; 0 until then",
+            initial_sync_seconds.clone(),
+        );
         Metrics {
             registry,
+            initial_sync_seconds,
             reconciliations,
             reconcile_errors,
             reconcile_duration,
