@@ -515,7 +515,8 @@ fn read_trimmed(path: &str) -> Result<String> {
         .to_string())
 }
 
-fn parse_mac(s: &str) -> Result<[u8; 6]> {
+/// `52:54:00:12:34:56` -> bytes.
+pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
     let parts: Vec<&str> = s.split(':').collect();
     if parts.len() != 6 {
         bail!("bad MAC {s:?}");
@@ -786,4 +787,26 @@ fn process_start_time(pid: i32) -> Option<u64> {
     let after = &stat[stat.rfind(')')? + 1..];
     // Fields after the command name start at field 3 (state); starttime is field 22.
     after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The VM network the end-to-end tests create VM pods with: the reference `ptp` + `host-local`
+/// (routed, like the lab's pods; addresses .100-.120 of the lab's pod subnet, IPAM state in
+/// `ipam_dir`), then `tapestry-cni` for VMs talking to the daemon at `socket`.
+pub fn vm_conflist(lab: &Lab, socket: &Path, ipam_dir: &Path) -> serde_json::Value {
+    let (net, _) = lab.pod_cidr();
+    let o = net.octets();
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "vms",
+        "plugins": [
+            {"type": "ptp", "ipMasq": false, "mtu": 1500, "ipam": {
+                "type": "host-local", "dataDir": ipam_dir,
+                "ranges": [[{"subnet": format!("{net}/25"),
+                             "rangeStart": format!("{}.{}.{}.100", o[0], o[1], o[2]),
+                             "rangeEnd": format!("{}.{}.{}.120", o[0], o[1], o[2]),
+                             "gateway": format!("{}.{}.{}.1", o[0], o[1], o[2])}]],
+                "routes": [{"dst": "0.0.0.0/0"}]}},
+            {"type": "tapestry-cni", "socket": socket, "vm": {"enabled": true}},
+        ],
+    })
 }

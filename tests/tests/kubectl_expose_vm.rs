@@ -20,18 +20,11 @@ use tapestry_tests::{
     daemon::{Daemon, bin_dir, binary},
     guest::{Guest, GuestConfig, qemu_available},
     k8s::ControlPlane,
+    lab::{parse_mac, vm_conflist},
     require_k8s, require_lab,
 };
 
 const T: Duration = Duration::from_secs(5);
-
-fn parse_mac(s: &str) -> [u8; 6] {
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16).unwrap())
-        .collect();
-    v.try_into().unwrap()
-}
 
 fn wait<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -134,23 +127,8 @@ fn a_qemu_guest_is_reached_through_a_service_made_by_kubectl_expose() {
             .unwrap()
             .success()
     );
-    let (net, _) = lab.pod_cidr();
-    let o = net.octets();
-    let list = NetworkConfigList::from_value(&json!({
-        "cniVersion": "1.0.0",
-        "name": "vms",
-        "plugins": [
-            {"type": "ptp", "ipMasq": false, "mtu": 1500, "ipam": {
-                "type": "host-local", "dataDir": d.dir.join("ipam"),
-                "ranges": [[{"subnet": format!("{net}/25"),
-                             "rangeStart": format!("{}.{}.{}.100", o[0], o[1], o[2]),
-                             "rangeEnd": format!("{}.{}.{}.120", o[0], o[1], o[2]),
-                             "gateway": format!("{}.{}.{}.1", o[0], o[1], o[2])}]],
-                "routes": [{"dst": "0.0.0.0/0"}]}},
-            {"type": "tapestry-cni", "socket": d.socket, "vm": {"enabled": true}},
-        ],
-    }))
-    .unwrap();
+    let list =
+        NetworkConfigList::from_value(&vm_conflist(&lab, &d.socket, &d.dir.join("ipam"))).unwrap();
     let rt = Runtime::new(["/usr/lib/cni".into(), bin_dir()], d.dir.join("cni-cache"));
     let conf = RuntimeConf::new("vm-ctr", &netns, "eth0")
         .arg("IgnoreUnknown", "1")
@@ -185,7 +163,7 @@ fn a_qemu_guest_is_reached_through_a_service_made_by_kubectl_expose() {
     };
     let mut guest = Guest::boot_in(
         &netns,
-        GuestConfig::new("vm-1", parse_mac(eth0["mac"].as_str().unwrap())),
+        GuestConfig::new("vm-1", parse_mac(eth0["mac"].as_str().unwrap()).unwrap()),
     )
     .unwrap();
     guest

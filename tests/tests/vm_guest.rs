@@ -12,24 +12,17 @@ use std::{
     time::Duration,
 };
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use tapestry_tests::{
     Lab, Pod,
     cni::{NetworkConfigList, Runtime, RuntimeConf},
     daemon::{Daemon, bin_dir, binary},
     guest::{Guest, GuestConfig, qemu_available},
+    lab::{parse_mac, vm_conflist},
     require_lab,
 };
 
 const T: Duration = Duration::from_secs(5);
-
-fn parse_mac(s: &str) -> [u8; 6] {
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16).unwrap())
-        .collect();
-    v.try_into().unwrap()
-}
 
 /// A backend: address, name, kind (`pod` or `vm`).
 type Backend<'a> = (Ipv4Addr, &'a str, &'a str);
@@ -90,24 +83,8 @@ fn a_qemu_guest_on_the_plugins_tap_is_a_pod_like_any_other() {
             .unwrap()
             .success()
     );
-    let (net, _) = lab.pod_cidr();
-    let o = net.octets();
-    let ipam_dir = d.dir.join("ipam");
-    let list = NetworkConfigList::from_value(&json!({
-        "cniVersion": "1.0.0",
-        "name": "vms",
-        "plugins": [
-            {"type": "ptp", "ipMasq": false, "mtu": 1500, "ipam": {
-                "type": "host-local", "dataDir": ipam_dir,
-                "ranges": [[{"subnet": format!("{net}/25"),
-                             "rangeStart": format!("{}.{}.{}.100", o[0], o[1], o[2]),
-                             "rangeEnd": format!("{}.{}.{}.120", o[0], o[1], o[2]),
-                             "gateway": format!("{}.{}.{}.1", o[0], o[1], o[2])}]],
-                "routes": [{"dst": "0.0.0.0/0"}]}},
-            {"type": "tapestry-cni", "socket": d.socket, "vm": {"enabled": true}},
-        ],
-    }))
-    .unwrap();
+    let list =
+        NetworkConfigList::from_value(&vm_conflist(&lab, &d.socket, &d.dir.join("ipam"))).unwrap();
     let rt = Runtime::new(["/usr/lib/cni".into(), bin_dir()], d.dir.join("cni-cache"));
     let conf = RuntimeConf::new("vm-ctr", &netns, "eth0")
         .arg("IgnoreUnknown", "1")
@@ -141,7 +118,7 @@ fn a_qemu_guest_on_the_plugins_tap_is_a_pod_like_any_other() {
     // A stock guest on the plugin's tap: its address comes from DHCP, and it is the pod's.
     let mut guest = Guest::boot_in(
         &netns,
-        GuestConfig::new("vm-1", parse_mac(eth0["mac"].as_str().unwrap())),
+        GuestConfig::new("vm-1", parse_mac(eth0["mac"].as_str().unwrap()).unwrap()),
     )
     .unwrap();
     guest
@@ -192,6 +169,7 @@ fn a_qemu_guest_on_the_plugins_tap_is_a_pod_like_any_other() {
     assert!(out.contains("be0") || out.contains("be1"), "{out:?}");
 
     // Spoofing from the guest: another source IP, a rogue ARP, another MAC.
+    let o = lab.pod_cidr().0.octets();
     let spoof = Ipv4Addr::new(o[0], o[1], o[2], 99);
     let _ = guest.console(&format!("ip addr add {spoof}/32 dev eth0"), T);
     let _ = guest.console_status(&format!("ping -c 1 -W 1 -I {spoof} {}", be0.ip), T);
