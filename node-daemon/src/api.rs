@@ -1,136 +1,106 @@
 //! The local API: JSON over HTTP/1.1 on a unix socket (and /metrics on TCP for Prometheus).
+//!
+//! Handlers are thin: they parse, hand the work to a blocking thread (views walk maps with one
+//! syscall per entry; endpoint work enters namespaces and loads programs), and map typed errors
+//! to statuses ([`ApiError`]). `/healthz` touches nothing but two counters, so it answers while
+//! any other request runs.
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use axum::{
     Json, Router,
-    extract::{Path as UrlPath, State},
+    extract::{
+        Path as UrlPath, Query, State,
+        rejection::{JsonRejection, PathRejection, QueryRejection},
+    },
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::{delete, get, post},
 };
 use tapestry_api::types::{
-    AttachRequest, AttachmentInfo, EndpointGcRequest, EndpointInfo, EndpointRequest, ErrorBody,
-    FlushResult, GuestInfo, paths,
+    AttachRequest, AttachmentInfo, ConntrackEntry, EndpointGcRequest, EndpointInfo,
+    EndpointRequest, FlowsResponse, FlushResult, GuestInfo, ServiceInfo, Status, paths,
 };
 use tracing::info;
 
-use crate::{datapath::ifindex_of, endpoints::EndpointError, metrics, node::SharedNode};
-
-/// An error answer: status and a message a user can act on.
-pub struct ApiError(StatusCode, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody { error: self.1 })).into_response()
-    }
-}
-
-impl From<anyhow::Error> for ApiError {
-    fn from(e: anyhow::Error) -> Self {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
-    }
-}
-
-impl From<EndpointError> for ApiError {
-    fn from(e: EndpointError) -> Self {
-        match e {
-            EndpointError::Invalid(m) => ApiError(StatusCode::BAD_REQUEST, m),
-            EndpointError::NotFound(m) => ApiError(StatusCode::NOT_FOUND, m),
-            EndpointError::Internal(e) => {
-                ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
-            }
-        }
-    }
-}
+use crate::{
+    daemon::Node,
+    datapath::{Maps, conntrack, ifindex_of},
+    error::ApiError,
+    metrics,
+};
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-/// Runs `f` with the node locked on a blocking thread: endpoint work enters network namespaces
-/// and loads programs, which must not stall the async workers.
-async fn with_node<T: Send + 'static>(
-    node: &SharedNode,
-    f: impl FnOnce(&mut crate::node::Node) -> Result<T, ApiError> + Send + 'static,
+/// Runs `f` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let node = node.clone();
-    tokio::task::spawn_blocking(move || f(&mut lock(&node)))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    tokio::task::spawn_blocking(f).await?
 }
 
 async fn add_endpoint(
-    State(node): State<SharedNode>,
-    Json(req): Json<EndpointRequest>,
+    State(node): State<Node>,
+    body: Result<Json<EndpointRequest>, JsonRejection>,
 ) -> ApiResult<EndpointInfo> {
-    with_node(&node, move |n| {
-        let n = &mut *n;
-        Ok(Json(n.endpoints.add(&mut n.datapath, req)?))
+    let Json(req) = body?;
+    blocking(move || Ok(Json(node.endpoints.add(req)?))).await
+}
+
+async fn list_endpoints(State(node): State<Node>) -> ApiResult<Vec<EndpointInfo>> {
+    blocking(move || Ok(Json(node.endpoints.list()))).await
+}
+
+async fn get_endpoint(
+    State(node): State<Node>,
+    path: Result<UrlPath<(String, String)>, PathRejection>,
+) -> ApiResult<EndpointInfo> {
+    let UrlPath((container_id, ifname)) = path?;
+    blocking(move || {
+        node.endpoints
+            .get(&container_id, &ifname)
+            .map(Json)
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("no endpoint {container_id}/{ifname} on this node"))
+            })
     })
     .await
 }
 
-async fn list_endpoints(State(node): State<SharedNode>) -> ApiResult<Vec<EndpointInfo>> {
-    let n = lock(&node);
-    Ok(Json(n.endpoints.list(&n.datapath.maps)))
-}
-
-async fn get_endpoint(
-    State(node): State<SharedNode>,
-    UrlPath((container_id, ifname)): UrlPath<(String, String)>,
-) -> ApiResult<EndpointInfo> {
-    let n = lock(&node);
-    n.endpoints
-        .get(&container_id, &ifname, &n.datapath.maps)
-        .map(Json)
-        .ok_or_else(|| {
-            ApiError(
-                StatusCode::NOT_FOUND,
-                format!("no endpoint {container_id}/{ifname} on this node"),
-            )
-        })
-}
-
 async fn delete_endpoint(
-    State(node): State<SharedNode>,
-    UrlPath((container_id, ifname)): UrlPath<(String, String)>,
+    State(node): State<Node>,
+    path: Result<UrlPath<(String, String)>, PathRejection>,
 ) -> ApiResult<serde_json::Value> {
-    with_node(&node, move |n| {
-        let n = &mut *n;
-        let removed = n
-            .endpoints
-            .remove(&mut n.datapath, &container_id, &ifname)?;
+    let UrlPath((container_id, ifname)) = path?;
+    blocking(move || {
+        let removed = node.endpoints.remove(&container_id, &ifname)?;
         Ok(Json(serde_json::json!({ "removed": removed.is_some() })))
     })
     .await
 }
 
 async fn gc_endpoints(
-    State(node): State<SharedNode>,
-    Json(req): Json<EndpointGcRequest>,
+    State(node): State<Node>,
+    body: Result<Json<EndpointGcRequest>, JsonRejection>,
 ) -> ApiResult<Vec<EndpointInfo>> {
-    with_node(&node, move |n| {
-        let n = &mut *n;
-        Ok(Json(n.endpoints.gc(
-            &mut n.datapath,
-            req.network.as_deref(),
-            &req.valid,
-        )?))
-    })
-    .await
+    let Json(req) = body?;
+    blocking(move || Ok(Json(node.endpoints.gc(req.network.as_deref(), &req.valid)?))).await
 }
 
-async fn guests(State(node): State<SharedNode>) -> ApiResult<Vec<GuestInfo>> {
-    let n = lock(&node);
-    Ok(Json(n.endpoints.guests(&n.datapath.maps)))
+async fn guests(State(node): State<Node>) -> ApiResult<Vec<GuestInfo>> {
+    blocking(move || Ok(Json(node.views.guests()))).await
 }
 
-pub fn router(node: SharedNode) -> Router {
+pub fn router(node: Node) -> Router {
     Router::new()
         .route(paths::HEALTHZ, get(healthz))
         .route(paths::STATUS, get(status))
         .route(paths::SERVICES, get(services))
-        .route(paths::CONNTRACK, get(conntrack).delete(flush_conntrack))
+        .route(
+            paths::CONNTRACK,
+            get(list_conntrack).delete(flush_conntrack),
+        )
         .route(paths::ATTACHMENTS, get(attachments).post(attach))
         .route(
             &format!("{}/{{ifname}}", paths::ATTACHMENTS),
@@ -145,15 +115,8 @@ pub fn router(node: SharedNode) -> Router {
         .with_state(node)
 }
 
-fn lock(node: &SharedNode) -> std::sync::MutexGuard<'_, crate::node::Node> {
-    // A panic while holding the lock would leave the maps as consistent as the kernel keeps
-    // them; keep serving.
-    node.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-async fn healthz(State(node): State<SharedNode>) -> Response {
-    let n = lock(&node);
-    if n.generation > 0 || n.source.generation == 0 {
+async fn healthz(State(node): State<Node>) -> Response {
+    if node.services.healthy() {
         (StatusCode::OK, "ok\n").into_response()
     } else {
         (
@@ -164,86 +127,81 @@ async fn healthz(State(node): State<SharedNode>) -> Response {
     }
 }
 
-async fn status(State(node): State<SharedNode>) -> ApiResult<tapestry_api::types::Status> {
-    Ok(Json(lock(&node).status()?))
+async fn status(State(node): State<Node>) -> ApiResult<Status> {
+    blocking(move || Ok(Json(node.views.status()?))).await
 }
 
-async fn services(
-    State(node): State<SharedNode>,
-) -> ApiResult<Vec<tapestry_api::types::ServiceInfo>> {
-    Ok(Json(lock(&node).services()?))
+async fn services(State(node): State<Node>) -> ApiResult<Vec<ServiceInfo>> {
+    blocking(move || Ok(Json(node.views.services()?))).await
 }
 
-async fn conntrack(
-    State(node): State<SharedNode>,
-) -> ApiResult<Vec<tapestry_api::types::ConntrackEntry>> {
-    Ok(Json(lock(&node).conntrack()))
+async fn list_conntrack(State(node): State<Node>) -> ApiResult<Vec<ConntrackEntry>> {
+    blocking(move || Ok(Json(node.views.conntrack()))).await
 }
 
-async fn flush_conntrack(State(node): State<SharedNode>) -> ApiResult<FlushResult> {
-    let removed = lock(&node).flush_conntrack();
+async fn flush_conntrack(State(node): State<Node>) -> ApiResult<FlushResult> {
+    let removed = blocking(move || {
+        let mut maps = Maps::open(node.pins.dir())?;
+        Ok(conntrack::flush(&mut maps.conntrack))
+    })
+    .await?;
     info!(removed, "conntrack flushed through the API");
     Ok(Json(FlushResult { removed }))
 }
 
-async fn attachments(State(node): State<SharedNode>) -> ApiResult<Vec<AttachmentInfo>> {
-    let n = lock(&node);
-    Ok(Json(
-        n.datapath
-            .attachments()
-            .into_iter()
-            .map(|a| AttachmentInfo {
-                ifindex: a.ifindex,
-                ifname: a.ifname,
-            })
-            .collect(),
-    ))
+async fn attachments(State(node): State<Node>) -> ApiResult<Vec<AttachmentInfo>> {
+    blocking(move || Ok(Json(node.views.attachments()))).await
 }
 
 async fn attach(
-    State(node): State<SharedNode>,
-    Json(req): Json<AttachRequest>,
+    State(node): State<Node>,
+    body: Result<Json<AttachRequest>, JsonRejection>,
 ) -> ApiResult<AttachmentInfo> {
-    if ifindex_of(&req.ifname).is_err() {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!(
+    let Json(req) = body?;
+    blocking(move || {
+        if ifindex_of(&req.ifname).is_err() {
+            return Err(ApiError::NotFound(format!(
                 "no interface named {:?} in the daemon's network namespace",
                 req.ifname
-            ),
-        ));
-    }
-    let a = lock(&node).datapath.attach(&req.ifname)?;
-    info!(
-        ifname = a.ifname,
-        ifindex = a.ifindex,
-        "attached through the API"
-    );
-    Ok(Json(AttachmentInfo {
-        ifindex: a.ifindex,
-        ifname: a.ifname,
-    }))
+            )));
+        }
+        let a = node.pins.attach(&req.ifname)?;
+        info!(
+            ifname = a.ifname,
+            ifindex = a.ifindex,
+            "attached through the API"
+        );
+        Ok(Json(AttachmentInfo {
+            ifindex: a.ifindex,
+            ifname: a.ifname,
+        }))
+    })
+    .await
 }
 
 async fn detach(
-    State(node): State<SharedNode>,
-    UrlPath(ifname): UrlPath<String>,
+    State(node): State<Node>,
+    path: Result<UrlPath<String>, PathRejection>,
 ) -> ApiResult<serde_json::Value> {
-    // By name, or by index for an interface that is already gone.
-    let ifindex = match ifname.parse::<u32>() {
-        Ok(i) => i,
-        Err(_) => match ifindex_of(&ifname) {
+    let UrlPath(ifname) = path?;
+    blocking(move || {
+        // By name, or by index for an interface that is already gone.
+        let ifindex = match ifname.parse::<u32>() {
             Ok(i) => i,
-            // Gone: nothing can be attached to it any more.
-            Err(_) => return Ok(Json(serde_json::json!({ "detached": false }))),
-        },
-    };
-    let detached = lock(&node).datapath.detach(ifindex)?;
-    Ok(Json(serde_json::json!({ "detached": detached })))
+            Err(_) => match ifindex_of(&ifname) {
+                Ok(i) => i,
+                // Gone: nothing can be attached to it any more.
+                Err(_) => return Ok(Json(serde_json::json!({ "detached": false }))),
+            },
+        };
+        let detached = node.pins.detach(ifindex)?;
+        Ok(Json(serde_json::json!({ "detached": detached })))
+    })
+    .await
 }
 
-async fn metrics_text(State(node): State<SharedNode>) -> Result<Response, ApiError> {
-    let text = metrics::render(&lock(&node))?;
+async fn metrics_text(State(node): State<Node>) -> Result<Response, ApiError> {
+    let text = blocking(move || Ok(metrics::render(&node.views)?)).await?;
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -262,14 +220,15 @@ struct FlowsQuery {
 }
 
 async fn flows(
-    State(node): State<SharedNode>,
-    axum::extract::Query(q): axum::extract::Query<FlowsQuery>,
-) -> ApiResult<tapestry_api::types::FlowsResponse> {
-    Ok(Json(lock(&node).flows(q.since)?))
+    State(node): State<Node>,
+    query: Result<Query<FlowsQuery>, QueryRejection>,
+) -> ApiResult<FlowsResponse> {
+    let Query(q) = query?;
+    blocking(move || Ok(Json(node.views.flows(q.since)?))).await
 }
 
 /// Serves the API on `socket` until the task is aborted.
-pub async fn serve_unix(socket: &Path, node: SharedNode) -> Result<()> {
+pub async fn serve_unix(socket: &Path, node: Node) -> Result<()> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -282,8 +241,8 @@ pub async fn serve_unix(socket: &Path, node: SharedNode) -> Result<()> {
     Ok(())
 }
 
-/// Serves /metrics (and the rest, read-only use expected) on TCP for Prometheus.
-pub async fn serve_tcp(addr: &str, node: SharedNode) -> Result<()> {
+/// Serves /metrics and /healthz on TCP for Prometheus and the kubelet's probes.
+pub async fn serve_tcp(addr: &str, node: Node) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics address {addr}"))?;

@@ -1,28 +1,16 @@
-//! tapestryd: see the crate docs and README.md.
+//! tapestryd: parses its flags into a [`Config`] and runs the daemon (see the crate docs and
+//! README.md).
 
-use std::{
-    net::Ipv4Addr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
-use anyhow::{Context, Result};
 use clap::Parser;
-use tapestry_api::{state::DesiredState, types};
-use tapestry_common::{Config, DEFAULT_HAIRPIN_SNAT_IP, DhcpFrame, config_flags};
+use tapestry_api::types;
+use tapestry_common::DEFAULT_HAIRPIN_SNAT_IP;
 use tapestry_node_daemon::{
-    api,
-    datapath::Datapath,
-    endpoints::Endpoints,
-    flows::{self, FlowLog},
-    kubernetes::{self, KubernetesSource},
-    node::{Node, SharedNode},
-    reconcile::Reconciler,
-    source::{SourceStatus, StandaloneFile, StateSource},
+    config::{Config, Source},
+    daemon,
 };
-use tokio::{signal::unix::SignalKind, sync::watch};
-use tracing::{error, info, warn};
+use tracing::error;
 
 /// Where the desired state comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -96,236 +84,40 @@ async fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = run(Args::parse()).await {
+    let args = Args::parse();
+    let result = if args.uninstall {
+        daemon::uninstall(&args.bpffs_dir)
+    } else {
+        daemon::run(args.into_config()).await
+    };
+    if let Err(e) = result {
         error!("{e:#}");
         std::process::exit(1);
     }
 }
 
-async fn run(args: Args) -> Result<()> {
-    if args.uninstall {
-        Datapath::unpin_all(&args.bpffs_dir)?;
-        info!(bpffs_dir = %args.bpffs_dir.display(), "datapath removed");
-        return Ok(());
-    }
-    let mut datapath = Datapath::load(&args.bpffs_dir)?;
-    datapath.set_config(Config {
-        flags: if args.flow_events {
-            config_flags::FLOW_EVENTS
-        } else {
-            0
-        },
-        hairpin_snat_ip: u32::from_ne_bytes(args.hairpin_snat_ip.octets()),
-    })?;
-    let reconciler = Reconciler::restore(&datapath.maps)?;
-    let adopted = datapath.adopt_links()?;
-    if !adopted.is_empty() {
-        info!(
-            count = adopted.len(),
-            "re-attached to the interfaces of the previous run"
-        );
-    }
-    for ifname in &args.attach {
-        datapath
-            .attach(ifname)
-            .with_context(|| format!("--attach {ifname}"))?;
-        info!(ifname, "attached");
-    }
-    let mut endpoints = Endpoints::new(&args.state_dir);
-    endpoints.restore(&mut datapath)?;
-    let events = datapath.maps.events.take();
-    let dhcp_ring = datapath.maps.dhcp.take();
-    let flows = Arc::new(FlowLog::default());
-    let kube = match args.source {
-        SourceKind::File => None,
-        SourceKind::Kubernetes => {
-            let node_name = args
-                .node_name
-                .clone()
-                .context("--node-name (or $NODE_NAME) is required with --source kubernetes")?;
-            Some((
-                kubernetes::client(args.kubeconfig.as_deref()).await?,
-                node_name,
-            ))
-        }
-    };
-    let source = match &kube {
-        None => Source::File(StandaloneFile::new(&args.state_file)),
-        Some(_) if !args.kube_proxy_replacement => Source::None,
-        Some((client, node_name)) => {
-            Source::Kubernetes(KubernetesSource::new(client.clone(), node_name.clone()))
-        }
-    };
-    let node: SharedNode = Arc::new(Mutex::new(Node {
-        datapath,
-        reconciler,
-        generation: 0,
-        source: SourceStatus {
-            source: source.describe(),
-            ..Default::default()
-        },
-        apply_error: None,
-        mode: if kube.is_some() {
-            "kubernetes"
-        } else {
-            "standalone"
-        },
-        flow_events: args.flow_events,
-        flows: flows.clone(),
-        endpoints,
-    }));
-
-    let (updates_tx, updates_rx) = watch::channel(Arc::new(DesiredState::default()));
-    let (status_tx, status_rx) = watch::channel(SourceStatus::default());
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(async move {
-        match source {
-            Source::File(s) => s.run(updates_tx, status_tx).await,
-            Source::Kubernetes(s) => s.run(updates_tx, status_tx).await,
-            Source::None => {
-                // Keep the channels open: the reconciler waits, the datapath's services stay.
-                let _keep = (updates_tx, status_tx);
-                std::future::pending().await
-            }
-        }
-        .context("state source")
-    });
-    if let Some((client, node_name)) = kube {
-        let node = node.clone();
-        tasks.spawn(kubernetes::publish_guests(client, node_name, node));
-    }
-    tasks.spawn(reconcile_loop(node.clone(), updates_rx, status_rx));
-    {
-        let node = node.clone();
-        let socket = args.socket.clone();
-        tasks.spawn(async move { api::serve_unix(&socket, node).await });
-    }
-    if !args.metrics_addr.is_empty() {
-        let node = node.clone();
-        let addr = args.metrics_addr.clone();
-        tasks.spawn(async move { api::serve_tcp(&addr, node).await });
-    }
-    if let Some(ring) = events {
-        tasks.spawn(flows::drain(ring, flows));
-    }
-    if let Some(ring) = dhcp_ring {
-        tasks.spawn(serve_dhcp(ring, node.clone()));
-    }
-    {
-        let node = node.clone();
-        let every = Duration::from_secs(args.conntrack_gc_interval.max(1));
-        tasks.spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let n = node
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .collect_conntrack_garbage();
-                if n > 0 {
-                    tracing::debug!(removed = n, "conntrack garbage collected");
-                }
-            }
-        });
-    }
-
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let result = tokio::select! {
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = term.recv() => Ok(()),
-        Some(done) = tasks.join_next() => match done {
-            Ok(Ok(())) => Err(anyhow::anyhow!("a daemon task ended unexpectedly")),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(e.into()),
-        },
-    };
-    // The datapath stays attached and pinned: flows keep flowing while no daemon runs, and the
-    // next start adopts everything. `--uninstall` removes it.
-    let _ = std::fs::remove_file(&args.socket);
-    info!("stopped; the datapath stays in place");
-    result
-}
-
-/// The configured desired-state source.
-enum Source {
-    File(StandaloneFile),
-    Kubernetes(KubernetesSource),
-    /// Kubernetes mode without kube-proxy replacement: no Services are programmed.
-    None,
-}
-
-impl Source {
-    fn describe(&self) -> String {
-        match self {
-            Source::File(s) => s.describe(),
-            Source::Kubernetes(s) => s.describe(),
-            Source::None => "none (kube-proxy replacement off)".into(),
-        }
-    }
-}
-
-/// Answers the guests' DHCP, queued by the guest programs.
-async fn serve_dhcp(ring: aya::maps::RingBuf<aya::maps::MapData>, node: SharedNode) -> Result<()> {
-    // SAFETY: the RingBuf owns its fd and moves into the AsyncFd.
-    let mut fd =
-        unsafe { tokio::io::unix::AsyncFd::register(ring) }.context("polling the DHCP queue")?;
-    loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            if item.len() >= std::mem::size_of::<DhcpFrame>() {
-                // SAFETY: the guest program writes whole DhcpFrames; the length was checked.
-                let frame: DhcpFrame =
-                    unsafe { std::ptr::read_unaligned(item.as_ptr() as *const DhcpFrame) };
-                node.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .endpoints
-                    .handle_dhcp(&frame);
-            }
-        }
-        guard.clear_ready();
-    }
-}
-
-/// Programs every new desired state; records failures without touching the last good state.
-async fn reconcile_loop(
-    node: SharedNode,
-    mut updates: watch::Receiver<Arc<DesiredState>>,
-    mut status: watch::Receiver<SourceStatus>,
-) -> Result<()> {
-    let mut status_open = true;
-    loop {
-        tokio::select! {
-            changed = updates.changed() => {
-                if changed.is_err() {
-                    return Ok(());
-                }
-                let desired = updates.borrow_and_update().clone();
-                let mut guard = node.lock().unwrap_or_else(|p| p.into_inner());
-                let n = &mut *guard;
-                match n.reconciler.apply(&mut n.datapath.maps, &desired) {
-                    Ok(_) => {
-                        n.generation += 1;
-                        n.apply_error = None;
-                        if n.generation == 1 {
-                            info!(services = desired.services.len(), "ready");
-                        }
-                    }
-                    Err(e) => {
-                        let msg = format!("programming the desired state: {e:#}");
-                        warn!("{msg}");
-                        n.apply_error = Some(msg);
-                    }
-                }
-            }
-            changed = status.changed(), if status_open => {
-                if changed.is_err() {
-                    status_open = false;
-                    continue;
-                }
-                let s = status.borrow_and_update().clone();
-                node.lock().unwrap_or_else(|p| p.into_inner()).source = s;
-            }
+impl Args {
+    fn into_config(self) -> Config {
+        let source = match self.source {
+            SourceKind::File => Source::File(self.state_file),
+            SourceKind::Kubernetes => Source::Kubernetes {
+                node_name: self
+                    .node_name
+                    .expect("clap requires --node-name with --source kubernetes"),
+                kubeconfig: self.kubeconfig,
+                kube_proxy_replacement: self.kube_proxy_replacement,
+            },
+        };
+        Config {
+            source,
+            bpffs_dir: self.bpffs_dir,
+            socket: self.socket,
+            metrics_addr: (!self.metrics_addr.is_empty()).then_some(self.metrics_addr),
+            attach: self.attach,
+            flow_events: self.flow_events,
+            hairpin_snat_ip: self.hairpin_snat_ip,
+            conntrack_gc_interval: Duration::from_secs(self.conntrack_gc_interval),
+            state_dir: self.state_dir,
         }
     }
 }

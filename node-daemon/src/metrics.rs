@@ -8,7 +8,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::node::Node;
+use crate::views::Views;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -57,9 +57,9 @@ impl Collector for Snapshot {
 }
 
 /// The Prometheus text exposition of the node's metrics.
-pub fn render(node: &Node) -> Result<String> {
+pub fn render(views: &Views) -> Result<String> {
     let mut snap = Snapshot::default();
-    let (counters, drops) = node.counters()?;
+    let (counters, drops) = views.counters()?;
     let f = snap.family(
         "tapestry_datapath_events",
         "Datapath events by kind (packets seen, new flows, reverse NAT, ...).",
@@ -77,7 +77,7 @@ pub fn render(node: &Node) -> Result<String> {
         f.samples.push((vec![("reason", reason)], v));
     }
 
-    let services = node.services()?;
+    let services = views.services()?;
     let mut packets = Vec::new();
     let mut bytes = Vec::new();
     let mut flows = Vec::new();
@@ -140,7 +140,7 @@ pub fn render(node: &Node) -> Result<String> {
     .samples = be_bytes;
 
     // Guests, labelled with their identity.
-    let guests = node.endpoints.guests(&node.datapath.maps);
+    let guests = views.guests();
     let guest_labels = |g: &tapestry_api::types::GuestInfo| -> Labels {
         vec![
             ("guest", g.name.clone()),
@@ -185,13 +185,13 @@ pub fn render(node: &Node) -> Result<String> {
     )
     .samples = ready;
 
-    let status = node.status()?;
+    let status = views.status()?;
     snap.family(
         "tapestry_desired_state_generation",
         "Desired states fully programmed since the daemon started.",
         MetricType::Gauge,
     )
-    .samples = vec![(vec![], node.generation)];
+    .samples = vec![(vec![], status.generation)];
     snap.family(
         "tapestry_attachments",
         "Interfaces the datapath is attached to.",

@@ -17,7 +17,7 @@ use etherparse::{
 };
 use tapestry_api::state::{self, DesiredState};
 use tapestry_common::{Counter, DropReason};
-use tapestry_node_daemon::{datapath::Datapath, reconcile::Reconciler};
+use tapestry_node_daemon::{datapath::Datapath, services::reconcile::Reconciler};
 
 const NEXT: i32 = -1;
 const OK: i32 = 0;

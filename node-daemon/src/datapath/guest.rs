@@ -2,24 +2,17 @@
 //! namespace, with the guest's constants baked in at load time.
 
 use std::{
-    fs,
+    fs, io,
     net::Ipv4Addr,
-    os::fd::OwnedFd,
+    os::fd::{AsRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result};
-use aya::{
-    EbpfLoader,
-    programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
-        links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
-    },
-};
+use anyhow::{Context, Result, anyhow};
+use aya::{EbpfLoader, programs::SchedClassifier};
 use tapestry_common::{guest_globals, program_names};
 
-use crate::netns;
+use super::{iface, kernel_btf, link};
 
 /// The compiled guest programs (built by build.rs from `ebpf/`).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapestry-guest"));
@@ -68,15 +61,16 @@ pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
     }
     let pin_dir = pin_dir.to_owned();
     let w = w.clone();
-    netns::in_netns(&w.netns.clone(), move || {
-        let pod_ifindex = netns::ifindex(&w.pod_ifname)
+    in_netns(&w.netns.clone(), move || {
+        let pod_ifindex = iface::ifindex_of(&w.pod_ifname)
             .with_context(|| format!("pod interface {} in {}", w.pod_ifname, w.netns.display()))?;
-        let tap_ifindex = netns::ifindex(&w.tap)
+        let tap_ifindex = iface::ifindex_of(&w.tap)
             .with_context(|| format!("tap {} in {}", w.tap, w.netns.display()))?;
-        let tap_mac = netns::mac_of(&w.tap)?;
+        let tap_mac = iface::mac_of(&w.tap)?;
         let ip = u32::from_ne_bytes(w.ip.octets());
         let mac = mac_u64(&w.mac);
         let mut ebpf = EbpfLoader::new()
+            .btf(kernel_btf())
             .default_map_pin_directory(&pin_dir)
             .override_global(guest_globals::SLOT, &w.slot, true)
             .override_global(guest_globals::TAP_IFINDEX, &tap_ifindex, true)
@@ -96,26 +90,9 @@ pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
                 .try_into()?;
             prog.load()
                 .with_context(|| format!("the kernel rejected {prog_name}"))?;
-            let id = match PinnedLink::from_pin(pin) {
-                Ok(old) => {
-                    let link = SchedClassifierLink::try_from(FdLink::from(old))?;
-                    let id = prog.attach_to_link(link)?;
-                    let _ = fs::remove_file(pin);
-                    id
-                }
-                Err(_) => prog
-                    .attach_with_options(
-                        ifname,
-                        TcAttachType::Ingress,
-                        TcAttachOptions::TcxOrder(LinkOrder::first()),
-                    )
-                    .with_context(|| format!("attaching {prog_name} to {ifname}"))?,
-            };
-            let link: FdLink = prog.take_link(id)?.try_into()?;
-            link.pin(pin)
-                .with_context(|| format!("pinning {}", pin.display()))?;
+            link::attach(prog, ifname, pin)?;
         }
-        let socket = netns::packet_socket(tap_ifindex)?;
+        let socket = iface::packet_socket(tap_ifindex)?;
         Ok(Attached {
             pod_ifindex,
             tap_ifindex,
@@ -129,10 +106,7 @@ pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
 /// released by the kernel; only their pins remain, and go).
 pub fn detach(pin_dir: &Path, slot: u32) -> Result<()> {
     for pin in link_pins(pin_dir, slot) {
-        if let Ok(link) = PinnedLink::from_pin(&pin) {
-            drop(link.unpin().context("unpinning a guest link")?);
-        }
-        let _ = fs::remove_file(&pin);
+        link::remove(&pin).context("removing a guest link")?;
     }
     Ok(())
 }
@@ -151,4 +125,25 @@ pub fn pinned_slots(pin_dir: &Path) -> Vec<u32> {
     slots.sort_unstable();
     slots.dedup();
     slots
+}
+
+/// Runs `f` on a new thread inside the network namespace at `netns` (a path such as
+/// `/var/run/netns/x` or `/proc/<pid>/ns/net`).
+fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let ns = fs::File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
+    std::thread::Builder::new()
+        .name("tapestry-netns".into())
+        .spawn(move || {
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
+            }
+            f()
+        })
+        .context("spawning a netns thread")?
+        .join()
+        .map_err(|_| anyhow!("the netns thread panicked"))?
 }

@@ -1,4 +1,4 @@
-//! Kubernetes mode: the desired state from Services and EndpointSlices, and this node's Guests.
+//! Kubernetes mode's Service source: the desired state from Services and EndpointSlices.
 //!
 //! [`KubernetesSource`] watches every Service and every EndpointSlice (whoever manages it: the
 //! built-in controller's pod slices, tapestry-controller's guest slices, anyone's hand-written
@@ -17,11 +17,6 @@
 //! apiserver is down leaves the datapath it adopted untouched; while the apiserver is away the
 //! last state stays in force and `tapestry status` says why; after the watches re-list, the
 //! state is published again, and the reconciler writes only the difference.
-//!
-//! [`publish_guests`] writes one Guest per VM pod this node attached (from the endpoint
-//! registry that the CNI plugin fills), owned by its Pod (so Kubernetes' garbage collector
-//! removes it with the pod, even if this node is gone), with the pod's labels and declared ports,
-//! and deletes this node's Guests that no longer have an attachment.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -30,39 +25,24 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use futures::{StreamExt, stream};
-use k8s_openapi::{
-    api::{
-        core::v1::{Pod, Service},
-        discovery::v1::{EndpointPort, EndpointSlice},
-    },
-    apimachinery::pkg::apis::meta::v1::{OwnerReference, Time},
-    jiff::Timestamp,
+use k8s_openapi::api::{
+    core::v1::Service,
+    discovery::v1::{EndpointPort, EndpointSlice},
 };
 use kube::{
-    Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, Preconditions},
+    Api, Client, ResourceExt,
     runtime::{WatchStreamExt, reflector, watcher},
 };
-use serde_json::json;
-use tapestry_api::{
-    state::{
-        Algorithm, BackendSpec, DesiredState, EndpointKind, Protocol, ServiceSpec, SessionAffinity,
-    },
-    types::EndpointInfo,
+use tapestry_api::state::{
+    Algorithm, BackendSpec, DesiredState, EndpointKind, Protocol, ServiceSpec, SessionAffinity,
 };
-use tapestry_k8s::{
-    ConditionStatus, Guest, GuestCondition, GuestConditionType, GuestPodRef, GuestPort, GuestSpec,
-    GuestStatus, names,
-};
+use tapestry_k8s::names;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::{
-    node::SharedNode,
-    source::{Publisher, SourceStatus, StateSource},
-};
+use super::source::{Publisher, SourceStatus, StateSource};
 
 /// Service annotation choosing the backend selection (`random` or `maglev`).
 pub const LB_ALGORITHM_ANNOTATION: &str = "tapestry.dev/lb-algorithm";
@@ -435,316 +415,11 @@ fn slice_port_matches(p: &EndpointPort, port_name: &str, protocol: Protocol) -> 
         && p.protocol.as_deref().unwrap_or("TCP") == protocol.as_str()
 }
 
-/// A client from `kubeconfig`, or from the environment (in-cluster, then `$KUBECONFIG`).
-pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer().await.context(
-            "no Kubernetes configuration (not in a cluster, no $KUBECONFIG, no --kubeconfig)",
-        )?,
-    };
-    Client::try_from(config).context("creating the Kubernetes client")
-}
-
-/// How often the Guests are compared with the attachments.
-pub const GUEST_SYNC_INTERVAL: Duration = Duration::from_millis(250);
-/// How often this node's Guests are listed to find stale ones.
-pub const GUEST_GC_INTERVAL: Duration = Duration::from_secs(10);
-
-/// What was last written for one Guest.
-#[derive(Debug, Clone, PartialEq)]
-struct Published {
-    labels: BTreeMap<String, String>,
-    spec: GuestSpec,
-    owner_uid: Option<String>,
-    ready: bool,
-    reason: String,
-    since: Time,
-}
-
-/// Publishes this node's Guests and removes the stale ones, until the task is aborted. Failures
-/// (apiserver away, RBAC) are logged and retried; they never touch the datapath.
-pub async fn publish_guests(client: Client, node_name: String, node: SharedNode) -> Result<()> {
-    let mut published: HashMap<(String, String), Published> = HashMap::new();
-    let mut pods: HashMap<(String, String), Option<Arc<Pod>>> = HashMap::new();
-    let mut last_error: Option<String> = None;
-    let mut next_gc = tokio::time::Instant::now();
-    let mut tick = tokio::time::interval(GUEST_SYNC_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    info!(node = %node_name, "publishing this node's Guests");
-    loop {
-        tick.tick().await;
-        let attached: Vec<EndpointInfo> = {
-            let n = node.lock().unwrap_or_else(|p| p.into_inner());
-            n.endpoints
-                .list(&n.datapath.maps)
-                .into_iter()
-                .filter(|e| e.request.vm.is_some() && e.request.pod.is_some())
-                .collect()
-        };
-        let result = sync_guests(
-            &client,
-            &node_name,
-            &attached,
-            &mut published,
-            &mut pods,
-            tokio::time::Instant::now() >= next_gc,
-        )
-        .await;
-        if tokio::time::Instant::now() >= next_gc {
-            next_gc = tokio::time::Instant::now() + GUEST_GC_INTERVAL;
-        }
-        match result {
-            Ok(()) => {
-                if last_error.take().is_some() {
-                    info!("Guests in sync again");
-                }
-            }
-            Err(e) => {
-                let msg = format!("{e:#}");
-                if last_error.as_deref() != Some(&msg) {
-                    warn!(error = %msg, "publishing Guests failed; retrying");
-                    last_error = Some(msg);
-                }
-            }
-        }
-    }
-}
-
-async fn sync_guests(
-    client: &Client,
-    node_name: &str,
-    attached: &[EndpointInfo],
-    published: &mut HashMap<(String, String), Published>,
-    pods: &mut HashMap<(String, String), Option<Arc<Pod>>>,
-    collect_garbage: bool,
-) -> Result<()> {
-    let mut wanted: HashSet<(String, String)> = HashSet::new();
-    for e in attached {
-        let (Some(pod_ref), Some(vm)) = (e.request.pod.as_ref(), e.request.vm.as_ref()) else {
-            continue;
-        };
-        let key = (pod_ref.namespace.clone(), pod_ref.name.clone());
-        wanted.insert(key.clone());
-        let pod = match pods.get(&key) {
-            Some(p) => p.clone(),
-            None => {
-                let p = Api::<Pod>::namespaced(client.clone(), &pod_ref.namespace)
-                    .get_opt(&pod_ref.name)
-                    .await
-                    .with_context(|| format!("reading pod {}/{}", key.0, key.1))?
-                    .map(Arc::new);
-                pods.insert(key.clone(), p.clone());
-                p
-            }
-        };
-        // The pod must be the one the CNI plugin attached (same uid when the runtime said).
-        let pod = pod.filter(|p| match (&pod_ref.uid, &p.metadata.uid) {
-            (Some(a), Some(b)) => a == b,
-            _ => true,
-        });
-        let Some(pod) = pod else {
-            // Gone already (its Guest goes with it), or not a Kubernetes pod.
-            debug!(pod = %format!("{}/{}", key.0, key.1), "no pod for this VM attachment");
-            pods.remove(&key);
-            continue;
-        };
-        let ready = e.guest_phase.as_deref() == Some("Ready");
-        let reason = e.guest_ready_reason.clone().unwrap_or_default();
-        let spec = GuestSpec {
-            node_name: node_name.to_owned(),
-            pod_ref: Some(GuestPodRef {
-                name: pod_ref.name.clone(),
-                uid: pod.metadata.uid.clone(),
-            }),
-            ips: vec![vm.guest_ip.split('/').next().unwrap_or_default().to_owned()],
-            mac: vm.guest_mac.clone(),
-            tap: vm.tap.clone(),
-            ports: declared_ports(&pod),
-        };
-        let labels = pod.labels().clone();
-        let owner_uid = pod.metadata.uid.clone();
-        let previous = published.get(&key);
-        let since = match previous {
-            Some(p) if p.ready == ready => p.since.clone(),
-            _ => Time(Timestamp::now()),
-        };
-        let next = Published {
-            labels,
-            spec,
-            owner_uid,
-            ready,
-            reason,
-            since,
-        };
-        if previous == Some(&next) {
-            continue;
-        }
-        write_guest(client, &key.0, &key.1, &pod, &next).await?;
-        debug!(guest = %format!("{}/{}", key.0, key.1), ready, "Guest written");
-        published.insert(key, next);
-    }
-    pods.retain(|k, _| wanted.contains(k));
-    // Detached since the last round: delete now rather than at the next sweep.
-    let gone: Vec<(String, String)> = published
-        .keys()
-        .filter(|k| !wanted.contains(*k))
-        .cloned()
-        .collect();
-    for key in gone {
-        delete_guest(client, &key, None).await?;
-        published.remove(&key);
-    }
-    if collect_garbage {
-        let mine = Api::<Guest>::all(client.clone())
-            .list(&ListParams::default().fields(&format!("spec.nodeName={node_name}")))
-            .await
-            .context("listing this node's Guests")?;
-        for g in mine {
-            let key = (g.namespace().unwrap_or_default(), g.name_any());
-            if !wanted.contains(&key) {
-                delete_guest(client, &key, g.metadata.uid.clone()).await?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Deletes a Guest of this node (only the one with `uid`, when given); gone already is fine.
-async fn delete_guest(client: &Client, key: &(String, String), uid: Option<String>) -> Result<()> {
-    let dp = DeleteParams {
-        preconditions: uid.map(|uid| Preconditions {
-            uid: Some(uid),
-            resource_version: None,
-        }),
-        ..DeleteParams::default()
-    };
-    match Api::<Guest>::namespaced(client.clone(), &key.0)
-        .delete(&key.1, &dp)
-        .await
-    {
-        Ok(_) => {
-            info!(guest = %format!("{}/{}", key.0, key.1), "Guest deleted: no attachment on this node");
-            Ok(())
-        }
-        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("deleting Guest {}/{}", key.0, key.1)),
-    }
-}
-
-/// The pod's named container ports: what a Service's named targetPort resolves against.
-fn declared_ports(pod: &Pod) -> Vec<GuestPort> {
-    let mut ports: Vec<GuestPort> = pod
-        .spec
-        .iter()
-        .flat_map(|s| &s.containers)
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| {
-            Some(GuestPort {
-                name: p.name.clone()?,
-                port: p.container_port,
-                protocol: match p.protocol.as_deref() {
-                    Some("UDP") => tapestry_k8s::Protocol::Udp,
-                    Some("SCTP") => tapestry_k8s::Protocol::Sctp,
-                    _ => tapestry_k8s::Protocol::Tcp,
-                },
-            })
-        })
-        .collect();
-    ports.sort_by(|a, b| a.name.cmp(&b.name));
-    ports.dedup_by(|a, b| a.name == b.name);
-    ports
-}
-
-async fn write_guest(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    pod: &Pod,
-    p: &Published,
-) -> Result<()> {
-    let api = Api::<Guest>::namespaced(client.clone(), namespace);
-    let pp = PatchParams::apply(names::DAEMON_FIELD_MANAGER).force();
-    let owner = p.owner_uid.as_ref().map(|uid| OwnerReference {
-        api_version: "v1".into(),
-        kind: "Pod".into(),
-        name: pod.name_any(),
-        uid: uid.clone(),
-        controller: Some(false),
-        block_owner_deletion: Some(false),
-    });
-    let guest = Guest {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some(namespace.to_owned()),
-            labels: Some(p.labels.clone()),
-            owner_references: owner.map(|o| vec![o]),
-            ..ObjectMeta::default()
-        },
-        spec: p.spec.clone(),
-        status: None,
-    };
-    let mut body = serde_json::to_value(&guest)?;
-    body["apiVersion"] = json!(Guest::api_version(&()));
-    body["kind"] = json!(Guest::kind(&()));
-    api.patch(name, &pp, &Patch::Apply(&body))
-        .await
-        .with_context(|| format!("applying Guest {namespace}/{name}"))?;
-    let status = GuestStatus {
-        conditions: vec![
-            GuestCondition {
-                type_: GuestConditionType::Attached,
-                status: ConditionStatus::True,
-                reason: Some("TapAttached".into()),
-                message: Some(format!(
-                    "{} is cross-connected to the pod interface",
-                    p.spec.tap
-                )),
-                last_transition_time: None,
-            },
-            GuestCondition {
-                type_: GuestConditionType::Ready,
-                status: if p.ready {
-                    ConditionStatus::True
-                } else {
-                    ConditionStatus::False
-                },
-                reason: Some(
-                    if p.ready {
-                        "GuestUp"
-                    } else {
-                        "WaitingForGuest"
-                    }
-                    .into(),
-                ),
-                message: (!p.reason.is_empty()).then(|| p.reason.clone()),
-                last_transition_time: Some(p.since.clone()),
-            },
-        ],
-        observed_generation: None,
-    };
-    let body = json!({
-        "apiVersion": Guest::api_version(&()),
-        "kind": Guest::kind(&()),
-        "status": status,
-    });
-    api.patch_status(name, &pp, &Patch::Apply(&body))
-        .await
-        .with_context(|| format!("applying the status of Guest {namespace}/{name}"))?;
-    Ok(())
-}
-
 /// A store that is handy in tests: reflect `objects` as a watch would.
 #[cfg(test)]
 fn store_of<K>(objects: Vec<K>) -> reflector::Store<K>
 where
-    K: Resource + Clone + 'static,
+    K: kube::Resource + Clone + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (reader, mut writer) = reflector::store();
@@ -987,26 +662,5 @@ mod tests {
         ]);
         let (state, _) = desired_state(&services.state(), &slices.state(), "a");
         assert_eq!(state.services[0].backends.len(), 1);
-    }
-
-    #[test]
-    fn declared_ports_are_the_named_container_ports() {
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "vm"},
-            "spec": {"containers": [
-                {"name": "compute", "ports": [
-                    {"name": "http", "containerPort": 80},
-                    {"containerPort": 9999},
-                    {"name": "dns", "containerPort": 53, "protocol": "UDP"}]}
-            ]}
-        }))
-        .unwrap();
-        let ports = declared_ports(&pod);
-        assert_eq!(ports.len(), 2);
-        assert_eq!(
-            (ports[0].name.as_str(), ports[0].port, ports[0].protocol),
-            ("dns", 53, tapestry_k8s::Protocol::Udp)
-        );
-        assert_eq!(ports[1].name, "http");
     }
 }

@@ -1,9 +1,15 @@
-//! The daemon's shared state, and the views of it that the API and metrics serve.
+//! What the local API, the CLI and Prometheus read: status, services with their backends,
+//! conntrack, flows with identities, guests.
+//!
+//! Views are built from snapshots (what the reconciler programmed, a copy of the registry's
+//! entries) and the views' own map handles, so walking a full conntrack table blocks neither the
+//! reconciler nor CNI ADD. They make one bpf syscall per entry: callers run them on a blocking
+//! thread, never on an async worker.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 use anyhow::{Context, Result};
@@ -11,49 +17,32 @@ use aya::maps::MapError;
 use tapestry_api::{
     state::{Algorithm, SessionAffinity},
     types::{
-        AttachmentInfo, BackendInfo, ConntrackEntry, FlowsResponse, Identity, MapFill, ServiceInfo,
-        Status, Traffic,
+        AttachmentInfo, BackendInfo, ConntrackEntry, FlowsResponse, GuestInfo, Identity, MapFill,
+        ServiceInfo, Status, Traffic,
     },
 };
 use tapestry_common::{
     COUNTERS, Counter, CtEntry, CtKey, DROP_REASONS, DropReason, IPPROTO_TCP, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, TrafficStats, ct_direction, ct_flags, ct_lifetime,
-    map_names,
+    MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, TrafficStats, ct_direction, ct_flags, map_names,
 };
 
 use crate::{
-    datapath::Datapath,
-    endpoints::Endpoints,
+    datapath::{Maps, Pins, conntrack, monotonic_ns},
     flows::FlowLog,
-    reconcile::{BackendAddr, Reconciler, frontend_of},
-    source::SourceStatus,
+    guests::Endpoints,
+    services::{Services, reconcile::frontend_of},
 };
 
-pub struct Node {
-    pub datapath: Datapath,
-    pub reconciler: Reconciler,
-    /// Desired states fully programmed since start.
-    pub generation: u64,
-    pub source: SourceStatus,
-    /// The last desired state the reconciler could not program, and why.
-    pub apply_error: Option<String>,
+/// Where the views read from. Shared by every API request; holds no lock of its own.
+pub struct Views {
     pub mode: &'static str,
     pub flow_events: bool,
+    pub services: Arc<Services>,
+    pub endpoints: Arc<Endpoints>,
+    pub pins: Pins,
     pub flows: Arc<FlowLog>,
-    pub endpoints: Endpoints,
-}
-
-pub type SharedNode = Arc<Mutex<Node>>;
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    /// The views' own handles on the maps (reads only).
+    maps: Maps,
 }
 
 fn proto_name(p: u8) -> String {
@@ -82,9 +71,28 @@ fn addr(ip: u32, port: u16) -> String {
     )
 }
 
-impl Node {
+impl Views {
+    pub fn new(
+        mode: &'static str,
+        flow_events: bool,
+        services: Arc<Services>,
+        endpoints: Arc<Endpoints>,
+        pins: Pins,
+        flows: Arc<FlowLog>,
+    ) -> Result<Self> {
+        Ok(Views {
+            maps: Maps::open(pins.dir())?,
+            mode,
+            flow_events,
+            services,
+            endpoints,
+            pins,
+            flows,
+        })
+    }
+
     pub fn counters(&self) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>)> {
-        let maps = &self.datapath.maps;
+        let maps = &self.maps;
         let mut counters = BTreeMap::new();
         for i in 0..COUNTERS {
             if let Some(c) = Counter::from_u32(i) {
@@ -103,20 +111,28 @@ impl Node {
     }
 
     fn conntrack_entries(&self) -> Vec<(CtKey, CtEntry)> {
-        self.datapath
-            .maps
-            .conntrack
-            .iter()
-            .filter_map(|r| r.ok())
+        conntrack::entries(&self.maps.conntrack)
+    }
+
+    pub fn attachments(&self) -> Vec<AttachmentInfo> {
+        self.pins
+            .attachments()
+            .into_iter()
+            .map(|a| AttachmentInfo {
+                ifindex: a.ifindex,
+                ifname: a.ifname,
+            })
             .collect()
     }
 
     pub fn status(&self) -> Result<Status> {
         let (counters, drops) = self.counters()?;
-        let dir = self.datapath.pin_dir();
+        let programmed = self.services.programmed();
+        let st = self.services.status();
+        let dir = self.pins.dir();
         let count = |n: usize| n as u64;
-        let ct = count(self.datapath.maps.conntrack.keys().count());
-        let affinity = count(self.datapath.maps.affinity.keys().count());
+        let ct = count(self.maps.conntrack.keys().count());
+        let affinity = count(self.maps.affinity.keys().count());
         let fill = |name: &str, entries: u64, max: u32| MapFill {
             name: name.to_owned(),
             entries,
@@ -126,32 +142,24 @@ impl Node {
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             mode: self.mode.to_owned(),
-            source: self.source.source.clone(),
-            generation: self.generation,
-            last_error: self
+            source: st.source.source.clone(),
+            generation: st.generation,
+            last_error: st
                 .apply_error
                 .clone()
-                .or_else(|| self.source.last_error.clone()),
+                .or_else(|| st.source.last_error.clone()),
             bpffs_dir: dir.display().to_string(),
-            program_pinned: dir.join("prog_from_endpoint").exists(),
-            attachments: self
-                .datapath
-                .attachments()
-                .into_iter()
-                .map(|a| AttachmentInfo {
-                    ifindex: a.ifindex,
-                    ifname: a.ifname,
-                })
-                .collect(),
+            program_pinned: self.pins.program_pinned(),
+            attachments: self.attachments(),
             maps: vec![
                 fill(
                     map_names::SERVICES,
-                    count(self.reconciler.service_count()),
+                    count(programmed.services.len()),
                     MAX_SERVICES,
                 ),
                 fill(
                     map_names::BACKENDS,
-                    count(self.reconciler.backend_count()),
+                    count(programmed.backend_count()),
                     MAX_BACKENDS,
                 ),
                 fill(map_names::CONNTRACK, ct, MAX_CONNTRACK),
@@ -159,40 +167,32 @@ impl Node {
             ],
             counters,
             drops,
-            services: self.reconciler.service_count(),
-            backends: self.reconciler.backend_count(),
+            services: programmed.services.len(),
+            backends: programmed.backend_count(),
             flow_events: self.flow_events,
         })
     }
 
     pub fn services(&self) -> Result<Vec<ServiceInfo>> {
-        let maps = &self.datapath.maps;
+        let maps = &self.maps;
+        let programmed = self.services.programmed();
         let now = monotonic_ns();
         // Live forward flows per (service, backend).
         let mut flows: HashMap<(u32, u32), u64> = HashMap::new();
         for (k, e) in self.conntrack_entries() {
-            if k.direction == ct_direction::FORWARD
-                && now.saturating_sub(e.last_seen_ns) <= ct_lifetime::for_entry(k.proto, e.flags)
-            {
+            if k.direction == ct_direction::FORWARD && conntrack::is_live(&k, &e, now) {
                 *flows.entry((e.service_id, e.backend_id)).or_default() += 1;
             }
         }
-        // Restored from the pins but not yet reprogrammed (no desired state since the start,
-        // e.g. the apiserver is away): the backends come from the selection table.
-        let by_id: HashMap<u32, &BackendAddr> = self
-            .reconciler
-            .backends()
-            .map(|(addr, pb)| (pb.id, addr))
-            .collect();
         let mut out = Vec::new();
-        for (key, ps) in self.reconciler.services() {
+        for (key, ps) in &programmed.services {
             let (vip, port, proto) = frontend_of(key);
             let traffic = match maps.service_stats.get(&ps.id, 0) {
                 Ok(v) => sum_stats(&v),
                 Err(MapError::KeyNotFound) => Traffic::default(),
                 Err(e) => return Err(e).context("reading service stats"),
             };
-            let spec = self.reconciler.spec(ps);
+            let spec = programmed.spec(ps);
             let mut backends = Vec::new();
             if let Some(spec) = spec {
                 for (b, id) in spec.backends.iter().zip(&ps.backend_ids) {
@@ -219,7 +219,9 @@ impl Node {
                     });
                 }
             } else if let Ok(table) = maps.lb_tables.get(&ps.id, 0) {
-                // Every slot holds an active backend's id once any backend is active.
+                // Restored from the pins but not yet reprogrammed (no desired state since the
+                // start, e.g. the apiserver is away): the backends come from the selection
+                // table, where every slot holds an active backend's id once any is active.
                 let mut ids: Vec<u32> = if ps.entry.backend_count > 0 {
                     table.backends.to_vec()
                 } else {
@@ -228,7 +230,9 @@ impl Node {
                 ids.sort_unstable();
                 ids.dedup();
                 for id in ids {
-                    let Some(addr) = by_id.get(&id) else { continue };
+                    let Some(addr) = programmed.backends.get(&id) else {
+                        continue;
+                    };
                     backends.push(BackendInfo {
                         id,
                         ip: addr.ip,
@@ -278,17 +282,11 @@ impl Node {
 
     pub fn conntrack(&self) -> Vec<ConntrackEntry> {
         let now = monotonic_ns();
-        let names: HashMap<u32, String> = self
-            .reconciler
-            .services()
-            .filter_map(|(_, ps)| self.reconciler.spec(ps).map(|s| (ps.id, s.name.clone())))
-            .collect();
+        let names = self.services.programmed().names();
         let mut out: Vec<ConntrackEntry> = self
             .conntrack_entries()
             .into_iter()
-            .filter(|(k, e)| {
-                now.saturating_sub(e.last_seen_ns) <= ct_lifetime::for_entry(k.proto, e.flags)
-            })
+            .filter(|(k, e)| conntrack::is_live(k, e, now))
             .map(|(k, e)| {
                 let forward = k.direction == ct_direction::FORWARD;
                 ConntrackEntry {
@@ -316,8 +314,9 @@ impl Node {
     /// named in the desired state.
     pub fn identities(&self) -> HashMap<Ipv4Addr, Identity> {
         let mut ids = HashMap::new();
-        for (_, ps) in self.reconciler.services() {
-            if let Some(spec) = self.reconciler.spec(ps) {
+        let programmed = self.services.programmed();
+        for (_, ps) in &programmed.services {
+            if let Some(spec) = programmed.spec(ps) {
                 for b in &spec.backends {
                     if let Some(name) = &b.name {
                         ids.entry(b.ip).or_insert_with(|| Identity {
@@ -329,7 +328,7 @@ impl Node {
                 }
             }
         }
-        for ep in self.endpoints.list(&self.datapath.maps) {
+        for ep in self.endpoints.list() {
             let r = &ep.request;
             let Some(pod) = &r.pod else { continue };
             for ip in &r.ips {
@@ -351,11 +350,7 @@ impl Node {
     /// Flow events since `since`, with services and endpoints named.
     pub fn flows(&self, since: u64) -> Result<FlowsResponse> {
         let (mut flows, next, overflowed) = self.flows.since(since);
-        let names: HashMap<u32, String> = self
-            .reconciler
-            .services()
-            .filter_map(|(_, ps)| self.reconciler.spec(ps).map(|s| (ps.id, s.name.clone())))
-            .collect();
+        let names = self.services.programmed().names();
         let ids = self.identities();
         let who = |a: &str| {
             a.rsplit_once(':')
@@ -377,39 +372,7 @@ impl Node {
         Ok(FlowsResponse { flows, next, lost })
     }
 
-    /// Removes every conntrack entry: live flows are balanced anew on their next packet.
-    pub fn flush_conntrack(&mut self) -> u64 {
-        let keys: Vec<CtKey> = self
-            .datapath
-            .maps
-            .conntrack
-            .keys()
-            .filter_map(|k| k.ok())
-            .collect();
-        let mut removed = 0;
-        for k in keys {
-            if self.datapath.maps.conntrack.remove(&k).is_ok() {
-                removed += 1;
-            }
-        }
-        removed
-    }
-
-    /// Deletes expired conntrack entries (the LRU only evicts when full).
-    pub fn collect_conntrack_garbage(&mut self) -> usize {
-        let now = monotonic_ns();
-        let expired: Vec<CtKey> = self
-            .conntrack_entries()
-            .into_iter()
-            .filter(|(k, e)| {
-                now.saturating_sub(e.last_seen_ns) > ct_lifetime::for_entry(k.proto, e.flags)
-            })
-            .map(|(k, _)| k)
-            .collect();
-        let n = expired.len();
-        for k in expired {
-            let _ = self.datapath.maps.conntrack.remove(&k);
-        }
-        n
+    pub fn guests(&self) -> Vec<GuestInfo> {
+        self.endpoints.guests()
     }
 }

@@ -4,23 +4,28 @@
 //! program, and one TCX link per attached interface. A restarted daemon (also after `kill -9`)
 //! loads the program again with the same pinned maps and swaps it into the existing links with
 //! `bpf_link_update`, so no packet ever meets a detached interface or an empty conntrack table.
+//!
+//! Nothing here is shared behind a lock: each part of the daemon opens its own handles on the
+//! pinned maps ([`Maps::open`]) and the pinned program ([`Pins::attach`]), so the reconciler, the
+//! endpoint registry, conntrack collection and the read views never wait for each other.
+
+pub mod conntrack;
+pub mod guest;
+pub mod iface;
+pub mod link;
 
 use std::{
     collections::BTreeMap,
-    fs, io,
+    fs,
     path::{Path, PathBuf},
+    sync::OnceLock,
 };
 
 use anyhow::{Context, Result, bail};
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
-        links::{FdLink, LinkError, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
-    },
-    sys::SyscallError,
+    Btf, Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
+    programs::SchedClassifier,
 };
 use tapestry_common::{
     AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, GuestStats, LbTable, Service,
@@ -28,13 +33,16 @@ use tapestry_common::{
 };
 use tracing::{debug, info, warn};
 
+pub use iface::{ifindex_of, ifname_of};
+
 /// The compiled programs (built by build.rs from `ebpf/`).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapestry-lb"));
 
 const PROGRAM_PIN: &str = "prog_from_endpoint";
 const LINKS_DIR: &str = "links";
+const INGRESS_PREFIX: &str = "ingress-";
 
-/// Typed handles on every map of the datapath.
+/// Typed handles on every map of the datapath (not the ring buffers, which have one reader each).
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, Service>,
     pub backends: HashMap<MapData, u32, Backend>,
@@ -46,30 +54,13 @@ pub struct Maps {
     pub backend_stats: PerCpuArray<MapData, TrafficStats>,
     pub drops: PerCpuArray<MapData, u64>,
     pub counters: PerCpuArray<MapData, u64>,
-    /// Taken by the flow-event reader.
-    pub events: Option<RingBuf<MapData>>,
     pub guest_stats: PerCpuArray<MapData, GuestStats>,
-    /// Taken by the DHCP server.
-    pub dhcp: Option<RingBuf<MapData>>,
-}
-
-pub struct Datapath {
-    ebpf: Ebpf,
-    pin_dir: PathBuf,
-    pub maps: Maps,
-}
-
-/// An interface the datapath is attached to.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Attachment {
-    pub ifindex: u32,
-    pub ifname: String,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
-    T: TryFrom<aya::maps::Map>,
-    <T as TryFrom<aya::maps::Map>>::Error: std::error::Error + Send + Sync + 'static,
+    T: TryFrom<Map>,
+    <T as TryFrom<Map>>::Error: std::error::Error + Send + Sync + 'static,
 {
     let map = ebpf
         .take_map(name)
@@ -77,33 +68,77 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
-fn is_not_found(e: &LinkError) -> bool {
-    matches!(e, LinkError::SyscallError(SyscallError { io_error, .. }) if io_error.kind() == io::ErrorKind::NotFound)
+fn open<T>(pin_dir: &Path, name: &str) -> Result<T>
+where
+    T: TryFrom<Map>,
+    <T as TryFrom<Map>>::Error: std::error::Error + Send + Sync + 'static,
+{
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    let map = Map::from_map_data(data).with_context(|| format!("map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
-pub fn ifindex_of(ifname: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(ifname).context("interface name has a NUL byte")?;
-    // SAFETY: a plain libc call on a valid C string.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if idx == 0 {
-        bail!(
-            "no interface named {ifname:?}: {}",
-            io::Error::last_os_error()
-        );
+impl Maps {
+    /// A fresh set of handles on the maps pinned under `pin_dir` by [`Datapath::load`].
+    pub fn open(pin_dir: &Path) -> Result<Maps> {
+        Ok(Maps {
+            services: open(pin_dir, map_names::SERVICES)?,
+            backends: open(pin_dir, map_names::BACKENDS)?,
+            lb_tables: open(pin_dir, map_names::LB_TABLES)?,
+            conntrack: open(pin_dir, map_names::CONNTRACK)?,
+            affinity: open(pin_dir, map_names::AFFINITY)?,
+            config: open(pin_dir, map_names::CONFIG)?,
+            service_stats: open(pin_dir, map_names::SERVICE_STATS)?,
+            backend_stats: open(pin_dir, map_names::BACKEND_STATS)?,
+            drops: open(pin_dir, map_names::DROPS)?,
+            counters: open(pin_dir, map_names::COUNTERS)?,
+            guest_stats: open(pin_dir, map_names::GUEST_STATS)?,
+        })
     }
-    Ok(idx)
 }
 
-pub fn ifname_of(ifindex: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: buf holds IF_NAMESIZE bytes as if_indextoname requires.
-    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
-    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
-    Some(name.to_string_lossy().into_owned())
+/// The kernel's BTF, parsed once per process: aya would parse it again for every object loaded,
+/// which costs tens of milliseconds per guest.
+pub(crate) fn kernel_btf() -> Option<&'static Btf> {
+    static BTF: OnceLock<Option<Btf>> = OnceLock::new();
+    BTF.get_or_init(|| match Btf::from_sys_fs() {
+        Ok(btf) => Some(btf),
+        Err(e) => {
+            warn!(error = %e, "no kernel BTF; programs load without it");
+            None
+        }
+    })
+    .as_ref()
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The loaded datapath: the Service program (kept loaded for the process's lifetime and pinned),
+/// one set of map handles, and the ring buffers until their readers take them.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: Pins,
+    pub maps: Maps,
+    events: Option<RingBuf<MapData>>,
+    dhcp: Option<RingBuf<MapData>>,
+}
+
+/// An interface the datapath is attached to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Attachment {
+    pub ifindex: u32,
+    pub ifname: String,
 }
 
 impl Datapath {
@@ -127,6 +162,7 @@ impl Datapath {
             .filter(|n| pin_dir.join(n).exists())
             .count();
         let mut ebpf = EbpfLoader::new()
+            .btf(kernel_btf())
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)
             .context("loading the eBPF object")?;
@@ -149,8 +185,9 @@ impl Datapath {
         // The guest programs are loaded per guest; this copy only creates (or finds) their
         // shared, pinned maps, so counters and the DHCP queue exist before any guest does.
         let mut guest_maps = EbpfLoader::new()
+            .btf(kernel_btf())
             .default_map_pin_directory(pin_dir)
-            .load(crate::guest::OBJECT)
+            .load(guest::OBJECT)
             .context("loading the guest programs' maps")?;
         let maps = Maps {
             services: take(&mut ebpf, map_names::SERVICES)?,
@@ -163,21 +200,30 @@ impl Datapath {
             backend_stats: take(&mut ebpf, map_names::BACKEND_STATS)?,
             drops: take(&mut ebpf, map_names::DROPS)?,
             counters: take(&mut ebpf, map_names::COUNTERS)?,
-            events: Some(take(&mut ebpf, map_names::EVENTS)?),
             guest_stats: take(&mut guest_maps, map_names::GUEST_STATS)?,
-            dhcp: Some(take(&mut guest_maps, map_names::DHCP)?),
         };
+        let events = Some(take(&mut ebpf, map_names::EVENTS)?);
+        let dhcp = Some(take(&mut guest_maps, map_names::DHCP)?);
         Ok(Self {
             ebpf,
-            pin_dir: pin_dir.to_owned(),
+            pins: Pins {
+                dir: pin_dir.to_owned(),
+            },
             maps,
+            events,
+            dhcp,
         })
     }
 
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
+    pub fn pins(&self) -> &Pins {
+        &self.pins
     }
 
+    pub fn pin_dir(&self) -> &Path {
+        &self.pins.dir
+    }
+
+    /// The loaded Service program (for `BPF_PROG_TEST_RUN`).
     pub fn program(&mut self) -> Result<&mut SchedClassifier> {
         Ok(self
             .ebpf
@@ -193,44 +239,64 @@ impl Datapath {
             .context("writing the datapath config")
     }
 
-    fn link_pin(&self, ifindex: u32) -> PathBuf {
-        self.pin_dir
-            .join(LINKS_DIR)
-            .join(format!("ingress-{ifindex}"))
+    /// The flow-event ring buffer, for its one reader.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
     }
 
-    /// Attaches to the ingress of `ifname` (an endpoint's host-side interface). Idempotent: an
-    /// existing pinned link is switched to this daemon's program atomically.
-    pub fn attach(&mut self, ifname: &str) -> Result<Attachment> {
-        let ifindex = ifindex_of(ifname)?;
-        let pin = self.link_pin(ifindex);
-        let prog = self.program()?;
-        let (id, had_pin) = match PinnedLink::from_pin(&pin) {
-            Ok(old) => {
-                let link = SchedClassifierLink::try_from(FdLink::from(old))?;
-                (prog.attach_to_link(link)?, true)
-            }
-            Err(e) if is_not_found(&e) => (
-                prog.attach_with_options(
-                    ifname,
-                    TcAttachType::Ingress,
-                    // First, so a primary CNI's or kube-proxy's own hook sees the packet after
-                    // the rewrite (ours returns "next" for everything it does not own).
-                    TcAttachOptions::TcxOrder(LinkOrder::first()),
-                )
-                .with_context(|| format!("attaching to {ifname}"))?,
-                false,
-            ),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", pin.display())),
-        };
-        let link: FdLink = prog.take_link(id)?.try_into()?;
-        if had_pin {
-            // The old pin still names the same link; re-pin under our fd.
-            let _ = fs::remove_file(&pin);
+    /// The guests' DHCP ring buffer, for its one reader.
+    pub fn take_dhcp(&mut self) -> Option<RingBuf<MapData>> {
+        self.dhcp.take()
+    }
+
+    /// Removes every pin (maps, program, links): the datapath is gone once the last user drops.
+    pub fn unpin_all(pin_dir: &Path) -> Result<()> {
+        if pin_dir.exists() {
+            fs::remove_dir_all(pin_dir)
+                .with_context(|| format!("removing {}", pin_dir.display()))?;
         }
-        link.pin(&pin)
-            .with_context(|| format!("pinning the link at {}", pin.display()))?;
-        debug!(ifname, ifindex, "attached");
+        Ok(())
+    }
+}
+
+/// The datapath's bpffs directory: attaches the pinned Service program to interfaces, and knows
+/// which interfaces it is on. Cheap to clone; every call opens what it needs from the pins, so
+/// attaches to different interfaces run in parallel.
+#[derive(Debug, Clone)]
+pub struct Pins {
+    dir: PathBuf,
+}
+
+impl Pins {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Pins { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.dir.join(LINKS_DIR)
+    }
+
+    pub fn program_pinned(&self) -> bool {
+        self.dir.join(PROGRAM_PIN).exists()
+    }
+
+    fn link_pin(&self, ifindex: u32) -> PathBuf {
+        self.links_dir().join(format!("{INGRESS_PREFIX}{ifindex}"))
+    }
+
+    /// Attaches the Service program to the ingress of `ifname` (an endpoint's host-side
+    /// interface). Idempotent: an existing pinned link is switched to the pinned program.
+    pub fn attach(&self, ifname: &str) -> Result<Attachment> {
+        let ifindex = ifindex_of(ifname)?;
+        let prog_pin = self.dir.join(PROGRAM_PIN);
+        let mut prog = SchedClassifier::from_pin(&prog_pin)
+            .with_context(|| format!("opening the pinned program {}", prog_pin.display()))?;
+        let how = link::attach(&mut prog, ifname, &self.link_pin(ifindex))?;
+        debug!(ifname, ifindex, ?how, "attached");
         Ok(Attachment {
             ifindex,
             ifname: ifname.to_owned(),
@@ -239,31 +305,21 @@ impl Datapath {
 
     /// Detaches from `ifindex`. Detaching what is not attached (or an interface that is gone)
     /// succeeds.
-    pub fn detach(&mut self, ifindex: u32) -> Result<bool> {
-        let pin = self.link_pin(ifindex);
-        match PinnedLink::from_pin(&pin) {
-            Ok(link) => {
-                let fd = link.unpin().context("unpinning the link")?;
-                // Dropping the last reference releases the link, which detaches the program.
-                drop(fd);
-                Ok(true)
-            }
-            Err(e) if is_not_found(&e) => Ok(false),
-            Err(e) => Err(e).with_context(|| format!("reading {}", pin.display())),
-        }
+    pub fn detach(&self, ifindex: u32) -> Result<bool> {
+        link::remove(&self.link_pin(ifindex))
     }
 
     /// Pinned links from an earlier run: adopts those whose interface still exists (switching
-    /// them to this program) and removes the pins of interfaces that are gone.
-    pub fn adopt_links(&mut self) -> Result<Vec<Attachment>> {
+    /// them to the program just pinned) and removes the pins of interfaces that are gone.
+    pub fn adopt_links(&self) -> Result<Vec<Attachment>> {
         let mut adopted = Vec::new();
-        let dir = self.pin_dir.join(LINKS_DIR);
+        let dir = self.links_dir();
         let mut found = BTreeMap::new();
         for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(idx) = name
-                .strip_prefix("ingress-")
+                .strip_prefix(INGRESS_PREFIX)
                 .and_then(|s| s.parse::<u32>().ok())
             {
                 found.insert(idx, entry.path());
@@ -286,12 +342,14 @@ impl Datapath {
 
     /// Interfaces with a pinned link.
     pub fn attachments(&self) -> Vec<Attachment> {
-        let dir = self.pin_dir.join(LINKS_DIR);
         let mut out = Vec::new();
-        if let Ok(rd) = fs::read_dir(dir) {
+        if let Ok(rd) = fs::read_dir(self.links_dir()) {
             for entry in rd.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if let Some(idx) = name.strip_prefix("ingress-").and_then(|s| s.parse().ok()) {
+                if let Some(idx) = name
+                    .strip_prefix(INGRESS_PREFIX)
+                    .and_then(|s| s.parse().ok())
+                {
                     out.push(Attachment {
                         ifindex: idx,
                         ifname: ifname_of(idx).unwrap_or_default(),
@@ -301,14 +359,5 @@ impl Datapath {
         }
         out.sort_by_key(|a| a.ifindex);
         out
-    }
-
-    /// Removes every pin (maps, program, links): the datapath is gone once the last user drops.
-    pub fn unpin_all(pin_dir: &Path) -> Result<()> {
-        if pin_dir.exists() {
-            fs::remove_dir_all(pin_dir)
-                .with_context(|| format!("removing {}", pin_dir.display()))?;
-        }
-        Ok(())
     }
 }

@@ -28,10 +28,8 @@ use tapestry_common::{
 };
 use tracing::{debug, info};
 
-use crate::{
-    datapath::Maps,
-    maglev::{TableBackend, maglev_table, random_table},
-};
+use super::maglev::{TableBackend, maglev_table, random_table};
+use crate::datapath::Maps;
 
 /// A backend's identity: one id per address, shared by every service that lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -262,7 +260,7 @@ impl Reconciler {
         self.backends.len()
     }
 
-    /// Makes the maps equal to `desired`.
+    /// Makes the maps equal to `desired`, in the four steps of the module's doc.
     pub fn apply(&mut self, maps: &mut Maps, desired: &Arc<DesiredState>) -> Result<ApplyStats> {
         let started = Instant::now();
         let mut stats = ApplyStats::default();
@@ -271,7 +269,38 @@ impl Reconciler {
             .context("counting CPUs")?;
         check_capacity(desired)?;
 
-        // 1. Backends: the union over services; active wins over terminating.
+        let wanted = self.write_backends(maps, desired, &mut stats)?;
+        let desired_keys = self.write_services(maps, desired, &mut stats)?;
+        self.remove_services(maps, &desired_keys, ncpus, &mut stats)?;
+        self.remove_unused_backends(maps, &wanted, ncpus, &mut stats)?;
+
+        self.desired = desired.clone();
+        let elapsed = started.elapsed();
+        if stats.changed() {
+            info!(
+                services = self.services.len(),
+                backends = self.backends.len(),
+                elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                ?stats,
+                "programmed {} services, {} backends in {:.1} ms",
+                self.services.len(),
+                self.backends.len(),
+                elapsed.as_secs_f64() * 1e3
+            );
+        } else {
+            debug!(elapsed = ?elapsed, "desired state already programmed");
+        }
+        Ok(stats)
+    }
+
+    /// Step 1: new and changed backends, the union over services (active wins over
+    /// terminating). Returns every backend the state references, with its state.
+    fn write_backends(
+        &mut self,
+        maps: &mut Maps,
+        desired: &DesiredState,
+        stats: &mut ApplyStats,
+    ) -> Result<HashMap<BackendAddr, u8>> {
         let mut wanted: HashMap<BackendAddr, u8> = HashMap::new();
         for svc in &desired.services {
             let proto = proto_number(svc.protocol);
@@ -311,8 +340,17 @@ impl Reconciler {
                 }
             }
         }
+        Ok(wanted)
+    }
 
-        // 2. Services: table first, then the entry.
+    /// Step 2: each service's selection table, then its entry. Returns the frontends the state
+    /// has.
+    fn write_services(
+        &mut self,
+        maps: &mut Maps,
+        desired: &DesiredState,
+        stats: &mut ApplyStats,
+    ) -> Result<HashSet<ServiceKey>> {
         let mut desired_keys = HashSet::with_capacity(desired.services.len());
         for (index, svc) in desired.services.iter().enumerate() {
             let proto = proto_number(svc.protocol);
@@ -402,8 +440,17 @@ impl Reconciler {
                 }
             }
         }
+        Ok(desired_keys)
+    }
 
-        // 3. Removed services.
+    /// Step 3: services the state no longer has (entry first, then table).
+    fn remove_services(
+        &mut self,
+        maps: &mut Maps,
+        desired_keys: &HashSet<ServiceKey>,
+        ncpus: usize,
+        stats: &mut ApplyStats,
+    ) -> Result<()> {
         let gone: Vec<ServiceKey> = self
             .services
             .keys()
@@ -424,8 +471,17 @@ impl Reconciler {
             stats.services_removed += 1;
             stats.map_writes += 3;
         }
+        Ok(())
+    }
 
-        // 4. Backends nobody references.
+    /// Step 4: backends no service references any more.
+    fn remove_unused_backends(
+        &mut self,
+        maps: &mut Maps,
+        wanted: &HashMap<BackendAddr, u8>,
+        ncpus: usize,
+        stats: &mut ApplyStats,
+    ) -> Result<()> {
         let unused: Vec<BackendAddr> = self
             .backends
             .keys()
@@ -440,24 +496,55 @@ impl Reconciler {
             stats.backends_removed += 1;
             stats.map_writes += 2;
         }
+        Ok(())
+    }
 
-        self.desired = desired.clone();
-        let elapsed = started.elapsed();
-        if stats.changed() {
-            info!(
-                services = self.services.len(),
-                backends = self.backends.len(),
-                elapsed_ms = elapsed.as_secs_f64() * 1e3,
-                ?stats,
-                "programmed {} services, {} backends in {:.1} ms",
-                self.services.len(),
-                self.backends.len(),
-                elapsed.as_secs_f64() * 1e3
-            );
-        } else {
-            debug!(elapsed = ?elapsed, "desired state already programmed");
+    /// What is programmed now, for the read views: cheap to share, never waits on an apply.
+    pub fn snapshot(&self) -> Programmed {
+        let mut services: Vec<(ServiceKey, ProgrammedService)> = self
+            .services
+            .iter()
+            .map(|(k, ps)| (*k, ps.clone()))
+            .collect();
+        services.sort_by_key(|(_, ps)| ps.id);
+        Programmed {
+            desired: self.desired.clone(),
+            services,
+            backends: self
+                .backends
+                .iter()
+                .map(|(addr, pb)| (pb.id, *addr))
+                .collect(),
         }
-        Ok(stats)
+    }
+}
+
+/// A snapshot of what the reconciler has programmed (see [`Reconciler::snapshot`]).
+#[derive(Debug, Clone, Default)]
+pub struct Programmed {
+    desired: Arc<DesiredState>,
+    /// By service id.
+    pub services: Vec<(ServiceKey, ProgrammedService)>,
+    /// Backend addresses by id.
+    pub backends: HashMap<u32, BackendAddr>,
+}
+
+impl Programmed {
+    /// The spec `ps` was programmed from (None: restored from the pins, not yet reprogrammed).
+    pub fn spec(&self, ps: &ProgrammedService) -> Option<&ServiceSpec> {
+        ps.spec_index.and_then(|i| self.desired.services.get(i))
+    }
+
+    /// Service names by datapath id.
+    pub fn names(&self) -> HashMap<u32, String> {
+        self.services
+            .iter()
+            .filter_map(|(_, ps)| self.spec(ps).map(|s| (ps.id, s.name.clone())))
+            .collect()
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
     }
 }
 

@@ -1,39 +1,38 @@
-//! Work inside a pod's network namespace. A netns belongs to an OS thread, so the work runs on a
-//! fresh thread that calls setns(CLONE_NEWNET) and ends afterwards: never on an async worker,
-//! whose namespace would leak into unrelated tasks.
+//! Interfaces by name and index, their MAC addresses, and the packet socket that answers a
+//! guest's DHCP: plain syscalls in the calling thread's network namespace.
 
 use std::{
-    fs::File,
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    path::Path,
 };
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, bail};
 
-/// Runs `f` on a new thread inside the network namespace at `netns` (a path such as
-/// `/var/run/netns/x` or `/proc/<pid>/ns/net`).
-pub fn in_netns<T: Send + 'static>(
-    netns: &Path,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let ns = File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
-    std::thread::Builder::new()
-        .name("tapestry-netns".into())
-        .spawn(move || {
-            // SAFETY: setns on this thread only, with a valid namespace fd.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
-            }
-            f()
-        })
-        .context("spawning a netns thread")?
-        .join()
-        .map_err(|_| anyhow!("the netns thread panicked"))?
+/// The index of `ifname` in the calling thread's namespace.
+pub fn ifindex_of(ifname: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(ifname).context("interface name has a NUL byte")?;
+    // SAFETY: a plain libc call on a valid C string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        bail!(
+            "no interface named {ifname:?}: {}",
+            io::Error::last_os_error()
+        );
+    }
+    Ok(idx)
 }
 
-pub fn ifindex(ifname: &str) -> Result<u32> {
-    crate::datapath::ifindex_of(ifname)
+/// The name of `ifindex` in the calling thread's namespace, if it exists.
+pub fn ifname_of(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf holds IF_NAMESIZE bytes as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 /// The MAC address of `ifname` in the calling thread's namespace.
@@ -49,7 +48,7 @@ pub fn mac_of(ifname: &str) -> Result<[u8; 6]> {
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     let name = ifname.as_bytes();
     if name.len() >= req.ifr_name.len() {
-        anyhow::bail!("interface name {ifname:?} is too long");
+        bail!("interface name {ifname:?} is too long");
     }
     for (d, s) in req.ifr_name.iter_mut().zip(name) {
         *d = *s as libc::c_char;

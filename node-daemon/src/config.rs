@@ -1,0 +1,58 @@
+//! What a daemon runs with: `tapestryd`'s flags, parsed (see main.rs), or built by a test.
+
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use tapestry_api::types;
+use tapestry_common::DEFAULT_HAIRPIN_SNAT_IP;
+
+/// Where the desired state comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A local state file: standalone mode, a single host.
+    File(PathBuf),
+    /// The Kubernetes API: Services and EndpointSlices in (when `kube_proxy_replacement`), this
+    /// node's Guests out.
+    Kubernetes {
+        node_name: String,
+        /// Default: in-cluster, then `$KUBECONFIG`.
+        kubeconfig: Option<PathBuf>,
+        kube_proxy_replacement: bool,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: Source,
+    /// bpffs directory for the pinned maps, program and links.
+    pub bpffs_dir: PathBuf,
+    /// Unix socket of the local API.
+    pub socket: PathBuf,
+    /// Address for Prometheus' /metrics and the probes' /healthz (None: not served).
+    pub metrics_addr: Option<String>,
+    /// Host-side interfaces to put the datapath on at start.
+    pub attach: Vec<String>,
+    /// Flow events for `tapestry flows`.
+    pub flow_events: bool,
+    /// Source address for hairpin flows (a backend reaching its own service).
+    pub hairpin_snat_ip: Ipv4Addr,
+    pub conntrack_gc_interval: Duration,
+    /// The daemon's own state (the endpoint registry), kept across restarts.
+    pub state_dir: PathBuf,
+}
+
+impl Config {
+    /// Standalone mode on `state_file` with every other setting at its default.
+    pub fn standalone(state_file: impl Into<PathBuf>) -> Self {
+        Config {
+            source: Source::File(state_file.into()),
+            bpffs_dir: types::DEFAULT_BPFFS_DIR.into(),
+            socket: types::DEFAULT_SOCKET.into(),
+            metrics_addr: Some(types::DEFAULT_METRICS_ADDR.into()),
+            attach: Vec::new(),
+            flow_events: false,
+            hairpin_snat_ip: Ipv4Addr::from(DEFAULT_HAIRPIN_SNAT_IP),
+            conntrack_gc_interval: Duration::from_secs(10),
+            state_dir: "/run/tapestry".into(),
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! A running tapestryd: loads or adopts the datapath, restores its state, and runs its tasks
+//! until it is told to stop.
+//!
+//! | task | room | what |
+//! |---|---|---|
+//! | state source | `services::source`, `services::endpointslice` | desired states on a `watch` |
+//! | reconciler | `services` | keeps the Service maps equal to the desired state |
+//! | Guest publisher | `guests::publish` | Kubernetes mode: this node's Guests |
+//! | DHCP | `guests` | answers guests' DHCP from the guest programs' ring |
+//! | readiness | `guests` | tells the publisher when the datapath sees a guest's first packet |
+//! | conntrack GC | `datapath::conntrack` | removes expired entries |
+//! | flow events | `flows` | drains the datapath's ring into the flow log |
+//! | API, metrics | `api` | the local API and Prometheus |
+//!
+//! The datapath stays attached and pinned when the daemon stops: flows keep flowing while no
+//! daemon runs, and the next start adopts everything. `tapestryd --uninstall` removes it.
+
+use std::{path::Path, sync::Arc};
+
+use anyhow::{Context, Result};
+use kube::Client;
+use tapestry_api::state::DesiredState;
+use tapestry_common::{Config as DatapathConfig, config_flags};
+use tokio::{signal::unix::SignalKind, sync::watch, task::JoinSet};
+use tracing::{debug, info};
+
+use crate::{
+    api,
+    config::{Config, Source},
+    datapath::{Datapath, Maps, Pins, conntrack},
+    flows::{self, FlowLog},
+    guests::{self, Endpoints, publish},
+    services::{
+        self, Services,
+        endpointslice::KubernetesSource,
+        reconcile::Reconciler,
+        source::{SourceStatus, StandaloneFile, StateSource},
+    },
+    views::Views,
+};
+
+/// What the API's handlers share. Cloning copies `Arc`s; nothing here is behind one lock.
+#[derive(Clone)]
+pub struct Node {
+    pub services: Arc<Services>,
+    pub endpoints: Arc<Endpoints>,
+    pub views: Arc<Views>,
+    pub pins: Pins,
+}
+
+/// The configured desired-state source.
+enum StateSourceKind {
+    File(StandaloneFile),
+    Kubernetes(KubernetesSource),
+    /// Kubernetes mode without kube-proxy replacement: no Services are programmed.
+    None,
+}
+
+impl StateSourceKind {
+    fn describe(&self) -> String {
+        match self {
+            StateSourceKind::File(s) => s.describe(),
+            StateSourceKind::Kubernetes(s) => s.describe(),
+            StateSourceKind::None => "none (kube-proxy replacement off)".into(),
+        }
+    }
+
+    async fn run(
+        self,
+        updates: watch::Sender<Arc<DesiredState>>,
+        status: watch::Sender<SourceStatus>,
+    ) -> Result<()> {
+        match self {
+            StateSourceKind::File(s) => s.run(updates, status).await,
+            StateSourceKind::Kubernetes(s) => s.run(updates, status).await,
+            StateSourceKind::None => {
+                // Keep the channels open: the reconciler waits, the datapath's services stay.
+                let _keep = (updates, status);
+                std::future::pending().await
+            }
+        }
+    }
+}
+
+/// A client from `kubeconfig`, or from the environment (in-cluster, then `$KUBECONFIG`).
+pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no Kubernetes configuration (not in a cluster, no $KUBECONFIG, no --kubeconfig)",
+        )?,
+    };
+    Client::try_from(config).context("creating the Kubernetes client")
+}
+
+/// Removes every pin (the datapath detaches from every interface, the maps go).
+pub fn uninstall(bpffs_dir: &Path) -> Result<()> {
+    Datapath::unpin_all(bpffs_dir)?;
+    info!(bpffs_dir = %bpffs_dir.display(), "datapath removed");
+    Ok(())
+}
+
+/// Runs the daemon until SIGINT or SIGTERM, or until a task fails.
+pub async fn run(config: Config) -> Result<()> {
+    let mut datapath = Datapath::load(&config.bpffs_dir)?;
+    datapath.set_config(DatapathConfig {
+        flags: if config.flow_events {
+            config_flags::FLOW_EVENTS
+        } else {
+            0
+        },
+        hairpin_snat_ip: u32::from_ne_bytes(config.hairpin_snat_ip.octets()),
+    })?;
+    let pins = datapath.pins().clone();
+    let reconciler = Reconciler::restore(&datapath.maps)?;
+    let adopted = pins.adopt_links()?;
+    if !adopted.is_empty() {
+        info!(
+            count = adopted.len(),
+            "re-attached to the interfaces of the previous run"
+        );
+    }
+    for ifname in &config.attach {
+        pins.attach(ifname)
+            .with_context(|| format!("--attach {ifname}"))?;
+        info!(ifname, "attached");
+    }
+    let endpoints = Arc::new(Endpoints::new(&config.state_dir, pins.clone())?);
+    endpoints.restore()?;
+    let events = datapath.take_events();
+    let dhcp_ring = datapath.take_dhcp();
+    let flows = Arc::new(FlowLog::default());
+
+    let (kube, source) = match &config.source {
+        Source::File(path) => (None, StateSourceKind::File(StandaloneFile::new(path))),
+        Source::Kubernetes {
+            node_name,
+            kubeconfig,
+            kube_proxy_replacement,
+        } => {
+            let client = kube_client(kubeconfig.as_deref()).await?;
+            let source = if *kube_proxy_replacement {
+                StateSourceKind::Kubernetes(KubernetesSource::new(client.clone(), node_name))
+            } else {
+                StateSourceKind::None
+            };
+            (Some((client, node_name.clone())), source)
+        }
+    };
+    let services = Arc::new(Services::new(reconciler.snapshot(), source.describe()));
+    let views = Arc::new(Views::new(
+        if kube.is_some() {
+            "kubernetes"
+        } else {
+            "standalone"
+        },
+        config.flow_events,
+        services.clone(),
+        endpoints.clone(),
+        pins.clone(),
+        flows.clone(),
+    )?);
+    let node = Node {
+        services: services.clone(),
+        endpoints: endpoints.clone(),
+        views,
+        pins: pins.clone(),
+    };
+
+    let (updates_tx, updates_rx) = watch::channel(Arc::new(DesiredState::default()));
+    let (status_tx, status_rx) = watch::channel(SourceStatus::default());
+    let mut tasks = JoinSet::new();
+    tasks.spawn(async move {
+        source
+            .run(updates_tx, status_tx)
+            .await
+            .context("state source")
+    });
+    // The reconciler's own map handles: it is their only writer.
+    let reconciler_maps = Maps::open(pins.dir())?;
+    tasks.spawn(services::run_reconciler(
+        services,
+        reconciler,
+        reconciler_maps,
+        updates_rx,
+        status_rx,
+    ));
+    if let Some((client, node_name)) = kube {
+        tasks.spawn(publish::publish_guests(
+            client,
+            node_name,
+            endpoints.clone(),
+        ));
+    }
+    tasks.spawn(guests::watch_readiness(endpoints.clone()));
+    {
+        let node = node.clone();
+        let socket = config.socket.clone();
+        tasks.spawn(async move { api::serve_unix(&socket, node).await });
+    }
+    if let Some(addr) = config.metrics_addr.clone() {
+        let node = node.clone();
+        tasks.spawn(async move { api::serve_tcp(&addr, node).await });
+    }
+    if let Some(ring) = events {
+        tasks.spawn(flows::drain(ring, flows));
+    }
+    if let Some(ring) = dhcp_ring {
+        tasks.spawn(guests::serve_dhcp(ring, endpoints));
+    }
+    tasks.spawn(collect_conntrack_garbage(
+        Maps::open(pins.dir())?.conntrack,
+        config.conntrack_gc_interval,
+    ));
+
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let result = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+        Some(done) = tasks.join_next() => match done {
+            Ok(Ok(())) => Err(anyhow::anyhow!("a daemon task ended unexpectedly")),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(e.into()),
+        },
+    };
+    let _ = std::fs::remove_file(&config.socket);
+    info!("stopped; the datapath stays in place");
+    result
+}
+
+/// Deletes expired conntrack entries every `every` (the LRU only evicts when full), on a
+/// blocking thread with its own map handle.
+async fn collect_conntrack_garbage(
+    map: conntrack::ConntrackMap,
+    every: std::time::Duration,
+) -> Result<()> {
+    let mut map = Some(map);
+    let mut tick = tokio::time::interval(every.max(std::time::Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut m = map.take().expect("returned after each round");
+        let (m, n) = tokio::task::spawn_blocking(move || {
+            let n = conntrack::collect_garbage(&mut m);
+            (m, n)
+        })
+        .await
+        .context("the conntrack GC thread")?;
+        map = Some(m);
+        if n > 0 {
+            debug!(removed = n, "conntrack garbage collected");
+        }
+    }
+}
