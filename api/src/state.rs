@@ -19,10 +19,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use serde::de::{self, Deserializer, Visitor};
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
+
+use crate::keyword::keyword_enum;
 
 /// Longest service name (a DNS subdomain, as Kubernetes object names).
 pub const MAX_NAME_LEN: usize = 253;
@@ -62,7 +63,7 @@ pub struct ServiceSpec {
     pub vip: Ipv4Addr,
     #[serde(deserialize_with = "de_port")]
     pub port: u16,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_datapath_protocol")]
     pub protocol: Protocol,
     #[serde(default)]
     pub algorithm: Algorithm,
@@ -110,90 +111,14 @@ pub struct BackendSpec {
     pub terminating: bool,
 }
 
-macro_rules! keyword_enum {
-    (
-        $(#[$meta:meta])*
-        $name:ident (default $default:ident) {
-            $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+
-        }
-    ) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum $name {
-            $($(#[$vmeta])* $variant,)+
-        }
-
-        impl $name {
-            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
-
-            /// The spelling used in state files (parsing ignores case).
-            pub const fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$variant => $text,)+
-                }
-            }
-
-            fn expected() -> &'static str {
-                concat!("one of ", keyword_enum!(@join $($text),+))
-            }
-        }
-
-        impl Default for $name {
-            fn default() -> Self {
-                $name::$default
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = String;
-
-            fn from_str(s: &str) -> Result<Self, String> {
-                $name::ALL
-                    .iter()
-                    .copied()
-                    .find(|v| v.as_str().eq_ignore_ascii_case(s))
-                    .ok_or_else(|| format!("must be {}, got {s:?}", $name::expected()))
-            }
-        }
-
-        impl Serialize for $name {
-            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.serialize_str(self.as_str())
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-                struct V;
-                impl Visitor<'_> for V {
-                    type Value = $name;
-                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                        f.write_str($name::expected())
-                    }
-                    fn visit_str<E: de::Error>(self, v: &str) -> Result<$name, E> {
-                        v.parse().map_err(E::custom)
-                    }
-                }
-                deserializer.deserialize_str(V)
-            }
-        }
-    };
-    (@join $first:literal $(, $rest:literal)*) => {
-        concat!($first $(, ", ", $rest)*)
-    };
-}
-
 keyword_enum! {
-    /// L4 protocol of a frontend and its backends.
+    /// Transport protocol, spelled as Kubernetes spells it: of a frontend and its backends (the
+    /// datapath balances TCP and UDP), of a guest's declared port, of a flow.
     Protocol (default Tcp) {
         Tcp => "TCP",
         Udp => "UDP",
+        /// Declared by pods and guests; not balanced by the datapath.
+        Sctp => "SCTP",
     }
 }
 
@@ -224,13 +149,44 @@ keyword_enum! {
     }
 }
 
+#[cfg(feature = "schemars")]
+impl schemars::JsonSchema for Protocol {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Protocol".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "Transport protocol of a port, spelled as in Kubernetes.",
+            "type": "string",
+            "enum": Protocol::ALL.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+        })
+    }
+}
+
 impl Protocol {
-    /// IP protocol number (`IPPROTO_TCP` / `IPPROTO_UDP`).
+    /// IP protocol number (`IPPROTO_TCP`, `IPPROTO_UDP`, `IPPROTO_SCTP`).
     pub const fn ip_proto(self) -> u8 {
         match self {
             Protocol::Tcp => 6,
             Protocol::Udp => 17,
+            Protocol::Sctp => 132,
         }
+    }
+
+    /// The protocol of an IP protocol number, if it is one of these.
+    pub const fn from_ip_proto(n: u8) -> Option<Protocol> {
+        match n {
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            132 => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+
+    /// Whether the datapath balances this protocol.
+    pub const fn in_datapath(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Udp)
     }
 }
 
@@ -550,6 +506,12 @@ fn validate_service(at: &str, svc: &ServiceSpec) -> Result<(), StateError> {
         ));
     }
     check_unicast(svc.vip).map_err(|m| StateError::invalid(format!("{at}.vip"), m))?;
+    if !svc.protocol.in_datapath() {
+        return Err(StateError::invalid(
+            format!("{at}.protocol"),
+            format!("must be one of TCP, UDP, got {:?}", svc.protocol.as_str()),
+        ));
+    }
     check_range(u64::from(svc.port), 1, 65_535, "")
         .map_err(|m| StateError::invalid(format!("{at}.port"), m))?;
     check_range(
@@ -735,6 +697,24 @@ impl Visitor<'_> for Ipv4Field {
             Err(_) => Err(E::custom(format!("invalid IPv4 address {v:?}"))),
         }
     }
+}
+
+/// A frontend's protocol: one the datapath balances.
+fn de_datapath_protocol<'de, D: Deserializer<'de>>(d: D) -> Result<Protocol, D::Error> {
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = Protocol;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("one of TCP, UDP")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Protocol, E> {
+            match v.parse::<Protocol>() {
+                Ok(p) if p.in_datapath() => Ok(p),
+                _ => Err(E::custom(format!("must be one of TCP, UDP, got {v:?}"))),
+            }
+        }
+    }
+    d.deserialize_str(V)
 }
 
 fn de_vip<'de, D: Deserializer<'de>>(d: D) -> Result<Ipv4Addr, D::Error> {

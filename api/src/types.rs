@@ -1,9 +1,162 @@
 //! Request and response bodies of the node daemon's local API (JSON over HTTP/1.1 on a unix
 //! socket). Field names are camelCase, as in Kubernetes objects.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
 
 use serde::{Deserialize, Serialize};
+
+use crate::keyword::keyword_enum;
+pub use crate::state::{Algorithm, EndpointKind, Protocol, SessionAffinity};
+
+keyword_enum! {
+    /// Where the daemon's desired state comes from.
+    Mode (default Standalone) {
+        /// A state file on this host.
+        Standalone => "standalone",
+        /// Services and EndpointSlices of the Kubernetes API.
+        Kubernetes => "kubernetes",
+    }
+}
+
+keyword_enum! {
+    /// What runs behind a backend address, as far as the daemon knows.
+    BackendKind (default Pod) {
+        Pod => "pod",
+        Vm => "vm",
+        /// Restored from the pinned maps, not yet in a desired state.
+        Unknown => "unknown",
+    }
+}
+
+impl From<EndpointKind> for BackendKind {
+    fn from(k: EndpointKind) -> Self {
+        match k {
+            EndpointKind::Pod => BackendKind::Pod,
+            EndpointKind::Vm => BackendKind::Vm,
+        }
+    }
+}
+
+keyword_enum! {
+    /// Whether a backend takes new flows.
+    BackendState (default Active) {
+        Active => "active",
+        /// Keeps its flows, gets no new ones (graceful drain).
+        Terminating => "terminating",
+    }
+}
+
+keyword_enum! {
+    /// How far a guest has come.
+    GuestPhase (default Attached) {
+        /// Its tap and programs are in place.
+        Attached => "Attached",
+        /// It uses its address (DHCP bound, or traffic from it).
+        Ready => "Ready",
+    }
+}
+
+keyword_enum! {
+    /// Which way a conntrack entry matches.
+    FlowDirection (default Forward) {
+        /// Client to frontend.
+        Forward => "forward",
+        /// Backend to client.
+        Reply => "reply",
+    }
+}
+
+keyword_enum! {
+    /// What a flow event reports.
+    FlowKind (default New) {
+        New => "new",
+        /// A flow whose backend went away moved to another.
+        Reselected => "reselected",
+        Drop => "drop",
+        /// An event kind this daemon does not know (a newer datapath).
+        Unknown => "unknown",
+    }
+}
+
+keyword_enum! {
+    /// What the datapath did with a packet.
+    Verdict (default Forwarded) {
+        Forwarded => "forwarded",
+        Dropped => "dropped",
+    }
+}
+
+/// An Ethernet address, written `aa:bb:cc:dd:ee:ff` (parsing also takes upper case and `-`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    pub const fn octets(self) -> [u8; 6] {
+        self.0
+    }
+
+    /// Group (multicast or broadcast) addresses are never a station's own.
+    pub const fn is_multicast(self) -> bool {
+        self.0[0] & 1 != 0
+    }
+}
+
+impl From<[u8; 6]> for MacAddr {
+    fn from(b: [u8; 6]) -> Self {
+        MacAddr(b)
+    }
+}
+
+impl TryFrom<&[u8]> for MacAddr {
+    type Error = String;
+
+    fn try_from(b: &[u8]) -> Result<Self, String> {
+        <[u8; 6]>::try_from(b)
+            .map(MacAddr)
+            .map_err(|_| format!("an Ethernet address has 6 bytes, not {}", b.len()))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid MAC address {s:?} (want six hex bytes, aa:bb:cc:dd:ee:ff)");
+        let mut out = [0u8; 6];
+        let mut parts = s.split([':', '-']);
+        for byte in &mut out {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// Default path of the daemon's socket.
 pub const DEFAULT_SOCKET: &str = "/run/tapestry/tapestryd.sock";
@@ -36,8 +189,7 @@ pub mod paths {
 #[serde(rename_all = "camelCase")]
 pub struct Status {
     pub version: String,
-    /// "standalone" or "kubernetes".
-    pub mode: String,
+    pub mode: Mode,
     /// Where the desired state comes from ("file /etc/tapestry/state.yaml").
     pub source: String,
     /// Desired states fully programmed since the daemon started.
@@ -95,12 +247,9 @@ pub struct ServiceInfo {
     pub id: u32,
     pub vip: Ipv4Addr,
     pub port: u16,
-    /// "TCP" or "UDP".
-    pub protocol: String,
-    /// "random" or "maglev".
-    pub algorithm: String,
-    /// "None" or "ClientIP".
-    pub session_affinity: String,
+    pub protocol: Protocol,
+    pub algorithm: Algorithm,
+    pub session_affinity: SessionAffinity,
     pub session_affinity_timeout_seconds: u32,
     /// Backends that new flows may choose.
     pub active_backends: u32,
@@ -117,10 +266,8 @@ pub struct BackendInfo {
     pub port: u16,
     pub weight: u16,
     pub name: Option<String>,
-    /// "pod" or "vm".
-    pub kind: String,
-    /// "active" or "terminating".
-    pub state: String,
+    pub kind: BackendKind,
+    pub state: BackendState,
     /// Counted over every service that shares this backend address.
     pub traffic: Traffic,
     /// Live flows of this service to this backend.
@@ -130,9 +277,8 @@ pub struct BackendInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConntrackEntry {
-    /// "forward" (client -> frontend) or "reply" (backend -> client).
-    pub direction: String,
-    pub protocol: String,
+    pub direction: FlowDirection,
+    pub protocol: Protocol,
     pub src: String,
     pub dst: String,
     /// Forward: the backend written as destination. Reply: the frontend written as source.
@@ -178,7 +324,7 @@ pub struct EndpointRequest {
     /// Gateway from prevResult, if any.
     pub gateway: Option<Ipv4Addr>,
     /// MAC of the pod interface (`ifname`).
-    pub mac: Option<String>,
+    pub mac: Option<MacAddr>,
     /// Pod identity from CNI_ARGS / runtimeConfig.
     pub pod: Option<PodRef>,
     /// Present for a VM pod: the tap the plugin created, which the guest owns.
@@ -204,7 +350,7 @@ pub struct VmAttachment {
     /// The tap in the pod's namespace (`tap0`).
     pub tap: String,
     /// The guest's MAC: the pod interface's MAC, handed to the guest.
-    pub guest_mac: String,
+    pub guest_mac: MacAddr,
     /// The guest's address and prefix ("10.22.0.5/16").
     pub guest_ip: String,
     pub mtu: u32,
@@ -242,9 +388,9 @@ pub struct EndpointInfo {
     #[serde(flatten)]
     pub request: EndpointRequest,
     pub host_ifindex: u32,
-    /// For a VM pod: "Attached" (tap created, programs attached) or "Ready" (the guest used its
+    /// For a VM pod: Attached (tap created, programs attached) or Ready (the guest used its
     /// address: DHCP bound, ARP, or traffic with its own source).
-    pub guest_phase: Option<String>,
+    pub guest_phase: Option<GuestPhase>,
     pub guest_ready_reason: Option<String>,
 }
 
@@ -275,12 +421,11 @@ pub struct GuestInfo {
     pub container_id: String,
     pub netns: String,
     pub tap: String,
-    pub mac: String,
+    pub mac: MacAddr,
     pub ip: String,
     pub mtu: u32,
     pub queues: u32,
-    /// "Attached" or "Ready".
-    pub phase: String,
+    pub phase: GuestPhase,
     /// Why it is (not yet) ready.
     pub reason: String,
     pub dhcp_bound: bool,
@@ -299,8 +444,7 @@ pub struct GuestInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Identity {
-    /// "pod" or "vm".
-    pub kind: String,
+    pub kind: EndpointKind,
     pub name: String,
     pub namespace: Option<String>,
 }
@@ -315,11 +459,10 @@ pub struct FlowRecord {
     pub time: String,
     /// Unix time in milliseconds (for --since filters).
     pub unix_ms: u64,
-    /// "new", "reselected" or "drop".
-    pub kind: String,
-    /// "forwarded" or "dropped".
-    pub verdict: String,
-    pub protocol: String,
+    pub kind: FlowKind,
+    pub verdict: Verdict,
+    /// None for a protocol this daemon does not name.
+    pub protocol: Option<Protocol>,
     pub src: String,
     pub dst: String,
     /// The backend chosen (new flows).
@@ -343,4 +486,68 @@ pub struct FlowsResponse {
     /// Events lost so far: the datapath's ring buffer was full, or the log overflowed before a
     /// reader came.
     pub lost: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_addresses_parse_and_print_in_one_spelling() {
+        let m: MacAddr = "0A:58:0a:F4:00:05".parse().unwrap();
+        assert_eq!(m.octets(), [0x0a, 0x58, 0x0a, 0xf4, 0x00, 0x05]);
+        assert_eq!(m.to_string(), "0a:58:0a:f4:00:05");
+        assert_eq!("0a-58-0a-f4-00-05".parse::<MacAddr>().unwrap(), m);
+        for bad in [
+            "",
+            "0a:58:0a:f4:00",
+            "0a:58:0a:f4:00:05:06",
+            "0a:58:0a:f4:00:5",
+            "zz:58:0a:f4:00:05",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad:?} parsed");
+        }
+        assert_eq!(serde_json::to_string(&m).unwrap(), r#""0a:58:0a:f4:00:05""#);
+        let back: MacAddr = serde_json::from_str(r#""0a:58:0a:f4:00:05""#).unwrap();
+        assert_eq!(back, m);
+        assert!(MacAddr([0xff; 6]).is_multicast() && !m.is_multicast());
+    }
+
+    #[test]
+    fn the_api_keeps_its_json_spelling() {
+        let cases = [
+            (
+                serde_json::to_value(Mode::Kubernetes).unwrap(),
+                "kubernetes",
+            ),
+            (serde_json::to_value(BackendKind::Vm).unwrap(), "vm"),
+            (
+                serde_json::to_value(BackendKind::Unknown).unwrap(),
+                "unknown",
+            ),
+            (
+                serde_json::to_value(BackendState::Terminating).unwrap(),
+                "terminating",
+            ),
+            (serde_json::to_value(GuestPhase::Ready).unwrap(), "Ready"),
+            (serde_json::to_value(FlowDirection::Reply).unwrap(), "reply"),
+            (
+                serde_json::to_value(FlowKind::Reselected).unwrap(),
+                "reselected",
+            ),
+            (serde_json::to_value(Verdict::Dropped).unwrap(), "dropped"),
+            (serde_json::to_value(Protocol::Udp).unwrap(), "UDP"),
+            (serde_json::to_value(Algorithm::Maglev).unwrap(), "maglev"),
+            (
+                serde_json::to_value(SessionAffinity::ClientIP).unwrap(),
+                "ClientIP",
+            ),
+            (serde_json::to_value(EndpointKind::Pod).unwrap(), "pod"),
+        ];
+        for (v, want) in cases {
+            assert_eq!(v, serde_json::Value::String(want.into()));
+        }
+        assert_eq!("READY".parse::<GuestPhase>().unwrap(), GuestPhase::Ready);
+        assert!("booting".parse::<GuestPhase>().is_err());
+    }
 }

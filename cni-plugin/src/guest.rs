@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnetwork::IpNetwork;
-use tapestry_api::types::{DnsConfig, RouteSpec, VmAttachment};
+use tapestry_api::types::{DnsConfig, MacAddr, RouteSpec, VmAttachment};
 
 use crate::{
     args::CniArgs,
@@ -78,7 +78,7 @@ pub fn hostname(conf: &NetConf, args: &CniArgs) -> Option<String> {
 /// The facts about the pod that the guest takes over.
 pub struct GuestInputs<'a> {
     pub tap: &'a str,
-    pub mac: &'a str,
+    pub mac: MacAddr,
     pub mtu: u32,
     pub queues: u32,
     pub hostname: Option<String>,
@@ -132,7 +132,7 @@ pub fn attachment(inputs: GuestInputs<'_>) -> Result<VmAttachment> {
     }
     Ok(VmAttachment {
         tap: inputs.tap.to_owned(),
-        guest_mac: inputs.mac.to_owned(),
+        guest_mac: inputs.mac,
         guest_ip: guest_ip.to_string(),
         mtu: inputs.mtu,
         routes,
@@ -280,7 +280,7 @@ mod tests {
         }];
         let vm = attachment(GuestInputs {
             tap: "tap0",
-            mac: "8a:7a:4c:0e:21:95",
+            mac: "8a:7a:4c:0e:21:95".parse().unwrap(),
             mtu: 1450,
             queues: 1,
             hostname: None,
@@ -303,7 +303,7 @@ mod tests {
         }];
         let vm = attachment(GuestInputs {
             tap: "tap0",
-            mac: "8a:7a:4c:0e:21:95",
+            mac: "8a:7a:4c:0e:21:95".parse().unwrap(),
             mtu: 1450,
             queues: 1,
             hostname: None,
@@ -327,7 +327,7 @@ mod tests {
         let ips: Vec<&IpConfig> = prev.ips.iter().collect();
         let vm = attachment(GuestInputs {
             tap: "tap0",
-            mac: "8a:7a:4c:0e:21:95",
+            mac: "8a:7a:4c:0e:21:95".parse().unwrap(),
             mtu: 1450,
             queues: 2,
             hostname: Some("vm1".into()),
@@ -338,7 +338,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(vm.guest_ip, "10.22.0.5/16");
-        assert_eq!(vm.guest_mac, "8a:7a:4c:0e:21:95");
+        assert_eq!(vm.guest_mac.to_string(), "8a:7a:4c:0e:21:95");
         assert_eq!((vm.mtu, vm.queues), (1450, 2));
         assert_eq!(
             vm.routes,
@@ -371,7 +371,7 @@ mod tests {
         assert_eq!(gw, Some("10.1.1.1".parse().unwrap()));
         let vm = attachment(GuestInputs {
             tap: "tap0",
-            mac: "4a:22:6e:91:0c:3d",
+            mac: "4a:22:6e:91:0c:3d".parse().unwrap(),
             mtu: 1500,
             queues: 1,
             hostname: None,
@@ -398,7 +398,7 @@ mod tests {
         let v6_only: Vec<&IpConfig> = vec![&prev.ips[1]];
         let err = attachment(GuestInputs {
             tap: "tap0",
-            mac: "4a:22:6e:91:0c:3d",
+            mac: "4a:22:6e:91:0c:3d".parse().unwrap(),
             mtu: 1500,
             queues: 1,
             hostname: None,

@@ -7,6 +7,7 @@
 //! result's host interfaces are the fallback.
 
 use std::net::IpAddr;
+use tapestry_api::types::MacAddr;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::{
@@ -34,7 +35,7 @@ const RT_TABLE_LOCAL: u8 = 255;
 pub struct LinkFacts {
     pub index: u32,
     pub name: String,
-    pub mac: Option<String>,
+    pub mac: Option<MacAddr>,
     pub mtu: u32,
     /// IFLA_INFO_KIND ("veth", "tun", "bridge"...); none for a physical device.
     pub kind: Option<String>,
@@ -59,7 +60,7 @@ impl LinkFacts {
         for attr in &message.attributes {
             match attr {
                 LinkAttribute::IfName(n) => facts.name = n.clone(),
-                LinkAttribute::Address(a) if a.len() == 6 => facts.mac = Some(format_mac(a)),
+                LinkAttribute::Address(a) => facts.mac = MacAddr::try_from(a.as_slice()).ok(),
                 LinkAttribute::Mtu(m) => facts.mtu = *m,
                 LinkAttribute::Link(l) => facts.peer_index = Some(*l),
                 LinkAttribute::LinkInfo(infos) => {
@@ -83,14 +84,6 @@ impl LinkFacts {
 
 fn kind_name(kind: &InfoKind) -> String {
     kind.to_string()
-}
-
-pub fn format_mac(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// The netlink error's errno, if the error is one.
@@ -358,7 +351,7 @@ mod tests {
     #[test]
     fn macs_are_lowercase_colon_separated() {
         assert_eq!(
-            format_mac(&[0x8a, 0x7a, 0x4c, 0x0e, 0x21, 0x95]),
+            MacAddr::from([0x8a, 0x7a, 0x4c, 0x0e, 0x21, 0x95]).to_string(),
             "8a:7a:4c:0e:21:95"
         );
     }

@@ -26,7 +26,7 @@ use axum::{
 };
 use serde_json::{Value, json};
 use tapestry_api::types::{
-    EndpointGcRequest, EndpointInfo, EndpointRequest, ErrorBody, PodRef, RouteSpec,
+    EndpointGcRequest, EndpointInfo, EndpointRequest, ErrorBody, GuestPhase, PodRef, RouteSpec,
 };
 use testnet::{PodNetns, ip, root_or_skip};
 
@@ -136,7 +136,7 @@ async fn add_endpoint(State(s): State<Shared>, Json(req): Json<EndpointRequest>)
         return api_error(StatusCode::UNPROCESSABLE_ENTITY, &msg);
     }
     let info = EndpointInfo {
-        guest_phase: req.vm.as_ref().map(|_| "Attached".to_owned()),
+        guest_phase: req.vm.as_ref().map(|_| GuestPhase::Attached),
         request: req.clone(),
         host_ifindex: 7,
         guest_ready_reason: None,
@@ -452,7 +452,7 @@ fn plain_pod_in_every_version_is_passed_through_and_registered() {
             req.gateway,
             Some(format!("10.250.{}.1", ns.subnet).parse().unwrap())
         );
-        assert_eq!(req.mac.as_deref(), Some(pod_mac(&ns).as_str()));
+        assert_eq!(req.mac.map(|m| m.to_string()), Some(pod_mac(&ns)));
         assert_eq!(
             req.pod,
             Some(PodRef {
@@ -607,7 +607,7 @@ fn vm_pod_gets_a_tap_and_gives_its_address_to_the_guest() {
         assert_eq!(req.host_ifname, ns.host_veth);
         let vm = req.vm.expect("a VM attachment");
         assert_eq!(vm.tap, "tap0");
-        assert_eq!(vm.guest_mac, mac);
+        assert_eq!(vm.guest_mac.to_string(), mac);
         assert_eq!(vm.guest_ip, format!("10.250.{}.2/24", ns.subnet));
         assert_eq!(vm.mtu, 1450);
         assert_eq!(vm.queues, queues);

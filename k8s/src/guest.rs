@@ -9,8 +9,6 @@
 //! selectors work natively everywhere: `kubectl get guests -l app=web`, watches, the controller's
 //! matching. A copy under `spec` would need a matcher of its own and could drift.
 
-use std::fmt;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, CustomResourceExt, Resource};
 use schemars::JsonSchema;
@@ -85,33 +83,8 @@ pub struct GuestPort {
     pub protocol: Protocol,
 }
 
-/// Transport protocol of a port, spelled as in Kubernetes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
-pub enum Protocol {
-    #[default]
-    #[serde(rename = "TCP")]
-    Tcp,
-    #[serde(rename = "UDP")]
-    Udp,
-    #[serde(rename = "SCTP")]
-    Sctp,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-            Protocol::Sctp => "SCTP",
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Transport protocol of a port: the one vocabulary of api, daemon, CLI and CRD.
+pub use tapestry_api::state::Protocol;
 
 /// What the node daemon observed of the guest.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

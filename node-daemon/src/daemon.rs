@@ -19,7 +19,7 @@ use std::{path::Path, sync::Arc};
 
 use anyhow::{Context, Result};
 use kube::Client;
-use tapestry_api::state::DesiredState;
+use tapestry_api::{state::DesiredState, types::Mode};
 use tapestry_common::{Config as DatapathConfig, config_flags};
 use tokio::{signal::unix::SignalKind, sync::watch, task::JoinSet};
 use tracing::{debug, info};
@@ -156,9 +156,9 @@ pub async fn run(config: Config) -> Result<()> {
     let services = Arc::new(Services::new(reconciler.snapshot(), source.describe()));
     let views = Arc::new(Views::new(
         if kube.is_some() {
-            "kubernetes"
+            Mode::Kubernetes
         } else {
-            "standalone"
+            Mode::Standalone
         },
         config.flow_events,
         services.clone(),

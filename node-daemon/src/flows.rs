@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
-use tapestry_api::types::FlowRecord;
+use tapestry_api::types::{FlowKind, FlowRecord, Protocol, Verdict};
 use tapestry_common::{DropReason, FlowEvent, event_kind};
 
 /// Events kept for readers.
@@ -29,10 +29,10 @@ fn addr(ip: u32, port: u16) -> String {
 /// Decodes a datapath event; identities are filled in by the API from the node's knowledge.
 pub fn decode(e: &FlowEvent, seq: u64, now: SystemTime) -> FlowRecord {
     let kind = match e.kind {
-        event_kind::NEW_FLOW => "new",
-        event_kind::RESELECTED => "reselected",
-        event_kind::DROP => "drop",
-        _ => "unknown",
+        event_kind::NEW_FLOW => FlowKind::New,
+        event_kind::RESELECTED => FlowKind::Reselected,
+        event_kind::DROP => FlowKind::Drop,
+        _ => FlowKind::Unknown,
     };
     let unix_ms = now
         .duration_since(UNIX_EPOCH)
@@ -42,18 +42,13 @@ pub fn decode(e: &FlowEvent, seq: u64, now: SystemTime) -> FlowRecord {
         seq,
         time: humantime_rfc3339(now),
         unix_ms,
-        kind: kind.into(),
+        kind,
         verdict: if e.kind == event_kind::DROP {
-            "dropped"
+            Verdict::Dropped
         } else {
-            "forwarded"
-        }
-        .into(),
-        protocol: match e.proto {
-            6 => "TCP".into(),
-            17 => "UDP".into(),
-            p => p.to_string(),
+            Verdict::Forwarded
         },
+        protocol: Protocol::from_ip_proto(e.proto),
         src: addr(e.saddr, e.sport),
         dst: addr(e.daddr, e.dport),
         backend: (e.nat_addr != 0).then(|| addr(e.nat_addr, e.nat_port)),
@@ -177,7 +172,7 @@ mod tests {
         assert_eq!(all.len(), FLOW_LOG_CAPACITY);
         assert_eq!((next, lost), (FLOW_LOG_CAPACITY as u64 + 5, 5));
         assert_eq!(all[0].drop_reason.as_deref(), Some("spoofed_ip"));
-        assert_eq!(all[0].verdict, "dropped");
+        assert_eq!(all[0].verdict, Verdict::Dropped);
         let (newer, _, _) = log.since(next - 2);
         assert_eq!(newer.len(), 2);
     }

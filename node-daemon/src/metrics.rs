@@ -8,6 +8,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use tapestry_api::types::GuestPhase;
+
 use crate::views::Views;
 
 type Labels = Vec<(&'static str, String)>;
@@ -96,7 +98,7 @@ pub fn render(views: &Views) -> Result<String> {
         for b in &s.backends {
             let mut l = labels.clone();
             l.push(("backend", format!("{}:{}", b.ip, b.port)));
-            l.push(("kind", b.kind.clone()));
+            l.push(("kind", b.kind.to_string()));
             l.push(("endpoint", b.name.clone().unwrap_or_default()));
             be_packets.push((l.clone(), b.traffic.packets));
             be_bytes.push((l, b.traffic.bytes));
@@ -156,7 +158,7 @@ pub fn render(views: &Views) -> Result<String> {
             l.push(("direction", dir.to_owned()));
             f.push((l, v));
         }
-        ready.push((guest_labels(g), u64::from(g.phase == "Ready")));
+        ready.push((guest_labels(g), u64::from(g.phase == GuestPhase::Ready)));
     }
     snap.family(
         "tapestry_guest_packets",

@@ -14,16 +14,14 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::MapError;
-use tapestry_api::{
-    state::{Algorithm, SessionAffinity},
-    types::{
-        AttachmentInfo, BackendInfo, ConntrackEntry, FlowsResponse, GuestInfo, Identity, MapFill,
-        ServiceInfo, Status, Traffic,
-    },
+use tapestry_api::types::{
+    Algorithm, AttachmentInfo, BackendInfo, BackendKind, BackendState, ConntrackEntry,
+    EndpointKind, FlowDirection, FlowsResponse, GuestInfo, Identity, MapFill, Mode, Protocol,
+    ServiceInfo, SessionAffinity, Status, Traffic,
 };
 use tapestry_common::{
-    COUNTERS, Counter, CtEntry, CtKey, DROP_REASONS, DropReason, IPPROTO_TCP, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_CONNTRACK, MAX_SERVICES, TrafficStats, ct_direction, ct_flags, map_names,
+    COUNTERS, Counter, CtEntry, CtKey, DROP_REASONS, DropReason, MAX_AFFINITY, MAX_BACKENDS,
+    MAX_CONNTRACK, MAX_SERVICES, TrafficStats, ct_direction, ct_flags, map_names,
 };
 
 use crate::{
@@ -35,7 +33,7 @@ use crate::{
 
 /// Where the views read from. Shared by every API request; holds no lock of its own.
 pub struct Views {
-    pub mode: &'static str,
+    pub mode: Mode,
     pub flow_events: bool,
     pub services: Arc<Services>,
     pub endpoints: Arc<Endpoints>,
@@ -43,14 +41,6 @@ pub struct Views {
     pub flows: Arc<FlowLog>,
     /// The views' own handles on the maps (reads only).
     maps: Maps,
-}
-
-fn proto_name(p: u8) -> String {
-    match p {
-        IPPROTO_TCP => "TCP".into(),
-        tapestry_common::IPPROTO_UDP => "UDP".into(),
-        other => other.to_string(),
-    }
 }
 
 fn sum_stats(v: &aya::maps::PerCpuValues<TrafficStats>) -> Traffic {
@@ -73,7 +63,7 @@ fn addr(ip: u32, port: u16) -> String {
 
 impl Views {
     pub fn new(
-        mode: &'static str,
+        mode: Mode,
         flow_events: bool,
         services: Arc<Services>,
         endpoints: Arc<Endpoints>,
@@ -141,7 +131,7 @@ impl Views {
         };
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            mode: self.mode.to_owned(),
+            mode: self.mode,
             source: st.source.source.clone(),
             generation: st.generation,
             last_error: st
@@ -187,6 +177,10 @@ impl Views {
         let mut out = Vec::new();
         for (key, ps) in &programmed.services {
             let (vip, port, proto) = frontend_of(key);
+            // The reconciler writes TCP and UDP frontends only.
+            let Some(protocol) = Protocol::from_ip_proto(proto) else {
+                continue;
+            };
             let traffic = match maps.service_stats.get(&ps.id, 0) {
                 Ok(v) => sum_stats(&v),
                 Err(MapError::KeyNotFound) => Traffic::default(),
@@ -202,9 +196,9 @@ impl Views {
                         .map(|v| sum_stats(&v))
                         .unwrap_or_default();
                     let state = if b.terminating {
-                        "terminating"
+                        BackendState::Terminating
                     } else {
-                        "active"
+                        BackendState::Active
                     };
                     backends.push(BackendInfo {
                         id: *id,
@@ -212,8 +206,8 @@ impl Views {
                         port: b.target_port(spec),
                         weight: b.weight,
                         name: b.name.clone(),
-                        kind: format!("{:?}", b.kind).to_lowercase(),
-                        state: state.into(),
+                        kind: b.kind.into(),
+                        state,
                         traffic,
                         active_flows: flows.get(&(ps.id, *id)).copied().unwrap_or(0),
                     });
@@ -239,8 +233,8 @@ impl Views {
                         port: addr.port,
                         weight: 0,
                         name: None,
-                        kind: "unknown".into(),
-                        state: "active".into(),
+                        kind: BackendKind::Unknown,
+                        state: BackendState::Active,
                         traffic: maps
                             .backend_stats
                             .get(&id, 0)
@@ -260,15 +254,9 @@ impl Views {
                 id: ps.id,
                 vip,
                 port,
-                protocol: proto_name(proto),
-                algorithm: match spec.map(|s| s.algorithm) {
-                    Some(Algorithm::Maglev) => "maglev".into(),
-                    _ => "random".into(),
-                },
-                session_affinity: match spec.map(|s| s.session_affinity) {
-                    Some(SessionAffinity::ClientIP) => "ClientIP".into(),
-                    _ => "None".into(),
-                },
+                protocol,
+                algorithm: spec.map_or(Algorithm::Random, |s| s.algorithm),
+                session_affinity: spec.map_or(SessionAffinity::None, |s| s.session_affinity),
                 session_affinity_timeout_seconds: ps.entry.affinity_timeout_s,
                 active_backends: ps.entry.backend_count,
                 traffic,
@@ -287,11 +275,17 @@ impl Views {
             .conntrack_entries()
             .into_iter()
             .filter(|(k, e)| conntrack::is_live(k, e, now))
-            .map(|(k, e)| {
+            .filter_map(|(k, e)| {
                 let forward = k.direction == ct_direction::FORWARD;
-                ConntrackEntry {
-                    direction: if forward { "forward" } else { "reply" }.into(),
-                    protocol: proto_name(k.proto),
+                // The datapath tracks TCP and UDP flows only.
+                let protocol = Protocol::from_ip_proto(k.proto)?;
+                Some(ConntrackEntry {
+                    direction: if forward {
+                        FlowDirection::Forward
+                    } else {
+                        FlowDirection::Reply
+                    },
+                    protocol,
                     src: addr(k.saddr, k.sport),
                     dst: addr(k.daddr, k.dport),
                     nat: addr(e.nat_addr, e.nat_port),
@@ -303,7 +297,7 @@ impl Views {
                     closing: e.flags & ct_flags::CLOSING != 0,
                     hairpin: e.flags & ct_flags::HAIRPIN != 0,
                     seen_reply: e.flags & ct_flags::SEEN_REPLY != 0,
-                }
+                })
             })
             .collect();
         out.sort_by(|a, b| (&a.src, &a.dst).cmp(&(&b.src, &b.dst)));
@@ -320,7 +314,7 @@ impl Views {
                 for b in &spec.backends {
                     if let Some(name) = &b.name {
                         ids.entry(b.ip).or_insert_with(|| Identity {
-                            kind: b.kind.as_str().to_lowercase(),
+                            kind: b.kind,
                             name: name.clone(),
                             namespace: None,
                         });
@@ -336,7 +330,11 @@ impl Views {
                     ids.insert(
                         addr,
                         Identity {
-                            kind: if r.vm.is_some() { "vm" } else { "pod" }.into(),
+                            kind: if r.vm.is_some() {
+                                EndpointKind::Vm
+                            } else {
+                                EndpointKind::Pod
+                            },
                             name: pod.name.clone(),
                             namespace: Some(pod.namespace.clone()),
                         },

@@ -123,11 +123,11 @@ pub fn register_vm_pod(
     client: &tapestry_api::client::blocking::Client,
     pod: &crate::Pod,
 ) -> Result<tapestry_api::types::EndpointRequest> {
-    use tapestry_api::types::{DnsConfig, EndpointRequest, PodRef, VmAttachment};
+    use tapestry_api::types::{DnsConfig, EndpointRequest, MacAddr, PodRef, VmAttachment};
     pod.ip(&["addr", "flush", "dev", "eth0"])?;
     pod.ip(&["tuntap", "add", "dev", "tap0", "mode", "tap"])?;
     pod.ip(&["link", "set", "tap0", "up"])?;
-    let mac = crate::guest::fmt_mac(&pod.mac);
+    let mac = MacAddr::from(pod.mac);
     let req = EndpointRequest {
         container_id: format!("ctr-{}", pod.name),
         ifname: "eth0".into(),
@@ -135,7 +135,7 @@ pub fn register_vm_pod(
         host_ifname: pod.host_ifname.clone(),
         ips: vec![format!("{}/32", pod.ip)],
         gateway: Some(crate::POD_GATEWAY),
-        mac: Some(mac.clone()),
+        mac: Some(mac),
         pod: Some(PodRef {
             namespace: "default".into(),
             name: pod.name.clone(),

@@ -13,7 +13,10 @@ use std::{
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use serde::de::DeserializeOwned;
-use tapestry_api::types::{ConntrackEntry, FlowRecord, GuestInfo, ServiceInfo, Status};
+use tapestry_api::types::{
+    ConntrackEntry, EndpointKind, FlowDirection, FlowRecord, GuestInfo, GuestPhase, ServiceInfo,
+    Status, Verdict,
+};
 use tapestry_tests::{
     Lab, Pod,
     daemon::Daemon,
@@ -238,8 +241,8 @@ fn the_cli_shows_the_labs_real_state() {
     let g = &guests[0];
     assert_eq!((g.name.as_str(), g.tap.as_str()), ("vm", "tap0"));
     assert_eq!(g.ip, format!("{}/32", vm.ip));
-    assert_eq!(g.mac, fmt_mac(&vm.mac));
-    assert_eq!(g.phase, "Ready", "{g:?}");
+    assert_eq!(g.mac.to_string(), fmt_mac(&vm.mac));
+    assert_eq!(g.phase, GuestPhase::Ready, "{g:?}");
     assert!(g.rx_packets >= 1 && g.tx_packets >= 1, "{g:?}");
 
     // A spoofed frame from the guest: counted by reason in `guest show` and in `status` (drops
@@ -301,7 +304,7 @@ fn the_cli_shows_the_labs_real_state() {
     };
     assert!(dropped.iter().any(is_refusal), "{dropped:?}");
     assert!(
-        dropped.iter().all(|f| f.verdict == "dropped"),
+        dropped.iter().all(|f| f.verdict == Verdict::Dropped),
         "{dropped:?}"
     );
     // The VM's flows carry its identity.
@@ -315,7 +318,7 @@ fn the_cli_shows_the_labs_real_state() {
             .any(|f| f.service.as_deref() == Some("vmdns")
                 && f.backend_identity
                     .as_ref()
-                    .is_some_and(|i| i.kind == "vm" && i.name == "vm")),
+                    .is_some_and(|i| i.kind == EndpointKind::Vm && i.name == "vm")),
         "{vm_flows:?}"
     );
     let lines = ok(sock, &["flows", "--service", "web"]);
@@ -350,7 +353,10 @@ fn the_cli_shows_the_labs_real_state() {
             "json",
         ],
     );
-    assert!(to_be.iter().any(|e| e.direction == "forward"), "{to_be:?}");
+    assert!(
+        to_be.iter().any(|e| e.direction == FlowDirection::Forward),
+        "{to_be:?}"
+    );
     let refused = run(sock, &["conntrack", "flush"]);
     assert_eq!(refused.status.code(), Some(1));
     assert!(
@@ -394,7 +400,7 @@ fn the_cli_shows_the_labs_real_state() {
     };
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(event.service.as_deref(), Some("web"));
-    assert_eq!(event.verdict, "forwarded");
+    assert_eq!(event.verdict, Verdict::Forwarded);
     assert_eq!(event.backend.as_deref(), Some(&*format!("{}:8080", be.ip)));
     assert_eq!(
         event

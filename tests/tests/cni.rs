@@ -851,7 +851,11 @@ fn tapestry_lifecycle(dir: PathBuf, primary: Primary, tag: &str) {
             assert_eq!(ep.host_ifindex, ifindex(None, &host), "{ctx}");
             assert_eq!(r.ips, vec![addr.clone()], "{ctx}");
             assert_eq!(r.gateway, Some(net.gateway), "{ctx}");
-            assert_eq!(r.mac.as_deref(), eth0_itf["mac"].as_str(), "{ctx}");
+            assert_eq!(
+                r.mac.map(|m| m.to_string()).as_deref(),
+                eth0_itf["mac"].as_str(),
+                "{ctx}"
+            );
             let pod = r.pod.as_ref().expect("pod identity from CNI_ARGS");
             assert_eq!(
                 (pod.namespace.as_str(), pod.name.as_str()),
@@ -862,7 +866,7 @@ fn tapestry_lifecycle(dir: PathBuf, primary: Primary, tag: &str) {
                 (Some(v), true) => {
                     assert_eq!(v.tap, "tap0", "{ctx}");
                     assert_eq!(
-                        Some(v.guest_mac.as_str()),
+                        Some(v.guest_mac.to_string().as_str()),
                         eth0_itf["mac"].as_str(),
                         "{ctx}"
                     );

@@ -14,6 +14,7 @@ use std::{
 };
 
 use serde_json::{Value, json};
+use tapestry_api::types::BackendKind;
 use tapestry_tests::{
     Lab,
     cni::{NetworkConfigList, Runtime, RuntimeConf},
@@ -234,8 +235,11 @@ fn a_qemu_guest_is_reached_through_a_service_made_by_kubectl_expose() {
         || {
             let services = d.client().services().ok()?;
             let s = services.into_iter().find(|s| s.name == "default/vm-web")?;
-            (s.vip == vip && s.backends.iter().any(|b| b.ip == vm_ip && b.kind == "vm"))
-                .then_some(())
+            (s.vip == vip
+                && s.backends
+                    .iter()
+                    .any(|b| b.ip == vm_ip && b.kind == BackendKind::Vm))
+            .then_some(())
         },
     );
     for _ in 0..3 {

@@ -211,7 +211,7 @@ fn backends(d: &Daemon, name: &str) -> Option<Vec<String>> {
     let mut ips: Vec<String> = s
         .backends
         .iter()
-        .filter(|b| b.state == "active")
+        .filter(|b| b.state == tapestry_api::types::BackendState::Active)
         .map(|b| format!("{}:{}", b.ip, b.port))
         .collect();
     ips.sort();
@@ -258,7 +258,7 @@ fn maps_follow_endpointslices_of_any_manager_and_survive_an_apiserver_outage() {
         &[&client.host_ifname, &a.host_ifname, &b.host_ifname],
     );
     let st = d.status().unwrap();
-    assert_eq!(st.mode, "kubernetes");
+    assert_eq!(st.mode, tapestry_api::types::Mode::Kubernetes);
     assert!(st.source.contains(NODE), "{}", st.source);
 
     // A Service without a selector and a slice from a third-party controller.

@@ -9,6 +9,7 @@ use dhcproto::{
     v4::{DhcpOption, Message, MessageType, OptionCode},
 };
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use tapestry_api::types::GuestPhase;
 use tapestry_tests::{
     Lab,
     daemon::Daemon,
@@ -139,7 +140,7 @@ fn guest_gets_its_address_by_dhcp_talks_to_pods_and_services_and_cannot_spoof() 
         .expect("an ACK");
     assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
     let g = &d.client().guests().unwrap()[0];
-    assert_eq!(g.phase, "Ready", "{g:?}");
+    assert_eq!(g.phase, GuestPhase::Ready, "{g:?}");
     assert!(g.dhcp_bound);
 
     // Guest -> pod by pod IP, and the pod's answer back into the tap.

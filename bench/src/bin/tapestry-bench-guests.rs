@@ -234,7 +234,7 @@ async fn measure(cli: &Cli, admin: &std::path::Path, daemon: &Daemon) -> Result<
                     let mut seen = seen.lock().unwrap();
                     for s in services {
                         for b in s.backends {
-                            if b.state == "active" {
+                            if b.state == tapestry_api::types::BackendState::Active {
                                 seen.entry(b.ip).or_insert(now);
                             }
                         }

@@ -970,10 +970,13 @@ fn tap_part_inner(
         netns_path: ns.path.clone(),
         ifname: request.ifname.clone(),
         tap: vm.tap.clone(),
-        ifname_mac: tap::parse_mac(request.mac.as_deref().unwrap_or_default())?,
+        ifname_mac: request
+            .mac
+            .context("the daemon reported no MAC for the pod interface")?
+            .octets(),
         host_ifname: request.host_ifname.clone(),
         host_mac,
-        guest_mac: tap::parse_mac(&vm.guest_mac)?,
+        guest_mac: vm.guest_mac.octets(),
         guest_ip,
     };
     disable_ipv6(&ns.path)?;

@@ -6,7 +6,7 @@
 use std::io::{BufRead, Write};
 
 use anyhow::{Result, bail};
-use tapestry_api::types::ConntrackEntry;
+use tapestry_api::types::{ConntrackEntry, FlowDirection, Protocol};
 
 use crate::{
     Ctx,
@@ -14,20 +14,12 @@ use crate::{
     output::{self, Cell, Format, OutputArgs, Paint, Render, Table, WatchArgs},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    fn matches(self, name: &str) -> bool {
-        let want = match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        };
-        name.eq_ignore_ascii_case(want)
-    }
+/// `--protocol`: the protocols conntrack holds, offered as clap possible values (so help and
+/// completions list them), parsed into the API's one [`Protocol`].
+fn protocol_parser() -> impl clap::builder::TypedValueParser<Value = Protocol> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(["tcp", "udp"])
+        .map(|s| s.parse::<Protocol>().expect("a possible value"))
 }
 
 /// Which entries to show.
@@ -45,7 +37,7 @@ pub struct Filter {
     #[arg(long, value_name = "ADDR")]
     pub dst: Option<String>,
     /// Only entries of this protocol.
-    #[arg(short = 'p', long, value_enum)]
+    #[arg(short = 'p', long, value_parser = protocol_parser())]
     pub protocol: Option<Protocol>,
 }
 
@@ -60,14 +52,14 @@ fn addr_matches(addr: &str, ep: &str) -> bool {
 
 impl Filter {
     pub fn matches(&self, e: &ConntrackEntry) -> bool {
-        let forward = e.direction == "forward";
+        let forward = e.direction == FlowDirection::Forward;
         if let Some(s) = &self.service
             && e.service.as_deref() != Some(s.as_str())
         {
             return false;
         }
         if let Some(p) = self.protocol
-            && !p.matches(&e.protocol)
+            && p != e.protocol
         {
             return false;
         }
@@ -222,12 +214,12 @@ pub fn render(entries: &[ConntrackEntry], format: Format, r: &Render) -> Result<
         t = t.col("STATE");
     }
     for e in entries {
-        let dir = match (wide, e.direction.as_str()) {
-            (false, "forward") => "fwd",
-            (_, d) => d,
+        let dir = match (wide, e.direction) {
+            (false, FlowDirection::Forward) => "fwd",
+            (_, d) => d.as_str(),
         };
         let mut row: Vec<Cell> = vec![
-            e.protocol.clone().into(),
+            e.protocol.as_str().into(),
             Cell::new(dir, Paint::Dim),
             e.src.clone().into(),
             e.dst.clone().into(),
@@ -253,7 +245,10 @@ pub fn render(entries: &[ConntrackEntry], format: Format, r: &Render) -> Result<
         t.row(row);
     }
     let mut out = t.render(r);
-    let flows = entries.iter().filter(|e| e.direction == "forward").count();
+    let flows = entries
+        .iter()
+        .filter(|e| e.direction == FlowDirection::Forward)
+        .count();
     out.push_str(&format!(
         "\n{} entries, {flows} flows (forward entries)\n",
         entries.len()
@@ -267,8 +262,8 @@ mod tests {
 
     fn entry(direction: &str, src: &str, dst: &str, nat: &str) -> ConntrackEntry {
         ConntrackEntry {
-            direction: direction.into(),
-            protocol: "TCP".into(),
+            direction: direction.parse().unwrap(),
+            protocol: Protocol::Tcp,
             src: src.into(),
             dst: dst.into(),
             nat: nat.into(),

@@ -20,7 +20,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     core::Status,
 };
-use tapestry_k8s::{Guest, names};
+use tapestry_k8s::{Guest, Protocol, names};
 
 use crate::output::print_flush;
 
@@ -44,23 +44,16 @@ pub struct KubeArgs {
     pub namespace: Option<String>,
 }
 
-/// `--protocol`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-#[value(rename_all = "UPPER")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-            Protocol::Sctp => "SCTP",
-        }
-    }
+/// `--protocol`, offered as clap possible values spelled as kubectl spells them (any case is
+/// accepted), parsed into the one [`Protocol`].
+fn protocol_parser() -> impl clap::builder::TypedValueParser<Value = Protocol> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(
+        Protocol::ALL
+            .iter()
+            .map(|p| clap::builder::PossibleValue::new(p.as_str())),
+    )
+    .map(|s| s.parse::<Protocol>().expect("a possible value"))
 }
 
 /// `--type`.
@@ -141,7 +134,7 @@ pub struct GuestArgs {
     pub target_port: Option<String>,
 
     /// Protocol of the Service's ports (default: the declared port's, else TCP).
-    #[arg(long, value_enum, ignore_case = true)]
+    #[arg(long, value_parser = protocol_parser(), ignore_case = true)]
     pub protocol: Option<Protocol>,
 
     /// Name of the Service (default: the guest's name).

@@ -7,7 +7,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
-use tapestry_api::types::{FlowRecord, FlowsResponse, Identity};
+use tapestry_api::types::{EndpointKind, FlowKind, FlowRecord, FlowsResponse, Identity, Verdict};
 
 use crate::{
     Ctx,
@@ -17,19 +17,11 @@ use crate::{
 /// How often `--follow` asks for new events.
 pub const POLL: Duration = Duration::from_millis(200);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Verdict {
-    Forwarded,
-    Dropped,
-}
-
-impl Verdict {
-    fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Forwarded => "forwarded",
-            Verdict::Dropped => "dropped",
-        }
-    }
+/// `--verdict`, offered as clap possible values, parsed into the API's [`Verdict`].
+fn verdict_parser() -> impl clap::builder::TypedValueParser<Value = Verdict> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(Verdict::ALL.iter().map(|v| v.as_str()))
+        .map(|s| s.parse::<Verdict>().expect("a possible value"))
 }
 
 /// Which events to show.
@@ -45,14 +37,14 @@ pub struct Filter {
     #[arg(long, value_name = "NAME")]
     pub pod: Option<String>,
     /// Only forwarded or only dropped events.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = verdict_parser())]
     pub verdict: Option<Verdict>,
     /// Only events of the last DURATION (e.g. 30s, 5m, 1h30m).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub since: Option<Duration>,
 }
 
-fn identity_is(id: &Option<Identity>, kind: &str, name: &str) -> bool {
+fn identity_is(id: &Option<Identity>, kind: EndpointKind, name: &str) -> bool {
     id.as_ref().is_some_and(|id| {
         id.kind == kind
             && (id.name == name
@@ -63,7 +55,7 @@ fn identity_is(id: &Option<Identity>, kind: &str, name: &str) -> bool {
     })
 }
 
-fn involves(f: &FlowRecord, kind: &str, name: &str) -> bool {
+fn involves(f: &FlowRecord, kind: EndpointKind, name: &str) -> bool {
     [&f.src_identity, &f.dst_identity, &f.backend_identity]
         .into_iter()
         .any(|id| identity_is(id, kind, name))
@@ -78,17 +70,17 @@ impl Filter {
             return false;
         }
         if let Some(g) = &self.guest
-            && !involves(f, "vm", g)
+            && !involves(f, EndpointKind::Vm, g)
         {
             return false;
         }
         if let Some(p) = &self.pod
-            && !involves(f, "pod", p)
+            && !involves(f, EndpointKind::Pod, p)
         {
             return false;
         }
         if let Some(v) = self.verdict
-            && f.verdict != v.as_str()
+            && f.verdict != v
         {
             return false;
         }
@@ -329,13 +321,16 @@ pub fn render_event(
     } else {
         format!("{}  ", output::event_time(f.unix_ms, offset_secs))
     };
-    let dropped = f.verdict == "dropped";
-    let verdict = format!("{:<9}", f.verdict.to_uppercase());
+    let dropped = f.verdict == Verdict::Dropped;
+    let verdict = format!("{:<9}", f.verdict.as_str().to_uppercase());
     line.push_str(&r.paint(&verdict, if dropped { Paint::Red } else { Paint::Green }));
     if wide {
         line.push_str(&format!("  {:<10}", f.kind));
     }
-    line.push_str(&format!("  {:<3}  ", f.protocol));
+    line.push_str(&format!(
+        "  {:<3}  ",
+        f.protocol.map_or("?", |p| p.as_str())
+    ));
     line.push_str(&f.src);
     line.push_str(&identity(&f.src_identity, wide));
     line.push_str(" -> ");
@@ -353,7 +348,7 @@ pub fn render_event(
         line.push_str(b);
         line.push_str(&identity(&f.backend_identity, wide));
     }
-    if f.kind == "reselected" && !wide {
+    if f.kind == FlowKind::Reselected && !wide {
         line.push_str(", backend reselected");
     }
     if dropped {

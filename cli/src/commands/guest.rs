@@ -2,7 +2,7 @@
 //! taps), their readiness, counters, DHCP and the frames dropped from them.
 
 use anyhow::{Result, bail};
-use tapestry_api::types::GuestInfo;
+use tapestry_api::types::{GuestInfo, GuestPhase};
 
 use crate::{
     Ctx,
@@ -93,8 +93,8 @@ pub fn find<'a>(guests: &'a [GuestInfo], name: &str) -> Result<&'a GuestInfo> {
     }
 }
 
-fn phase_paint(phase: &str) -> Paint {
-    if phase == "Ready" {
+fn phase_paint(phase: GuestPhase) -> Paint {
+    if phase == GuestPhase::Ready {
         Paint::Green
     } else {
         Paint::Yellow
@@ -145,12 +145,12 @@ pub fn render_list(guests: &[GuestInfo], format: Format, r: &Render) -> Result<S
         }
         row.extend([
             Cell::new(g.name.clone(), Paint::Bold),
-            Cell::new(g.phase.clone(), phase_paint(&g.phase)),
+            Cell::new(g.phase.as_str(), phase_paint(g.phase)),
             g.ip.clone().into(),
         ]);
         if wide {
             row.extend([
-                g.mac.clone().into(),
+                g.mac.to_string().into(),
                 g.tap.clone().into(),
                 g.mtu.to_string().into(),
                 g.queues.to_string().into(),
@@ -193,11 +193,11 @@ pub fn render_one(g: &GuestInfo, format: Format, r: &Render) -> Result<String> {
     f.add("Container", g.container_id.as_str());
     f.add("Netns", g.netns.as_str());
     f.add("Tap", g.tap.as_str());
-    f.add("MAC", g.mac.as_str());
+    f.add("MAC", g.mac.to_string());
     f.add("IP", g.ip.as_str());
     f.add("MTU", g.mtu.to_string());
     f.add("Queues", g.queues.to_string());
-    f.add("Phase", Cell::new(g.phase.clone(), phase_paint(&g.phase)));
+    f.add("Phase", Cell::new(g.phase.as_str(), phase_paint(g.phase)));
     f.add("Reason", g.reason.as_str());
     f.add(
         "DHCP",

@@ -2,7 +2,7 @@
 //! its name and node, weight, state, traffic and live flows.
 
 use anyhow::{Result, bail};
-use tapestry_api::types::{BackendInfo, ServiceInfo};
+use tapestry_api::types::{BackendInfo, BackendKind, BackendState, ServiceInfo, SessionAffinity};
 
 use crate::{
     Ctx,
@@ -85,7 +85,7 @@ fn frontend(s: &ServiceInfo) -> String {
 }
 
 fn affinity(s: &ServiceInfo) -> String {
-    if s.session_affinity == "None" {
+    if s.session_affinity == SessionAffinity::None {
         "None".into()
     } else {
         format!(
@@ -100,12 +100,12 @@ fn affinity(s: &ServiceInfo) -> String {
 pub fn endpoint(b: &BackendInfo) -> String {
     match &b.name {
         Some(n) if !n.is_empty() => format!("{}/{n}", b.kind),
-        _ => b.kind.clone(),
+        _ => b.kind.to_string(),
     }
 }
 
-fn kind_paint(kind: &str) -> Paint {
-    if kind == "vm" {
+fn kind_paint(kind: BackendKind) -> Paint {
+    if kind == BackendKind::Vm {
         Paint::Cyan
     } else {
         Paint::None
@@ -165,7 +165,7 @@ pub fn render(services: &[ServiceInfo], node: &str, format: Format, r: &Render) 
         let healthy = s.active_backends > 0;
         row.extend([
             frontend(s).into(),
-            s.algorithm.clone().into(),
+            s.algorithm.as_str().into(),
             affinity(s).into(),
             Cell::new(
                 format!("{}/{}", s.active_backends, s.backends.len()),
@@ -225,17 +225,17 @@ pub fn render(services: &[ServiceInfo], node: &str, format: Format, r: &Render) 
             }
             row.push(format!("{}:{}", be.ip, be.port).into());
             if wide {
-                row.push(Cell::new(be.kind.clone(), kind_paint(&be.kind)));
+                row.push(Cell::new(be.kind.as_str(), kind_paint(be.kind)));
                 row.push(output::or_dash(be.name.as_deref()).into());
             } else {
-                row.push(Cell::new(endpoint(be), kind_paint(&be.kind)));
+                row.push(Cell::new(endpoint(be), kind_paint(be.kind)));
             }
             row.extend([
                 node.into(),
                 be.weight.to_string().into(),
                 Cell::new(
-                    be.state.clone(),
-                    if be.state == "active" {
+                    be.state.as_str(),
+                    if be.state == BackendState::Active {
                         Paint::Green
                     } else {
                         Paint::Yellow

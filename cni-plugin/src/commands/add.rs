@@ -89,7 +89,7 @@ pub fn add(att: &Attachment) -> Result<Value> {
     if let Some(guest) = &pod.guest {
         result.interfaces.push(Interface {
             name: guest.tap.name.clone(),
-            mac: guest.tap.mac.clone(),
+            mac: guest.tap.mac.map(|m| m.to_string()),
             mtu: Some(guest.mtu),
             sandbox: Some(netns_path.display().to_string()),
             socket_path: None,
@@ -179,7 +179,7 @@ fn register(att: &Attachment, prev: &CniResult, pod: &PodSide, pod_ips: &[IpConf
         None => None,
         Some(g) => Some(guest::attachment(GuestInputs {
             tap: &g.tap.name,
-            mac: pod.link.mac.as_deref().unwrap_or_default(),
+            mac: pod.link.mac.unwrap_or_default(),
             mtu: g.mtu,
             queues: att.conf.vm.queues,
             hostname: guest::hostname(&att.conf, &att.args),
@@ -200,7 +200,7 @@ fn register(att: &Attachment, prev: &CniResult, pod: &PodSide, pod_ips: &[IpConf
         host_ifname: host_ifname.clone(),
         ips: pod_ips.iter().map(|ip| ip.address.clone()).collect(),
         gateway,
-        mac: pod.link.mac.clone(),
+        mac: pod.link.mac,
         pod: att.args.pod_ref(),
         vm,
         network: att.conf.name.clone(),

@@ -21,7 +21,9 @@ use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
-use tapestry_api::types::{AttachmentKey, EndpointInfo, EndpointRequest, GuestInfo};
+use tapestry_api::types::{
+    AttachmentKey, EndpointInfo, EndpointRequest, GuestInfo, GuestPhase, MacAddr,
+};
 use tapestry_common::{DhcpFrame, DropReason, GuestStats, MAX_GUESTS};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -148,7 +150,7 @@ impl Plan {
             ));
         }
         let guest = match &request.vm {
-            Some(vm) => Some((lease_for(request)?, parse_mac(&vm.guest_mac)?)),
+            Some(vm) => Some((lease_for(request)?, guest_mac(vm.guest_mac)?)),
             None => None,
         };
         Ok(Plan { guest })
@@ -176,22 +178,15 @@ pub struct Endpoints {
     changes: watch::Sender<u64>,
 }
 
-fn parse_mac(s: &str) -> Result<[u8; 6], EndpointError> {
-    let parts: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16))
-        .collect::<Result<_, _>>()
-        .map_err(|_| EndpointError::Invalid(format!("invalid MAC address {s:?}")))?;
-    parts
-        .try_into()
-        .map_err(|_| EndpointError::Invalid(format!("invalid MAC address {s:?}")))
-}
-
-fn fmt_mac(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+/// A guest's MAC must be a station's (unicast) address: the anti-spoofing check compares every
+/// frame's source with it.
+fn guest_mac(mac: MacAddr) -> Result<[u8; 6], EndpointError> {
+    if mac.is_multicast() {
+        return Err(EndpointError::Invalid(format!(
+            "vm.guestMac {mac} is a group address; a guest needs a unicast MAC"
+        )));
+    }
+    Ok(mac.octets())
 }
 
 fn parse_cidr(s: &str, what: &str) -> Result<Ipv4Net, EndpointError> {
@@ -238,16 +233,22 @@ fn lease_for(req: &EndpointRequest) -> Result<LeaseConfig, EndpointError> {
     })
 }
 
-fn readiness(bound: bool, stats: &GuestStats) -> (&'static str, String) {
+fn readiness(bound: bool, stats: &GuestStats) -> (GuestPhase, String) {
     if bound {
-        ("Ready", "the guest bound its address by DHCP".into())
+        (
+            GuestPhase::Ready,
+            "the guest bound its address by DHCP".into(),
+        )
     } else if stats.seen_ns != 0 {
-        ("Ready", "the guest sent traffic from its address".into())
+        (
+            GuestPhase::Ready,
+            "the guest sent traffic from its address".into(),
+        )
     } else if stats.dhcp > 0 {
-        ("Attached", "DHCP in progress".into())
+        (GuestPhase::Attached, "DHCP in progress".into())
     } else {
         (
-            "Attached",
+            GuestPhase::Attached,
             "no traffic from the guest yet (is the VM running?)".into(),
         )
     }
@@ -613,7 +614,7 @@ impl Endpoints {
         let (phase, reason) = match e.guest {
             Some((slot, _, bound)) => {
                 let (p, r) = readiness(bound, &self.guest_stats(slot));
-                (Some(p.to_owned()), Some(r))
+                (Some(p), Some(r))
             }
             None => (None, None),
         };
@@ -631,7 +632,10 @@ impl Endpoints {
             .iter()
             .filter_map(|v| {
                 let (slot, _, bound) = v.guest?;
-                Some((slot, readiness(bound, &self.guest_stats(slot)).0 == "Ready"))
+                Some((
+                    slot,
+                    readiness(bound, &self.guest_stats(slot)).0 == GuestPhase::Ready,
+                ))
             })
             .collect()
     }
@@ -666,11 +670,11 @@ impl Endpoints {
                     container_id: e.request.container_id.clone(),
                     netns: e.request.netns.clone(),
                     tap: vm.tap.clone(),
-                    mac: fmt_mac(&mac),
+                    mac: mac.into(),
                     ip: vm.guest_ip.clone(),
                     mtu: vm.mtu,
                     queues: vm.queues,
-                    phase: phase.into(),
+                    phase,
                     reason,
                     dhcp_bound: bound,
                     rx_packets: s.rx_packets,

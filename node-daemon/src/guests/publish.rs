@@ -23,7 +23,7 @@ use kube::{
     api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, Preconditions},
 };
 use serde_json::json;
-use tapestry_api::types::EndpointInfo;
+use tapestry_api::types::{EndpointInfo, GuestPhase};
 use tapestry_k8s::{
     ConditionStatus, Guest, GuestCondition, GuestConditionType, GuestPodRef, GuestPort, GuestSpec,
     GuestStatus, names,
@@ -154,7 +154,7 @@ async fn sync_guests(
             complete = false;
             continue;
         };
-        let ready = e.guest_phase.as_deref() == Some("Ready");
+        let ready = e.guest_phase == Some(GuestPhase::Ready);
         let reason = e.guest_ready_reason.clone().unwrap_or_default();
         let spec = GuestSpec {
             node_name: node_name.to_owned(),
@@ -163,7 +163,7 @@ async fn sync_guests(
                 uid: pod.metadata.uid.clone(),
             }),
             ips: vec![vm.guest_ip.split('/').next().unwrap_or_default().to_owned()],
-            mac: vm.guest_mac.clone(),
+            mac: vm.guest_mac.to_string(),
             tap: vm.tap.clone(),
             ports: declared_ports(&pod),
         };
@@ -248,11 +248,11 @@ fn declared_ports(pod: &Pod) -> Vec<GuestPort> {
             Some(GuestPort {
                 name: p.name.clone()?,
                 port: p.container_port,
-                protocol: match p.protocol.as_deref() {
-                    Some("UDP") => tapestry_k8s::Protocol::Udp,
-                    Some("SCTP") => tapestry_k8s::Protocol::Sctp,
-                    _ => tapestry_k8s::Protocol::Tcp,
-                },
+                protocol: p
+                    .protocol
+                    .as_deref()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or_default(),
             })
         })
         .collect();
@@ -361,7 +361,7 @@ mod tests {
         assert_eq!(ports.len(), 2);
         assert_eq!(
             (ports[0].name.as_str(), ports[0].port, ports[0].protocol),
-            ("dns", 53, tapestry_k8s::Protocol::Udp)
+            ("dns", 53, tapestry_api::types::Protocol::Udp)
         );
         assert_eq!(ports[1].name, "http");
     }

@@ -21,10 +21,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use aya::maps::{MapError, PerCpuValues};
-use tapestry_api::state::{Algorithm, DesiredState, Protocol, ServiceSpec, SessionAffinity};
+use tapestry_api::state::{Algorithm, DesiredState, ServiceSpec, SessionAffinity};
 use tapestry_common::{
-    AffinityKey, Backend, IPPROTO_TCP, IPPROTO_UDP, LB_TABLE_SIZE, LbTable, MAX_BACKENDS,
-    MAX_SERVICES, Service, ServiceKey, TrafficStats, algorithm, backend_state, service_flags,
+    AffinityKey, Backend, LB_TABLE_SIZE, LbTable, MAX_BACKENDS, MAX_SERVICES, Service, ServiceKey,
+    TrafficStats, algorithm, backend_state, service_flags,
 };
 use tracing::{debug, info};
 
@@ -59,13 +59,6 @@ impl BackendAddr {
 
     pub fn key(&self) -> String {
         format!("{}:{}/{}", self.ip, self.port, self.proto)
-    }
-}
-
-pub fn proto_number(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => IPPROTO_TCP,
-        Protocol::Udp => IPPROTO_UDP,
     }
 }
 
@@ -303,7 +296,7 @@ impl Reconciler {
     ) -> Result<HashMap<BackendAddr, u8>> {
         let mut wanted: HashMap<BackendAddr, u8> = HashMap::new();
         for svc in &desired.services {
-            let proto = proto_number(svc.protocol);
+            let proto = svc.protocol.ip_proto();
             for b in &svc.backends {
                 let addr = BackendAddr {
                     ip: b.ip,
@@ -353,7 +346,7 @@ impl Reconciler {
     ) -> Result<HashSet<ServiceKey>> {
         let mut desired_keys = HashSet::with_capacity(desired.services.len());
         for (index, svc) in desired.services.iter().enumerate() {
-            let proto = proto_number(svc.protocol);
+            let proto = svc.protocol.ip_proto();
             let key = service_key(svc.vip, svc.port, proto);
             desired_keys.insert(key);
             let mut table_backends = Vec::with_capacity(svc.backends.len());

@@ -129,7 +129,7 @@ fn run(args: Args) -> Result<()> {
                 .client()
                 .guests()?
                 .first()
-                .map(|g| g.phase.clone())
+                .map(|g| g.phase)
                 .unwrap_or_default()
         );
         backends.push(backend);
