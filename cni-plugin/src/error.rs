@@ -96,6 +96,15 @@ impl CniError {
             CniError::Decode { .. } => code::DECODE_FAILURE,
             CniError::InvalidConfig(_) => code::INVALID_CONFIG,
             CniError::DaemonUnreachable { .. } => code::TRY_AGAIN_LATER,
+            // 409: another ADD or DEL of this endpoint is in progress, or the node is out of
+            // guest slots; 503: the daemon is not ready. Both pass: the runtime retries.
+            CniError::Daemon {
+                source:
+                    ClientError::Api {
+                        status: 409 | 503, ..
+                    },
+                ..
+            } => code::TRY_AGAIN_LATER,
             CniError::NotAvailable(_) => code::PLUGIN_NOT_AVAILABLE,
             CniError::Daemon { .. } | CniError::Network(_) => code::INTERNAL,
         }
@@ -169,6 +178,24 @@ mod tests {
             spec.msg
         );
         assert!(spec.msg.contains("tapestryd must run"), "{}", spec.msg);
+    }
+
+    #[test]
+    fn a_busy_or_unready_daemon_is_try_again_later_and_a_refusal_is_not() {
+        let daemon = |status| {
+            CniError::from_client(
+                "refused endpoint",
+                ClientError::Api {
+                    status,
+                    message: "x".into(),
+                },
+            )
+            .code()
+        };
+        assert_eq!(daemon(409), 11);
+        assert_eq!(daemon(503), 11);
+        assert_eq!(daemon(400), 999);
+        assert_eq!(daemon(500), 999);
     }
 
     #[test]

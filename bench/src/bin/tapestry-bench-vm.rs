@@ -94,6 +94,13 @@ struct RunArgs {
     /// Untimed cycles of each CNI case first (after one through the spec-exact runtime).
     #[arg(long, default_value_t = 2)]
     cni_warmup: usize,
+    /// Rounds of concurrent ADDs: each runs `--concurrency` ADDs at once (half plain pods, half
+    /// VM pods) while a scraper reads /metrics in a loop.
+    #[arg(long, default_value_t = 10)]
+    concurrent_rounds: usize,
+    /// ADDs started at once in each concurrent round.
+    #[arg(long, default_value_t = 20)]
+    concurrency: usize,
     /// Rounds of the tap path; every variant runs once per round, order rotating.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
@@ -631,6 +638,9 @@ struct CniStats {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct CniReport {
+    /// ADDs run `concurrency` at once with a /metrics scraper running.
+    #[serde(default)]
+    concurrent: Option<ConcurrentReport>,
     cycles: usize,
     warmup_cycles: usize,
     plugin_dirs: Vec<PathBuf>,
@@ -780,7 +790,20 @@ fn cni_part(ctx: &mut Ctx) -> Result<CniReport> {
             },
         );
     }
+    let concurrent = if ctx.args.concurrent_rounds > 0 {
+        let mut c = concurrent_adds(ctx, &chains)?;
+        let sequential: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.case.tapestry().is_some())
+            .filter_map(|r| r.add.step_ms("tapestry-cni"))
+            .collect();
+        c.sequential_tapestry_step = Latency::of(&sequential);
+        Some(c)
+    } else {
+        None
+    };
     Ok(CniReport {
+        concurrent,
         cycles: ctx.args.cycles,
         warmup_cycles: ctx.args.cni_warmup,
         plugin_dirs: ctx.plugin_dirs(),
@@ -788,6 +811,97 @@ fn cni_part(ctx: &mut Ctx) -> Result<CniReport> {
         stats,
         runs,
         elapsed_s: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// ADDs started together, as a runtime does when a node starts many pods at once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ConcurrentReport {
+    rounds: usize,
+    concurrency: usize,
+    /// /metrics scrapes answered while the rounds ran.
+    scrapes: usize,
+    /// The tapestry-cni step of every concurrent ADD, plain pods and VM pods together.
+    tapestry_step: Latency,
+    /// The same step of the sequential cycles, plain pods and VM pods together.
+    sequential_tapestry_step: Latency,
+}
+
+/// `--concurrent-rounds` rounds of `--concurrency` ADDs at once (alternately plain pods and VM
+/// pods), a scraper reading /metrics (a full walk of the maps) ten times a second all the while;
+/// then DEL of all. On a machine with fewer CPUs than ADDs the plugins queue for CPU: the ratio
+/// to the sequential p99 then measures the CPUs as much as the daemon.
+fn concurrent_adds(ctx: &mut Ctx, chains: &[(CniCase, Chain)]) -> Result<ConcurrentReport> {
+    let prefix = ctx.lab.prefix().to_owned();
+    let pod_chains: Vec<&Chain> = chains
+        .iter()
+        .filter(|(c, _)| c.tapestry().is_some())
+        .map(|(_, ch)| ch)
+        .collect();
+    let n = ctx.args.concurrency;
+    eprintln!(
+        "tapestry-bench-vm: CNI: {} rounds of {n} concurrent ADDs with a /metrics scraper",
+        ctx.args.concurrent_rounds
+    );
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let scrapes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let scraper = {
+        let (stop, scrapes, client) = (stop.clone(), scrapes.clone(), ctx.client());
+        std::thread::spawn(move || {
+            // Ten scrapes a second: far more than Prometheus makes, without spending a CPU of
+            // this 2-CPU machine on the scraper itself.
+            while !stop.load(Ordering::Relaxed) {
+                if client.metrics().is_ok() {
+                    scrapes.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let mut steps = Vec::new();
+    let result = (|| -> Result<()> {
+        for round in 0..ctx.args.concurrent_rounds {
+            check_stop()?;
+            let pods: Vec<(Netns, RuntimeConf, &Chain)> = (0..n)
+                .map(|i| {
+                    let ns = Netns::add(format!("{prefix}-k{round}x{i}"))?;
+                    let conf = runtime_conf(&format!("vmbench-k{round}x{i}"), &ns.path, "pod");
+                    Ok((ns, conf, pod_chains[i % pod_chains.len()]))
+                })
+                .collect::<Result<_>>()?;
+            let barrier = std::sync::Barrier::new(n);
+            let added: Vec<Result<(Value, ChainRun)>> = std::thread::scope(|sc| {
+                let handles: Vec<_> = pods
+                    .iter()
+                    .map(|(_, conf, chain)| {
+                        let barrier = &barrier;
+                        sc.spawn(move || {
+                            barrier.wait();
+                            chain.add(conf)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for ((_, conf, chain), r) in pods.iter().zip(added) {
+                let (result, run) = r.with_context(|| format!("concurrent ADD, round {round}"))?;
+                steps.extend(run.step_ms("tapestry-cni"));
+                chain
+                    .del(conf, Some(&result))
+                    .with_context(|| format!("DEL after concurrent ADD, round {round}"))?;
+            }
+        }
+        Ok(())
+    })();
+    stop.store(true, Ordering::Relaxed);
+    let _ = scraper.join();
+    result?;
+    Ok(ConcurrentReport {
+        rounds: ctx.args.concurrent_rounds,
+        concurrency: n,
+        scrapes: scrapes.load(Ordering::Relaxed),
+        tapestry_step: Latency::of(&steps),
+        sequential_tapestry_step: Latency::default(),
     })
 }
 
@@ -1258,6 +1372,20 @@ fn summary_keys(cni: Option<&CniReport>, tapr: Option<&TapReport>) -> Map<String
         "cni_add_cycles".into(),
         cni.map_or(Value::Null, |c| json!(c.cycles)),
     );
+    let concurrent = cni.and_then(|c| c.concurrent.as_ref());
+    m.insert(
+        "cni_add_p99_ms_concurrent20".into(),
+        opt(concurrent.and_then(|c| c.tapestry_step.p99_ms)),
+    );
+    m.insert(
+        "cni_add_p99_ms_sequential_mixed".into(),
+        opt(concurrent.and_then(|c| c.sequential_tapestry_step.p99_ms)),
+    );
+    m.insert(
+        "cni_add_concurrent20_ratio_sequential".into(),
+        opt(concurrent
+            .and_then(|c| Some(c.tapestry_step.p99_ms? / c.sequential_tapestry_step.p99_ms?))),
+    );
 
     let med = |v: Variant, size: usize| {
         tapr.and_then(|t| {
@@ -1394,6 +1522,19 @@ fn markdown(ctx: &Ctx, cni: Option<&CniReport>, tapr: Option<&TapReport>) -> Str
             "DEL, tapestry-cni step, VM pod",
             st("chain-vm").and_then(|x| x.del_steps.get("tapestry-cni")),
         );
+        if let Some(k) = &c.concurrent {
+            row(
+                "tapestry-cni step, plain and VM pods, one at a time",
+                Some(&k.sequential_tapestry_step),
+            );
+            row(
+                &format!(
+                    "(e) tapestry-cni step, {} ADDs at once ({} rounds, {} /metrics scrapes meanwhile)",
+                    k.concurrency, k.rounds, k.scrapes
+                ),
+                Some(&k.tapestry_step),
+            );
+        }
         let _ = writeln!(s);
     }
     if let Some(t) = tapr {
