@@ -32,7 +32,6 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tapestry_tests::cmd;
-use tapestry_tests::netns::in_netns;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 
@@ -49,7 +48,7 @@ impl TapFd {
     /// one Ethernet frame per write, no packet-information or virtio-net header.
     pub fn open(netns: &Path, name: &str) -> Result<TapFd> {
         let name = name.to_owned();
-        let fd = in_netns(netns, move || -> Result<OwnedFd> {
+        let fd = tapestry_netns::run_in(netns, move || -> Result<OwnedFd> {
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -434,7 +433,7 @@ const BRIDGE_NF: [&str; 3] = [
 
 /// `net.bridge.bridge-nf-call-*` of the pod namespace (absent without br_netfilter).
 pub fn bridge_nf(topo: &PodTopology) -> Result<Vec<(String, Option<String>)>> {
-    in_netns(&topo.netns_path, || {
+    let values = tapestry_netns::run_in(&topo.netns_path, || {
         BRIDGE_NF
             .iter()
             .map(|k| {
@@ -444,11 +443,12 @@ pub fn bridge_nf(topo: &PodTopology) -> Result<Vec<(String, Option<String>)>> {
                 (k.to_string(), v)
             })
             .collect()
-    })
+    })?;
+    Ok(values)
 }
 
 fn set_bridge_nf(topo: &PodTopology, values: &[(String, Option<String>)]) -> Result<()> {
-    in_netns(&topo.netns_path, || -> Result<()> {
+    tapestry_netns::run_in(&topo.netns_path, || -> Result<()> {
         for (k, v) in values {
             let p = format!("/proc/sys/net/bridge/{k}");
             if let Some(v) = v

@@ -12,8 +12,6 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::netns::in_netns;
-
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -30,7 +28,7 @@ impl TapGuest {
     /// created without multiqueue or vnet header, as `ip tuntap add mode tap` does).
     pub fn open(netns: &Path, name: &str) -> Result<TapGuest> {
         let name = name.to_owned();
-        let file = in_netns(netns, move || -> Result<File> {
+        let file = tapestry_netns::run_in(netns, move || -> Result<File> {
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
