@@ -4,12 +4,8 @@ use std::{
     io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use kube::{
-    Client, Config,
-    config::{KubeConfigOptions, Kubeconfig},
-};
 use tapestry_controller::{
     Error,
     controller::{self, Settings},
@@ -97,20 +93,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
-async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
-        }
-        None => Config::infer()
-            .await
-            .context("no Kubernetes configuration found")?,
-    };
-    Ok(Client::try_from(config)?)
-}
-
 async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler");
@@ -122,7 +104,7 @@ async fn shutdown_signal() {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let client = client(cli.kubeconfig.as_ref()).await?;
+    let client = tapestry_k8s::client(cli.kubeconfig.as_deref()).await?;
     controller::check_crd(&client).await?;
 
     let metrics = Arc::new(Metrics::default());

@@ -1,9 +1,13 @@
 //! Tapestry's Kubernetes API: the [`Guest`] custom resource (`tapestry.dev/v1alpha1`), its
-//! generated CRD ([`crd`]), and the [`names`] that the controller, the node daemon and the
-//! manifests share.
+//! generated CRD ([`crd`]), the [`names`] that the controller, the node daemon and the
+//! manifests share, and what every program that talks to the API needs: a [`client()`] from a
+//! kubeconfig.
 
+pub mod client;
 pub mod guest;
 pub mod names;
+
+pub use client::{ClientError, client};
 
 pub use guest::{
     ConditionStatus, Guest, GuestCondition, GuestConditionType, GuestPodRef, GuestPort, GuestSpec,
