@@ -71,6 +71,7 @@ pub mod lab;
 pub mod net;
 pub mod netns;
 pub mod node;
+pub mod poll;
 pub mod prereq;
 pub mod tapfd;
 
@@ -80,4 +81,5 @@ pub use lab::{
 };
 pub use net::{Proto, ServerHandle, stream_request, tcp_connect, tcp_request, udp_request};
 pub use netns::{kill_netns_processes, pids_in_netns};
+pub use poll::poll;
 pub use prereq::{lab_available, require_root_and_bpffs};

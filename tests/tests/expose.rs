@@ -11,7 +11,7 @@ use std::{
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, ensure};
@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tapestry_tests::{
     daemon,
     k8s::{self, ADMIN, ControlPlane},
+    poll,
 };
 
 const MANAGED_BY: &str = "tapestry-controller.tapestry.dev";
@@ -28,22 +29,6 @@ const MANAGED_BY: &str = "tapestry-controller.tapestry.dev";
 
 fn json(text: &str) -> Result<Value> {
     serde_json::from_str(text).with_context(|| format!("parsing JSON: {text}"))
-}
-
-/// Polls `f` until it returns `Some`; panics on timeout (the control plane then keeps its logs).
-fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => String::new(),
-            Err(e) => format!(" (last error: {e:#})"),
-        };
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}{last}");
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// A control plane with the Guest CRD, as `tapestry-controller crd` prints it.
@@ -229,14 +214,14 @@ fn guest_endpoints(
 }
 
 /// Waits until tapestry's slices of the Service hold exactly `want` (address, ready); returns
-/// the slice of the first.
+/// the slice of the first. A timeout panics: the control plane keeps its logs only then.
 fn wait_guest_endpoints(
     cp: &ControlPlane,
     namespace: &str,
     service: &str,
     want: &[(&str, bool)],
 ) -> Result<Option<Value>> {
-    poll(
+    let slice = poll(
         Duration::from_secs(30),
         &format!("endpoints {want:?} for {namespace}/{service}"),
         || {
@@ -245,6 +230,8 @@ fn wait_guest_endpoints(
             Ok((pairs == want).then(|| have.first().map(|(_, _, s)| s.clone())))
         },
     )
+    .unwrap();
+    Ok(slice)
 }
 
 fn service(cp: &ControlPlane, namespace: &str, name: &str) -> Result<Value> {
