@@ -399,7 +399,7 @@ impl Anchors {
     fn command(&self, program: &str) -> Result<Command> {
         let mut cmd = Command::new(program);
         if let Some(ns) = &self.netns {
-            tapestry_tests::command_in_netns(&mut cmd, ns)?;
+            tapestry_netns::command_in(&mut cmd, ns)?;
         }
         Ok(cmd)
     }

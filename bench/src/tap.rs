@@ -20,7 +20,6 @@
 //! - **mirred**: Kata's tcfilter: clsact on the tap and on `eth0`, each with
 //!   `u32 match u32 0 0 action mirred egress redirect` to the other.
 
-use std::fs::OpenOptions;
 use std::io::{self, Write as _};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -32,9 +31,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tapestry_tests::cmd;
-use tapestry_tests::netns::in_netns;
-
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+use tapestry_tests::tapfd::open_tap;
 
 /// Name of KubeVirt's bridge for `eth0`.
 pub const BRIDGE: &str = "k6t-eth0";
@@ -45,32 +42,10 @@ pub const NFT_TABLE: &str = "tapestry_vmbench";
 pub struct TapFd(OwnedFd);
 
 impl TapFd {
-    /// Attaches to the existing tap `name` in the namespace at `netns`. `IFF_TAP | IFF_NO_PI`:
-    /// one Ethernet frame per write, no packet-information or virtio-net header.
+    /// Attaches to the existing tap `name` in the namespace at `netns` ([`open_tap`]: one
+    /// Ethernet frame per write, blocking).
     pub fn open(netns: &Path, name: &str) -> Result<TapFd> {
-        let name = name.to_owned();
-        let fd = in_netns(netns, move || -> Result<OwnedFd> {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/net/tun")
-                .context("opening /dev/net/tun")?;
-            // SAFETY: ifreq is plain data; all-zero is valid.
-            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-            if name.len() >= req.ifr_name.len() {
-                bail!("tap name {name:?} is too long");
-            }
-            for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
-                *d = *s as libc::c_char;
-            }
-            req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-            // SAFETY: TUNSETIFF reads the ifreq we own.
-            if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } != 0 {
-                return Err(io::Error::last_os_error()).context(format!("TUNSETIFF {name}"));
-            }
-            Ok(OwnedFd::from(file))
-        })??;
-        Ok(TapFd(fd))
+        Ok(TapFd(OwnedFd::from(open_tap(netns, name)?)))
     }
 
     pub fn raw(&self) -> RawFd {
@@ -434,7 +409,7 @@ const BRIDGE_NF: [&str; 3] = [
 
 /// `net.bridge.bridge-nf-call-*` of the pod namespace (absent without br_netfilter).
 pub fn bridge_nf(topo: &PodTopology) -> Result<Vec<(String, Option<String>)>> {
-    in_netns(&topo.netns_path, || {
+    let values = tapestry_netns::run_in(&topo.netns_path, || {
         BRIDGE_NF
             .iter()
             .map(|k| {
@@ -444,11 +419,12 @@ pub fn bridge_nf(topo: &PodTopology) -> Result<Vec<(String, Option<String>)>> {
                 (k.to_string(), v)
             })
             .collect()
-    })
+    })?;
+    Ok(values)
 }
 
 fn set_bridge_nf(topo: &PodTopology, values: &[(String, Option<String>)]) -> Result<()> {
-    in_netns(&topo.netns_path, || -> Result<()> {
+    tapestry_netns::run_in(&topo.netns_path, || -> Result<()> {
         for (k, v) in values {
             let p = format!("/proc/sys/net/bridge/{k}");
             if let Some(v) = v

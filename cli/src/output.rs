@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::Result;
+use jiff::{Timestamp, tz::Offset};
 use serde::Serialize;
 
 /// `-o`: how a listing is printed.
@@ -529,47 +530,33 @@ pub fn local_offset_secs(unix_secs: i64) -> i64 {
     tm.tm_gmtoff
 }
 
-const MONTHS: [&str; 12] = [
-    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-];
-
-/// (year, month 1..=12, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+/// The fixed offset `offset_secs` from UTC (UTC if it is out of range).
+fn offset(offset_secs: i64) -> Offset {
+    i32::try_from(offset_secs)
+        .ok()
+        .and_then(|s| Offset::from_seconds(s).ok())
+        .unwrap_or(Offset::UTC)
 }
 
 /// `Nov 25 19:30:00.123`, as `hubble observe` prints times, at `offset_secs` from UTC.
 pub fn event_time(unix_ms: u64, offset_secs: i64) -> String {
-    let ms = unix_ms as i64 + offset_secs * 1000;
-    let (secs, milli) = (ms.div_euclid(1000), ms.rem_euclid(1000));
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (_, month, day) = civil_from_days(days);
-    format!(
-        "{} {day:02} {:02}:{:02}:{:02}.{milli:03}",
-        MONTHS[month as usize - 1],
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let t = i64::try_from(unix_ms)
+        .ok()
+        .and_then(|ms| Timestamp::from_millisecond(ms).ok())
+        .unwrap_or(Timestamp::MAX);
+    offset(offset_secs)
+        .to_datetime(t)
+        .strftime("%b %d %H:%M:%S%.3f")
+        .to_string()
 }
 
 /// `19:30:05`, local time now (the `--watch` header).
 fn clock_now() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = now.as_secs() as i64 + local_offset_secs(now.as_secs() as i64);
-    let rem = secs.rem_euclid(86_400);
-    format!("{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    let now = Timestamp::now();
+    offset(local_offset_secs(now.as_second()))
+        .to_datetime(now)
+        .strftime("%H:%M:%S")
+        .to_string()
 }
 
 /// Seconds between two `--watch` renderings.

@@ -7,18 +7,16 @@
 //! namespace.
 
 use std::{
-    fs::File,
-    io,
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
+    panic::{AssertUnwindSafe, catch_unwind},
+    path::Path,
 };
 
-use nix::sched::{CloneFlags, setns};
 use rtnetlink::Handle;
 
 use crate::error::{CniError, Result};
 
-/// Runs `work` on a new thread inside the network namespace at `path`.
+/// Runs `work` on a new thread inside the network namespace at `path`
+/// ([`tapestry_netns::run_in`]).
 ///
 /// A namespace that does not exist is `CniError::UnknownContainer` (DEL treats it as done);
 /// a path that is not a network namespace is an invalid CNI_NETNS.
@@ -27,69 +25,37 @@ where
     T: Send,
     F: FnOnce() -> Result<T> + Send,
 {
-    std::thread::scope(|scope| {
-        std::thread::Builder::new()
-            .name("pod-netns".into())
-            .spawn_scoped(scope, move || {
-                enter(path)?;
-                work()
-            })
-            .map_err(|e| CniError::network(format!("cannot start the pod-netns thread: {e}")))?
-            .join()
-            .unwrap_or_else(|_| {
-                Err(CniError::network(
-                    "the thread working in the pod's netns panicked",
-                ))
-            })
-    })
-}
-
-/// Moves the calling thread into the namespace at `path`. Only for threads that end afterwards.
-fn enter(path: &Path) -> Result<()> {
-    let file = open(path)?;
-    setns(&file, CloneFlags::CLONE_NEWNET).map_err(|errno| CniError::InvalidEnv {
-        var: "CNI_NETNS",
-        msg: format!(
-            "cannot enter {}: {errno} (is it a network namespace?)",
-            path.display()
-        ),
-    })
-}
-
-fn open(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => gone(path),
-        _ => CniError::InvalidEnv {
-            var: "CNI_NETNS",
-            msg: format!("cannot open {}: {e}", path.display()),
-        },
-    })
-}
-
-fn gone(path: &Path) -> CniError {
-    CniError::UnknownContainer(format!(
-        "the container's network namespace {} does not exist (the container is gone?)",
-        path.display()
-    ))
+    // A panic becomes an error the runtime can read, not a plugin that dies without a result.
+    match tapestry_netns::run_in(path, || catch_unwind(AssertUnwindSafe(work))) {
+        Ok(Ok(result)) => result,
+        Ok(Err(_panic)) => Err(CniError::network(
+            "the thread working in the pod's netns panicked",
+        )),
+        Err(e) => Err(from_netns(path, e)),
+    }
 }
 
 /// Whether the namespace at `path` is the one this process runs in: a runtime passing its own
 /// namespace as CNI_NETNS would otherwise have the plugin rewire the host.
 pub fn is_own(path: &Path) -> Result<bool> {
-    let theirs = std::fs::metadata(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => gone(path),
-        _ => CniError::InvalidEnv {
-            var: "CNI_NETNS",
-            msg: format!("cannot stat {}: {e}", path.display()),
-        },
-    })?;
-    let ours = std::fs::metadata(own_netns_path())
-        .map_err(|e| CniError::network(format!("cannot stat this thread's netns: {e}")))?;
-    Ok(theirs.dev() == ours.dev() && theirs.ino() == ours.ino())
+    tapestry_netns::is_own(path).map_err(|e| from_netns(path, e))
 }
 
-fn own_netns_path() -> PathBuf {
-    PathBuf::from("/proc/thread-self/ns/net")
+/// The spec's code for a namespace that could not be entered.
+fn from_netns(path: &Path, e: tapestry_netns::Error) -> CniError {
+    match e {
+        tapestry_netns::Error::NotFound(_) => CniError::UnknownContainer(format!(
+            "the container's network namespace {} does not exist (the container is gone?)",
+            path.display()
+        )),
+        tapestry_netns::Error::Spawn { .. } => CniError::network(e.to_string()),
+        tapestry_netns::Error::NotANamespace(_) | tapestry_netns::Error::Io { .. } => {
+            CniError::InvalidEnv {
+                var: "CNI_NETNS",
+                msg: e.to_string(),
+            }
+        }
+    }
 }
 
 /// Runs `work` with a netlink session in the calling thread's namespace, on a current-thread

@@ -16,10 +16,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{
-        DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams, Preconditions, WatchEvent,
-        WatchParams,
-    },
+    api::{ListParams, PartialObjectMeta, Patch, PatchParams, WatchEvent, WatchParams},
     runtime::{
         Controller, WatchStreamExt,
         controller::{self, Action},
@@ -28,7 +25,7 @@ use kube::{
     },
 };
 use tapestry_k8s::{
-    Guest,
+    Guest, delete_unless_replaced,
     names::{self, labels},
 };
 use tokio::sync::{mpsc, watch};
@@ -365,22 +362,14 @@ impl Context {
         ) else {
             return Ok(());
         };
-        let dp = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: slice.metadata.uid.clone(),
-                resource_version: None,
-            }),
-            ..Default::default()
-        };
-        match self.slices_api(ns).delete(name, &dp).await {
-            Ok(_) => {
-                self.metrics.wrote("delete");
-                info!(slice = name, namespace = ns, "deleted EndpointSlice");
-                Ok(())
-            }
-            Err(e) if is_status(&e, 404) || is_status(&e, 409) => Ok(()),
-            Err(e) => Err(e.into()),
+        let deleted =
+            delete_unless_replaced(&self.slices_api(ns), name, slice.metadata.uid.as_deref())
+                .await?;
+        if deleted {
+            self.metrics.wrote("delete");
+            info!(slice = name, namespace = ns, "deleted EndpointSlice");
         }
+        Ok(())
     }
 }
 

@@ -4,19 +4,15 @@ use std::{
     io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use kube::{
-    Client, Config,
-    config::{KubeConfigOptions, Kubeconfig},
-};
 use tapestry_controller::{
     Error,
     controller::{self, Settings},
     leader::{self, LeaderElector, Timing},
     metrics::{self, Metrics},
 };
-use tapestry_k8s::names;
+use tapestry_k8s::{duration, names};
 use tracing::{error, info, warn};
 
 /// EndpointSlices for the KVM guests (Guest objects) that Services select, beside the built-in
@@ -52,19 +48,19 @@ struct Cli {
     identity: Option<String>,
 
     /// How long a Lease record must stay unchanged before another replica takes it over.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = duration::parse)]
     lease_duration: Duration,
 
     /// How long the leader tries to renew before it steps down.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = duration::parse)]
     renew_deadline: Duration,
 
     /// Between two attempts to acquire or renew the Lease.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = duration::parse)]
     retry_period: Duration,
 
     /// Every Service is reconciled (and orphaned slices swept) at least this often.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = duration::parse)]
     resync: Duration,
 
     /// Services reconciled at once.
@@ -78,39 +74,6 @@ enum Command {
     Crd,
 }
 
-/// "500ms", "15s", "5m", "1h".
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number and a unit (500ms, 15s, 5m, 1h)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: the unit must be ms, s, m or h")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
-}
-
-async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
-        }
-        None => Config::infer()
-            .await
-            .context("no Kubernetes configuration found")?,
-    };
-    Ok(Client::try_from(config)?)
-}
-
 async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler");
@@ -122,7 +85,7 @@ async fn shutdown_signal() {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let client = client(cli.kubeconfig.as_ref()).await?;
+    let client = tapestry_k8s::client(cli.kubeconfig.as_deref()).await?;
     controller::check_crd(&client).await?;
 
     let metrics = Arc::new(Metrics::default());
@@ -226,14 +189,14 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert!(parse_duration("15").is_err());
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("3d").is_err());
+        assert_eq!(duration::parse("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(duration::parse("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(duration::parse("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(duration::parse("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(duration::parse("1h"), Ok(Duration::from_secs(3600)));
+        assert!(duration::parse("15").is_err());
+        assert!(duration::parse("s").is_err());
+        assert!(duration::parse("3d").is_err());
     }
 
     #[test]

@@ -18,7 +18,6 @@
 use std::{path::Path, sync::Arc};
 
 use anyhow::{Context, Result};
-use kube::Client;
 use tapestry_api::{state::DesiredState, types::Mode};
 use tapestry_common::{Config as DatapathConfig, config_flags};
 use tokio::{signal::unix::SignalKind, sync::watch, task::JoinSet};
@@ -82,23 +81,6 @@ impl StateSourceKind {
     }
 }
 
-/// A client from `kubeconfig`, or from the environment (in-cluster, then `$KUBECONFIG`).
-pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer().await.context(
-            "no Kubernetes configuration (not in a cluster, no $KUBECONFIG, no --kubeconfig)",
-        )?,
-    };
-    Client::try_from(config).context("creating the Kubernetes client")
-}
-
 /// Removes every pin (the datapath detaches from every interface, the maps go).
 pub fn uninstall(bpffs_dir: &Path) -> Result<()> {
     Datapath::unpin_all(bpffs_dir)?;
@@ -144,7 +126,7 @@ pub async fn run(config: Config) -> Result<()> {
             kubeconfig,
             kube_proxy_replacement,
         } => {
-            let client = kube_client(kubeconfig.as_deref()).await?;
+            let client = tapestry_k8s::client(kubeconfig.as_deref()).await?;
             let source = if *kube_proxy_replacement {
                 StateSourceKind::Kubernetes(KubernetesSource::new(client.clone(), node_name))
             } else {

@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
+use jiff::Timestamp;
 use tapestry_api::types::{FlowKind, FlowRecord, Protocol, Verdict};
 use tapestry_common::{DropReason, FlowEvent, event_kind};
 
@@ -64,29 +65,13 @@ pub fn decode(e: &FlowEvent, seq: u64, now: SystemTime) -> FlowRecord {
     }
 }
 
-/// RFC 3339 in UTC with milliseconds, without a date library.
+/// RFC 3339 in UTC with milliseconds: `2025-11-25T19:30:00.123Z`.
 fn humantime_rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = if month <= 2 { y + 1 } else { y };
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    let ms = t
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let t = Timestamp::from_millisecond(ms).unwrap_or(Timestamp::MAX);
+    format!("{t:.3}")
 }
 
 /// The last `FLOW_LOG_CAPACITY` events, with a sequence number so readers can follow.

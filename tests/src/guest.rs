@@ -44,7 +44,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::Pod;
-use crate::netns::command_in_netns;
 
 /// Parent of the guests' work directories (short: unix socket paths are limited to 108 bytes).
 pub const RUN_DIR: &str = "/run/tapestry-guest";
@@ -656,7 +655,7 @@ impl Guest {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        command_in_netns(&mut cmd, &self.netns_path)?;
+        tapestry_netns::command_in(&mut cmd, &self.netns_path)?;
         self.attempts += 1;
         let started = Instant::now();
         let mut child = cmd

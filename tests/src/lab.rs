@@ -32,7 +32,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::cmd::{ip, ip_batch, run, sysctl_path, sysctl_path_parts};
 use crate::net::{self, ServerHandle, ServerRegistry};
-use crate::netns::{command_in_netns, in_netns, kill_netns_processes};
+use crate::netns::kill_netns_processes;
 
 /// Directory of the cross-process lab registry.
 pub const REGISTRY_DIR: &str = "/run/tapestry-lab";
@@ -360,16 +360,16 @@ impl Pod {
         SocketAddrV4::new(self.ip, port)
     }
 
-    /// Runs `f` on a thread inside this pod's namespace (see [`in_netns`]).
+    /// Runs `f` on a thread inside this pod's namespace (see [`tapestry_netns::run_in`]).
     pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        in_netns(&self.netns_path, f)
+        Ok(tapestry_netns::run_in(&self.netns_path, f)?)
     }
 
     /// A `Command` for `program` that will run inside this pod.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);
         // The path comes from a String, so it has no NUL byte.
-        let _ = command_in_netns(&mut cmd, &self.netns_path);
+        let _ = tapestry_netns::command_in(&mut cmd, &self.netns_path);
         cmd
     }
 
@@ -377,17 +377,17 @@ impl Pod {
     /// visible). `cmd` keeps a hook that enters this pod. Processes still running in the pod at
     /// teardown are killed.
     pub fn spawn(&self, cmd: &mut Command) -> io::Result<Child> {
-        command_in_netns(cmd, &self.netns_path)?.spawn()
+        tapestry_netns::command_in(cmd, &self.netns_path)?.spawn()
     }
 
     /// Runs `cmd` inside this pod to completion and returns its output.
     pub fn run(&self, cmd: &mut Command) -> io::Result<Output> {
-        command_in_netns(cmd, &self.netns_path)?.output()
+        tapestry_netns::command_in(cmd, &self.netns_path)?.output()
     }
 
     /// Runs `cmd` inside this pod; non-zero exit is an error with stderr. Returns stdout.
     pub fn run_ok(&self, cmd: &mut Command) -> Result<String> {
-        run(command_in_netns(cmd, &self.netns_path)?)
+        run(tapestry_netns::command_in(cmd, &self.netns_path)?)
     }
 
     /// `ip -n <netns> ARGS...`.

@@ -24,7 +24,7 @@
 //! # Running things in a pod
 //!
 //! `ip netns exec` remounts `/sys` and hides `/sys/fs/bpf`, so nothing here uses it:
-//! - [`in_netns`] / [`Pod::in_netns`] run a closure on a fresh thread that called
+//! - [`tapestry_netns::run_in`] / [`Pod::in_netns`] run a closure on a fresh thread that called
 //!   `setns(CLONE_NEWNET)`; sockets created there stay in the pod and can be used from any
 //!   thread afterwards.
 //! - [`Pod::spawn`], [`Pod::run`], [`Pod::run_ok`], [`Pod::command`] run a process in the pod
@@ -71,6 +71,7 @@ pub mod lab;
 pub mod net;
 pub mod netns;
 pub mod node;
+pub mod poll;
 pub mod prereq;
 pub mod tapfd;
 
@@ -79,5 +80,6 @@ pub use lab::{
     registered_labs,
 };
 pub use net::{Proto, ServerHandle, stream_request, tcp_connect, tcp_request, udp_request};
-pub use netns::{command_in_netns, in_netns, kill_netns_processes, pids_in_netns};
+pub use netns::{kill_netns_processes, pids_in_netns};
+pub use poll::poll;
 pub use prereq::{lab_available, require_root_and_bpffs};

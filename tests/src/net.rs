@@ -25,8 +25,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::netns::in_netns;
-
 /// How often server threads look at their stop flag.
 const TICK: Duration = Duration::from_millis(50);
 /// A connection that sends nothing for this long is closed by the server.
@@ -186,7 +184,7 @@ pub(crate) fn serve_tcp_name(
     port: u16,
     registry: &ServerRegistry,
 ) -> Result<ServerHandle> {
-    let listener = in_netns(netns_path, || {
+    let listener = tapestry_netns::run_in(netns_path, || {
         TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
     })?
     .with_context(|| format!("binding TCP port {port} in {}", netns_path.display()))?;
@@ -305,7 +303,7 @@ pub(crate) fn serve_udp_name(
     port: u16,
     registry: &ServerRegistry,
 ) -> Result<ServerHandle> {
-    let sock = in_netns(netns_path, || {
+    let sock = tapestry_netns::run_in(netns_path, || {
         UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
     })?
     .with_context(|| format!("binding UDP port {port} in {}", netns_path.display()))?;

@@ -1197,7 +1197,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     /// Runs `f` in the network namespace of pod `ns/name` (on a fresh thread).
     pub fn in_pod<T: Send>(&self, ns: &str, name: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
         let path = self.pod_netns(ns, name)?;
-        crate::netns::in_netns(path, f)
+        Ok(tapestry_netns::run_in(path, f)?)
     }
 
     /// A TCP request in the lab's name protocol from pod `ns/name` to `addr`: the reply line

@@ -10,13 +10,38 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
-
-use crate::netns::in_netns;
+use anyhow::{Context, Result, bail};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
+
+/// Opens the existing tap `name` in the namespace at `netns` as a VM process holds it (QEMU
+/// without vhost): `/dev/net/tun` with `TUNSETIFF`, `IFF_TAP | IFF_NO_PI`, so one read or write
+/// is one Ethernet frame, without packet-information or virtio-net header. The tap must have
+/// been created single-queue without vnet header, as `ip tuntap add mode tap` does. The file is
+/// blocking.
+pub fn open_tap(netns: &Path, name: &str) -> Result<File> {
+    tapestry_netns::run_in(netns, || -> Result<File> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .context("opening /dev/net/tun")?;
+        // SAFETY: ifreq is plain data; all-zero is valid.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        if name.len() >= req.ifr_name.len() {
+            bail!("tap name {name:?} is too long");
+        }
+        for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: TUNSETIFF reads the ifreq we own.
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } != 0 {
+            return Err(io::Error::last_os_error()).context(format!("TUNSETIFF {name}"));
+        }
+        Ok(file)
+    })?
+}
 
 pub struct TapGuest {
     file: File,
@@ -29,30 +54,12 @@ impl TapGuest {
     /// Attaches to the existing tap `name` in the namespace at `netns` (the tap must have been
     /// created without multiqueue or vnet header, as `ip tuntap add mode tap` does).
     pub fn open(netns: &Path, name: &str) -> Result<TapGuest> {
-        let name = name.to_owned();
-        let file = in_netns(netns, move || -> Result<File> {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/net/tun")
-                .context("opening /dev/net/tun")?;
-            // SAFETY: ifreq is plain data.
-            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-            for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
-                *d = *s as libc::c_char;
-            }
-            req.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI;
-            // SAFETY: TUNSETIFF reads the ifreq we own.
-            if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } != 0 {
-                return Err(io::Error::last_os_error()).context("TUNSETIFF");
-            }
-            // SAFETY: setting O_NONBLOCK on our fd.
-            unsafe {
-                let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
-            }
-            Ok(file)
-        })??;
+        let file = open_tap(netns, name)?;
+        // SAFETY: setting O_NONBLOCK on our fd.
+        unsafe {
+            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
         Ok(TapGuest {
             file,
             identity: None,

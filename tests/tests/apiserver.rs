@@ -2,31 +2,14 @@
 //! kube-controller-manager) built by `scripts/build-k8s.sh`. Skipped (or failed under `CI=...`)
 //! when the binaries are missing. Needs no root.
 
-use std::{
-    net::Ipv4Addr,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{net::Ipv4Addr, thread, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::Value;
-use tapestry_tests::k8s::{self, ControlPlane, Identity, NODE, NODE_NAME};
-
-/// Polls `f` every 250 ms until it returns `Some`, for at most `timeout`.
-fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => String::new(),
-            Err(e) => format!(" (last error: {e:#})"),
-        };
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}{last}");
-        }
-        thread::sleep(Duration::from_millis(250));
-    }
-}
+use tapestry_tests::{
+    k8s::{self, ControlPlane, Identity, NODE, NODE_NAME},
+    poll,
+};
 
 fn json(text: &str) -> Result<Value> {
     serde_json::from_str(text).with_context(|| format!("parsing JSON: {text}"))

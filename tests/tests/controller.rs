@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use tapestry_tests::{
     daemon,
     k8s::{ControlPlane, Identity},
+    poll,
 };
 
 const MANAGED_BY: &str = "tapestry-controller.tapestry.dev";
@@ -72,23 +73,9 @@ subjects:
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-/// Polls `f` until it returns `Some`. Panics on timeout, so that the control plane and the
-/// controllers, dropped while unwinding, keep and print their logs.
-fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => String::new(),
-            Err(e) => format!(" (last error: {e:#})"),
-        };
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}{last}");
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-}
+//
+// Every `poll` here is unwrapped: a timeout panics, so that the control plane and the
+// controllers, dropped while unwinding, keep and print their logs.
 
 fn json(text: &str) -> Result<Value> {
     serde_json::from_str(text).with_context(|| format!("parsing JSON: {text}"))
@@ -179,7 +166,7 @@ impl Controller {
             c.check_running()?;
             Ok(c.get("/healthz").ok())
         })
-        .with_context(|| c.log())?;
+        .unwrap();
         Ok(c)
     }
 
@@ -580,7 +567,8 @@ spec:
     cp.kubectl_ok(["annotate", "svc", "web", "touched=1"])?;
     poll(Duration::from_secs(20), "a reconcile", || {
         Ok((ctl.reconciliations()? > before).then_some(()))
-    })?;
+    })
+    .unwrap();
     assert_eq!(ctl.writes()?, writes, "a reconcile without changes wrote");
 
     // Readiness follows the Guest's Ready condition.
@@ -624,7 +612,8 @@ spec:
     cp.kubectl_ok(["delete", "guest", "vm-2"])?;
     poll(Duration::from_secs(30), "no slices for web", || {
         Ok(our_slices(&cp, "web")?.is_empty().then_some(()))
-    })?;
+    })
+    .unwrap();
 
     // A Service deleted: its slices go (no garbage collector runs here: the controller does it).
     cp.kubectl_ok(["label", "guest", "vm-1", "app=web", "--overwrite"])?;
@@ -634,7 +623,8 @@ spec:
         Duration::from_secs(30),
         "web's slices to go with it",
         || Ok(our_slices(&cp, "web")?.is_empty().then_some(())),
-    )?;
+    )
+    .unwrap();
 
     // A selector-less Service gets nothing.
     cp.apply(
@@ -678,7 +668,8 @@ fn more_than_100_guests() -> Result<()> {
     let (names, _) = poll(Duration::from_secs(60), "230 endpoints in 3 slices", || {
         let (names, sizes) = sizes(&cp)?;
         Ok((sizes == [30, 100, 100]).then_some((names, sizes)))
-    })?;
+    })
+    .unwrap();
     assert_eq!(endpoints(&cp, "big")?.len(), 230);
 
     // 40 fewer: two slices, both names kept from before.
@@ -689,7 +680,8 @@ fn more_than_100_guests() -> Result<()> {
     let (after, _) = poll(Duration::from_secs(60), "190 endpoints in 2 slices", || {
         let (names, sizes) = sizes(&cp)?;
         Ok((sizes == [90, 100]).then_some((names, sizes)))
-    })?;
+    })
+    .unwrap();
     assert!(
         after.iter().all(|n| names.contains(n)),
         "{after:?} not among {names:?}"
@@ -779,7 +771,8 @@ fn two_replicas_one_writer() -> Result<()> {
     let leader = poll(Duration::from_secs(30), "a leader", || {
         let h = holder()?;
         Ok((h == "replica-a" || h == "replica-b").then_some(h))
-    })?;
+    })
+    .unwrap();
     let (mut leading, mut standing) = if leader == "replica-a" {
         (a, b)
     } else {
@@ -788,7 +781,8 @@ fn two_replicas_one_writer() -> Result<()> {
     wait_endpoints(&cp, "web", &[("10.22.0.5", false)])?;
     poll(Duration::from_secs(10), "the leader's gauge", || {
         Ok(leading.is_leader()?.then_some(()))
-    })?;
+    })
+    .unwrap();
 
     // Only the leader reconciles and writes.
     cp.apply(&guest("vm-2", &["10.22.0.6"], json!({"app": "web"}), json!([])).to_string())?;
@@ -803,7 +797,8 @@ fn two_replicas_one_writer() -> Result<()> {
     leading.signal(libc::SIGTERM)?;
     poll(Duration::from_secs(10), "the standby to take over", || {
         Ok((holder()? == standing.identity).then_some(()))
-    })?;
+    })
+    .unwrap();
     let took = released.elapsed();
     assert!(
         took < Duration::from_secs(3),
@@ -835,7 +830,8 @@ fn two_replicas_one_writer() -> Result<()> {
         Duration::from_secs(20),
         "the restarted replica to take over",
         || Ok((holder()? == standing.identity).then_some(())),
-    )?;
+    )
+    .unwrap();
     let took = killed.elapsed();
     assert!(
         took >= Duration::from_secs(2),
@@ -845,7 +841,8 @@ fn two_replicas_one_writer() -> Result<()> {
     wait_endpoints(&cp, "web", &[("10.22.0.6", false), ("10.22.0.7", false)])?;
     poll(Duration::from_secs(10), "the new leader's gauge", || {
         Ok(standing.is_leader()?.then_some(()))
-    })?;
+    })
+    .unwrap();
     Ok(())
 }
 
@@ -927,7 +924,7 @@ spec:
                 .any(|e| e["addresses"][0] == "10.22.0.5")
                 .then_some(()))
         },
-    )?;
+    ).unwrap();
     wait_endpoints(&cp, "web", &[("10.22.0.6", true)])?;
     let ours = our_slices(&cp, "web")?;
     let slice = ours.values().next().context("our slice")?;
@@ -938,6 +935,7 @@ spec:
     cp.kubectl_ok(["delete", "svc", "web"])?;
     poll(Duration::from_secs(60), "web's slices to go", || {
         Ok(our_slices(&cp, "web")?.is_empty().then_some(()))
-    })?;
+    })
+    .unwrap();
     Ok(())
 }

@@ -12,13 +12,12 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
-use tapestry_tests::{daemon, k8s, k8s::ControlPlane, prereq};
+use tapestry_tests::{daemon, k8s, k8s::ControlPlane, poll, prereq};
 
 const NAMESPACE: &str = "tapestry";
 const RELEASE: &str = "tapestry";
@@ -582,21 +581,6 @@ fn manifests_are_up_to_date() -> Result<()> {
     assert_eq!(objs[0]["kind"], "CustomResourceDefinition");
     assert_eq!(objs[0]["metadata"]["name"], "guests.tapestry.dev");
     Ok(())
-}
-
-fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => String::new(),
-            Err(e) => format!(" (last error: {e:#})"),
-        };
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}{last}");
-        }
-        thread::sleep(Duration::from_millis(250));
-    }
 }
 
 /// A Guest of `node` (YAML for `kubectl apply -f -`).

@@ -11,7 +11,7 @@ use std::{
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, ensure};
@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tapestry_tests::{
     daemon,
     k8s::{self, ADMIN, ControlPlane},
+    poll,
 };
 
 const MANAGED_BY: &str = "tapestry-controller.tapestry.dev";
@@ -28,22 +29,6 @@ const MANAGED_BY: &str = "tapestry-controller.tapestry.dev";
 
 fn json(text: &str) -> Result<Value> {
     serde_json::from_str(text).with_context(|| format!("parsing JSON: {text}"))
-}
-
-/// Polls `f` until it returns `Some`; panics on timeout (the control plane then keeps its logs).
-fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => String::new(),
-            Err(e) => format!(" (last error: {e:#})"),
-        };
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}{last}");
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// A control plane with the Guest CRD, as `tapestry-controller crd` prints it.
@@ -105,6 +90,16 @@ impl PluginDir {
             String::from_utf8_lossy(&out.stderr).trim()
         );
         Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// `kubectl tapestry expose guest ARGS`.
+    fn expose(&self, cp: &ControlPlane, args: &[&str]) -> Result<Output> {
+        self.kubectl(cp, &[&["tapestry", "expose", "guest"], args].concat())
+    }
+
+    /// `kubectl tapestry expose guest ARGS`, which must succeed: its stdout.
+    fn expose_ok(&self, cp: &ControlPlane, args: &[&str]) -> Result<String> {
+        self.kubectl_ok(cp, &[&["tapestry", "expose", "guest"], args].concat())
     }
 }
 
@@ -229,14 +224,14 @@ fn guest_endpoints(
 }
 
 /// Waits until tapestry's slices of the Service hold exactly `want` (address, ready); returns
-/// the slice of the first.
+/// the slice of the first. A timeout panics: the control plane keeps its logs only then.
 fn wait_guest_endpoints(
     cp: &ControlPlane,
     namespace: &str,
     service: &str,
     want: &[(&str, bool)],
 ) -> Result<Option<Value>> {
-    poll(
+    let slice = poll(
         Duration::from_secs(30),
         &format!("endpoints {want:?} for {namespace}/{service}"),
         || {
@@ -245,6 +240,8 @@ fn wait_guest_endpoints(
             Ok((pairs == want).then(|| have.first().map(|(_, _, s)| s.clone())))
         },
     )
+    .unwrap();
+    Ok(slice)
 }
 
 fn service(cp: &ControlPlane, namespace: &str, name: &str) -> Result<Value> {
@@ -294,12 +291,9 @@ fn kubectl_tapestry_expose_guest() -> Result<()> {
     assert!(help.contains("kubectl tapestry expose guest"), "{help}");
 
     // Client dry run: the Service printed, nothing created, only the Guest read.
-    let yaml = plugins.kubectl_ok(
+    let yaml = plugins.expose_ok(
         &cp,
         &[
-            "tapestry",
-            "expose",
-            "guest",
             "vm-1",
             "-n",
             "vms",
@@ -341,12 +335,9 @@ fn kubectl_tapestry_expose_guest() -> Result<()> {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "service/vm-1");
 
     // Server dry run: validated and defaulted (a cluster IP), not stored.
-    let text = plugins.kubectl_ok(
+    let text = plugins.expose_ok(
         &cp,
         &[
-            "tapestry",
-            "expose",
-            "guest",
             "vm-1",
             "-n",
             "vms",
@@ -366,37 +357,14 @@ fn kubectl_tapestry_expose_guest() -> Result<()> {
         "{dry}"
     );
     assert!(!service_exists(&cp, "vms", "vm-1")?);
-    let msg = plugins.kubectl_ok(
-        &cp,
-        &[
-            "tapestry",
-            "expose",
-            "guest",
-            "vm-1",
-            "-n",
-            "vms",
-            "--port=80",
-            "--dry-run=server",
-        ],
-    )?;
+    let msg = plugins.expose_ok(&cp, &["vm-1", "-n", "vms", "--port=80", "--dry-run=server"])?;
     assert_eq!(msg.trim(), "service/vm-1 exposed (server dry run)");
     assert!(!service_exists(&cp, "vms", "vm-1")?);
 
     // The real thing.
-    let msg = plugins.kubectl_ok(
+    let msg = plugins.expose_ok(
         &cp,
-        &[
-            "tapestry",
-            "expose",
-            "guest",
-            "vm-1",
-            "-n",
-            "vms",
-            "--port",
-            "80",
-            "--target-port",
-            "http",
-        ],
+        &["vm-1", "-n", "vms", "--port", "80", "--target-port", "http"],
     )?;
     assert_eq!(msg.trim(), "service/vm-1 exposed");
     let svc = service(&cp, "vms", "vm-1")?;
@@ -422,12 +390,9 @@ fn kubectl_tapestry_expose_guest() -> Result<()> {
     assert_eq!(managers, "kubectl-tapestry-expose");
 
     // The port defaults to the one the guest declares; -o name; another name and type.
-    let name = plugins.kubectl_ok(
+    let name = plugins.expose_ok(
         &cp,
         &[
-            "tapestry",
-            "expose",
-            "guest",
             "vm-1",
             "-n",
             "vms",
@@ -470,106 +435,49 @@ fn kubectl_tapestry_expose_guest() -> Result<()> {
     assert_eq!(udp["spec"]["ports"][0]["protocol"], "UDP");
 
     // Errors: exit 1 and kubectl's wording; nothing created.
-    let e = fails(plugins.kubectl(
-        &cp,
-        &[
-            "tapestry",
-            "expose",
-            "guest",
-            "nope",
-            "-n",
-            "vms",
-            "--port=80",
-        ],
-    )?);
-    assert_eq!(
-        e.trim(),
-        r#"Error from server (NotFound): guests.tapestry.dev "nope" not found"#
-    );
-    let e = fails(plugins.kubectl(
-        &cp,
-        &[
-            "tapestry",
-            "expose",
-            "guest",
-            "vm-1",
-            "-n",
-            "vms",
-            "--port=80",
-        ],
-    )?);
-    assert_eq!(
-        e.trim(),
-        r#"Error from server (AlreadyExists): services "vm-1" already exists"#
-    );
-    let e = fails(plugins.kubectl(
-        &cp,
-        &[
-            "tapestry", "expose", "guest", "vm-1", "-n", "vms", "--port=0", "--name=x",
-        ],
-    )?);
-    assert!(
-        e.contains("--port") && e.contains("between 1 and 65535"),
-        "{e}"
-    );
-    let e = fails(plugins.kubectl(
-        &cp,
-        &[
-            "tapestry",
-            "expose",
-            "guest",
-            "bare",
-            "-n",
-            "vms",
-            "--port=80",
-        ],
-    )?);
-    assert!(
-        e.contains("has no labels") && e.contains("--selector"),
-        "{e}"
-    );
-    let e = fails(plugins.kubectl(
-        &cp,
-        &[
-            "tapestry",
-            "expose",
-            "guest",
-            "bare",
-            "-n",
-            "vms",
-            "--selector=a=b",
-        ],
-    )?);
-    assert!(
-        e.contains("couldn't find port") && e.contains("--port"),
-        "{e}"
-    );
-    let e = fails(plugins.kubectl(
-        &cp,
-        &[
-            "tapestry",
-            "expose",
-            "guest",
-            "vm-1",
-            "-n",
-            "vms",
-            "--port=80",
-            "--name=Bad_Name",
-        ],
-    )?);
-    assert!(e.starts_with("Error from server (Invalid)"), "{e}");
+    /// What the error message must be.
+    enum Says {
+        Exactly(&'static str),
+        StartsWith(&'static str),
+        ContainsAll(&'static [&'static str]),
+    }
+    use Says::*;
+    let errors: [(&[&str], Says); 6] = [
+        (
+            &["nope", "-n", "vms", "--port=80"],
+            Exactly(r#"Error from server (NotFound): guests.tapestry.dev "nope" not found"#),
+        ),
+        (
+            &["vm-1", "-n", "vms", "--port=80"],
+            Exactly(r#"Error from server (AlreadyExists): services "vm-1" already exists"#),
+        ),
+        (
+            &["vm-1", "-n", "vms", "--port=0", "--name=x"],
+            ContainsAll(&["--port", "between 1 and 65535"]),
+        ),
+        (
+            &["bare", "-n", "vms", "--port=80"],
+            ContainsAll(&["has no labels", "--selector"]),
+        ),
+        (
+            &["bare", "-n", "vms", "--selector=a=b"],
+            ContainsAll(&["couldn't find port", "--port"]),
+        ),
+        (
+            &["vm-1", "-n", "vms", "--port=80", "--name=Bad_Name"],
+            StartsWith("Error from server (Invalid)"),
+        ),
+    ];
+    for (args, says) in errors {
+        let e = fails(plugins.expose(&cp, args)?);
+        match says {
+            Exactly(want) => assert_eq!(e.trim(), want, "{args:?}"),
+            StartsWith(want) => assert!(e.starts_with(want), "{args:?}: {e}"),
+            ContainsAll(parts) => assert!(parts.iter().all(|p| e.contains(p)), "{args:?}: {e}"),
+        }
+    }
     // clap refuses a bad enum value with exit 2, as for every bad argument of the CLI.
-    let out = plugins.kubectl(
-        &cp,
-        &[
-            "tapestry",
-            "expose",
-            "guest",
-            "vm-1",
-            "--port=80",
-            "--type=Bogus",
-        ],
-    )?;
+    let out = plugins.expose(&cp, &["vm-1", "--port=80", "--type=Bogus"])?;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     for name in ["x", "bare", "Bad_Name"] {
         assert!(!service_exists(&cp, "vms", name)?);

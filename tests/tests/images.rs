@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
-use tapestry_tests::prereq;
+use tapestry_tests::{poll, prereq};
 
 const INSTALL_CNI: &str = "install-cni";
 
@@ -405,21 +405,6 @@ fn check_binary(host: &Host) -> Result<()> {
         assert!(supported.iter().any(|s| s == want), "{want} missing: {v}");
     }
     Ok(())
-}
-
-fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => String::new(),
-            Err(e) => format!(" (last error: {e:#})"),
-        };
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}{last}");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn has_step(v: &Value) -> bool {

@@ -8,16 +8,16 @@
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use serde_json::{Value, json};
 use tapestry_tests::{
     Lab, Pod,
     daemon::Daemon,
     k8s::{ControlPlane, k8s_available},
-    require_k8s, require_lab,
+    poll, require_k8s, require_lab,
     tapfd::{TapGuest, register_vm_pod},
 };
 
@@ -44,22 +44,6 @@ impl Drop for VipGuard {
         let _ = Command::new("ip")
             .args(["route", "del", "unreachable", VIP_NET])
             .status();
-    }
-}
-
-fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    let mut last = None;
-    loop {
-        match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = Some(e),
-        }
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what} (last error: {last:?})");
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

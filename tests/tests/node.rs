@@ -261,7 +261,7 @@ fn uninstall_restores_primary(node: &Node, primary: &[u8]) -> Result<()> {
 /// One request from the client pod's network namespace to `vip:80`.
 fn request(client: &Path, vip: Ipv4Addr) -> Result<String> {
     let addr = SocketAddrV4::new(vip, 80);
-    let reply = tapestry_tests::in_netns(client, || {
+    let reply = tapestry_netns::run_in(client, || {
         tapestry_tests::tcp_request(addr, b"hi\n", REQUEST_TIMEOUT)
     })?;
     reply.with_context(|| format!("TCP {addr} from the client pod"))

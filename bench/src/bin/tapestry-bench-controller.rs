@@ -37,9 +37,8 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    Api, Client, Config,
+    Api, Client,
     api::{Patch, PatchParams, PostParams},
-    config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt, watcher},
 };
 use serde_json::{Map, Value, json};
@@ -168,12 +167,6 @@ fn ready_status() -> Value {
         {"type": "Attached", "status": "True", "reason": "TapCreated"},
         {"type": "Ready", "status": "True", "reason": "DhcpBound"},
     ]}})
-}
-
-async fn client_for(cp: &ControlPlane, id: &str) -> Result<Client> {
-    let kc = Kubeconfig::read_from(cp.kubeconfig_path(id)?)?;
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-    Ok(Client::try_from(config)?)
 }
 
 /// Runs `f` over `0..n` with `concurrency` in flight; returns the seconds it took.
@@ -565,7 +558,7 @@ fn main() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let client = rt.block_on(client_for(&cp, ADMIN))?;
+    let client = rt.block_on(tapestry_k8s::client(Some(&cp.kubeconfig_path(ADMIN)?)))?;
 
     // Load.
     let (services, guests, per, nodes) = (

@@ -28,7 +28,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use kube::{
-    Api, Client,
+    Api,
     api::{Patch, PatchParams, PostParams},
 };
 use serde_json::{Map, json};
@@ -175,11 +175,7 @@ fn run(cli: Cli) -> Result<()> {
 const POLL: Duration = Duration::from_millis(20);
 
 async fn measure(cli: &Cli, admin: &std::path::Path, daemon: &Daemon) -> Result<Vec<(usize, f64)>> {
-    let kc = kube::config::Kubeconfig::read_from(admin)?;
-    let config =
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await?;
-    let client = Client::try_from(config)?;
+    let client = tapestry_k8s::client(Some(admin)).await?;
     let services: Api<k8s_openapi::api::core::v1::Service> =
         Api::namespaced(client.clone(), "default");
     let guests: Api<tapestry_k8s::Guest> = Api::namespaced(client.clone(), "default");

@@ -239,46 +239,7 @@ fn line_time(line: &str) -> Option<i128> {
 
 /// RFC 3339 with optional fraction and `Z` or `±hh:mm`, to nanoseconds since the epoch.
 fn parse_rfc3339_ns(s: &str) -> Option<i128> {
-    let (date, time) = s.split_once('T')?;
-    let mut d = date.split('-');
-    let (y, m, day): (i64, i64, i64) = (
-        d.next()?.parse().ok()?,
-        d.next()?.parse().ok()?,
-        d.next()?.parse().ok()?,
-    );
-    let (clock, offset_s) = if let Some(c) = time.strip_suffix('Z') {
-        (c, 0i64)
-    } else {
-        let i = time.rfind(['+', '-'])?;
-        let (c, off) = time.split_at(i);
-        let sign = if off.starts_with('-') { -1 } else { 1 };
-        let (oh, om) = off[1..].split_once(':')?;
-        (
-            c,
-            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60),
-        )
-    };
-    let (hms, frac) = clock.split_once('.').unwrap_or((clock, ""));
-    let mut t = hms.split(':');
-    let (h, mi, sec): (i64, i64, i64) = (
-        t.next()?.parse().ok()?,
-        t.next()?.parse().ok()?,
-        t.next()?.parse().ok()?,
-    );
-    let mut ns: i64 = 0;
-    for (i, c) in frac.chars().take(9).enumerate() {
-        ns += c.to_digit(10)? as i64 * 10i64.pow(8 - i as u32);
-    }
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_s;
-    Some(secs as i128 * 1_000_000_000 + ns as i128)
+    Some(s.parse::<jiff::Timestamp>().ok()?.as_nanosecond())
 }
 
 /// Per pod: RunPodSandbox request -> returns (sandbox id) -> CreateContainer in that sandbox

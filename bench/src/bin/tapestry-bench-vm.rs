@@ -1024,7 +1024,7 @@ impl Switch<'_> {
 }
 
 fn disable_ipv6(netns: &Path) -> Result<()> {
-    tapestry_tests::in_netns(netns, || -> Result<()> {
+    tapestry_netns::run_in(netns, || -> Result<()> {
         for k in ["all", "default"] {
             let p = format!("/proc/sys/net/ipv6/conf/{k}/disable_ipv6");
             if Path::new(&p).exists() {

@@ -14,13 +14,12 @@ use k8s_openapi::{
     api::core::v1::{Service, ServicePort, ServiceSpec},
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
-use kube::{
-    Api, Client, Config,
-    api::PostParams,
-    config::{KubeConfigOptions, Kubeconfig},
-    core::Status,
+use kube::{Api, Client, api::PostParams, core::Status};
+use tapestry_k8s::{
+    Guest, Protocol,
+    client::{ConfigSource, client_for},
+    names,
 };
-use tapestry_k8s::{Guest, Protocol, names};
 
 use crate::output::print_flush;
 
@@ -386,32 +385,18 @@ impl std::error::Error for FromServer {}
 /// the namespace: `-n`, else the context's.
 /// Also returns the server's URL, for messages.
 async fn client(args: &KubeArgs) -> Result<(Client, String, String)> {
-    let options = KubeConfigOptions {
+    let config = ConfigSource {
+        kubeconfig: args.kubeconfig.clone(),
         context: args.context.clone(),
-        ..Default::default()
-    };
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            Config::from_custom_kubeconfig(kc, &options)
-                .await
-                .with_context(|| format!("kubeconfig {}", path.display()))?
-        }
-        None if args.context.is_some() => Config::from_kubeconfig(&options)
-            .await
-            .context("loading the kubeconfig ($KUBECONFIG or ~/.kube/config)")?,
-        None => Config::infer().await.context(
-            "no Kubernetes configuration: set KUBECONFIG or pass --kubeconfig (or run in a pod)",
-        )?,
-    };
+    }
+    .config()
+    .await?;
     let namespace = args
         .namespace
         .clone()
         .unwrap_or_else(|| config.default_namespace.clone());
     let url = config.cluster_url.to_string();
-    let client = Client::try_from(config).with_context(|| format!("a client for {url}"))?;
-    Ok((client, namespace, url))
+    Ok((client_for(config)?, namespace, url))
 }
 
 /// Turns an API status into [`FromServer`], and a transport error into one naming the server.

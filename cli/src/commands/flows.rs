@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use tapestry_api::types::{EndpointKind, FlowKind, FlowRecord, FlowsResponse, Identity, Verdict};
+use tapestry_k8s::duration;
 
 use crate::{
     Ctx,
@@ -40,7 +41,7 @@ pub struct Filter {
     #[arg(long, value_parser = verdict_parser())]
     pub verdict: Option<Verdict>,
     /// Only events of the last DURATION (e.g. 30s, 5m, 1h30m).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = duration::parse_lenient)]
     pub since: Option<Duration>,
 }
 
@@ -129,44 +130,6 @@ pub struct FlowsArgs {
     pub last: Option<usize>,
     #[command(flatten)]
     pub output: OutputArgs,
-}
-
-/// `30s`, `5m`, `1h30m`, `2d`, `500ms`; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    if rest.is_empty() {
-        return Err("empty duration".into());
-    }
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!("{s:?}: expected a number (e.g. 30s, 5m, 1h30m)"));
-        }
-        let n: u64 = rest[..digits].parse().map_err(|e| format!("{s:?}: {e}"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(1),
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            "d" => Duration::from_secs(86_400),
-            "" => return Err(format!("{s:?}: a unit is missing (ms, s, m, h or d)")),
-            u => return Err(format!("{s:?}: unknown unit {u:?} (ms, s, m, h or d)")),
-        };
-        total += unit * n as u32;
-        rest = &rest[unit_len..];
-    }
-    Ok(total)
 }
 
 fn now_ms() -> u64 {
@@ -371,14 +334,23 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert!(parse_duration("5x").is_err());
-        assert!(parse_duration("m").is_err());
-        assert!(parse_duration("").is_err());
+        assert_eq!(duration::parse_lenient("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(duration::parse_lenient("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(duration::parse_lenient("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(
+            duration::parse_lenient("1h30m"),
+            Ok(Duration::from_secs(5400))
+        );
+        assert_eq!(
+            duration::parse_lenient("2d"),
+            Ok(Duration::from_secs(172_800))
+        );
+        assert_eq!(
+            duration::parse_lenient("500ms"),
+            Ok(Duration::from_millis(500))
+        );
+        assert!(duration::parse_lenient("5x").is_err());
+        assert!(duration::parse_lenient("m").is_err());
+        assert!(duration::parse_lenient("").is_err());
     }
 }

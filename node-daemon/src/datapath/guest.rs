@@ -2,13 +2,13 @@
 //! namespace, with the guest's constants baked in at load time.
 
 use std::{
-    fs, io,
+    fs,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use aya::{EbpfLoader, programs::SchedClassifier};
 use tapestry_common::{guest_globals, program_names};
 
@@ -59,9 +59,7 @@ pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
     if OBJECT.is_empty() {
         anyhow::bail!("this tapestryd carries no eBPF object (built with AYA_BUILD_SKIP=1)");
     }
-    let pin_dir = pin_dir.to_owned();
-    let w = w.clone();
-    in_netns(&w.netns.clone(), move || {
+    tapestry_netns::run_in(&w.netns, || -> Result<Attached> {
         let pod_ifindex = iface::ifindex_of(&w.pod_ifname)
             .with_context(|| format!("pod interface {} in {}", w.pod_ifname, w.netns.display()))?;
         let tap_ifindex = iface::ifindex_of(&w.tap)
@@ -71,7 +69,7 @@ pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
         let mac = mac_u64(&w.mac);
         let mut ebpf = EbpfLoader::new()
             .btf(kernel_btf())
-            .default_map_pin_directory(&pin_dir)
+            .default_map_pin_directory(pin_dir)
             .override_global(guest_globals::SLOT, &w.slot, true)
             .override_global(guest_globals::TAP_IFINDEX, &tap_ifindex, true)
             .override_global(guest_globals::POD_IFINDEX, &pod_ifindex, true)
@@ -79,7 +77,7 @@ pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
             .override_global(guest_globals::IP, &ip, true)
             .load(OBJECT)
             .context("loading the guest programs")?;
-        let [pod_pin, tap_pin] = link_pins(&pin_dir, w.slot);
+        let [pod_pin, tap_pin] = link_pins(pin_dir, w.slot);
         for (prog_name, ifname, pin) in [
             (program_names::POD_TO_GUEST, &w.pod_ifname, &pod_pin),
             (program_names::GUEST_TO_POD, &w.tap, &tap_pin),
@@ -100,6 +98,7 @@ pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
             socket,
         })
     })
+    .with_context(|| format!("entering the pod's namespace {}", w.netns.display()))?
 }
 
 /// Detaches the guest programs of `slot` (idempotent: links of interfaces already gone were
@@ -125,25 +124,4 @@ pub fn pinned_slots(pin_dir: &Path) -> Vec<u32> {
     slots.sort_unstable();
     slots.dedup();
     slots
-}
-
-/// Runs `f` on a new thread inside the network namespace at `netns` (a path such as
-/// `/var/run/netns/x` or `/proc/<pid>/ns/net`).
-fn in_netns<T: Send + 'static>(
-    netns: &Path,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let ns = fs::File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
-    std::thread::Builder::new()
-        .name("tapestry-netns".into())
-        .spawn(move || {
-            // SAFETY: setns on this thread only, with a valid namespace fd.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
-            }
-            f()
-        })
-        .context("spawning a netns thread")?
-        .join()
-        .map_err(|_| anyhow!("the netns thread panicked"))?
 }

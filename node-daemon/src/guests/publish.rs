@@ -20,7 +20,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, Preconditions},
+    api::{ListParams, ObjectMeta, Patch, PatchParams},
 };
 use serde_json::json;
 use tapestry_api::types::{EndpointInfo, GuestPhase};
@@ -217,24 +217,14 @@ async fn sync_guests(
 
 /// Deletes a Guest of this node (only the one with `uid`, when given); gone already is fine.
 async fn delete_guest(client: &Client, key: &(String, String), uid: Option<String>) -> Result<()> {
-    let dp = DeleteParams {
-        preconditions: uid.map(|uid| Preconditions {
-            uid: Some(uid),
-            resource_version: None,
-        }),
-        ..DeleteParams::default()
-    };
-    match Api::<Guest>::namespaced(client.clone(), &key.0)
-        .delete(&key.1, &dp)
+    let api = Api::<Guest>::namespaced(client.clone(), &key.0);
+    let deleted = tapestry_k8s::delete_unless_replaced(&api, &key.1, uid.as_deref())
         .await
-    {
-        Ok(_) => {
-            info!(guest = %format!("{}/{}", key.0, key.1), "Guest deleted: no attachment on this node");
-            Ok(())
-        }
-        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("deleting Guest {}/{}", key.0, key.1)),
+        .with_context(|| format!("deleting Guest {}/{}", key.0, key.1))?;
+    if deleted {
+        info!(guest = %format!("{}/{}", key.0, key.1), "Guest deleted: no attachment on this node");
     }
+    Ok(())
 }
 
 /// The pod's named container ports: what a Service's named targetPort resolves against.

@@ -213,7 +213,7 @@ fn rounds(client: &Path, vip: Ipv4Addr, n: usize) -> Result<()> {
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
     for i in 0..n {
         let t = Instant::now();
-        let reply = tapestry_tests::in_netns(client, || {
+        let reply = tapestry_netns::run_in(client, || {
             tapestry_tests::tcp_request(addr, b"hi\n", Duration::from_secs(3))
         })?;
         let who = match reply {
