@@ -471,7 +471,8 @@ pub struct GuestStats {
     /// Guest -> network (frames from the tap, passed on).
     pub rx_packets: u64,
     pub rx_bytes: u64,
-    /// Network -> guest (frames into the tap).
+    /// Network -> guest: frames redirected into the tap, including those the tap drops while no
+    /// VM has it open (no carrier; the tap's own tx_dropped counts those).
     pub tx_packets: u64,
     pub tx_bytes: u64,
     /// DHCP messages handed to the daemon.
