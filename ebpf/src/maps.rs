@@ -146,8 +146,8 @@ macro_rules! __map {
 pub fn increment(counters: &PerCpuArray<u64>, index: u32) {
     if let Some(v) = counters.get_ptr_mut(index) {
         // SAFETY: a successful lookup gives a valid, aligned pointer to this CPU's copy of the
-        // slot, alive while the program runs; tc programs run with migration disabled, one at a
-        // time per CPU, so nothing else writes this copy meanwhile.
+        // slot, alive while the program runs; tc programs run with bottom halves disabled, so no
+        // other program run on this CPU writes this copy meanwhile.
         unsafe { *v += 1 };
     }
 }

@@ -26,7 +26,7 @@ use tapestry_ebpf::{
 
 use crate::maps::{DHCP, DROPS, GUEST_STATS};
 
-// `tapestry_common::map_names::GUEST`.
+// Exactly `tapestry_common::map_names::GUEST` (node-daemon/tests/map_names.rs checks).
 tapestry_ebpf::maps!(GUEST_STATS, DHCP, DROPS);
 
 // The loader finds these constants by their symbol names (`tapestry_common::guest_globals`) and
@@ -66,8 +66,8 @@ fn constant<T: Copy>(v: &T) -> T {
 fn update_stats(f: impl FnOnce(&mut GuestStats)) {
     if let Some(s) = GUEST_STATS.get_ptr_mut(constant(&GUEST_SLOT)) {
         // SAFETY: a successful lookup gives a valid, aligned pointer to this CPU's copy of the
-        // slot, alive while the program runs; tc programs run with migration disabled, one at a
-        // time per CPU, so no other reference to this copy exists meanwhile.
+        // slot, alive while the program runs; tc programs run with bottom halves disabled, so no
+        // other program run on this CPU holds a reference to this copy meanwhile.
         f(unsafe { &mut *s });
     }
 }

@@ -21,7 +21,8 @@ pub fn count_drop(reason: DropReason) {
 fn add(stats: Option<*mut TrafficStats>, bytes: u32, new_flow: bool) {
     if let Some(s) = stats {
         // SAFETY: `s` comes from a successful per-CPU array lookup: valid and aligned for the
-        // whole run, and this CPU's copy has no other writer while the program runs on it.
+        // whole run, and no other program run on this CPU writes its copy meanwhile (tc programs
+        // run with bottom halves disabled).
         unsafe {
             (*s).packets += 1;
             (*s).bytes += bytes as u64;

@@ -34,7 +34,7 @@ use crate::{
     service::{lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
 };
 
-// `tapestry_common::map_names::ALL`.
+// Exactly `tapestry_common::map_names::ALL` (node-daemon/tests/map_names.rs checks).
 tapestry_ebpf::maps!(
     SERVICES,
     BACKENDS,
