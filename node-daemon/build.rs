@@ -2,14 +2,20 @@ use std::{env, fs, path::PathBuf};
 
 use aya_build::{Package, Toolchain};
 
+/// The eBPF objects the daemon includes (`OUT_DIR/<name>`): the `[[bin]]`s of ebpf/Cargo.toml.
+const OBJECTS: [&str; 2] = ["tapestry-lb", "tapestry-guest"];
+
 fn main() -> aya_build::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
-    let object = out_dir.join("tapestry-lb");
     if env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
-        // Host-only builds (fast checks, clippy in a hurry): an empty object compiles, and the
-        // loader refuses it at run time with a clear error.
-        if !object.exists() {
-            fs::write(&object, [])?;
+        // Host-only builds (fast checks, clippy in a hurry): empty objects compile, and the
+        // loaders refuse them at run time with a clear error. Objects of an earlier full build
+        // are kept.
+        for name in OBJECTS {
+            let object = out_dir.join(name);
+            if !object.exists() {
+                fs::write(&object, [])?;
+            }
         }
         println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
         return Ok(());
@@ -19,5 +25,14 @@ fn main() -> aya_build::Result<()> {
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../ebpf"),
         ..Default::default()
     };
-    aya_build::build_ebpf([ebpf], Toolchain::default())
+    aya_build::build_ebpf([ebpf], Toolchain::default())?;
+    // A program binary renamed in ebpf/Cargo.toml fails here, not only in AYA_BUILD_SKIP builds.
+    for name in OBJECTS {
+        let object = out_dir.join(name);
+        if !object.exists() {
+            let missing = format!("the eBPF build made no {}", object.display());
+            return Err(std::io::Error::other(missing).into());
+        }
+    }
+    Ok(())
 }

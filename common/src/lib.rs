@@ -6,24 +6,75 @@
 //! the datapath can compare them without swapping; userspace converts at the edge.
 #![no_std]
 
-/// Names of the pinned maps, as declared in the eBPF object (also their file names in bpffs).
+/// The name of each pinned map, written once: the eBPF object declares its maps with these
+/// (ebpf/src/maps.rs) and userspace finds them by [`map_names`], which is made from this table.
+/// A macro, not only constants, because a symbol name in an attribute must be a literal.
+#[macro_export]
+macro_rules! map_name {
+    (SERVICES) => {
+        "TAPESTRY_SERVICES"
+    };
+    (BACKENDS) => {
+        "TAPESTRY_BACKENDS"
+    };
+    (LB_TABLES) => {
+        "TAPESTRY_LB_TABLES"
+    };
+    (CONNTRACK) => {
+        "TAPESTRY_CT"
+    };
+    (AFFINITY) => {
+        "TAPESTRY_AFFINITY"
+    };
+    (FRAGMENTS) => {
+        "TAPESTRY_FRAGS"
+    };
+    (CONFIG) => {
+        "TAPESTRY_CONFIG"
+    };
+    (SERVICE_STATS) => {
+        "TAPESTRY_SVC_STATS"
+    };
+    (BACKEND_STATS) => {
+        "TAPESTRY_BE_STATS"
+    };
+    (DROPS) => {
+        "TAPESTRY_DROPS"
+    };
+    (COUNTERS) => {
+        "TAPESTRY_COUNTERS"
+    };
+    (EVENTS) => {
+        "TAPESTRY_EVENTS"
+    };
+    (GUEST_STATS) => {
+        "TAPESTRY_GUEST_STATS"
+    };
+    (DHCP) => {
+        "TAPESTRY_DHCP"
+    };
+}
+
+/// Names of the pinned maps, as declared in the eBPF objects (also their file names in bpffs).
 pub mod map_names {
-    pub const SERVICES: &str = "TAPESTRY_SERVICES";
-    pub const BACKENDS: &str = "TAPESTRY_BACKENDS";
-    pub const LB_TABLES: &str = "TAPESTRY_LB_TABLES";
-    pub const CONNTRACK: &str = "TAPESTRY_CT";
-    pub const AFFINITY: &str = "TAPESTRY_AFFINITY";
-    pub const FRAGMENTS: &str = "TAPESTRY_FRAGS";
-    pub const CONFIG: &str = "TAPESTRY_CONFIG";
-    pub const SERVICE_STATS: &str = "TAPESTRY_SVC_STATS";
-    pub const BACKEND_STATS: &str = "TAPESTRY_BE_STATS";
-    pub const DROPS: &str = "TAPESTRY_DROPS";
-    pub const COUNTERS: &str = "TAPESTRY_COUNTERS";
-    pub const EVENTS: &str = "TAPESTRY_EVENTS";
+    pub const SERVICES: &str = map_name!(SERVICES);
+    pub const BACKENDS: &str = map_name!(BACKENDS);
+    pub const LB_TABLES: &str = map_name!(LB_TABLES);
+    pub const CONNTRACK: &str = map_name!(CONNTRACK);
+    pub const AFFINITY: &str = map_name!(AFFINITY);
+    pub const FRAGMENTS: &str = map_name!(FRAGMENTS);
+    pub const CONFIG: &str = map_name!(CONFIG);
+    pub const SERVICE_STATS: &str = map_name!(SERVICE_STATS);
+    pub const BACKEND_STATS: &str = map_name!(BACKEND_STATS);
+    /// Drops by `DropReason`, node-wide: the load balancer's and the guests' anti-spoofing drops.
+    pub const DROPS: &str = map_name!(DROPS);
+    pub const COUNTERS: &str = map_name!(COUNTERS);
+    pub const EVENTS: &str = map_name!(EVENTS);
     /// Per-guest counters (guest programs).
-    pub const GUEST_STATS: &str = "TAPESTRY_GUEST_STATS";
+    pub const GUEST_STATS: &str = map_name!(GUEST_STATS);
     /// DHCP requests from guests, for the daemon's DHCP server (guest programs).
-    pub const DHCP: &str = "TAPESTRY_DHCP";
+    pub const DHCP: &str = map_name!(DHCP);
+    /// Every map of the load balancer's object (`tapestry-lb`).
     pub const ALL: [&str; 12] = [
         SERVICES,
         BACKENDS,
@@ -38,6 +89,9 @@ pub mod map_names {
         COUNTERS,
         EVENTS,
     ];
+    /// Every map of the guest programs' object (`tapestry-guest`). `DROPS` is the load
+    /// balancer's, shared through its pin, so one map counts every drop on the node.
+    pub const GUEST: [&str; 3] = [GUEST_STATS, DHCP, DROPS];
 }
 
 /// Names of the tc programs in the eBPF object.
@@ -417,7 +471,8 @@ pub struct GuestStats {
     /// Guest -> network (frames from the tap, passed on).
     pub rx_packets: u64,
     pub rx_bytes: u64,
-    /// Network -> guest (frames into the tap).
+    /// Network -> guest: frames redirected into the tap, including those the tap drops while no
+    /// VM has it open (no carrier; the tap's own tx_dropped counts those).
     pub tx_packets: u64,
     pub tx_bytes: u64,
     /// DHCP messages handed to the daemon.
@@ -441,23 +496,36 @@ pub struct DhcpFrame {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: every type below is #[repr(C)], made only of integers with explicit padding, so
-    // any bit pattern is valid and there are no implicit padding bytes (checked in tests).
-    unsafe impl aya::Pod for ServiceKey {}
-    unsafe impl aya::Pod for Service {}
-    unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for LbTable {}
-    unsafe impl aya::Pod for CtKey {}
-    unsafe impl aya::Pod for CtEntry {}
-    unsafe impl aya::Pod for AffinityKey {}
-    unsafe impl aya::Pod for AffinityEntry {}
-    unsafe impl aya::Pod for FragmentKey {}
-    unsafe impl aya::Pod for FragmentPorts {}
-    unsafe impl aya::Pod for Config {}
-    unsafe impl aya::Pod for TrafficStats {}
-    unsafe impl aya::Pod for FlowEvent {}
-    unsafe impl aya::Pod for GuestStats {}
-    unsafe impl aya::Pod for DhcpFrame {}
+
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {
+            $(
+                // SAFETY: aya::Pod lets aya copy the type to and from a map's bytes. Every type
+                // listed is #[repr(C)], Copy, made only of integers and integer arrays, with
+                // every gap filled by an explicit `_pad` field (`sizes_have_no_implicit_padding`
+                // below checks it): no padding bytes, no pointers, no invalid bit patterns.
+                unsafe impl aya::Pod for $t {}
+            )*
+        };
+    }
+
+    pod!(
+        ServiceKey,
+        Service,
+        Backend,
+        LbTable,
+        CtKey,
+        CtEntry,
+        AffinityKey,
+        AffinityEntry,
+        FragmentKey,
+        FragmentPorts,
+        Config,
+        TrafficStats,
+        FlowEvent,
+        GuestStats,
+        DhcpFrame,
+    );
 }
 
 #[cfg(test)]

@@ -1,18 +1,17 @@
-//! Tapestry's datapath, as a library of steps the tc programs in `src/bin/` compose.
+//! What Tapestry's tc programs in `src/bin/` share: bounds-checked packet access, address and
+//! port rewrites with checksum fix-up, the reject reply, and the definitions of every map.
 //!
 //! The load-balancing path is factored as Cilium's is: parse -> service lookup -> backend
 //! selection -> conntrack (new flow or reply) -> rewrite with checksum fix-up. Each step returns
 //! `Result<_, DropReason>`, and the program entry point turns an error into an explicit, counted
-//! verdict.
+//! verdict. The steps that use maps live with the program whose object carries those maps
+//! (src/bin/lb/), since a map static in this library would land in every object (`maps`).
 #![no_std]
 
-pub mod conntrack;
-pub mod events;
 pub mod maps;
 pub mod nat;
 pub mod packet;
 pub mod reject;
-pub mod service;
 
 /// Verdicts, as tc and TCX read them.
 pub mod verdict {

@@ -56,7 +56,9 @@ pub fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     if start + offset + core::mem::size_of::<T>() > end {
         return None;
     }
-    // SAFETY: bounds checked against data_end just above (the verifier checks it too).
+    // SAFETY: the `size_of::<T>()` bytes at `offset` lie between data and data_end, checked just
+    // above (the verifier checks it too); the read is unaligned, and callers read only plain
+    // integer types, for which every bit pattern is valid.
     Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
 }
 
@@ -170,6 +172,6 @@ pub fn parse(ctx: &TcContext) -> Parsed {
 /// The interface the packet arrived on.
 #[inline(always)]
 pub fn ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: the context pointer is valid for the whole program run.
+    // SAFETY: the kernel passes a valid, aligned `__sk_buff` that lives for the whole program run.
     unsafe { (*ctx.skb.skb).ifindex }
 }

@@ -37,7 +37,8 @@ fn fold(sum: i64) -> u16 {
 
 #[inline(always)]
 fn csum(words: &mut [u32]) -> u16 {
-    // SAFETY: `words` is a stack buffer of the given size (a multiple of 4 bytes).
+    // SAFETY: bpf_csum_diff reads `words.len() * 4` bytes from `words`, a buffer of exactly that
+    // size that we own, and nothing from the null `from` side (its size is 0).
     let sum = unsafe {
         bpf_csum_diff(
             core::ptr::null_mut(),
@@ -63,8 +64,9 @@ pub fn lb4_reject(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, DropReason> 
     } else {
         UDP_QUOTE_LEN
     };
-    // SAFETY: plain helpers on our own skb; the new length keeps the L2 header, the IP header and
-    // the quoted L4 bytes, all present (has_l4 checked a full UDP or TCP header).
+    // SAFETY: bpf_skb_change_tail on the program's own skb; the new length keeps the L2 header,
+    // the IP header and the quoted L4 bytes, all present (has_l4 checked a full UDP or TCP
+    // header).
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + quote_len) as u32, 0) } != 0 {
         return Err(DropReason::RejectFailed);
     }
@@ -74,12 +76,14 @@ pub fn lb4_reject(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, DropReason> 
     // ICMP header + quote, as words for bpf_csum_diff.
     let mut icmp = [0u32; (ICMP_HLEN + TCP_QUOTE_LEN) / 4];
     {
-        // SAFETY: reinterpreting a u32 array as bytes.
+        // SAFETY: a u32 array viewed as the same number of bytes: same size, u8 needs no
+        // alignment, every bit pattern is valid, and `icmp` is not used while `bytes` lives.
         let bytes: &mut [u8; ICMP_HLEN + TCP_QUOTE_LEN] =
             unsafe { &mut *(icmp.as_mut_ptr() as *mut [u8; ICMP_HLEN + TCP_QUOTE_LEN]) };
         // The raw helper with a constant length: the wrapper's computed length may be zero as
         // far as the verifier can tell, which it refuses.
-        // SAFETY: `quote_len` (one of two constants) bytes of stack buffer after the ICMP header.
+        // SAFETY: the helper writes `quote_len` bytes (one of two constants, at most
+        // TCP_QUOTE_LEN) after the ICMP header, within `bytes`, which we own.
         let ret = unsafe {
             bpf_skb_load_bytes(
                 ctx.skb.skb as *const _,
@@ -99,7 +103,7 @@ pub fn lb4_reject(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, DropReason> 
     let tot_len = ((ROOM + quote_len) as u16).to_be();
     let mut ip = [0u32; IPV4_MIN_HLEN / 4];
     {
-        // SAFETY: as above.
+        // SAFETY: as for `bytes` above: a u32 array viewed as the same number of bytes.
         let b: &mut [u8; IPV4_MIN_HLEN] =
             unsafe { &mut *(ip.as_mut_ptr() as *mut [u8; IPV4_MIN_HLEN]) };
         b[0] = 0x45;
@@ -112,7 +116,7 @@ pub fn lb4_reject(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, DropReason> 
     let ip_csum = csum(&mut ip);
 
     let mut header = [0u8; ROOM];
-    // SAFETY: reinterpreting u32 arrays as bytes.
+    // SAFETY: as for `bytes` above, read-only: a u32 array viewed as the same number of bytes.
     let ip_bytes: &[u8; IPV4_MIN_HLEN] = unsafe { &*(ip.as_ptr() as *const [u8; IPV4_MIN_HLEN]) };
     header[..IPV4_MIN_HLEN].copy_from_slice(ip_bytes);
     header[10..12].copy_from_slice(&ip_csum.to_ne_bytes());
@@ -122,7 +126,7 @@ pub fn lb4_reject(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, DropReason> 
     ctx.store(ETH_HLEN, &header, 0)
         .map_err(|_| DropReason::RejectFailed)?;
     swap_macs(ctx)?;
-    // SAFETY: a helper with no memory arguments. Egress of the interface the packet came in on:
-    // the host-side veth, whose peer is the client.
+    // SAFETY: bpf_redirect takes plain integers and only records the target. Egress of the
+    // interface the packet came in on: the host-side veth, whose peer is the client.
     Ok(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32)
 }

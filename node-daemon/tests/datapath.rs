@@ -19,6 +19,9 @@ use tapestry_api::state::{self, DesiredState};
 use tapestry_common::{Counter, DropReason};
 use tapestry_node_daemon::{datapath::Datapath, services::reconcile::Reconciler};
 
+mod common;
+use common::prerequisites;
+
 const NEXT: i32 = -1;
 const OK: i32 = 0;
 const DROP: i32 = 2;
@@ -28,28 +31,6 @@ const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 const CLIENT: [u8; 4] = [10, 0, 0, 1];
 const VIP: [u8; 4] = [10, 96, 0, 10];
-
-/// Root and bpffs: required in CI (fail loudly), skipped with a reason elsewhere.
-fn prerequisites() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let bpffs = std::fs::read_to_string("/proc/mounts")
-        .map(|m| m.lines().any(|l| l.contains(" /sys/fs/bpf bpf ")))
-        .unwrap_or(false);
-    if root && bpffs {
-        return true;
-    }
-    let why = if !root {
-        "not root"
-    } else {
-        "bpffs not mounted on /sys/fs/bpf (run scripts/setup.sh)"
-    };
-    if std::env::var_os("CI").is_some() {
-        panic!("datapath tests need root and bpffs: {why}");
-    }
-    eprintln!("skipped: {why}");
-    false
-}
 
 struct Lb {
     datapath: Datapath,

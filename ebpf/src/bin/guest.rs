@@ -14,35 +14,38 @@
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_skb_load_bytes},
-    macros::{classifier, map},
-    maps::{PerCpuArray, RingBuf},
+    macros::classifier,
     programs::TcContext,
 };
-use tapestry_common::{
-    DHCP_FRAME_MAX, DHCP_RING_BYTES, DhcpFrame, DropReason, GuestStats, IPPROTO_UDP, MAX_GUESTS,
-};
+use tapestry_common::{DHCP_FRAME_MAX, DhcpFrame, DropReason, GuestStats, IPPROTO_UDP};
 use tapestry_ebpf::{
-    events::count_drop,
+    maps::increment,
     packet::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, read},
     verdict,
 };
 
+use crate::maps::{DHCP, DROPS, GUEST_STATS};
+
+// Exactly `tapestry_common::map_names::GUEST` (node-daemon/tests/map_names.rs checks).
+tapestry_ebpf::maps!(GUEST_STATS, DHCP, DROPS);
+
+// The loader finds these constants by their symbol names (`tapestry_common::guest_globals`) and
+// rewrites them per guest.
+// SAFETY: no other symbol in the object is named GUEST_SLOT.
 #[unsafe(no_mangle)]
 static GUEST_SLOT: u32 = 0;
+// SAFETY: no other symbol in the object is named GUEST_TAP_IFINDEX.
 #[unsafe(no_mangle)]
 static GUEST_TAP_IFINDEX: u32 = 0;
+// SAFETY: no other symbol in the object is named GUEST_POD_IFINDEX.
 #[unsafe(no_mangle)]
 static GUEST_POD_IFINDEX: u32 = 0;
+// SAFETY: no other symbol in the object is named GUEST_MAC.
 #[unsafe(no_mangle)]
 static GUEST_MAC: u64 = 0;
+// SAFETY: no other symbol in the object is named GUEST_IP.
 #[unsafe(no_mangle)]
 static GUEST_IP: u32 = 0;
-
-#[map(name = "TAPESTRY_GUEST_STATS")]
-static GUEST_STATS: PerCpuArray<GuestStats> = PerCpuArray::pinned(MAX_GUESTS, 0);
-
-#[map(name = "TAPESTRY_DHCP")]
-static DHCP: RingBuf = RingBuf::pinned(DHCP_RING_BYTES, 0);
 
 const ETH_P_ARP: u16 = 0x0806;
 const DHCP_SERVER_PORT: u16 = 67;
@@ -53,13 +56,20 @@ const DHCP_FRAME_MIN: u32 = (ETH_HLEN + 20 + 8) as u32;
 /// `.rodata` reads must not be folded by the compiler: the loader rewrites them.
 #[inline(always)]
 fn constant<T: Copy>(v: &T) -> T {
-    // SAFETY: reading a static.
+    // SAFETY: `v` is a reference, so valid, aligned and initialised; the volatile read only
+    // keeps the compiler from using the initial value, which the loader replaces.
     unsafe { core::ptr::read_volatile(v) }
 }
 
+/// Updates this guest's counters (this CPU's copy; userspace sums the CPUs).
 #[inline(always)]
-fn stats() -> Option<*mut GuestStats> {
-    GUEST_STATS.get_ptr_mut(constant(&GUEST_SLOT))
+fn update_stats(f: impl FnOnce(&mut GuestStats)) {
+    if let Some(s) = GUEST_STATS.get_ptr_mut(constant(&GUEST_SLOT)) {
+        // SAFETY: a successful lookup gives a valid, aligned pointer to this CPU's copy of the
+        // slot, alive while the program runs; tc programs run with bottom halves disabled, so no
+        // other program run on this CPU holds a reference to this copy meanwhile.
+        f(unsafe { &mut *s });
+    }
 }
 
 #[inline(always)]
@@ -71,15 +81,13 @@ fn mac_u64(mac: &[u8; 6]) -> u64 {
 
 #[classifier]
 pub fn tapestry_pod_to_guest(ctx: TcContext) -> i32 {
-    if let Some(s) = stats() {
-        // SAFETY: per-CPU slot.
-        unsafe {
-            (*s).tx_packets += 1;
-            (*s).tx_bytes += ctx.len() as u64;
-        }
-    }
-    // SAFETY: a helper with no memory arguments. Without a reader on the tap (the VM process
-    // not started yet) the tap drops the frame and counts it in its own tx_dropped.
+    update_stats(|s| {
+        s.tx_packets += 1;
+        s.tx_bytes += ctx.len() as u64;
+    });
+    // Without a reader on the tap (the VM process not started yet) the tap drops the frame and
+    // counts it in its own tx_dropped; this program cannot tell, and counts it above.
+    // SAFETY: bpf_redirect takes plain integers and only records the target.
     unsafe { bpf_redirect(constant(&GUEST_TAP_IFINDEX), 0) as i32 }
 }
 
@@ -88,12 +96,12 @@ pub fn tapestry_guest_to_pod(ctx: TcContext) -> i32 {
     match guest_to_pod(&ctx) {
         Ok(v) => v,
         Err(reason) => {
-            count_drop(reason);
-            if let Some(s) = stats()
-                && let Some(d) = unsafe { (*s).drops.get_mut(reason as usize) }
-            {
-                *d += 1;
-            }
+            increment(&DROPS, reason as u32);
+            update_stats(|s| {
+                if let Some(d) = s.drops.get_mut(reason as usize) {
+                    *d += 1;
+                }
+            });
             verdict::DROP
         }
     }
@@ -113,16 +121,16 @@ struct ArpIpv4 {
     tpa: [u8; 4],
 }
 
+/// The guest used its own address: written once per CPU, the first time (readiness, not
+/// liveness).
 #[inline(always)]
 fn mark_seen() {
-    if let Some(s) = stats() {
-        // SAFETY: per-CPU slot; written once, the first time (readiness, not liveness).
-        unsafe {
-            if (*s).seen_ns == 0 {
-                (*s).seen_ns = bpf_ktime_get_ns();
-            }
+    update_stats(|s| {
+        if s.seen_ns == 0 {
+            // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
+            s.seen_ns = unsafe { bpf_ktime_get_ns() };
         }
-    }
+    });
 }
 
 #[inline(always)]
@@ -158,14 +166,11 @@ fn guest_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     } else {
         return Err(DropReason::UnsupportedProtocol);
     }
-    if let Some(s) = stats() {
-        // SAFETY: per-CPU slot.
-        unsafe {
-            (*s).rx_packets += 1;
-            (*s).rx_bytes += ctx.len() as u64;
-        }
-    }
-    // SAFETY: a helper with no memory arguments.
+    update_stats(|s| {
+        s.rx_packets += 1;
+        s.rx_bytes += ctx.len() as u64;
+    });
+    // SAFETY: bpf_redirect takes plain integers and only records the target.
     Ok(unsafe { bpf_redirect(constant(&GUEST_POD_IFINDEX), 0) } as i32)
 }
 
@@ -191,8 +196,9 @@ fn dhcp_to_daemon(ctx: &TcContext) -> Result<(), DropReason> {
         .reserve::<DhcpFrame>(0)
         .ok_or(DropReason::DhcpQueueFull)?;
     let frame = entry.as_mut_ptr();
-    // SAFETY: `frame` points at a reserved record of size_of::<DhcpFrame>(); `len` is between
-    // DHCP_FRAME_MIN and DHCP_FRAME_MAX, within `data`.
+    // SAFETY: `frame` points at a reserved, aligned record of size_of::<DhcpFrame>() that only
+    // this program run writes until it is submitted or discarded; `len` is between
+    // DHCP_FRAME_MIN and DHCP_FRAME_MAX, so the helper writes within `data`.
     let ret = unsafe {
         (*frame).slot = constant(&GUEST_SLOT);
         (*frame).len = len;
@@ -208,10 +214,7 @@ fn dhcp_to_daemon(ctx: &TcContext) -> Result<(), DropReason> {
         return Err(DropReason::DhcpQueueFull);
     }
     entry.submit(0);
-    if let Some(s) = stats() {
-        // SAFETY: per-CPU slot.
-        unsafe { (*s).dhcp += 1 };
-    }
+    update_stats(|s| s.dhcp += 1);
     Ok(())
 }
 
@@ -222,6 +225,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+// SAFETY: the kernel reads the program's license from the `license` section; `LICENSE` is the
+// only symbol of that name and of that section in the object.
 #[cfg(target_arch = "bpf")]
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

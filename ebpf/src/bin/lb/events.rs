@@ -3,28 +3,26 @@
 use aya_ebpf::{bindings::BPF_RB_NO_WAKEUP, helpers::bpf_ktime_get_ns, programs::TcContext};
 use tapestry_common::{Counter, DropReason, FlowEvent, TrafficStats, config_flags};
 
-use crate::{maps::*, packet::Ipv4Packet};
+use tapestry_ebpf::{maps::increment, packet::Ipv4Packet};
+
+use crate::{config, maps::*};
 
 #[inline(always)]
 pub fn count(counter: Counter) {
-    if let Some(v) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
-        unsafe { *v += 1 };
-    }
+    increment(&COUNTERS, counter as u32);
 }
 
 #[inline(always)]
 pub fn count_drop(reason: DropReason) {
-    if let Some(v) = DROPS.get_ptr_mut(reason as u32) {
-        // SAFETY: as above.
-        unsafe { *v += 1 };
-    }
+    increment(&DROPS, reason as u32);
 }
 
 #[inline(always)]
 fn add(stats: Option<*mut TrafficStats>, bytes: u32, new_flow: bool) {
     if let Some(s) = stats {
-        // SAFETY: per-CPU slot.
+        // SAFETY: `s` comes from a successful per-CPU array lookup: valid and aligned for the
+        // whole run, and no other program run on this CPU writes its copy meanwhile (tc programs
+        // run with bottom halves disabled).
         unsafe {
             (*s).packets += 1;
             (*s).bytes += bytes as u64;
@@ -74,9 +72,9 @@ pub fn emit(ctx: &TcContext, pkt: &Ipv4Packet, d: &Decision) {
         return;
     }
     let event = FlowEvent {
-        // SAFETY: a helper with no preconditions.
+        // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        ifindex: crate::packet::ifindex(ctx),
+        ifindex: tapestry_ebpf::packet::ifindex(ctx),
         saddr: pkt.saddr,
         daddr: pkt.daddr,
         nat_addr: d.nat_addr,

@@ -2,8 +2,15 @@
 //! and the VM pods' veths, whose frames come from the guest), so every packet a pod or a guest
 //! sends passes here once. Packets to a frontend are load-balanced (DNAT, conntrack); replies from
 //! a backend are reverse-NATed back to the frontend address.
+//!
+//! The steps that use the load balancer's maps live here, with the maps (`maps!` below), so that
+//! only this object carries them; the map-free steps are tapestry-ebpf's library.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+
+mod conntrack;
+mod events;
+mod service;
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_redirect},
@@ -11,19 +18,46 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tapestry_common::{
-    Backend, Counter, CtEntry, CtKey, DEFAULT_HAIRPIN_SNAT_IP, DropReason, FragmentKey,
+    Backend, Config, Counter, CtEntry, CtKey, DEFAULT_HAIRPIN_SNAT_IP, DropReason, FragmentKey,
     FragmentPorts, IPPROTO_TCP, Service, ct_direction, ct_flags, event_kind,
 };
 use tapestry_ebpf::{
-    conntrack,
-    events::{Decision, account, count, count_drop, emit},
-    maps::{FRAGMENTS, config},
     nat::{Side, rewrite_addr, rewrite_port, swap_macs},
     packet::{self, Ipv4Packet, Parsed, TCP_ACK, TCP_SYN, ifindex},
     reject::lb4_reject,
-    service::{lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
     verdict,
 };
+
+use crate::{
+    events::{Decision, account, count, count_drop, emit},
+    maps::{CONFIG, FRAGMENTS},
+    service::{lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
+};
+
+// Exactly `tapestry_common::map_names::ALL` (node-daemon/tests/map_names.rs checks).
+tapestry_ebpf::maps!(
+    SERVICES,
+    BACKENDS,
+    LB_TABLES,
+    CONNTRACK,
+    AFFINITY,
+    FRAGMENTS,
+    CONFIG,
+    SERVICE_STATS,
+    BACKEND_STATS,
+    DROPS,
+    COUNTERS,
+    EVENTS,
+);
+
+/// The daemon's runtime configuration; all defaults until it writes one.
+#[inline(always)]
+fn config() -> Config {
+    match CONFIG.get(0) {
+        Some(c) => *c,
+        None => Config::default(),
+    }
+}
 
 /// Bytes of header we need in the linear area: Ethernet, the longest IPv4 header, TCP.
 const HEADERS_MAX: u32 = 14 + 60 + 20;
@@ -58,7 +92,8 @@ fn from_endpoint(ctx: &TcContext) -> i32 {
         Parsed::Packet(p) => p,
     };
     if pkt.later_fragment {
-        // SAFETY: copied out at once.
+        // SAFETY: `get` returns a reference into the map that a concurrent update could change
+        // under it; it is copied out at once, and the value (RCU-protected) stays valid meanwhile.
         match unsafe { FRAGMENTS.get(fragment_key(&pkt)) }.copied() {
             Some(ports) => {
                 pkt.sport = ports.sport;
@@ -95,7 +130,7 @@ fn drop(ctx: &TcContext, pkt: &Ipv4Packet, reason: DropReason, service_id: u32) 
 
 #[inline(always)]
 fn now() -> u64 {
-    // SAFETY: a helper with no preconditions.
+    // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
     unsafe { bpf_ktime_get_ns() }
 }
 
@@ -147,7 +182,8 @@ fn lb4_forward(ctx: &TcContext, pkt: &Ipv4Packet, svc: &Service) -> Result<i32, 
     let mut chosen: Option<(u32, Backend, u8)> = None;
 
     if let Some(entry) = conntrack::lookup(&fkey) {
-        // SAFETY: copied out of a live lookup.
+        // SAFETY: `entry` comes from a successful lookup: a valid, aligned entry for the rest of
+        // the run; copied out at once.
         let e = unsafe { *entry };
         // A SYN on a closing entry is a new connection reusing the client's port.
         let stale = conntrack::is_expired(&e, pkt.proto, now)
@@ -156,7 +192,7 @@ fn lb4_forward(ctx: &TcContext, pkt: &Ipv4Packet, svc: &Service) -> Result<i32, 
             match lb4_lookup_backend(e.backend_id) {
                 // Same id and same address: the flow's backend still exists (active or draining).
                 Some(b) if b.ip == e.nat_addr && b.port == e.nat_port => {
-                    // SAFETY: `entry` comes from the lookup above.
+                    // SAFETY: `entry` comes from the lookup above, in this run (touch's contract).
                     unsafe { conntrack::touch(entry, conntrack::flags_from_tcp(pkt), now) };
                     new_flow = false;
                     chosen = Some((e.backend_id, b, e.flags & ct_flags::HAIRPIN));
@@ -190,7 +226,7 @@ fn lb4_forward(ctx: &TcContext, pkt: &Ipv4Packet, svc: &Service) -> Result<i32, 
         // Client and backend are the same endpoint: send the packet straight back out of the
         // interface it came from, as the gateway would.
         swap_macs(ctx)?;
-        // SAFETY: a helper with no memory arguments.
+        // SAFETY: bpf_redirect takes plain integers and only records the target.
         return Ok(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32);
     }
     Ok(verdict::OK)
@@ -298,13 +334,14 @@ fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Option<i32>, DropReaso
     let Some(entry) = conntrack::lookup(&rkey) else {
         return Ok(None);
     };
-    // SAFETY: copied out of a live lookup.
+    // SAFETY: `entry` comes from a successful lookup: a valid, aligned entry for the rest of the
+    // run; copied out at once.
     let e = unsafe { *entry };
     let now = now();
     if conntrack::is_expired(&e, pkt.proto, now) {
         return Ok(None);
     }
-    // SAFETY: `entry` comes from the lookup above.
+    // SAFETY: `entry` comes from the lookup above, in this run (touch's contract).
     unsafe {
         conntrack::touch(
             entry,
@@ -325,7 +362,7 @@ fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Option<i32>, DropReaso
             _pad: [0; 2],
         };
         if let Some(f) = conntrack::lookup(&fkey) {
-            // SAFETY: `f` comes from the lookup just above.
+            // SAFETY: `f` comes from the lookup just above, in this run (touch's contract).
             unsafe { conntrack::touch(f, ct_flags::SEEN_REPLY, now) };
         }
     }
@@ -336,7 +373,7 @@ fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Option<i32>, DropReaso
     if hairpin {
         rewrite_addr(ctx, pkt, Side::Destination, pkt.daddr, e.nat_peer_addr)?;
         swap_macs(ctx)?;
-        // SAFETY: a helper with no memory arguments.
+        // SAFETY: bpf_redirect takes plain integers and only records the target.
         return Ok(Some(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32));
     }
     Ok(Some(verdict::OK))
@@ -349,6 +386,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+// SAFETY: the kernel reads the program's license from the `license` section; `LICENSE` is the
+// only symbol of that name and of that section in the object.
 #[cfg(target_arch = "bpf")]
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

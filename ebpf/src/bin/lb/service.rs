@@ -6,7 +6,9 @@ use tapestry_common::{
     backend_state, service_flags,
 };
 
-use crate::{maps::*, packet::Ipv4Packet};
+use tapestry_ebpf::packet::Ipv4Packet;
+
+use crate::maps::*;
 
 #[inline(always)]
 pub fn lb4_lookup_service(daddr: u32, dport: u16, proto: u8) -> Option<Service> {
@@ -16,13 +18,14 @@ pub fn lb4_lookup_service(daddr: u32, dport: u16, proto: u8) -> Option<Service> 
         proto,
         _pad: 0,
     };
-    // SAFETY: the value is copied out at once; hash map values are RCU-protected.
+    // SAFETY: `get` returns a reference into the map that a concurrent update could change
+    // under it; it is copied out at once, and the value (RCU-protected) stays valid meanwhile.
     unsafe { SERVICES.get(key) }.copied()
 }
 
 #[inline(always)]
 pub fn lb4_lookup_backend(id: u32) -> Option<Backend> {
-    // SAFETY: copied out at once.
+    // SAFETY: as in `lb4_lookup_service`: copied out at once, from an RCU-protected value.
     unsafe { BACKENDS.get(id) }.copied()
 }
 
@@ -49,7 +52,7 @@ fn lb4_select_from_table(svc: &Service, pkt: &Ipv4Packet) -> Result<u32, DropRea
     let hash = match svc.algorithm {
         algorithm::MAGLEV => hash_tuple(pkt),
         algorithm::FIRST => 0,
-        // SAFETY: a helper with no preconditions.
+        // SAFETY: bpf_get_prandom_u32 takes no arguments and cannot fail.
         _ => unsafe { bpf_get_prandom_u32() },
     };
     // Lemire's multiply-shift instead of `%`: the verifier cannot bound a modulo, but it can
@@ -58,7 +61,8 @@ fn lb4_select_from_table(svc: &Service, pkt: &Ipv4Packet) -> Result<u32, DropRea
     let table = LB_TABLES
         .get_ptr(svc.id)
         .ok_or(DropReason::BackendMissing)?;
-    // SAFETY: the pointer comes from a successful lookup; `slot` is below LB_TABLE_SIZE.
+    // SAFETY: `table` comes from a successful lookup, so it points at a whole, aligned LbTable
+    // that stays valid for the run; `get` bounds-checks `slot`, and the id is copied out.
     let id = unsafe { (*table).backends.get(slot).copied() };
     id.ok_or(DropReason::BackendMissing)
 }
@@ -77,7 +81,7 @@ pub fn lb4_select_backend(
         client_ip: pkt.saddr,
     };
     if affinity {
-        // SAFETY: copied out at once.
+        // SAFETY: as in `lb4_lookup_service`: copied out at once, from an RCU-protected value.
         if let Some(a) = unsafe { AFFINITY.get(akey) }.copied()
             && now.saturating_sub(a.last_used_ns) < svc.affinity_timeout_s as u64 * 1_000_000_000
             && let Some(b) = lb4_lookup_backend(a.backend_id)

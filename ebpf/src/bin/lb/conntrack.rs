@@ -3,10 +3,9 @@
 
 use tapestry_common::{CtEntry, CtKey, ct_direction, ct_flags, ct_lifetime};
 
-use crate::{
-    maps::CONNTRACK,
-    packet::{Ipv4Packet, TCP_FIN, TCP_RST},
-};
+use tapestry_ebpf::packet::{Ipv4Packet, TCP_FIN, TCP_RST};
+
+use crate::maps::CONNTRACK;
 
 #[inline(always)]
 pub fn forward_key(pkt: &Ipv4Packet) -> CtKey {
@@ -53,7 +52,9 @@ pub fn flags_from_tcp(pkt: &Ipv4Packet) -> u8 {
 /// correctness.
 #[inline(always)]
 pub unsafe fn touch(entry: *mut CtEntry, add_flags: u8, now: u64) {
-    // SAFETY: see the contract above.
+    // SAFETY: by the contract above `entry` points at a live, aligned entry (an RCU-protected
+    // hash map value stays valid for the rest of the program run); the writes are plain stores
+    // of fields, so a racing writer on another CPU can only make an update get lost.
     unsafe {
         let flags = (*entry).flags | add_flags;
         if flags != (*entry).flags

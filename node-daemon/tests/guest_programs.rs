@@ -1,0 +1,825 @@
+//! In-kernel tests of the guest programs (ebpf/src/bin/guest.rs) with BPF_PROG_TEST_RUN: the
+//! object is loaded as the daemon loads it per guest (node-daemon/src/guest.rs: the guest's slot,
+//! interfaces, MAC and IP as load-time constants, maps pinned in a directory of their own), the
+//! real (verified) programs run on crafted frames, and the test checks the verdict, the bytes,
+//! the guest's counters and the DHCP queue.
+//!
+//! What BPF_PROG_TEST_RUN cannot show: where a redirect goes. `bpf_redirect` only records its
+//! target, and the test run reports the verdict (TC_ACT_REDIRECT) without carrying the redirect
+//! out. `redirects_reach_the_tap_and_the_pod_interface` attaches the programs to real interfaces
+//! in a throwaway namespace to see that, and what happens to a frame for the guest before the VM
+//! opens its tap.
+
+use std::{
+    collections::BTreeSet,
+    fs::{File, OpenOptions},
+    io::{self, Read, Write},
+    net::Ipv4Addr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, tc},
+};
+use dhcproto::{
+    Encodable, Encoder,
+    v4::{DhcpOption, Message, MessageType},
+};
+use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, PacketBuilder, VlanId};
+use tapestry_common::{
+    DHCP_FRAME_MAX, DHCP_RING_BYTES, DhcpFrame, DropReason, GuestStats, guest_globals, map_names,
+    program_names,
+};
+use tapestry_node_daemon::{datapath::ifindex_of, guest, netns::in_netns};
+
+mod common;
+use common::{PinDir, prerequisites};
+
+/// tc verdicts.
+const DROP: i32 = 2;
+const REDIRECT: i32 = 7;
+
+const SLOT: u32 = 42;
+const GUEST_MAC: [u8; 6] = [0x02, 0x54, 0, 0, 0, 0x2a];
+const GUEST_IP: [u8; 4] = [10, 0, 0, 42];
+/// The pod network's side: the gateway the guest talks to, and a peer.
+const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+const PEER_IP: [u8; 4] = [10, 0, 0, 1];
+const OTHER_MAC: [u8; 6] = [0x02, 0x66, 0, 0, 0, 0x01];
+const OTHER_IP: [u8; 4] = [10, 0, 0, 66];
+/// Interface indexes written into the programs where no real interface is needed (the test run
+/// does not act on a redirect).
+const TAP_IFINDEX: u32 = 1001;
+const POD_IFINDEX: u32 = 1002;
+
+struct Identity {
+    slot: u32,
+    mac: [u8; 6],
+    ip: [u8; 4],
+    tap_ifindex: u32,
+    pod_ifindex: u32,
+}
+
+const GUEST: Identity = Identity {
+    slot: SLOT,
+    mac: GUEST_MAC,
+    ip: GUEST_IP,
+    tap_ifindex: TAP_IFINDEX,
+    pod_ifindex: POD_IFINDEX,
+};
+
+/// One guest's programs, loaded and verified, with the maps they write.
+struct Guest {
+    ebpf: Ebpf,
+    stats: PerCpuArray<MapData, GuestStats>,
+    drops: PerCpuArray<MapData, u64>,
+    dhcp: RingBuf<MapData>,
+}
+
+impl Guest {
+    /// Loads the guest object for `id`, pinning its maps under `pins` (shared by every guest
+    /// loaded there, as on a node), and loads both programs into the kernel.
+    fn load(pins: &Path, id: &Identity) -> Guest {
+        assert!(
+            !guest::OBJECT.is_empty(),
+            "built with AYA_BUILD_SKIP=1: there is no eBPF object to test"
+        );
+        let mac = guest::mac_u64(&id.mac);
+        let ip = u32::from_ne_bytes(id.ip);
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins)
+            .override_global(guest_globals::SLOT, &id.slot, true)
+            .override_global(guest_globals::TAP_IFINDEX, &id.tap_ifindex, true)
+            .override_global(guest_globals::POD_IFINDEX, &id.pod_ifindex, true)
+            .override_global(guest_globals::MAC, &mac, true)
+            .override_global(guest_globals::IP, &ip, true)
+            .load(guest::OBJECT)
+            .expect("the guest object loads");
+        for name in [program_names::POD_TO_GUEST, program_names::GUEST_TO_POD] {
+            let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            prog.load()
+                .unwrap_or_else(|e| panic!("the kernel rejected {name}: {e:?}"));
+        }
+        let stats = take(&mut ebpf, map_names::GUEST_STATS);
+        let drops = take(&mut ebpf, map_names::DROPS);
+        let dhcp = take(&mut ebpf, map_names::DHCP);
+        Guest {
+            ebpf,
+            stats,
+            drops,
+            dhcp,
+        }
+    }
+
+    fn program(&mut self, name: &str) -> &mut SchedClassifier {
+        self.ebpf.program_mut(name).unwrap().try_into().unwrap()
+    }
+
+    /// Runs program `name` on `frame`: its verdict and the frame as it left.
+    fn run(&mut self, name: &str, frame: &[u8]) -> (i32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .program(name)
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .unwrap_or_else(|e| panic!("test run of {name}: {e:?}"));
+        out.truncate(result.data_size_out as usize);
+        (result.return_value as i32, out)
+    }
+
+    /// What the pod network sends to the guest.
+    fn pod_to_guest(&mut self, frame: &[u8]) -> (i32, Vec<u8>) {
+        self.run(program_names::POD_TO_GUEST, frame)
+    }
+
+    /// What the guest sends.
+    fn guest_to_pod(&mut self, frame: &[u8]) -> (i32, Vec<u8>) {
+        self.run(program_names::GUEST_TO_POD, frame)
+    }
+
+    /// The counters of `slot`, summed over CPUs (`seen_ns`: the latest).
+    fn stats(&self, slot: u32) -> GuestStats {
+        let mut total = GuestStats::default();
+        for s in self.stats.get(&slot, 0).unwrap().iter() {
+            total.rx_packets += s.rx_packets;
+            total.rx_bytes += s.rx_bytes;
+            total.tx_packets += s.tx_packets;
+            total.tx_bytes += s.tx_bytes;
+            total.dhcp += s.dhcp;
+            for (t, d) in total.drops.iter_mut().zip(s.drops) {
+                *t += d;
+            }
+            total.seen_ns = total.seen_ns.max(s.seen_ns);
+        }
+        total
+    }
+
+    /// The node-wide drops map, by reason.
+    fn node_drops(&self) -> Vec<u64> {
+        DropReason::ALL
+            .iter()
+            .map(|r| self.drops.get(&(*r as u32), 0).unwrap().iter().sum())
+            .collect()
+    }
+
+    /// Takes every queued DHCP record: (slot, frame bytes).
+    fn dhcp_queue(&mut self) -> Vec<(u32, Vec<u8>)> {
+        let mut records = Vec::new();
+        while let Some(item) = self.dhcp.next() {
+            assert_eq!(item.len(), size_of::<DhcpFrame>(), "a whole DhcpFrame");
+            let slot = u32::from_ne_bytes(item[0..4].try_into().unwrap());
+            let len = u32::from_ne_bytes(item[4..8].try_into().unwrap()) as usize;
+            assert!(len <= DHCP_FRAME_MAX);
+            records.push((slot, item[8..8 + len].to_vec()));
+        }
+        records
+    }
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> T
+where
+    T: TryFrom<aya::maps::Map>,
+    <T as TryFrom<aya::maps::Map>>::Error: std::fmt::Debug,
+{
+    let map = ebpf
+        .take_map(name)
+        .unwrap_or_else(|| panic!("{name} missing"));
+    T::try_from(map).unwrap()
+}
+
+fn udp(src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(src_mac, GW_MAC)
+        .ipv4(src, dst, 64)
+        .udp(40000, 53)
+        .write(&mut v, payload)
+        .unwrap();
+    v
+}
+
+/// An ARP request from `eth_src` whose sender fields are `sha`/`spa`, for the peer.
+fn arp(eth_src: [u8; 6], sha: [u8; 6], spa: [u8; 4]) -> Vec<u8> {
+    let arp = ArpPacket::new(
+        ArpHardwareId::ETHERNET,
+        EtherType::IPV4,
+        ArpOperation::REQUEST,
+        &sha,
+        &spa,
+        &[0; 6],
+        &PEER_IP,
+    )
+    .unwrap();
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(eth_src, [0xff; 6])
+        .arp(arp)
+        .write(&mut v)
+        .unwrap();
+    v
+}
+
+fn ipv6(src_mac: [u8; 6]) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(src_mac, GW_MAC)
+        .ipv6([0xfd; 16], [0xfe; 16], 64)
+        .udp(40000, 53)
+        .write(&mut v, b"v6")
+        .unwrap();
+    v
+}
+
+fn dhcp(src_mac: [u8; 6], kind: MessageType, src: [u8; 4], dst: [u8; 4], pad: usize) -> Vec<u8> {
+    let mut m = Message::new_with_id(
+        0x5a5a,
+        Ipv4Addr::from(src),
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &src_mac,
+    );
+    m.opts_mut().insert(DhcpOption::MessageType(kind));
+    let mut bytes = Vec::new();
+    m.encode(&mut Encoder::new(&mut bytes)).unwrap();
+    // Padding after the end option, as some clients send (and to make a frame longer than the
+    // queue's records).
+    bytes.resize(bytes.len() + pad, 0);
+    let mut v = Vec::new();
+    let dst_mac = if dst == [255; 4] { [0xff; 6] } else { GW_MAC };
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src, dst, 64)
+        .udp(68, 67)
+        .write(&mut v, &bytes)
+        .unwrap();
+    v
+}
+
+fn discover() -> Vec<u8> {
+    dhcp(GUEST_MAC, MessageType::Discover, [0; 4], [255; 4], 0)
+}
+
+fn loaded() -> Option<(PinDir, Guest)> {
+    if !prerequisites() {
+        return None;
+    }
+    let pins = PinDir::new("guest");
+    let guest = Guest::load(pins.path(), &GUEST);
+    Some((pins, guest))
+}
+
+/// The counters after `before` with drop `reason` counted once more.
+fn plus_drop(before: &GuestStats, reason: DropReason) -> GuestStats {
+    let mut expected = *before;
+    expected.drops[reason as usize] += 1;
+    expected
+}
+
+#[test]
+fn pod_to_guest_redirects_every_frame_into_the_tap_and_counts_it() {
+    let Some((_pins, mut g)) = loaded() else {
+        return;
+    };
+    // Whatever the pod network sends the pod goes to the guest, who owns the pod's addresses:
+    // the program does not look at the frame.
+    let frames = [
+        udp(GW_MAC, PEER_IP, GUEST_IP, b"to the guest"),
+        arp(GW_MAC, GW_MAC, PEER_IP),
+        ipv6(GW_MAC),
+        udp(
+            OTHER_MAC,
+            OTHER_IP,
+            [10, 0, 0, 99],
+            b"not even for the guest",
+        ),
+    ];
+    for frame in &frames {
+        let (v, out) = g.pod_to_guest(frame);
+        assert_eq!(v, REDIRECT);
+        assert_eq!(&out, frame, "redirected unchanged");
+    }
+    let expected = GuestStats {
+        tx_packets: frames.len() as u64,
+        tx_bytes: frames.iter().map(|f| f.len() as u64).sum(),
+        ..GuestStats::default()
+    };
+    assert_eq!(g.stats(SLOT), expected);
+    // The slot is the loader's constant, not the object's default.
+    assert_eq!(g.stats(0), GuestStats::default());
+    assert!(g.node_drops().iter().all(|d| *d == 0));
+}
+
+#[test]
+fn guest_to_pod_redirects_the_guests_own_frames() {
+    let Some((_pins, mut g)) = loaded() else {
+        return;
+    };
+    // An ARP probe (RFC 5227: sender IP 0.0.0.0) before the guest has its address passes, but
+    // is no sign of readiness.
+    let probe = arp(GUEST_MAC, GUEST_MAC, [0; 4]);
+    let (v, out) = g.guest_to_pod(&probe);
+    assert_eq!((v, &out), (REDIRECT, &probe));
+    assert_eq!(g.stats(SLOT).seen_ns, 0, "a probe is not readiness");
+
+    let own = [
+        udp(GUEST_MAC, GUEST_IP, PEER_IP, b"from the guest"),
+        arp(GUEST_MAC, GUEST_MAC, GUEST_IP),
+    ];
+    for frame in &own {
+        let (v, out) = g.guest_to_pod(frame);
+        assert_eq!(v, REDIRECT);
+        assert_eq!(&out, frame, "redirected unchanged");
+    }
+    let s = g.stats(SLOT);
+    assert!(s.seen_ns > 0, "the guest used its own address");
+    let expected = GuestStats {
+        rx_packets: 1 + own.len() as u64,
+        rx_bytes: (probe.len() + own.iter().map(Vec::len).sum::<usize>()) as u64,
+        seen_ns: s.seen_ns,
+        ..GuestStats::default()
+    };
+    assert_eq!(s, expected);
+    assert!(g.node_drops().iter().all(|d| *d == 0));
+}
+
+/// Every reason the guest program drops for; `DhcpQueueFull` has its own test.
+const GUEST_DROP_REASONS: [DropReason; 5] = [
+    DropReason::SpoofedMac,
+    DropReason::SpoofedIp,
+    DropReason::SpoofedArp,
+    DropReason::UnsupportedProtocol,
+    DropReason::DhcpQueueFull,
+];
+
+/// Each drop verdict of guest_to_pod, with its counter in the guest's slot and in the node-wide
+/// drops map. One branch is not here: an IPv4 frame too short for an IPv4 header (SpoofedIp),
+/// which BPF_PROG_TEST_RUN refuses (EINVAL) before the program runs;
+/// `redirects_reach_the_tap_and_the_pod_interface` sends one through a real tap.
+#[test]
+fn every_spoofing_attempt_is_dropped_and_counted_by_reason() {
+    let Some((_pins, mut g)) = loaded() else {
+        return;
+    };
+    let mut cut_arp = arp(GUEST_MAC, GUEST_MAC, GUEST_IP);
+    cut_arp.truncate(14 + 27);
+    // DHCP ports, but the frame ends inside the UDP header.
+    let mut cut_dhcp = discover();
+    cut_dhcp.truncate(14 + 20 + 4);
+    let mut vlan = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, GW_MAC)
+        .single_vlan(VlanId::try_new(10).unwrap())
+        .ipv4(GUEST_IP, PEER_IP, 64)
+        .udp(40000, 53)
+        .write(&mut vlan, b"tagged")
+        .unwrap();
+    let cases = [
+        (
+            "IPv4 from another MAC",
+            udp(OTHER_MAC, GUEST_IP, PEER_IP, b"x"),
+            DropReason::SpoofedMac,
+        ),
+        (
+            "ARP from another MAC",
+            arp(OTHER_MAC, GUEST_MAC, GUEST_IP),
+            DropReason::SpoofedMac,
+        ),
+        (
+            "DHCP from another MAC",
+            dhcp(OTHER_MAC, MessageType::Discover, [0; 4], [255; 4], 0),
+            DropReason::SpoofedMac,
+        ),
+        (
+            "IPv6 from another MAC",
+            ipv6(OTHER_MAC),
+            DropReason::SpoofedMac,
+        ),
+        (
+            "IPv4 from another address",
+            udp(GUEST_MAC, OTHER_IP, PEER_IP, b"x"),
+            DropReason::SpoofedIp,
+        ),
+        (
+            "IPv4 from 0.0.0.0 that is not DHCP",
+            udp(GUEST_MAC, [0; 4], PEER_IP, b"x"),
+            DropReason::SpoofedIp,
+        ),
+        (
+            "ARP claiming another sender MAC",
+            arp(GUEST_MAC, OTHER_MAC, GUEST_IP),
+            DropReason::SpoofedArp,
+        ),
+        (
+            "ARP claiming another sender IP",
+            arp(GUEST_MAC, GUEST_MAC, OTHER_IP),
+            DropReason::SpoofedArp,
+        ),
+        ("ARP cut short", cut_arp, DropReason::SpoofedArp),
+        ("IPv6", ipv6(GUEST_MAC), DropReason::UnsupportedProtocol),
+        ("VLAN-tagged IPv4", vlan, DropReason::UnsupportedProtocol),
+        ("DHCP cut short", cut_dhcp, DropReason::UnsupportedProtocol),
+    ];
+    let mut covered = BTreeSet::from([DropReason::DhcpQueueFull as u32]);
+    for (what, frame, reason) in &cases {
+        let before = g.stats(SLOT);
+        let node_before = g.node_drops();
+        let (v, _) = g.guest_to_pod(frame);
+        assert_eq!(v, DROP, "{what}");
+        assert_eq!(g.stats(SLOT), plus_drop(&before, *reason), "{what}");
+        let mut node_expected = node_before;
+        node_expected[*reason as usize] += 1;
+        assert_eq!(g.node_drops(), node_expected, "{what}: node-wide drops");
+        covered.insert(*reason as u32);
+    }
+    assert_eq!(
+        covered,
+        GUEST_DROP_REASONS.iter().map(|r| *r as u32).collect(),
+        "a case for every reason"
+    );
+    // Nothing was forwarded, nothing queued for the daemon, and no drop marked readiness.
+    let s = g.stats(SLOT);
+    assert_eq!((s.rx_packets, s.dhcp, s.seen_ns), (0, 0, 0));
+    assert!(g.dhcp_queue().is_empty());
+    assert_eq!(g.stats(0), GuestStats::default());
+}
+
+#[test]
+fn dhcp_from_the_guest_goes_to_the_daemon_not_the_network() {
+    let Some((_pins, mut g)) = loaded() else {
+        return;
+    };
+    // DHCPDISCOVER, 0.0.0.0:68 -> 255.255.255.255:67.
+    let d = discover();
+    let (v, _) = g.guest_to_pod(&d);
+    assert_eq!(v, DROP, "consumed here: the daemon answers on the tap");
+    assert_eq!(g.dhcp_queue(), [(SLOT, d.clone())]);
+    let expected = GuestStats {
+        dhcp: 1,
+        ..GuestStats::default()
+    };
+    assert_eq!(g.stats(SLOT), expected, "counted as DHCP, not as a drop");
+    assert!(g.node_drops().iter().all(|d| *d == 0));
+
+    // A renewal is unicast from the guest's address to the server: also the daemon's.
+    let renew = dhcp(GUEST_MAC, MessageType::Request, GUEST_IP, PEER_IP, 0);
+    let (v, _) = g.guest_to_pod(&renew);
+    assert_eq!(v, DROP);
+    assert_eq!(g.dhcp_queue(), [(SLOT, renew)]);
+
+    // A frame longer than a record is queued cut to DHCP_FRAME_MAX bytes.
+    let long = dhcp(GUEST_MAC, MessageType::Discover, [0; 4], [255; 4], 1200);
+    assert!(long.len() > DHCP_FRAME_MAX);
+    let (v, _) = g.guest_to_pod(&long);
+    assert_eq!(v, DROP);
+    assert_eq!(g.dhcp_queue(), [(SLOT, long[..DHCP_FRAME_MAX].to_vec())]);
+
+    let s = g.stats(SLOT);
+    assert_eq!((s.dhcp, s.rx_packets, s.drops), (3, 0, [0; 16]));
+}
+
+#[test]
+fn a_full_dhcp_queue_drops_and_counts_until_the_daemon_reads() {
+    let Some((_pins, mut g)) = loaded() else {
+        return;
+    };
+    // Each record is the ring's 8-byte header and a DhcpFrame, rounded up to 8 bytes.
+    let record = (8 + size_of::<DhcpFrame>()).next_multiple_of(8);
+    let capacity = DHCP_RING_BYTES as usize / record;
+    let d = discover();
+    for _ in 0..capacity {
+        assert_eq!(g.guest_to_pod(&d).0, DROP);
+    }
+    assert_eq!(g.stats(SLOT).dhcp, capacity as u64, "all queued");
+    let before = g.stats(SLOT);
+    assert_eq!(g.guest_to_pod(&d).0, DROP);
+    assert_eq!(g.stats(SLOT), plus_drop(&before, DropReason::DhcpQueueFull));
+    assert_eq!(g.node_drops()[DropReason::DhcpQueueFull as usize], 1);
+
+    // Once the daemon has read the queue, DHCP flows again.
+    assert_eq!(g.dhcp_queue().len(), capacity);
+    assert_eq!(g.guest_to_pod(&d).0, DROP);
+    assert_eq!(g.stats(SLOT).dhcp, capacity as u64 + 1);
+    assert_eq!(g.dhcp_queue(), [(SLOT, d)]);
+}
+
+#[test]
+fn each_guest_is_checked_against_its_own_addresses_in_the_shared_maps() {
+    if !prerequisites() {
+        return;
+    }
+    let pins = PinDir::new("guests");
+    let mut a = Guest::load(pins.path(), &GUEST);
+    let b_id = Identity {
+        slot: 7,
+        mac: OTHER_MAC,
+        ip: OTHER_IP,
+        ..GUEST
+    };
+    let mut b = Guest::load(pins.path(), &b_id);
+    let from_a = udp(GUEST_MAC, GUEST_IP, PEER_IP, b"a");
+    // A's frame on B's tap is a spoof, counted in B's slot; on A's own tap it passes.
+    assert_eq!(b.guest_to_pod(&from_a).0, DROP);
+    assert_eq!(a.guest_to_pod(&from_a).0, REDIRECT);
+    // Both guests count into the one pinned map, each in its slot; drops are node-wide.
+    for g in [&a, &b] {
+        assert_eq!(g.stats(SLOT).rx_packets, 1);
+        assert_eq!(g.stats(SLOT).drops, [0; 16]);
+        assert_eq!(g.stats(7).rx_packets, 0);
+        assert_eq!(g.stats(7).drops[DropReason::SpoofedMac as usize], 1);
+        assert_eq!(g.node_drops()[DropReason::SpoofedMac as usize], 1);
+    }
+}
+
+/// A throwaway network namespace, deleted (with its interfaces) when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new(what: &str) -> Netns {
+        let name = format!("tapestry-test-{what}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let ns = Netns(name);
+        run("ip", &["netns", "add", &ns.0]);
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.0)
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.0.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all);
+    }
+}
+
+/// The interface's count of frames it could not send (tx_dropped), in namespace `ns`.
+fn tx_dropped(ns: &str, ifname: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-s", "-j", "link", "show", "dev", ifname])
+        .output()
+        .unwrap();
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    links[0]["stats64"]["tx"]["dropped"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no tx dropped counter for {ifname} in {links}"))
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+
+/// The tap's file descriptor, opened as QEMU opens it: frames written are what the guest sends,
+/// frames read are what reaches it. Call in the tap's namespace.
+fn open_tap(name: &str) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .context("opening /dev/net/tun")?;
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI;
+    // SAFETY: TUNSETIFF reads the ifreq we own, on our fd.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req) } != 0 {
+        return Err(io::Error::last_os_error()).context("TUNSETIFF");
+    }
+    set_nonblocking(file.as_raw_fd());
+    Ok(file)
+}
+
+/// A packet socket on `ifindex` that sends frames and sees every frame the interface receives.
+fn capture_socket(ifindex: u32) -> Result<OwnedFd> {
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: a plain socket call.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            all as i32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("AF_PACKET socket");
+    }
+    // SAFETY: `fd` is a socket we just opened and own from here on.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = all;
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: binding our socket to a sockaddr_ll of the size given.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+            size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("binding the packet socket");
+    }
+    set_nonblocking(sock.as_raw_fd());
+    Ok(sock)
+}
+
+fn set_nonblocking(fd: i32) {
+    // SAFETY: flag changes on an fd the caller owns.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+}
+
+fn send(sock: &OwnedFd, frame: &[u8]) -> Result<()> {
+    // SAFETY: sending from a buffer we own on a bound socket.
+    let n = unsafe { libc::send(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error()).context("send");
+    }
+    Ok(())
+}
+
+/// Whether `frame` arrives on the socket (as received, not as sent by us) within a second.
+fn received(sock: &OwnedFd, frame: &[u8]) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut from_len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        // SAFETY: receiving into buffers we own, their sizes given.
+        let n = unsafe {
+            libc::recvfrom(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                &mut from as *mut libc::sockaddr_ll as *mut libc::sockaddr,
+                &mut from_len,
+            )
+        };
+        if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING && &buf[..n as usize] == frame {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// Whether `frame` can be read from the tap within a second.
+fn read_from_tap(tap: &mut File, frame: &[u8]) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        if let Ok(n) = tap.read(&mut buf)
+            && &buf[..n] == frame
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// What the programs did with real interfaces.
+#[derive(Debug)]
+struct Seen {
+    /// The guest's frame, written to the tap, came out of the pod interface's peer.
+    guest_frame_left_the_pod_interface: bool,
+    /// The guest's frame also came back into the tap (it must not).
+    guest_frame_back_in_the_tap: bool,
+    /// A frame sent to the pod interface could be read from the tap.
+    frame_reached_the_tap: bool,
+    /// The guest's counters around an IPv4 frame too short for its header, from the guest.
+    cut_ipv4: (GuestStats, GuestStats),
+    tx_before_carrier: (GuestStats, GuestStats),
+    tap_tx_dropped: (u64, u64),
+}
+
+/// The cross-connect on real interfaces: pod0 (its veth peer stands for the pod network) and
+/// tap0 in a throwaway namespace, both programs attached as the daemon attaches them (TCX,
+/// ingress). With a real redirect the kernel delivers the frame, so the target can be seen:
+/// pod_to_guest must hand the pod's traffic to the tap and guest_to_pod the guest's to the pod
+/// interface's egress (out to its peer), never the other way round. A real tap also takes an
+/// IPv4 frame too short for its header, which the test run refuses.
+///
+/// Before carrier: pod_to_guest has no notion of the tap's state (nothing in the program reads
+/// it); it redirects and counts the frame as sent to the guest. With no reader on the tap (the
+/// VM has not opened it yet) the tap has no carrier and drops the frame, counting it in its own
+/// tx_dropped: the guest's tx counters include frames the guest never got.
+#[test]
+fn redirects_reach_the_tap_and_the_pod_interface() {
+    if !prerequisites() {
+        return;
+    }
+    let ns = Netns::new("guest-redirect");
+    let pins = PinDir::new("guest-redirect");
+    // No IPv6 in the namespace, so the only frames on these interfaces are the test's.
+    let no_ipv6 = in_netns(&ns.path(), || {
+        for conf in ["all", "default"] {
+            std::fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "1")?;
+        }
+        Ok(())
+    });
+    no_ipv6.expect("disabling IPv6 in the test namespace");
+    ns.ip(&[
+        "link", "add", "pod0", "type", "veth", "peer", "name", "peer0",
+    ]);
+    ns.ip(&["tuntap", "add", "dev", "tap0", "mode", "tap"]);
+    for ifname in ["pod0", "peer0", "tap0"] {
+        ns.ip(&["link", "set", ifname, "up"]);
+    }
+    let pin_dir = pins.path().to_owned();
+    let ns_name = ns.0.clone();
+    let seen = in_netns(&ns.path(), move || -> Result<Seen> {
+        let id = Identity {
+            tap_ifindex: ifindex_of("tap0")?,
+            pod_ifindex: ifindex_of("pod0")?,
+            ..GUEST
+        };
+        let peer = capture_socket(ifindex_of("peer0")?)?;
+        let mut g = Guest::load(&pin_dir, &id);
+        for (name, ifname) in [
+            (program_names::POD_TO_GUEST, "pod0"),
+            (program_names::GUEST_TO_POD, "tap0"),
+        ] {
+            g.program(name)
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    tc::TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .with_context(|| format!("attaching {name} to {ifname}"))?;
+        }
+        let mut tap = open_tap("tap0")?;
+
+        let from_guest = udp(GUEST_MAC, GUEST_IP, PEER_IP, b"guest to pod");
+        tap.write_all(&from_guest)?;
+        let guest_frame_left_the_pod_interface = received(&peer, &from_guest);
+        let guest_frame_back_in_the_tap = read_from_tap(&mut tap, &from_guest);
+
+        let to_guest = udp(GW_MAC, PEER_IP, GUEST_IP, b"pod to guest");
+        send(&peer, &to_guest)?;
+        let frame_reached_the_tap = read_from_tap(&mut tap, &to_guest);
+
+        let mut cut = udp(GUEST_MAC, GUEST_IP, PEER_IP, b"");
+        cut.truncate(14 + 19);
+        let before_cut = g.stats(SLOT);
+        tap.write_all(&cut)?;
+        // The program runs in the write, on tap0's ingress.
+        let cut_ipv4 = (before_cut, g.stats(SLOT));
+
+        // The VM goes away (or has not started): no reader, no carrier.
+        drop(tap);
+        let before = (g.stats(SLOT), tx_dropped(&ns_name, "tap0"));
+        send(&peer, &udp(GW_MAC, PEER_IP, GUEST_IP, b"no one there"))?;
+        std::thread::sleep(Duration::from_millis(200));
+        let after = (g.stats(SLOT), tx_dropped(&ns_name, "tap0"));
+        Ok(Seen {
+            guest_frame_left_the_pod_interface,
+            guest_frame_back_in_the_tap,
+            frame_reached_the_tap,
+            cut_ipv4,
+            tx_before_carrier: (before.0, after.0),
+            tap_tx_dropped: (before.1, after.1),
+        })
+    })
+    .expect("the cross-connect in the test namespace");
+
+    assert!(seen.guest_frame_left_the_pod_interface, "{seen:?}");
+    assert!(!seen.guest_frame_back_in_the_tap, "{seen:?}");
+    assert!(seen.frame_reached_the_tap, "{seen:?}");
+    let (before, after) = seen.cut_ipv4;
+    assert_eq!(after, plus_drop(&before, DropReason::SpoofedIp), "{seen:?}");
+    let (before, after) = seen.tx_before_carrier;
+    assert_eq!(after.tx_packets, before.tx_packets + 1, "{seen:?}");
+    assert_eq!(seen.tap_tx_dropped.1, seen.tap_tx_dropped.0 + 1, "{seen:?}");
+}
