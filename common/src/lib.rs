@@ -117,6 +117,14 @@ pub mod guest_globals {
     pub const IP: &str = "GUEST_IP";
 }
 
+/// A MAC as [`guest_globals::MAC`] holds it: the 6 bytes in packet order in the low bytes of a
+/// little-endian u64. A contract between the daemon, which writes it, and the guest program,
+/// which compares frames against it.
+#[inline(always)]
+pub const fn mac_u64(mac: &[u8; 6]) -> u64 {
+    u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0])
+}
+
 /// Guests per node (slots of the per-guest counters).
 pub const MAX_GUESTS: u32 = 4096;
 /// DHCP frames larger than this are cut (DHCP messages from clients are ~300-600 bytes).

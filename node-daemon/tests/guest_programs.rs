@@ -36,7 +36,12 @@ use tapestry_common::{
     DHCP_FRAME_MAX, DHCP_RING_BYTES, DhcpFrame, DropReason, GuestStats, guest_globals, map_names,
     program_names,
 };
-use tapestry_node_daemon::{datapath::ifindex_of, guest, netns::in_netns};
+use tapestry_node_daemon::datapath::{guest, ifindex_of};
+
+/// Runs `f` in the network namespace at `path` (on a thread of its own).
+fn in_netns<T: Send>(path: &std::path::Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    tapestry_netns::run_in(path, f)?
+}
 
 mod common;
 use common::{PinDir, prerequisites};
@@ -90,7 +95,7 @@ impl Guest {
             !guest::OBJECT.is_empty(),
             "built with AYA_BUILD_SKIP=1: there is no eBPF object to test"
         );
-        let mac = guest::mac_u64(&id.mac);
+        let mac = tapestry_common::mac_u64(&id.mac);
         let ip = u32::from_ne_bytes(id.ip);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins)

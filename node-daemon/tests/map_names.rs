@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use aya::EbpfLoader;
 use tapestry_common::map_names;
-use tapestry_node_daemon::{datapath, guest};
+use tapestry_node_daemon::datapath::{self, guest};
 
 mod common;
 use common::{PinDir, prerequisites};

@@ -17,7 +17,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use tapestry_common::{DHCP_FRAME_MAX, DhcpFrame, DropReason, GuestStats, IPPROTO_UDP};
+use tapestry_common::{DHCP_FRAME_MAX, DhcpFrame, DropReason, GuestStats, IPPROTO_UDP, mac_u64};
 use tapestry_ebpf::{
     maps::increment,
     packet::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, read},
@@ -70,13 +70,6 @@ fn update_stats(f: impl FnOnce(&mut GuestStats)) {
         // other program run on this CPU holds a reference to this copy meanwhile.
         f(unsafe { &mut *s });
     }
-}
-
-#[inline(always)]
-fn mac_u64(mac: &[u8; 6]) -> u64 {
-    let mut b = [0u8; 8];
-    b[..6].copy_from_slice(mac);
-    u64::from_le_bytes(b)
 }
 
 #[classifier]

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::{EbpfLoader, programs::SchedClassifier};
-use tapestry_common::{guest_globals, program_names};
+use tapestry_common::{guest_globals, mac_u64, program_names};
 
 use super::{iface, kernel_btf, link};
 
@@ -37,12 +37,6 @@ pub struct Attached {
     pub tap_mac: [u8; 6],
     /// Send-only packet socket on the tap, for DHCP answers.
     pub socket: OwnedFd,
-}
-
-pub fn mac_u64(mac: &[u8; 6]) -> u64 {
-    let mut b = [0u8; 8];
-    b[..6].copy_from_slice(mac);
-    u64::from_le_bytes(b)
 }
 
 fn link_pins(pin_dir: &Path, slot: u32) -> [PathBuf; 2] {
