@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use ipnetwork::IpNetwork;
+use ipnet::{IpNet, Ipv4Net};
 use tapestry_api::types::{DnsConfig, MacAddr, RouteSpec, VmAttachment};
 
 use crate::{
@@ -92,10 +92,10 @@ pub struct GuestInputs<'a> {
 }
 
 /// The guest's IPv4 address and gateway: the first IPv4 address the primary gave the pod.
-pub fn guest_ipv4(pod_ips: &[&IpConfig]) -> Option<(IpNetwork, Option<Ipv4Addr>)> {
+pub fn guest_ipv4(pod_ips: &[&IpConfig]) -> Option<(IpNet, Option<Ipv4Addr>)> {
     pod_ips.iter().find_map(|ip| {
         let net = ip.network();
-        net.is_ipv4().then(|| {
+        matches!(net, IpNet::V4(_)).then(|| {
             let gw = match ip.gateway {
                 Some(IpAddr::V4(gw)) => Some(gw),
                 _ => None,
@@ -117,13 +117,15 @@ pub fn attachment(inputs: GuestInputs<'_>) -> Result<VmAttachment> {
     // A subnet the primary routes through the gateway (ptp, Calico) is not on-link for the
     // guest either: it gets a /32 and the routes, so it sends everything to the gateway as the
     // pod did. On a bridge the subnet stays on-link.
-    if let IpNetwork::V4(net) = guest_ip {
+    if let IpNet::V4(net) = guest_ip {
         let routed_subnet = inputs.pod_routes.iter().find(|r| {
-            r.gw.is_some() && r.prefix == net.prefix() && r.dst == net.network() && r.prefix < 32
+            r.gw.is_some()
+                && r.prefix == net.prefix_len()
+                && r.dst == net.network()
+                && r.prefix < 32
         });
         if let Some(r) = routed_subnet {
-            guest_ip =
-                IpNetwork::V4(ipnetwork::Ipv4Network::new(net.ip(), 32).expect("a /32 is valid"));
+            guest_ip = IpNet::V4(Ipv4Net::new(net.addr(), 32).expect("a /32 is valid"));
             let dst = format!("{}/{}", r.dst, r.prefix);
             if !routes.iter().any(|x| x.dst == dst) {
                 routes.push(RouteSpec { dst, gw: r.gw });
@@ -148,8 +150,8 @@ fn routes(prev: &CniResult) -> Vec<RouteSpec> {
         .iter()
         .filter(|r| !r.is_default())
         .filter_map(|r| {
-            let dst: IpNetwork = r.dst.parse().ok()?;
-            if !dst.is_ipv4() {
+            let dst: IpNet = r.dst.parse().ok()?;
+            if !matches!(dst, IpNet::V4(_)) {
                 return None;
             }
             let gw = match r.gw {

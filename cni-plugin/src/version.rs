@@ -12,7 +12,7 @@
 
 use std::{fmt, net::IpAddr};
 
-use ipnetwork::IpNetwork;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -199,7 +199,7 @@ pub struct IpConfig {
 
 impl IpConfig {
     /// The address, validated when the result was parsed.
-    pub fn network(&self) -> IpNetwork {
+    pub fn network(&self) -> IpNet {
         self.address
             .parse()
             .expect("addresses are validated when the result is parsed")
@@ -220,7 +220,7 @@ pub struct Route {
 
 impl Route {
     pub fn is_default(&self) -> bool {
-        self.dst.parse::<IpNetwork>().is_ok_and(|n| n.prefix() == 0)
+        self.dst.parse::<IpNet>().is_ok_and(|n| n.prefix_len() == 0)
     }
 }
 
@@ -299,13 +299,12 @@ pub fn parse_result(raw: &Value, config_version: CniVersion) -> Result<CniResult
     Ok(result)
 }
 
-/// `address/prefix`; unlike `IpNetwork`'s parser, a bare address is not taken as a /32.
-pub fn parse_cidr(s: &str) -> std::result::Result<IpNetwork, String> {
+/// `address/prefix`; a bare address is not taken as a /32.
+pub fn parse_cidr(s: &str) -> std::result::Result<IpNet, String> {
     if !s.contains('/') {
         return Err("no /prefix".into());
     }
-    s.parse()
-        .map_err(|e: ipnetwork::IpNetworkError| e.to_string())
+    s.parse().map_err(|e: ipnet::AddrParseError| e.to_string())
 }
 
 fn invalid_result(msg: String) -> CniError {
@@ -315,8 +314,12 @@ fn invalid_result(msg: String) -> CniError {
     ))
 }
 
-fn ip_version_of(net: &IpNetwork) -> &'static str {
-    if net.is_ipv4() { "4" } else { "6" }
+fn ip_version_of(net: &IpNet) -> &'static str {
+    if matches!(net, IpNet::V4(_)) {
+        "4"
+    } else {
+        "6"
+    }
 }
 
 /// Writes a result in `version`'s shape.
