@@ -1436,7 +1436,9 @@ fn tapestry_del_edge_cases_and_restart() {
     lab.destroy().unwrap();
 }
 
-/// Pods set up and torn down in parallel (kubelet does that), half of them VM pods.
+/// Pods set up and torn down in parallel (kubelet does that), 20 at once, half of them VM pods:
+/// the daemon enters each pod's namespace and loads each guest's programs with no lock held, so
+/// these ADDs really run side by side.
 #[test]
 fn tapestry_parallel_pods() {
     require_lab!();
@@ -1460,7 +1462,7 @@ fn tapestry_parallel_pods() {
             )
         })
         .collect();
-    const N: usize = 8;
+    const N: usize = 20;
     let sbs: Vec<Sandbox> = (0..N).map(|i| sandbox(&lab, &format!("q{i}"))).collect();
     let confs: Vec<RuntimeConf> = sbs
         .iter()
@@ -1505,6 +1507,10 @@ fn tapestry_parallel_pods() {
         ips.insert(ep.request.ips[0].clone());
     }
     assert_eq!(ips.len(), N, "distinct addresses");
+    let guests = daemon.client().guests().unwrap();
+    assert_eq!(guests.len(), N / 2, "{guests:?}");
+    let taps: BTreeSet<&str> = guests.iter().map(|g| g.container_id.as_str()).collect();
+    assert_eq!(taps.len(), N / 2, "one guest per VM pod");
     rt.status(&lists[0]).unwrap();
     std::thread::scope(|s| {
         for (i, c) in confs.iter().enumerate() {
