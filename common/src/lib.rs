@@ -98,6 +98,9 @@ pub mod map_names {
 pub mod program_names {
     /// Attached to the ingress of every endpoint's host-side interface (the endpoint's egress).
     pub const FROM_ENDPOINT: &str = "tapestry_from_endpoint";
+    /// Attached to the egress of every endpoint's host-side interface (what reaches the
+    /// endpoint): reverse NAT of the flows this node balanced.
+    pub const TO_ENDPOINT: &str = "tapestry_to_endpoint";
     /// VM pods, in the pod's netns: the pod interface's ingress, towards the guest's tap.
     pub const POD_TO_GUEST: &str = "tapestry_pod_to_guest";
     /// VM pods, in the pod's netns: the tap's ingress (what the guest sends), checked for

@@ -23,7 +23,8 @@ mod common;
 use common::prerequisites;
 
 const NEXT: i32 = -1;
-const OK: i32 = 0;
+/// Rewritten and on along the TCX chain (TCX_NEXT): a program after ours sees the new packet.
+const OK: i32 = -1;
 const DROP: i32 = 2;
 const REDIRECT: i32 = 7;
 
@@ -69,9 +70,20 @@ impl Lb {
             .unwrap();
     }
 
+    /// Through the load balancer: what an endpoint sends (its host veth's ingress).
     fn run(&mut self, packet: &[u8]) -> (i32, Vec<u8>) {
-        let mut out = vec![0u8; packet.len() + 256];
         let prog = self.datapath.program().unwrap();
+        Self::test_run(prog, packet)
+    }
+
+    /// Through reverse NAT: what reaches an endpoint (its host veth's egress).
+    fn run_reply(&mut self, packet: &[u8]) -> (i32, Vec<u8>) {
+        let prog = self.datapath.reply_program().unwrap();
+        Self::test_run(prog, packet)
+    }
+
+    fn test_run(prog: &mut aya::programs::SchedClassifier, packet: &[u8]) -> (i32, Vec<u8>) {
+        let mut out = vec![0u8; packet.len() + 256];
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(packet),
@@ -217,8 +229,11 @@ fn tcp_to_frontend_is_dnated_and_replies_reverse_nated() {
     assert_eq!(v, OK);
     assert_eq!(inspect(&out).dst, Ipv4Addr::new(10, 0, 0, 2));
 
-    // The backend's reply is rewritten back to the frontend.
-    let (v, out) = lb.run(&tcp_packet([10, 0, 0, 2], 8080, CLIENT, 40000, false));
+    // The backend's reply leaves the backend untouched (its node may not be the client's) and is
+    // rewritten back to the frontend as it reaches the client.
+    let reply = tcp_packet([10, 0, 0, 2], 8080, CLIENT, 40000, false);
+    assert_eq!(lb.run(&reply), (NEXT, reply.clone()));
+    let (v, out) = lb.run_reply(&reply);
     assert_eq!(v, OK);
     let s = inspect(&out);
     assert_eq!((s.src, s.sport), (ip(VIP), 80));
@@ -226,11 +241,16 @@ fn tcp_to_frontend_is_dnated_and_replies_reverse_nated() {
     assert_eq!(lb.counter(Counter::NewFlows), 1);
     assert_eq!(lb.counter(Counter::ReverseNat), 1);
 
-    // Traffic that is neither for a frontend nor a reply passes untouched.
+    // Traffic that is neither for a frontend nor a reply passes untouched, both ways; so does a
+    // forward packet reaching the backend (this node did not balance it: no reply entry).
     let other = tcp_packet([10, 0, 0, 2], 8080, CLIENT, 40001, false);
     let (v, out) = lb.run(&other);
     assert_eq!(v, NEXT);
     assert_eq!(out, other);
+    assert_eq!(lb.run_reply(&other), (NEXT, other.clone()));
+    let to_backend = tcp_packet([10, 0, 9, 9], 40000, [10, 0, 0, 2], 8080, true);
+    assert_eq!(lb.run_reply(&to_backend), (NEXT, to_backend.clone()));
+    assert_eq!(lb.counter(Counter::ReverseNat), 1);
 }
 
 #[test]
@@ -242,7 +262,7 @@ fn udp_to_frontend_is_dnated_and_replies_reverse_nated() {
     assert_eq!(v, OK);
     let s = inspect(&out);
     assert_eq!((s.dst, s.dport), (Ipv4Addr::new(10, 0, 0, 3), 5353));
-    let (v, out) = lb.run(&udp_packet([10, 0, 0, 3], 5353, CLIENT, 5000, b"answer"));
+    let (v, out) = lb.run_reply(&udp_packet([10, 0, 0, 3], 5353, CLIENT, 5000, b"answer"));
     assert_eq!(v, OK);
     let s = inspect(&out);
     assert_eq!((s.src, s.sport), (ip(VIP), 53));

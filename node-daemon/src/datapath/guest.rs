@@ -9,7 +9,10 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::{EbpfLoader, programs::SchedClassifier};
+use aya::{
+    EbpfLoader,
+    programs::{SchedClassifier, TcAttachType},
+};
 use tapestry_common::{guest_globals, mac_u64, program_names};
 
 use super::{iface, kernel_btf, link};
@@ -82,7 +85,7 @@ pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
                 .try_into()?;
             prog.load()
                 .with_context(|| format!("the kernel rejected {prog_name}"))?;
-            link::attach(prog, ifname, pin)?;
+            link::attach(prog, ifname, TcAttachType::Ingress, pin)?;
         }
         let socket = iface::packet_socket(tap_ifindex)?;
         Ok(Attached {

@@ -31,13 +31,18 @@ fn is_not_found(e: &LinkError) -> bool {
     matches!(e, LinkError::SyscallError(SyscallError { io_error, .. }) if io_error.kind() == io::ErrorKind::NotFound)
 }
 
-/// Puts `prog` on the ingress of `ifname` (resolved in the calling thread's network namespace),
-/// first in its TCX chain, and pins the link at `pin`; when `pin` already holds a link, switches
-/// that link to `prog` instead.
+/// Puts `prog` on `hook` of `ifname` (resolved in the calling thread's network namespace), first
+/// in its TCX chain, and pins the link at `pin`; when `pin` already holds a link, switches that
+/// link to `prog` instead.
 ///
 /// First in the chain so that a primary CNI's or kube-proxy's own program sees the packet after
-/// the rewrite (ours returns "next" for everything it does not own).
-pub fn attach(prog: &mut SchedClassifier, ifname: &str, pin: &Path) -> Result<Attached> {
+/// the rewrite (ours returns "next" for everything it does not own, and after a rewrite).
+pub fn attach(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    hook: TcAttachType,
+    pin: &Path,
+) -> Result<Attached> {
     match PinnedLink::from_pin(pin) {
         Ok(old) => {
             let link = SchedClassifierLink::try_from(FdLink::from(old))
@@ -51,11 +56,7 @@ pub fn attach(prog: &mut SchedClassifier, ifname: &str, pin: &Path) -> Result<At
         }
         Err(e) if is_not_found(&e) => {
             let id = prog
-                .attach_with_options(
-                    ifname,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::first()),
-                )
+                .attach_with_options(ifname, hook, TcAttachOptions::TcxOrder(LinkOrder::first()))
                 .with_context(|| format!("attaching to {ifname}"))?;
             let link: FdLink = prog.take_link(id)?.try_into()?;
             link.pin(pin)

@@ -25,7 +25,7 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
-    programs::SchedClassifier,
+    programs::{SchedClassifier, TcAttachType},
 };
 use tapestry_common::{
     AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, GuestStats, LbTable, Service,
@@ -38,9 +38,41 @@ pub use iface::{ifindex_of, ifname_of};
 /// The compiled programs (built by build.rs from `ebpf/`).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapestry-lb"));
 
-const PROGRAM_PIN: &str = "prog_from_endpoint";
+/// The Service programs: (name in the object, pin, hook on an endpoint's host interface, link
+/// pin prefix). Ingress is what the endpoint sends (load balancing), egress what reaches it
+/// (reverse NAT of the flows this node balanced).
+const SERVICE_PROGRAMS: [(&str, &str, Hook, &str); 2] = [
+    (
+        program_names::FROM_ENDPOINT,
+        "prog_from_endpoint",
+        Hook::Ingress,
+        "ingress-",
+    ),
+    (
+        program_names::TO_ENDPOINT,
+        "prog_to_endpoint",
+        Hook::Egress,
+        "egress-",
+    ),
+];
 const LINKS_DIR: &str = "links";
 const INGRESS_PREFIX: &str = "ingress-";
+
+/// Where on an interface a program runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    Ingress,
+    Egress,
+}
+
+impl Hook {
+    fn tc(self) -> TcAttachType {
+        match self {
+            Hook::Ingress => TcAttachType::Ingress,
+            Hook::Egress => TcAttachType::Egress,
+        }
+    }
+}
 
 /// Typed handles on every map of the datapath (not the ring buffers, which have one reader each).
 pub struct Maps {
@@ -166,16 +198,18 @@ impl Datapath {
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)
             .context("loading the eBPF object")?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(program_names::FROM_ENDPOINT)
-            .context("program missing from the eBPF object")?
-            .try_into()?;
-        prog.load()
-            .context("the kernel rejected the datapath program")?;
-        let prog_pin = pin_dir.join(PROGRAM_PIN);
-        let _ = fs::remove_file(&prog_pin);
-        prog.pin(&prog_pin)
-            .with_context(|| format!("pinning the program at {}", prog_pin.display()))?;
+        for (name, pin, _, _) in SERVICE_PROGRAMS {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("the kernel rejected {name}"))?;
+            let prog_pin = pin_dir.join(pin);
+            let _ = fs::remove_file(&prog_pin);
+            prog.pin(&prog_pin)
+                .with_context(|| format!("pinning the program at {}", prog_pin.display()))?;
+        }
         info!(
             pin_dir = %pin_dir.display(),
             maps_reused = reused,
@@ -223,12 +257,21 @@ impl Datapath {
         &self.pins.dir
     }
 
-    /// The loaded Service program (for `BPF_PROG_TEST_RUN`).
+    /// The loaded load-balancing program, what endpoints send (for `BPF_PROG_TEST_RUN`).
     pub fn program(&mut self) -> Result<&mut SchedClassifier> {
+        self.loaded(program_names::FROM_ENDPOINT)
+    }
+
+    /// The loaded reverse-NAT program, what reaches endpoints (for `BPF_PROG_TEST_RUN`).
+    pub fn reply_program(&mut self) -> Result<&mut SchedClassifier> {
+        self.loaded(program_names::TO_ENDPOINT)
+    }
+
+    fn loaded(&mut self, name: &str) -> Result<&mut SchedClassifier> {
         Ok(self
             .ebpf
-            .program_mut(program_names::FROM_ENDPOINT)
-            .context("program missing")?
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
             .try_into()?)
     }
 
@@ -281,22 +324,42 @@ impl Pins {
     }
 
     pub fn program_pinned(&self) -> bool {
-        self.dir.join(PROGRAM_PIN).exists()
+        SERVICE_PROGRAMS
+            .iter()
+            .all(|(_, pin, _, _)| self.dir.join(pin).exists())
     }
 
-    fn link_pin(&self, ifindex: u32) -> PathBuf {
-        self.links_dir().join(format!("{INGRESS_PREFIX}{ifindex}"))
+    fn link_pin(&self, prefix: &str, ifindex: u32) -> PathBuf {
+        self.links_dir().join(format!("{prefix}{ifindex}"))
     }
 
-    /// Attaches the Service program to the ingress of `ifname` (an endpoint's host-side
-    /// interface). Idempotent: an existing pinned link is switched to the pinned program.
+    /// Attaches the Service programs to `ifname` (an endpoint's host-side interface): load
+    /// balancing on its ingress, reverse NAT on its egress. Idempotent: existing pinned links are
+    /// switched to the pinned programs. When the second hook fails, the first is taken off again.
     pub fn attach(&self, ifname: &str) -> Result<Attachment> {
         let ifindex = ifindex_of(ifname)?;
-        let prog_pin = self.dir.join(PROGRAM_PIN);
-        let mut prog = SchedClassifier::from_pin(&prog_pin)
-            .with_context(|| format!("opening the pinned program {}", prog_pin.display()))?;
-        let how = link::attach(&mut prog, ifname, &self.link_pin(ifindex))?;
-        debug!(ifname, ifindex, ?how, "attached");
+        let mut done = Vec::new();
+        for (_, pin, hook, prefix) in SERVICE_PROGRAMS {
+            let prog_pin = self.dir.join(pin);
+            let link_pin = self.link_pin(prefix, ifindex);
+            let attached = SchedClassifier::from_pin(&prog_pin)
+                .with_context(|| format!("opening the pinned program {}", prog_pin.display()))
+                .and_then(|mut prog| link::attach(&mut prog, ifname, hook.tc(), &link_pin));
+            match attached {
+                Ok(how) => {
+                    debug!(ifname, ifindex, ?hook, ?how, "attached");
+                    done.push((how, link_pin));
+                }
+                Err(e) => {
+                    for (how, pin) in done {
+                        if how == link::Attached::Created {
+                            let _ = link::remove(&pin);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
         Ok(Attachment {
             ifindex,
             ifname: ifname.to_owned(),
@@ -304,9 +367,13 @@ impl Pins {
     }
 
     /// Detaches from `ifindex`. Detaching what is not attached (or an interface that is gone)
-    /// succeeds.
+    /// succeeds; returns whether anything was attached.
     pub fn detach(&self, ifindex: u32) -> Result<bool> {
-        link::remove(&self.link_pin(ifindex))
+        let mut any = false;
+        for (_, _, _, prefix) in SERVICE_PROGRAMS {
+            any |= link::remove(&self.link_pin(prefix, ifindex))?;
+        }
+        Ok(any)
     }
 
     /// Pinned links from an earlier run: adopts those whose interface still exists (switching
@@ -325,15 +392,18 @@ impl Pins {
                 found.insert(idx, entry.path());
             }
         }
-        for (ifindex, path) in found {
+        for (ifindex, _) in found {
             match ifname_of(ifindex) {
+                // Both hooks: a datapath pinned by a version with ingress only gains egress.
                 Some(ifname) => match self.attach(&ifname) {
                     Ok(a) => adopted.push(a),
                     Err(e) => warn!(ifname, error = %format!("{e:#}"), "could not adopt link"),
                 },
                 None => {
-                    debug!(ifindex, "interface gone; removing its link pin");
-                    let _ = fs::remove_file(path);
+                    debug!(ifindex, "interface gone; removing its link pins");
+                    for (_, _, _, prefix) in SERVICE_PROGRAMS {
+                        let _ = fs::remove_file(self.link_pin(prefix, ifindex));
+                    }
                 }
             }
         }

@@ -1,7 +1,21 @@
-//! `tapestry_from_endpoint`: on the ingress of every endpoint's host-side interface (pods' veths,
-//! and the VM pods' veths, whose frames come from the guest), so every packet a pod or a guest
-//! sends passes here once. Packets to a frontend are load-balanced (DNAT, conntrack); replies from
-//! a backend are reverse-NATed back to the frontend address.
+//! The Service datapath, two programs on every endpoint's host-side interface (pods' veths, and
+//! the VM pods' veths, whose frames come from the guest):
+//! - `tapestry_from_endpoint` (ingress: what the endpoint sends): packets to a frontend are
+//!   load-balanced (conntrack, backend selection, DNAT);
+//! - `tapestry_to_endpoint` (egress: what is delivered to the endpoint): replies of flows this
+//!   node DNATed get the frontend back as their source.
+//!
+//! Reverse NAT happens where the conntrack entry is, on the client's node, as the reply reaches
+//! the client, whatever path it took: from a backend on this node or another, from a
+//! host-network endpoint (the apiserver behind `kubernetes`), from an address outside the
+//! cluster. A node that only hosts the backend has no entry for the flow and translates nothing.
+//! Hairpin replies (a backend reaching its own frontend) are the exception: they are addressed to
+//! the hairpin SNAT address, which no route delivers, so the ingress program turns them around.
+//!
+//! Both programs continue the TCX chain (`TCX_NEXT`) after a rewrite, so a primary CNI's own tc
+//! program after ours sees the packet, now addressed to the backend (or from the frontend). The
+//! chain ends only where the packet does not go on: a drop, an ICMP reject sent back, a hairpin
+//! packet redirected back out of the interface it came in on.
 //!
 //! The steps that use the load balancer's maps live here, with the maps (`maps!` below), so that
 //! only this object carries them; the map-free steps are tapestry-ebpf's library.
@@ -68,14 +82,60 @@ pub fn tapestry_from_endpoint(ctx: TcContext) -> i32 {
     from_endpoint(&ctx)
 }
 
+#[classifier]
+pub fn tapestry_to_endpoint(ctx: TcContext) -> i32 {
+    to_endpoint(&ctx)
+}
+
+/// Headers in a paged fragment are pulled into the linear area once; failure only means the
+/// parser sees less and passes the packet.
 #[inline(always)]
-fn from_endpoint(ctx: &TcContext) -> i32 {
+fn pull_headers(ctx: &TcContext) {
     let linear = (ctx.data_end() - ctx.data()) as u32;
     if linear < HEADERS_MAX && linear < ctx.len() {
-        // Headers in a paged fragment are pulled into the linear area once; failure only means
-        // the parser below sees less and passes the packet.
         let _ = ctx.pull_data(ctx.len().min(HEADERS_MAX));
     }
+}
+
+/// A later fragment has no L4 header: its ports are the ones its first fragment had.
+#[inline(always)]
+fn fragment_ports(pkt: &mut Ipv4Packet) -> bool {
+    if !pkt.later_fragment {
+        return true;
+    }
+    // SAFETY: `get` returns a reference into the map that a concurrent update could change
+    // under it; it is copied out at once, and the value (RCU-protected) stays valid meanwhile.
+    match unsafe { FRAGMENTS.get(fragment_key(pkt)) }.copied() {
+        Some(ports) => {
+            pkt.sport = ports.sport;
+            pkt.dport = ports.dport;
+            true
+        }
+        None => false,
+    }
+}
+
+/// What is delivered to the endpoint: replies of the flows this node balanced.
+#[inline(always)]
+fn to_endpoint(ctx: &TcContext) -> i32 {
+    pull_headers(ctx);
+    let mut pkt = match packet::parse(ctx) {
+        Parsed::Packet(p) => p,
+        Parsed::NotOurs | Parsed::Truncated { .. } => return verdict::NEXT,
+    };
+    if !fragment_ports(&mut pkt) {
+        return verdict::NEXT;
+    }
+    match lb4_reply(ctx, &pkt) {
+        Ok(Some(v)) => v,
+        Ok(None) => verdict::NEXT,
+        Err(reason) => drop(ctx, &pkt, reason, 0),
+    }
+}
+
+#[inline(always)]
+fn from_endpoint(ctx: &TcContext) -> i32 {
+    pull_headers(ctx);
     let mut pkt = match packet::parse(ctx) {
         Parsed::NotOurs => return pass(),
         Parsed::Truncated {
@@ -91,16 +151,8 @@ fn from_endpoint(ctx: &TcContext) -> i32 {
         Parsed::Truncated { .. } => return pass(),
         Parsed::Packet(p) => p,
     };
-    if pkt.later_fragment {
-        // SAFETY: `get` returns a reference into the map that a concurrent update could change
-        // under it; it is copied out at once, and the value (RCU-protected) stays valid meanwhile.
-        match unsafe { FRAGMENTS.get(fragment_key(&pkt)) }.copied() {
-            Some(ports) => {
-                pkt.sport = ports.sport;
-                pkt.dport = ports.dport;
-            }
-            None => return pass(),
-        }
+    if !fragment_ports(&mut pkt) {
+        return pass();
     }
     if let Some(svc) = lb4_lookup_service(pkt.daddr, pkt.dport, pkt.proto) {
         return match lb4_forward(ctx, &pkt, &svc) {
@@ -108,6 +160,10 @@ fn from_endpoint(ctx: &TcContext) -> i32 {
             Err(reason) => drop(ctx, &pkt, reason, svc.id),
         };
     }
+    if pkt.daddr != hairpin_snat_ip() {
+        return pass();
+    }
+    // A backend answering a flow it started itself through the frontend (hairpin).
     match lb4_reply(ctx, &pkt) {
         Ok(Some(v)) => v,
         Ok(None) => pass(),
@@ -229,7 +285,8 @@ fn lb4_forward(ctx: &TcContext, pkt: &Ipv4Packet, svc: &Service) -> Result<i32, 
         // SAFETY: bpf_redirect takes plain integers and only records the target.
         return Ok(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32);
     }
-    Ok(verdict::OK)
+    // On along the chain: a primary's program after ours sees the packet to the backend.
+    Ok(verdict::NEXT)
 }
 
 /// A service with no backend: new connections are refused with ICMP port unreachable, as
@@ -376,7 +433,7 @@ fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Option<i32>, DropReaso
         // SAFETY: bpf_redirect takes plain integers and only records the target.
         return Ok(Some(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32));
     }
-    Ok(Some(verdict::OK))
+    Ok(Some(verdict::NEXT))
 }
 
 #[cfg(target_arch = "bpf")]
