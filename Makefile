@@ -53,6 +53,7 @@ manifests:
 	mv deploy/manifests/.crd.tmp $(CHART)/crds/guests.tapestry.dev.yaml
 	bin=$$(PATH="$$PATH:/usr/local/go/bin" bash scripts/build-k8s.sh helm) && \
 	  $$bin/helm template tapestry $(CHART) --namespace tapestry --include-crds \
+	  --set namespace.create=true \
 	  > deploy/manifests/tapestry.yaml.tmp
 	mv deploy/manifests/tapestry.yaml.tmp deploy/manifests/tapestry.yaml
 

@@ -2,8 +2,9 @@ use std::{env, fs, path::PathBuf};
 
 use aya_build::{Package, Toolchain};
 
-/// The eBPF objects the daemon includes (`OUT_DIR/<name>`): the `[[bin]]`s of ebpf/Cargo.toml.
-const OBJECTS: [&str; 2] = ["tapestry-lb", "tapestry-guest"];
+/// The eBPF objects (`OUT_DIR/<name>`): the `[[bin]]`s of ebpf/Cargo.toml. The daemon includes
+/// the first two; the chain probe is for node-daemon/tests/chain.rs.
+const OBJECTS: [&str; 3] = ["tapestry-lb", "tapestry-guest", "tapestry-chain-probe"];
 
 fn main() -> aya_build::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
