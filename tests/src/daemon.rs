@@ -50,6 +50,8 @@ pub struct Daemon {
     pub log_file: PathBuf,
     attach: Vec<String>,
     extra_args: Vec<String>,
+    /// The network namespace it runs in (a lab node's); `None`: this process's.
+    netns: Option<PathBuf>,
     child: Option<Child>,
     starts: u32,
 }
@@ -62,6 +64,18 @@ impl Daemon {
     }
 
     pub fn start_with(
+        name: &str,
+        state_yaml: &str,
+        attach: &[&str],
+        extra_args: &[&str],
+    ) -> Result<Daemon> {
+        Self::start_in(None, name, state_yaml, attach, extra_args)
+    }
+
+    /// [`Daemon::start_with`] inside the network namespace `netns` (a lab node's: the daemon's
+    /// netlink, its attachments and its metrics are that namespace's; bpffs stays visible).
+    pub fn start_in(
+        netns: Option<&Path>,
         name: &str,
         state_yaml: &str,
         attach: &[&str],
@@ -88,6 +102,7 @@ impl Daemon {
             dir,
             attach: attach.iter().map(|s| s.to_string()).collect(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            netns: netns.map(Path::to_owned),
             child: None,
             starts: 0,
         };
@@ -121,6 +136,9 @@ impl Daemon {
             .stderr(log);
         for a in &self.attach {
             cmd.arg("--attach").arg(a);
+        }
+        if let Some(netns) = &self.netns {
+            tapestry_netns::command_in(&mut cmd, netns)?;
         }
         self.child = Some(cmd.spawn().context("starting tapestryd")?);
         self.starts += 1;

@@ -229,6 +229,56 @@ impl Lab {
         Ok(pod)
     }
 
+    /// A pod whose namespace `<prefix>-<name>` something else plumbed (a CNI chain run by
+    /// [`crate::cluster`]): its `eth0` is read back; `host_ifname` / `host_ifindex` /
+    /// `host_mac` describe the host-side interface in whatever namespace holds it (a lab
+    /// node's). The namespace is removed with the lab.
+    pub fn adopt_pod(
+        &mut self,
+        name: &str,
+        ip: Ipv4Addr,
+        host: (String, u32, [u8; 6]),
+    ) -> Result<Pod> {
+        let netns = format!("{}-{name}", self.prefix);
+        let (ifindex, mac) = link_info(Some(&netns), "eth0")?;
+        let (host_ifname, host_ifindex, host_mac) = host;
+        let pod = Pod {
+            name: name.to_string(),
+            netns_path: Path::new(RUN_NETNS).join(&netns),
+            netns,
+            ip,
+            mac,
+            ifindex,
+            host_ifname,
+            host_ifindex,
+            host_mac,
+            servers: self.servers.clone(),
+        };
+        self.pods.push(pod.clone());
+        Ok(pod)
+    }
+
+    /// A TCP server answering `"<name>\n"` on `0.0.0.0:port` inside any namespace (a lab node's:
+    /// a host-network endpoint), stopped with the lab.
+    pub fn serve_tcp_name_in(
+        &self,
+        netns_path: &Path,
+        name: &str,
+        port: u16,
+    ) -> Result<ServerHandle> {
+        net::serve_tcp_name(netns_path, name, port, &self.servers)
+    }
+
+    /// Forgets a pod (its namespace was deleted by whoever made it).
+    pub fn forget_pod(&mut self, name: &str) {
+        self.pods.retain(|p| p.name != name);
+    }
+
+    /// The lab's /24 (`10.(240 + slot / 256).(slot % 256).0`).
+    pub fn subnet(&self) -> Ipv4Addr {
+        self.subnet
+    }
+
     pub fn pods(&self) -> &[Pod] {
         &self.pods
     }
@@ -529,7 +579,7 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
 }
 
 /// `(ifindex, mac)` of `dev` in `netns` (or the root namespace).
-fn link_info(netns: Option<&str>, dev: &str) -> Result<(u32, [u8; 6])> {
+pub fn link_info(netns: Option<&str>, dev: &str) -> Result<(u32, [u8; 6])> {
     let mut args = Vec::new();
     if let Some(ns) = netns {
         args.extend(["-n", ns]);

@@ -62,6 +62,7 @@
 //! } // lab dropped: servers stopped, namespaces and links deleted
 //! ```
 
+pub mod cluster;
 pub mod cmd;
 pub mod cni;
 pub mod daemon;

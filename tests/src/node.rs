@@ -1213,6 +1213,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         reply.with_context(|| format!("TCP {addr} from pod {ns}/{name}"))
     }
 
+    /// `kubectl exec` of `command` in container `main` of pod `ns/name` (the pods of
+    /// [`Node::server_pod`], [`Node::sleep_pod`] and friends): its stdout, or an error with
+    /// stderr. The apiserver reaches the kubelet on [`NODE_IP`].
+    pub fn exec(&self, ns: &str, name: &str, command: &[&str]) -> Result<String> {
+        let mut args = vec!["exec", "-n", ns, name, "-c", "main", "--"];
+        args.extend_from_slice(command);
+        self.kubectl_ok(args)
+    }
+
     /// Deletes every pod in every namespace and waits for them to go (CNI DEL runs for each).
     pub fn delete_all_pods(&self, timeout: Duration) -> Result<()> {
         self.kubectl_ok([
@@ -1291,8 +1300,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     /// The `--set` values that keep the chart inside this node: CNI dirs, bpffs dir, socket and
     /// state dir, netns dir, a free metrics port, the apiserver's address for the host-network
-    /// daemon (no kube-proxy), images never pulled, one controller replica, and the datapath
-    /// removed when the daemon stops.
+    /// daemon (`k8sServiceHost`: with no kube-proxy nothing serves a ClusterIP in the host
+    /// network; the chart gives it to the daemon alone, and the controller reaches the apiserver
+    /// through the `kubernetes` ClusterIP and Tapestry's datapath), images never pulled, one
+    /// controller replica, and the datapath removed when the daemon stops.
     pub fn tapestry_values(&self) -> Result<Vec<(&'static str, String)>> {
         let t = self.tapestry_dir();
         Ok(vec![
@@ -1316,6 +1327,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             ),
             ("daemon.uninstallOnStop", "true".into()),
             ("daemon.logLevel", "info".into()),
+            // The daemon's only (the chart sets it on no other container).
             ("k8sServiceHost", NODE_IP.to_string()),
             (
                 "k8sServicePort",

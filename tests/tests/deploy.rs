@@ -1,8 +1,9 @@
 //! The Helm chart (`deploy/helm/tapestry`) and its rendering (`deploy/manifests/tapestry.yaml`):
 //! `helm lint` with several values, what the values change in the rendered objects, the
 //! committed files against a fresh rendering (`make manifests`), and the manifests applied to a
-//! real kube-apiserver: a server-side dry run of everything, then for real, with the
-//! ValidatingAdmissionPolicy confining the daemon's identity to its own node's Guests.
+//! real kube-apiserver: in one `kubectl apply -f` to a bare apiserver (no namespace, no CRD),
+//! twice, as the README offers it; and a server-side dry run of everything, then for real, with
+//! the ValidatingAdmissionPolicy confining the daemon's identity to its own node's Guests.
 //!
 //! helm and kubectl are the binaries `scripts/build-k8s.sh kubelet helm` builds; skipped (or
 //! failed under `CI=...`) when they are missing. Needs no root.
@@ -23,6 +24,9 @@ const NAMESPACE: &str = "tapestry";
 const RELEASE: &str = "tapestry";
 const NODE_SA: &str = "system:serviceaccount:tapestry:tapestry-node";
 const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// What `make manifests` adds to [`render`]'s arguments: the CRD, and the release namespace as an
+/// object (so that `kubectl apply -f` of the file needs nothing beforehand).
+const MANIFESTS_ARGS: &[&str] = &["--include-crds", "--set", "namespace.create=true"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -212,6 +216,8 @@ fn chart_lints_with_its_values() -> Result<()> {
             "k8sServiceHost=10.0.0.1",
             "--set",
             "daemon.socket=/run/tapestry-sock/api.sock",
+            "--set",
+            "namespace.create=true",
         ][..],
     ] {
         let mut args = vec!["lint", "--strict", chart, "--namespace", NAMESPACE];
@@ -419,6 +425,7 @@ fn chart_renders_the_agreed_objects() -> Result<()> {
     );
     assert!(strings(&c["args"]).contains(&"--leader-elect=true".into()));
     assert_eq!(c["env"][0]["name"], "POD_NAMESPACE");
+    assert_no_apiserver_override(c)?;
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     let pdb = find(&objs, "PodDisruptionBudget", "tapestry-controller")?;
     assert_eq!(pdb["spec"]["minAvailable"], 1);
@@ -432,6 +439,19 @@ fn chart_renders_the_agreed_objects() -> Result<()> {
     assert_eq!(
         vap["spec"]["matchConditions"][0]["expression"],
         format!("request.userInfo.username == \"{NODE_SA}\"")
+    );
+    Ok(())
+}
+
+/// The controller's container sets neither KUBERNETES_SERVICE_HOST nor _PORT: it reaches the
+/// apiserver through the `kubernetes` ClusterIP, whatever k8sServiceHost says.
+fn assert_no_apiserver_override(c: &Value) -> Result<()> {
+    let env = c["env"].as_array().context("controller env")?;
+    assert!(
+        !env.iter().any(|e| e["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("KUBERNETES_SERVICE_"))),
+        "the controller overrides the apiserver's address: {env:?}"
     );
     Ok(())
 }
@@ -472,6 +492,8 @@ fn values_change_the_rendering() -> Result<()> {
             "k8sServiceHost=192.0.2.1",
             "--set",
             "controller.replicas=3",
+            "--set",
+            "namespace.create=true",
         ],
     )?)?;
     let ds = find(&objs, "DaemonSet", "tapestry-node")?;
@@ -530,6 +552,23 @@ fn values_change_the_rendering() -> Result<()> {
     );
     let dep = find(&objs, "Deployment", "tapestry-controller")?;
     assert_eq!(dep["spec"]["replicas"], 3);
+    // k8sServiceHost is the host-network daemon's alone.
+    assert_no_apiserver_override(container(
+        &dep["spec"]["template"]["spec"],
+        "containers",
+        "controller",
+    )?)?;
+    // namespace.create: the release namespace, admitting privileged pods.
+    let ns = find(&objs, "Namespace", NAMESPACE)?;
+    assert!(ns["metadata"]["namespace"].is_null(), "{ns}");
+    assert_eq!(
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "privileged"
+    );
+    assert_eq!(
+        ns["metadata"]["labels"]["app.kubernetes.io/instance"],
+        RELEASE
+    );
     Ok(())
 }
 
@@ -557,8 +596,8 @@ fn manifests_are_up_to_date() -> Result<()> {
     );
 
     let home = TempDir::new("drift")?;
-    let fresh = render(&home, &["--include-crds"])?;
-    let again = render(&home, &["--include-crds"])?;
+    let fresh = render(&home, MANIFESTS_ARGS)?;
+    let again = render(&home, MANIFESTS_ARGS)?;
     assert_eq!(
         fresh, again,
         "two renderings differ: the chart is not deterministic"
@@ -572,14 +611,124 @@ fn manifests_are_up_to_date() -> Result<()> {
     assert!(
         committed == fresh,
         "{} differs from `helm template {RELEASE} deploy/helm/tapestry --namespace {NAMESPACE} \
-         --include-crds`: run make manifests\n{}",
+         {}`: run make manifests\n{}",
         manifests_file().display(),
+        MANIFESTS_ARGS.join(" "),
         first_difference(&committed, &fresh)
     );
-    // The rendering carries the CRD first (it must exist before Guests are validated).
+    // The rendering carries the CRD first (it must exist before Guests are validated), then the
+    // namespace (before the objects in it: kubectl applies in file order).
     let objs = objects(&fresh)?;
     assert_eq!(objs[0]["kind"], "CustomResourceDefinition");
     assert_eq!(objs[0]["metadata"]["name"], "guests.tapestry.dev");
+    assert_eq!(objs[1]["kind"], "Namespace");
+    assert_eq!(objs[1]["metadata"]["name"], NAMESPACE);
+    assert_eq!(
+        objs.iter().filter(|o| o["kind"] == "Namespace").count(),
+        1,
+        "one Namespace"
+    );
+    Ok(())
+}
+
+/// The `(kind, name)` of each line of `kubectl apply` output that ends with `suffix`:
+/// `<kind>[.<group>]/<name> <suffix>`, the kind lowercased as kubectl prints it.
+fn applied(out: &str, suffix: &str) -> BTreeSet<(String, String)> {
+    out.lines()
+        .filter(|l| l.ends_with(suffix))
+        .filter_map(|l| {
+            let (kind, name) = l.split_whitespace().next()?.split_once('/')?;
+            let kind = kind.split('.').next()?;
+            Some((kind.to_string(), name.to_string()))
+        })
+        .collect()
+}
+
+/// The `(kind, name)` of every object in the committed manifests, as [`applied`] gives them.
+fn manifest_objects() -> Result<BTreeSet<(String, String)>> {
+    Ok(objects(&std::fs::read_to_string(manifests_file())?)?
+        .iter()
+        .map(|o| {
+            (
+                o["kind"].as_str().unwrap_or("?").to_lowercase(),
+                o["metadata"]["name"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect())
+}
+
+/// `kubectl apply -f deploy/manifests/tapestry.yaml` exactly as the README offers it, on a bare
+/// kube-apiserver (no `tapestry` namespace, no CRD, nothing applied before): the one command
+/// succeeds and creates every object, the namespace (labelled for privileged pods), the CRD, the
+/// DaemonSet and the controller's Deployment among them; the same command again succeeds and
+/// changes nothing.
+#[test]
+fn manifests_apply_in_one_command_to_a_bare_apiserver() -> Result<()> {
+    tapestry_tests::require_k8s!(Ok(()));
+    let cp = ControlPlane::start()?;
+    let manifests = manifests_file();
+    let manifests = manifests.to_str().context("manifests path")?;
+    let want = manifest_objects()?;
+    let before = cp.kubectl(["get", "namespace", NAMESPACE])?;
+    ensure!(
+        !before.status.success(),
+        "a bare apiserver already has namespace {NAMESPACE}"
+    );
+
+    let out = cp
+        .kubectl_ok(["apply", "-f", manifests])
+        .context("kubectl apply -f deploy/manifests/tapestry.yaml on a bare apiserver")?;
+    assert_eq!(applied(&out, " created"), want, "first apply:\n{out}");
+
+    let ns = cp.kubectl_ok(["get", "namespace", NAMESPACE, "-o", "json"])?;
+    let ns: Value = serde_json::from_str(&ns)?;
+    assert_eq!(
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged",
+        "{ns}"
+    );
+    cp.kubectl_ok([
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/guests.tapestry.dev",
+    ])?;
+    let ds: Value = serde_json::from_str(&cp.kubectl_ok([
+        "get",
+        "daemonset/tapestry-node",
+        "-n",
+        NAMESPACE,
+        "-o",
+        "json",
+    ])?)?;
+    assert_eq!(ds["spec"]["template"]["spec"]["hostNetwork"], true, "{ds}");
+    let dep: Value = serde_json::from_str(&cp.kubectl_ok([
+        "get",
+        "deployment/tapestry-controller",
+        "-n",
+        NAMESPACE,
+        "-o",
+        "json",
+    ])?)?;
+    assert_eq!(dep["spec"]["replicas"], 2, "{dep}");
+    // Every object is there (also those the lines above do not look into).
+    for (kind, name) in &want {
+        let out = cp.kubectl(["get", kind, name, "-n", NAMESPACE, "-o", "name"])?;
+        assert!(
+            out.status.success(),
+            "{kind}/{name} missing after the apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Idempotent: the same command again succeeds and changes nothing.
+    let again = cp
+        .kubectl_ok(["apply", "-f", manifests])
+        .context("the second kubectl apply -f deploy/manifests/tapestry.yaml")?;
+    assert_eq!(
+        applied(&again, " unchanged"),
+        want,
+        "second apply:\n{again}"
+    );
     Ok(())
 }
 
@@ -651,6 +800,8 @@ fn manifests_apply_to_a_real_apiserver() -> Result<()> {
     let cp = ControlPlane::start()?;
     let manifests = manifests_file();
     let manifests = manifests.to_str().context("manifests path")?;
+    // A dry run creates nothing, not even the namespace the manifests hold: the namespaced
+    // objects' dry run needs it to exist (the apply below then takes it over).
     cp.kubectl_ok(["create", "namespace", NAMESPACE])?;
     // Guest-dependent objects need the CRD established first.
     cp.kubectl_ok(["apply", "-f", crd_file().to_str().context("crd path")?])?;
@@ -662,26 +813,10 @@ fn manifests_apply_to_a_real_apiserver() -> Result<()> {
     ])?;
 
     let dry = cp.kubectl_ok(["apply", "--dry-run=server", "-f", manifests])?;
-    let objs = objects(&std::fs::read_to_string(manifests_file())?)?;
-    // One line per object: `<kind>[.<group>]/<name> created (server dry run)`.
-    let accepted: BTreeSet<(String, String)> = dry
-        .lines()
-        .filter(|l| l.ends_with("(server dry run)"))
-        .filter_map(|l| {
-            let (kind, name) = l.split_whitespace().next()?.split_once('/')?;
-            let kind = kind.split('.').next()?;
-            Some((kind.to_string(), name.to_string()))
-        })
-        .collect();
-    for o in &objs {
-        let kind = o["kind"].as_str().unwrap_or("?").to_lowercase();
-        let name = o["metadata"]["name"].as_str().unwrap_or("?").to_string();
-        assert!(
-            accepted.contains(&(kind.clone(), name.clone())),
-            "{kind}/{name} missing from the dry run:\n{dry}"
-        );
-    }
-    assert_eq!(accepted.len(), objs.len(), "{dry}");
+    // One line per object: `<kind>[.<group>]/<name> created (server dry run)` (`configured`
+    // for the CRD and the namespace, which exist).
+    let accepted = applied(&dry, "(server dry run)");
+    assert_eq!(accepted, manifest_objects()?, "{dry}");
     // A dry run created nothing.
     let none = cp.kubectl_ok([
         "get",

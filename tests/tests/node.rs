@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use tapestry_tests::node::{self, Node};
+use tapestry_tests::k8s;
+use tapestry_tests::node::{self, Node, TAPESTRY_NAMESPACE};
+use tapestry_tests::poll;
 
 const POD_TIMEOUT: Duration = Duration::from_secs(90);
 /// The VM pod is Ready when its guest (software emulation) serves TCP: boot and DHCP.
@@ -44,6 +46,7 @@ fn steps(node: &Node) -> Result<()> {
     }
     let primary = std::fs::read(node.primary_conflist_path())?;
     tapestry_chained_in(node, &primary)?;
+    apiserver_through_cluster_ip(node)?;
     service_with_pods_and_vm(node)?;
     uninstall_restores_primary(node, &primary)
 }
@@ -137,7 +140,131 @@ fn tapestry_chained_in(node: &Node, primary: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Step 3: two pods and a VM pod behind one Service made with `kubectl expose`; a client pod
+/// Step 3: the `kubernetes` Service through Tapestry's datapath, with no sidestep. Its endpoint
+/// is the apiserver on the node's own address (a host-network endpoint: no pod veth behind it),
+/// so only reverse NAT on the client's node can answer. A plain pod, with only what the kubelet
+/// gives every container (`KUBERNETES_SERVICE_HOST`/`_PORT`: the ClusterIP), connects and gets
+/// the apiserver's `/version` over HTTPS; the controller, to which the chart gives no override
+/// (`k8sServiceHost` is the host-network daemon's alone), holds and renews its leader Lease
+/// through the same ClusterIP.
+fn apiserver_through_cluster_ip(node: &Node) -> Result<()> {
+    let vip = node.cluster_ip("kubernetes")?;
+    let port: u16 = node
+        .kubectl_ok([
+            "get",
+            "service",
+            "kubernetes",
+            "-o",
+            "jsonpath={.spec.ports[0].port}",
+        ])?
+        .trim()
+        .parse()?;
+
+    node.apply(&node.client_pod("api-client"))?;
+    node.wait_pod_running("default", "api-client", POD_TIMEOUT)?;
+    // What an in-cluster client (kube-rs, client-go) reads.
+    let env = node.exec(
+        "default",
+        "api-client",
+        &[
+            "/bin/sh",
+            "-c",
+            "echo $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT",
+        ],
+    )?;
+    assert_eq!(env.trim(), format!("{vip}:{port}"), "the pod's environment");
+    let addr = SocketAddrV4::new(vip, port);
+    node.in_pod("default", "api-client", || {
+        tapestry_tests::tcp_connect(addr, REQUEST_TIMEOUT)
+    })?
+    .with_context(|| format!("TCP connect to the kubernetes ClusterIP {addr} from a pod"))?;
+    // HTTPS from the pod's own process: busybox wget (its TLS client does not check the
+    // certificate, hence the flag); /version is open to anonymous clients.
+    let url = format!("https://{addr}/version");
+    let body = node
+        .exec(
+            "default",
+            "api-client",
+            &["wget", "-q", "-O", "-", "--no-check-certificate", &url],
+        )
+        .with_context(|| format!("GET {url} from a pod"))?;
+    let version: Value = serde_json::from_str(&body)
+        .with_context(|| format!("GET {url} from a pod answered {body:?}"))?;
+    assert_eq!(
+        version["gitVersion"],
+        k8s::kubernetes_version()?,
+        "GET {url}: {version}"
+    );
+    eprintln!(
+        "a pod reached the apiserver through ClusterIP {addr}: {}",
+        version["gitVersion"]
+    );
+    node.kubectl_ok(["delete", "pod", "api-client", "--grace-period=1"])?;
+
+    // The controller: an ordinary pod without an apiserver override, leading.
+    let pods: Value = serde_json::from_str(&node.kubectl_ok([
+        "get",
+        "pods",
+        "-n",
+        TAPESTRY_NAMESPACE,
+        "-l",
+        "app.kubernetes.io/component=controller",
+        "-o",
+        "json",
+    ])?)?;
+    let pods = pods["items"].as_array().context("controller pods")?;
+    assert_eq!(pods.len(), 1, "one controller replica (controller.replicas=1)");
+    let pod = &pods[0];
+    let name = pod["metadata"]["name"]
+        .as_str()
+        .context("controller pod name")?;
+    assert_ne!(pod["spec"]["hostNetwork"], true, "the controller is an ordinary pod");
+    for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
+        let env = c["env"].as_array().cloned().unwrap_or_default();
+        assert!(
+            !env.iter().any(|e| e["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("KUBERNETES_SERVICE_"))),
+            "the controller's container {} overrides the apiserver's address: {env:?}",
+            c["name"]
+        );
+    }
+    let logs = || {
+        node.kubectl_ok(["logs", "-n", TAPESTRY_NAMESPACE, name, "--tail=30"])
+            .unwrap_or_else(|e| format!("(no logs: {e:#})"))
+    };
+    let lease = || node.get_json(TAPESTRY_NAMESPACE, "lease", "tapestry-controller");
+    let ours = format!("{name}_");
+    let held = poll(
+        Duration::from_secs(60),
+        "the controller to hold its leader Lease",
+        || {
+            let l = lease()?;
+            let holder = l["spec"]["holderIdentity"].as_str().unwrap_or("");
+            Ok(holder.starts_with(&ours).then_some(l))
+        },
+    )
+    .with_context(|| format!("controller {name}'s log:\n{}", logs()))?;
+    // Renewed every retry period (2 s): the controller keeps talking to the apiserver.
+    let first = held["spec"]["renewTime"].clone();
+    poll(
+        Duration::from_secs(15),
+        "the controller to renew its leader Lease",
+        || {
+            let l = lease()?;
+            let holder = l["spec"]["holderIdentity"].as_str().unwrap_or("");
+            Ok((holder.starts_with(&ours) && l["spec"]["renewTime"] != first).then_some(()))
+        },
+    )
+    .with_context(|| format!("controller {name}'s log:\n{}", logs()))?;
+    eprintln!(
+        "the controller {name} leads through the kubernetes ClusterIP (Lease held by {})",
+        held["spec"]["holderIdentity"]
+    );
+    Ok(())
+}
+
+/// Step 4: two pods and a VM pod behind one Service made with `kubectl expose`; a client pod
 /// reaches all three through the ClusterIP (only Tapestry's datapath handles it); deleting the
 /// VM pod removes its endpoint and its traffic.
 fn service_with_pods_and_vm(node: &Node) -> Result<()> {
@@ -214,7 +341,7 @@ fn service_with_pods_and_vm(node: &Node) -> Result<()> {
     Ok(())
 }
 
-/// Step 4: `helm uninstall` takes tapestry-cni out again: the conflist is the primary's (the
+/// Step 5: `helm uninstall` takes tapestry-cni out again: the conflist is the primary's (the
 /// same JSON; the installer rewrites a conflist, so the bytes may be formatted differently), and
 /// the plugin binary and the pinned datapath are gone.
 fn uninstall_restores_primary(node: &Node, primary: &[u8]) -> Result<()> {

@@ -1,0 +1,460 @@
+//! [`Cluster`]: several Kubernetes nodes on this host, each a network namespace, one real control
+//! plane, one `tapestryd` per node in Kubernetes mode. The topology of `make demo-cluster` and of
+//! tests/tests/cluster.rs.
+//!
+//! ```text
+//!   root namespace: bridge <prefix>-fab = F.1 (the fabric; kube-apiserver binds F.1)
+//!        |                      |                      |
+//!   <prefix>-n0 (eth0 F.10)  <prefix>-n1 (F.11)     <prefix>-n2 (F.12)     one netns per node
+//!    pods P0/28 via ptp       pods P1/28             pods P2/28            routes to the others'
+//!    tapestryd node-0         tapestryd node-1       tapestryd node-2      pod CIDRs via F.1x
+//! ```
+//!
+//! Addresses come from the [`Lab`] slot's /24 `S` (so clusters and labs never collide): the
+//! fabric is `S.0/26`, node `i`'s pod CIDR `S.(64 + 16 i)/28` (up to four nodes, 13 pods each).
+//! The root namespace routes the pod CIDRs to their nodes too (the apiserver answers pods).
+//!
+//! What runs: etcd, kube-apiserver and kube-controller-manager ([`ControlPlane`], the built-in
+//! EndpointSlice controller makes the pods' slices); per node a `tapestryd --source kubernetes
+//! --node-name node-<i>` inside the node's namespace (own pins, socket, state dir). Pods are
+//! plumbed by the real CNI chain, run inside the node's namespace: the reference `ptp` +
+//! `host-local` (the primary), then `tapestry-cni` talking to that node's daemon.
+//!
+//! **Where the test plays the kubelet**, it writes what a kubelet writes and nothing else: it
+//! registers each Node (`status.addresses` InternalIP = the node's fabric address, `Ready`); for
+//! a pod, the Pod object exists first (as the scheduler's binding leaves it: `spec.nodeName`
+//! set), then the sandbox is made by the CNI chain (`K8S_POD_*` CNI_ARGS, as containerd passes
+//! them), then the status subresource gets `phase: Running`, `podIP(s)`, `hostIP(s)` and the
+//! `PodScheduled` / `Initialized` / `ContainersReady` / `Ready` conditions. Deleting a pod is
+//! the reverse: CNI DEL, then the object goes.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use tapestry_api::types::{BackendState, ServiceInfo};
+
+use crate::{
+    Lab, Pod,
+    cmd::ip,
+    cni::{NetworkConfigList, Runtime, RuntimeConf},
+    daemon::{Daemon, bin_dir, binary},
+    k8s::{ADMIN, ControlPlane, ControlPlaneOptions},
+    node::reference_plugin_dir,
+    poll,
+};
+
+/// Nodes a cluster can have (pod CIDRs `.64/28` to `.112/28` of the slot's /24).
+pub const MAX_NODES: usize = 4;
+/// Namespace of the pods the cluster makes.
+pub const NAMESPACE: &str = "default";
+
+/// One node: a network namespace on the fabric, with its daemon.
+pub struct Node {
+    pub index: usize,
+    /// The Kubernetes Node name (`node-<i>`).
+    pub name: String,
+    /// `/run/netns/<prefix>-n<i>`.
+    pub netns_path: PathBuf,
+    /// Its address on the fabric (eth0): the Node's InternalIP.
+    pub underlay_ip: Ipv4Addr,
+    pub pod_cidr: (Ipv4Addr, u8),
+    pub daemon: Daemon,
+    conflist: NetworkConfigList,
+    runtime: Runtime,
+}
+
+pub struct Cluster {
+    // Field order is drop order: daemons (in nodes) first, then the control plane, then the
+    // lab's namespaces and links.
+    pub nodes: Vec<Node>,
+    pub cp: ControlPlane,
+    pub lab: Lab,
+    pods: BTreeMap<String, usize>,
+    dir: PathBuf,
+}
+
+impl Cluster {
+    /// Fabric, control plane (apiserver on the fabric, controller-manager), `nodes` nodes with
+    /// their daemons running and synced. `name_hint` labels the lab reservation.
+    pub fn start(name_hint: &str, nodes: usize) -> Result<Cluster> {
+        if nodes == 0 || nodes > MAX_NODES {
+            bail!("a cluster has 1 to {MAX_NODES} nodes");
+        }
+        let lab = Lab::new(name_hint)?;
+        let prefix = lab.prefix().to_owned();
+        let s = lab.subnet().octets();
+        let fabric_ip = Ipv4Addr::new(s[0], s[1], s[2], 1);
+        let bridge = format!("{prefix}-fab");
+        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        ip(&["addr", "add", &format!("{fabric_ip}/26"), "dev", &bridge])?;
+        ip(&["link", "set", &bridge, "up"])?;
+
+        let mut cp = ControlPlane::start_with_options(ControlPlaneOptions {
+            address: Some(fabric_ip),
+            ..ControlPlaneOptions::default()
+        })?;
+        cp.start_controller_manager()?;
+        let dir = cp.dir().join("cluster");
+        fs::create_dir_all(&dir)?;
+
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            cp,
+            lab,
+            pods: BTreeMap::new(),
+            dir,
+        };
+        let plumbed: Vec<_> = (0..nodes)
+            .map(|i| cluster.plumb_node(i, &bridge))
+            .collect::<Result<_>>()?;
+        // Every node routes every other node's pod CIDR to it; so does the root namespace.
+        for (i, (_, ns)) in plumbed.iter().enumerate() {
+            for (j, _) in plumbed.iter().enumerate().filter(|(j, _)| *j != i) {
+                let (net, len) = pod_cidr(&cluster.lab, j);
+                ip(&[
+                    "-n",
+                    ns,
+                    "route",
+                    "add",
+                    &format!("{net}/{len}"),
+                    "via",
+                    &underlay_ip(&cluster.lab, j).to_string(),
+                ])?;
+            }
+        }
+        for j in 0..nodes {
+            let (net, len) = pod_cidr(&cluster.lab, j);
+            ip(&[
+                "route",
+                "add",
+                &format!("{net}/{len}"),
+                "via",
+                &underlay_ip(&cluster.lab, j).to_string(),
+            ])?;
+        }
+        for (i, (path, _)) in plumbed.into_iter().enumerate() {
+            let node = cluster.start_node(i, path)?;
+            cluster.nodes.push(node);
+        }
+        Ok(cluster)
+    }
+
+    /// Node `i`'s namespace, its fabric link and addresses. Returns (path, netns name).
+    fn plumb_node(&self, i: usize, bridge: &str) -> Result<(PathBuf, String)> {
+        let prefix = self.lab.prefix();
+        let ns = format!("{prefix}-n{i}");
+        let veth = format!("{prefix}-n{i}");
+        ip(&["netns", "add", &ns])?;
+        ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "eth0", "netns", &ns,
+        ])?;
+        ip(&["link", "set", &veth, "master", bridge, "up"])?;
+        let addr = format!("{}/26", underlay_ip(&self.lab, i));
+        for args in [
+            vec!["link", "set", "lo", "up"],
+            vec!["addr", "add", &addr, "dev", "eth0"],
+            vec!["link", "set", "eth0", "up"],
+        ] {
+            let mut full = vec!["-n", &ns];
+            full.extend(args);
+            ip(&full)?;
+        }
+        let path = PathBuf::from("/run/netns").join(&ns);
+        tapestry_netns::run_in(&path, || {
+            fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+                .and_then(|_| fs::write("/proc/sys/net/ipv4/conf/all/rp_filter", "0"))
+        })?
+        .context("node sysctls")?;
+        Ok((path, ns))
+    }
+
+    /// Registers Node `i` (as its kubelet would) and starts its daemon inside its namespace.
+    fn start_node(&self, i: usize, netns_path: PathBuf) -> Result<Node> {
+        let name = format!("node-{i}");
+        let underlay = underlay_ip(&self.lab, i);
+        let (net, len) = pod_cidr(&self.lab, i);
+        self.cp.apply(
+            &json!({"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+                "spec": {"podCIDR": format!("{net}/{len}"), "podCIDRs": [format!("{net}/{len}")]}})
+            .to_string(),
+        )?;
+        let status = json!({"status": {
+            "addresses": [{"type": "InternalIP", "address": underlay.to_string()},
+                          {"type": "Hostname", "address": name}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                            "message": "kubelet is posting ready status",
+                            "lastHeartbeatTime": now(), "lastTransitionTime": now()}]}});
+        self.cp.kubectl_ok([
+            "patch",
+            "node",
+            &name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ])?;
+        let kubeconfig = self.cp.kubeconfig_path(ADMIN)?;
+        let daemon = Daemon::start_in(
+            Some(&netns_path),
+            &format!("{}-{name}", self.lab.prefix()),
+            "services: []\n",
+            &[],
+            &[
+                "--source",
+                "kubernetes",
+                "--node-name",
+                &name,
+                "--kubeconfig",
+                kubeconfig.to_str().context("kubeconfig path")?,
+            ],
+        )?;
+        let plugins = reference_plugin_dir()?;
+        let runtime = Runtime::new([plugins, bin_dir()], daemon.dir.join("cni-cache"));
+        let conflist = NetworkConfigList::from_value(&json!({
+            "cniVersion": "1.0.0",
+            "name": "lab",
+            "plugins": [
+                {"type": "ptp", "ipMasq": false, "mtu": 1500, "ipam": {
+                    "type": "host-local", "dataDir": daemon.dir.join("ipam"),
+                    "ranges": [[{"subnet": format!("{net}/{len}")}]],
+                    "routes": [{"dst": "0.0.0.0/0"}]}},
+                {"type": "tapestry-cni", "socket": daemon.socket},
+            ],
+        }))?;
+        Ok(Node {
+            index: i,
+            name,
+            netns_path,
+            underlay_ip: underlay,
+            pod_cidr: (net, len),
+            daemon,
+            conflist,
+            runtime,
+        })
+    }
+
+    /// A pod on node `node` with `labels`: the Pod object, the sandbox through the node's CNI
+    /// chain, then the kubelet's status (Running, Ready). `name` is unique in the cluster.
+    pub fn add_pod(&mut self, node: usize, name: &str, labels: Value) -> Result<Pod> {
+        self.add_pod_with(node, name, labels, true)
+    }
+
+    /// [`Cluster::add_pod`], with `tapestry: false` running the primary alone (a pod from
+    /// before Tapestry was installed).
+    pub fn add_pod_with(
+        &mut self,
+        node: usize,
+        name: &str,
+        labels: Value,
+        tapestry: bool,
+    ) -> Result<Pod> {
+        binary("tapestry-cni")?;
+        let n = self.nodes.get(node).context("no such node")?;
+        let netns = format!("{}-{name}", self.lab.prefix());
+        ip(&["netns", "add", &netns])?;
+        let netns_path = PathBuf::from("/run/netns").join(&netns);
+        self.cp.apply(
+            &json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels},
+                "spec": {"nodeName": n.name,
+                         "containers": [{"name": "app", "image": "lab/app",
+                                         "ports": [{"name": "http", "containerPort": 8080}]}]}})
+            .to_string(),
+        )?;
+        let uid = self.cp.kubectl_ok([
+            "get",
+            "pod",
+            "-n",
+            NAMESPACE,
+            name,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])?;
+        let conf = RuntimeConf::new(name, &netns_path, "eth0")
+            .arg("IgnoreUnknown", "1")
+            .arg("K8S_POD_NAMESPACE", NAMESPACE)
+            .arg("K8S_POD_NAME", name)
+            .arg("K8S_POD_UID", uid.trim());
+        let list = if tapestry {
+            n.conflist.clone()
+        } else {
+            let mut primary = n.conflist.clone();
+            primary.plugins.truncate(1);
+            primary
+        };
+        let result = tapestry_netns::run_in(&n.netns_path, || n.runtime.add(&list, &conf))?
+            .with_context(|| format!("CNI ADD of {name} on {}", n.name))?;
+        let ip: Ipv4Addr = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .context("no address in the CNI result")?
+            .parse()?;
+        let host = result["interfaces"]
+            .as_array()
+            .and_then(|i| i.iter().find(|i| i["sandbox"].is_null()))
+            .and_then(|i| i["name"].as_str())
+            .context("no host interface in the CNI result")?
+            .to_owned();
+        let host_info =
+            tapestry_netns::run_in(&n.netns_path, || crate::lab::link_info(None, &host))??;
+        self.set_running(node, name, ip)?;
+        self.pods.insert(name.to_owned(), node);
+        self.lab
+            .adopt_pod(name, ip, (host, host_info.0, host_info.1))
+    }
+
+    /// The kubelet's status update for a started, ready pod.
+    fn set_running(&self, node: usize, name: &str, ip: Ipv4Addr) -> Result<()> {
+        let host_ip = self.nodes[node].underlay_ip.to_string();
+        let t = now();
+        let cond = |ty: &str| json!({"type": ty, "status": "True", "lastTransitionTime": t});
+        let status = json!({"status": {
+            "phase": "Running",
+            "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
+            "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}],
+            "startTime": t,
+            "conditions": [cond("PodReadyToStartContainers"), cond("Initialized"),
+                           cond("ContainersReady"), cond("Ready"), cond("PodScheduled")],
+            "containerStatuses": [{"name": "app", "image": "lab/app", "imageID": "",
+                                   "ready": true, "restartCount": 0, "started": true,
+                                   "state": {"running": {"startedAt": t}}}]}});
+        self.cp.kubectl_ok([
+            "patch",
+            "pod",
+            "-n",
+            NAMESPACE,
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ])?;
+        Ok(())
+    }
+
+    /// Deletes a pod: CNI DEL on its node (the sandbox goes), then the object.
+    pub fn delete_pod(&mut self, name: &str) -> Result<()> {
+        let node = self.pods.remove(name).context("no such pod")?;
+        let n = &self.nodes[node];
+        let netns_path = PathBuf::from("/run/netns").join(format!("{}-{name}", self.lab.prefix()));
+        let conf = RuntimeConf::new(name, &netns_path, "eth0")
+            .arg("IgnoreUnknown", "1")
+            .arg("K8S_POD_NAMESPACE", NAMESPACE)
+            .arg("K8S_POD_NAME", name);
+        tapestry_netns::run_in(&n.netns_path, || n.runtime.del(&n.conflist, &conf))?
+            .with_context(|| format!("CNI DEL of {name}"))?;
+        self.cp.kubectl_ok([
+            "delete",
+            "pod",
+            "-n",
+            NAMESPACE,
+            name,
+            "--grace-period=0",
+            "--force",
+            "--wait=false",
+        ])?;
+        let _ = ip(&["netns", "del", &format!("{}-{name}", self.lab.prefix())]);
+        self.lab.forget_pod(name);
+        Ok(())
+    }
+
+    /// A ClusterIP Service selecting `selector`, port 80 -> 8080 over TCP and UDP. Returns its
+    /// ClusterIP.
+    pub fn add_service(&self, name: &str, selector: Value) -> Result<Ipv4Addr> {
+        self.cp.apply(
+            &json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": NAMESPACE},
+                "spec": {"selector": selector, "ports": [
+                    {"name": "tcp", "protocol": "TCP", "port": 80, "targetPort": 8080},
+                    {"name": "udp", "protocol": "UDP", "port": 80, "targetPort": 8080}]}})
+            .to_string(),
+        )?;
+        Ok(self
+            .cp
+            .kubectl_ok([
+                "get",
+                "svc",
+                "-n",
+                NAMESPACE,
+                name,
+                "-o",
+                "jsonpath={.spec.clusterIP}",
+            ])?
+            .trim()
+            .parse()?)
+    }
+
+    /// Node of pod `name`.
+    pub fn node_of(&self, pod: &str) -> Option<usize> {
+        self.pods.get(pod).copied()
+    }
+
+    /// Waits until every node's daemon has Service `name` with exactly `want` (`ip:port`,
+    /// active) behind its TCP port.
+    pub fn wait_backends(
+        &self,
+        name: &str,
+        want: &[SocketAddrV4],
+        timeout: Duration,
+    ) -> Result<()> {
+        let mut want: Vec<String> = want.iter().map(|a| a.to_string()).collect();
+        want.sort();
+        for node in &self.nodes {
+            poll(
+                timeout,
+                &format!("{} programs {name} -> {want:?}", node.name),
+                || Ok((active_backends(&node.daemon, name).as_ref() == Some(&want)).then_some(())),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Working directory of the cluster (inside the control plane's).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Active TCP backends (`ip:port`, sorted) of Service `default/<name>` in `daemon`, or None
+/// while it has no such Service.
+pub fn active_backends(daemon: &Daemon, name: &str) -> Option<Vec<String>> {
+    let services: Vec<ServiceInfo> = daemon.client().services().ok()?;
+    let full = format!("{NAMESPACE}/{name}");
+    let s = services.iter().find(|s| {
+        (s.name == full || s.name.starts_with(&format!("{full}/")))
+            && s.protocol.to_string() == "TCP"
+    })?;
+    let mut ips: Vec<String> = s
+        .backends
+        .iter()
+        .filter(|b| b.state == BackendState::Active)
+        .map(|b| format!("{}:{}", b.ip, b.port))
+        .collect();
+    ips.sort();
+    Some(ips)
+}
+
+fn underlay_ip(lab: &Lab, i: usize) -> Ipv4Addr {
+    let s = lab.subnet().octets();
+    Ipv4Addr::new(s[0], s[1], s[2], 10 + i as u8)
+}
+
+fn pod_cidr(lab: &Lab, i: usize) -> (Ipv4Addr, u8) {
+    let s = lab.subnet().octets();
+    (Ipv4Addr::new(s[0], s[1], s[2], 64 + 16 * i as u8), 28)
+}
+
+fn now() -> String {
+    jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}

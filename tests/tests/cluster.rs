@@ -1,0 +1,180 @@
+//! Many nodes: three lab nodes (network namespaces on one fabric, each with its own tapestryd in
+//! Kubernetes mode, one real apiserver and controller-manager; see tapestry_tests::cluster, which
+//! also says where the test plays the kubelet). Services whose backends are on other nodes, on
+//! a node's own address, and the apiserver behind `kubernetes`.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use tapestry_tests::{Pod, cluster::Cluster, poll};
+
+const T: Duration = Duration::from_secs(5);
+
+/// Names answering `n` new TCP connections from `client` to `vip:80`, counted.
+fn tcp_answers(client: &Pod, vip: Ipv4Addr, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for i in 0..n {
+        let name = client
+            .tcp_request(SocketAddrV4::new(vip, 80), b"hi\n", T)
+            .unwrap_or_else(|e| panic!("{} -> {vip}:80 (request {i}): {e}", client.name));
+        *seen.entry(name).or_insert(0) += 1;
+    }
+    seen
+}
+
+#[test]
+fn services_reach_backends_on_every_node_and_off_the_pod_network() {
+    tapestry_tests::require_lab!();
+    tapestry_tests::require_k8s!();
+    let mut c = Cluster::start("cluster-traffic", 3).unwrap();
+    let mut clients = Vec::new();
+    let mut servers = Vec::new();
+    let mut backends = Vec::new();
+    for n in 0..3 {
+        let be = c
+            .add_pod(
+                n,
+                &format!("web{n}"),
+                json!({"app": "web", "node": format!("n{n}")}),
+            )
+            .unwrap();
+        servers.push(be.serve_tcp_name(8080).unwrap());
+        servers.push(be.serve_udp_name(8080).unwrap());
+        backends.push(be);
+        clients.push(
+            c.add_pod(n, &format!("client{n}"), json!({"app": "client"}))
+                .unwrap(),
+        );
+    }
+    let web = c.add_service("web", json!({"app": "web"})).unwrap();
+    let per_node: Vec<Ipv4Addr> = (0..3)
+        .map(|n| {
+            c.add_service(
+                &format!("web-n{n}"),
+                json!({"app": "web", "node": format!("n{n}")}),
+            )
+            .unwrap()
+        })
+        .collect();
+    let all: Vec<SocketAddrV4> = backends.iter().map(|b| b.addr(8080)).collect();
+    c.wait_backends("web", &all, Duration::from_secs(20))
+        .unwrap();
+    for (n, be) in backends.iter().enumerate() {
+        c.wait_backends(
+            &format!("web-n{n}"),
+            &[be.addr(8080)],
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    }
+
+    // Every ordered pair of nodes (and each node to itself), TCP and UDP, through one VIP.
+    for client in &clients {
+        for (n, vip) in per_node.iter().enumerate() {
+            let want = format!("web{n}");
+            let got = client
+                .tcp_request(SocketAddrV4::new(*vip, 80), b"hi\n", T)
+                .unwrap_or_else(|e| panic!("TCP {} -> web-n{n} ({vip}): {e}", client.name));
+            assert_eq!(got, want, "TCP {} -> web-n{n}", client.name);
+            let got = client
+                .udp_request(SocketAddrV4::new(*vip, 80), b"hi\n", T)
+                .unwrap_or_else(|e| panic!("UDP {} -> web-n{n} ({vip}): {e}", client.name));
+            assert_eq!(got, want, "UDP {} -> web-n{n}", client.name);
+        }
+    }
+
+    // Even spread over backends on three nodes, from every node.
+    for client in &clients {
+        let seen = tcp_answers(client, web, 150);
+        assert_eq!(seen.len(), 3, "{} reached {seen:?}", client.name);
+        for (name, count) in &seen {
+            assert!(
+                (25..=75).contains(count),
+                "{} -> web: {name} got {count} of 150 ({seen:?})",
+                client.name
+            );
+        }
+    }
+
+    // A host-network endpoint: a server on node 1's own address, in a hand-written slice.
+    let node1 = &c.nodes[1];
+    let _host_server = c
+        .lab
+        .serve_tcp_name_in(&node1.netns_path, "node-1-host", 9090)
+        .unwrap();
+    c.cp.apply(
+        &json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "hostsvc", "namespace": "default"},
+            "spec": {"ports": [{"name": "tcp", "protocol": "TCP", "port": 80, "targetPort": 9090}]}})
+        .to_string(),
+    )
+    .unwrap();
+    c.cp.apply(
+        &json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "hostsvc-1", "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "hostsvc",
+                           "endpointslice.kubernetes.io/managed-by": "hand-written.example.com"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "tcp", "protocol": "TCP", "port": 9090}],
+            "endpoints": [{"addresses": [node1.underlay_ip.to_string()], "nodeName": "node-1",
+                           "conditions": {"ready": true}}]})
+        .to_string(),
+    )
+    .unwrap();
+    let host_vip: Ipv4Addr =
+        c.cp.kubectl_ok(["get", "svc", "hostsvc", "-o", "jsonpath={.spec.clusterIP}"])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    c.wait_backends(
+        "hostsvc",
+        &[SocketAddrV4::new(node1.underlay_ip, 9090)],
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    for client in &clients {
+        let got = client
+            .tcp_request(SocketAddrV4::new(host_vip, 80), b"hi\n", T)
+            .unwrap_or_else(|e| panic!("{} -> hostsvc: {e}", client.name));
+        assert_eq!(got, "node-1-host", "{} -> hostsvc", client.name);
+    }
+
+    // The apiserver behind `kubernetes` (on the fabric, outside every node): /readyz over TLS.
+    for client in &clients {
+        let out = poll(T * 4, &format!("{} -> kubernetes", client.name), || {
+            let out = client
+                .run(std::process::Command::new("curl").args([
+                    "-sk",
+                    "--max-time",
+                    "5",
+                    "https://10.96.0.1/readyz",
+                ]))
+                .unwrap();
+            Ok(out
+                .status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+        })
+        .unwrap();
+        assert_eq!(out.trim(), "ok", "{} -> kubernetes /readyz", client.name);
+    }
+
+    // A backend node's pods deleted: their endpoints leave every node's maps within 1 s.
+    let started = Instant::now();
+    c.delete_pod("web2").unwrap();
+    let rest: Vec<SocketAddrV4> = all[..2].to_vec();
+    c.wait_backends("web", &rest, Duration::from_secs(5))
+        .unwrap();
+    let took = started.elapsed();
+    eprintln!("web2's endpoint left every node's maps in {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    for client in &clients {
+        let seen = tcp_answers(client, web, 20);
+        assert!(!seen.contains_key("web2"), "{seen:?}");
+    }
+}
