@@ -6,6 +6,7 @@
 //! | state source | `services::source`, `services::endpointslice` | desired states on a `watch` |
 //! | reconciler | `services` | keeps the Service maps equal to the desired state |
 //! | Guest publisher | `guests::publish` | Kubernetes mode: this node's Guests |
+//! | pod discovery | `guests::discover` | Kubernetes mode: this node's pods that have no endpoint |
 //! | DHCP | `guests` | answers guests' DHCP from the guest programs' ring |
 //! | readiness | `guests` | tells the publisher when the datapath sees a guest's first packet |
 //! | conntrack GC | `datapath::conntrack` | removes expired entries |
@@ -28,7 +29,7 @@ use crate::{
     config::{Config, Source},
     datapath::{Datapath, Maps, Pins, conntrack},
     flows::{self, FlowLog},
-    guests::{self, Endpoints, publish},
+    guests::{self, Endpoints, discover, publish},
     services::{
         self, Services,
         endpointslice::KubernetesSource,
@@ -174,6 +175,11 @@ pub async fn run(config: Config) -> Result<()> {
         status_rx,
     ));
     if let Some((client, node_name)) = kube {
+        tasks.spawn(discover::discover_pods(
+            client.clone(),
+            node_name.clone(),
+            endpoints.clone(),
+        ));
         tasks.spawn(publish::publish_guests(
             client,
             node_name,

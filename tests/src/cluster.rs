@@ -45,6 +45,7 @@ use crate::{
     cmd::ip,
     cni::{NetworkConfigList, Runtime, RuntimeConf},
     daemon::{Daemon, bin_dir, binary},
+    guest::{Guest, GuestConfig},
     k8s::{ADMIN, ControlPlane, ControlPlaneOptions},
     node::reference_plugin_dir,
     poll,
@@ -68,6 +69,17 @@ pub struct Node {
     pub daemon: Daemon,
     conflist: NetworkConfigList,
     runtime: Runtime,
+}
+
+/// How a pod's sandbox is plumbed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plumbing {
+    /// The whole chain: the primary, then tapestry-cni.
+    Chain,
+    /// The primary alone: a pod from before Tapestry was installed.
+    PrimaryOnly,
+    /// The chain with tapestry-cni's VM mode: the pod's IP and MAC go to a guest on `tap0`.
+    Vm,
 }
 
 pub struct Cluster {
@@ -244,17 +256,39 @@ impl Cluster {
     /// A pod on node `node` with `labels`: the Pod object, the sandbox through the node's CNI
     /// chain, then the kubelet's status (Running, Ready). `name` is unique in the cluster.
     pub fn add_pod(&mut self, node: usize, name: &str, labels: Value) -> Result<Pod> {
-        self.add_pod_with(node, name, labels, true)
+        self.add_pod_with(node, name, labels, Plumbing::Chain)
     }
 
-    /// [`Cluster::add_pod`], with `tapestry: false` running the primary alone (a pod from
-    /// before Tapestry was installed).
+    /// A VM pod on node `node`: the chain in VM mode, then a real QEMU guest on its tap (its
+    /// address by DHCP from the node's daemon; it answers its name on TCP/UDP 8080), then the
+    /// kubelet's status.
+    pub fn add_vm_pod(&mut self, node: usize, name: &str, labels: Value) -> Result<(Pod, Guest)> {
+        let pod = self.add_pod_inner(node, name, labels, Plumbing::Vm)?;
+        let mut guest = Guest::boot_in(&pod.netns_path, GuestConfig::new(name, pod.mac))?;
+        guest.wait_ready(Duration::from_secs(180))?;
+        self.set_running(node, name, pod.ip)?;
+        Ok((pod, guest))
+    }
+
+    /// [`Cluster::add_pod`], plumbed as `plumbing` says.
     pub fn add_pod_with(
         &mut self,
         node: usize,
         name: &str,
         labels: Value,
-        tapestry: bool,
+        plumbing: Plumbing,
+    ) -> Result<Pod> {
+        let pod = self.add_pod_inner(node, name, labels, plumbing)?;
+        self.set_running(node, name, pod.ip)?;
+        Ok(pod)
+    }
+
+    fn add_pod_inner(
+        &mut self,
+        node: usize,
+        name: &str,
+        labels: Value,
+        plumbing: Plumbing,
     ) -> Result<Pod> {
         binary("tapestry-cni")?;
         let n = self.nodes.get(node).context("no such node")?;
@@ -283,13 +317,14 @@ impl Cluster {
             .arg("K8S_POD_NAMESPACE", NAMESPACE)
             .arg("K8S_POD_NAME", name)
             .arg("K8S_POD_UID", uid.trim());
-        let list = if tapestry {
-            n.conflist.clone()
-        } else {
-            let mut primary = n.conflist.clone();
-            primary.plugins.truncate(1);
-            primary
-        };
+        let mut list = n.conflist.clone();
+        match plumbing {
+            Plumbing::Chain => {}
+            Plumbing::PrimaryOnly => list.plugins.truncate(1),
+            Plumbing::Vm => {
+                list.plugins[1].insert("vm".into(), json!({"enabled": true}));
+            }
+        }
         let result = tapestry_netns::run_in(&n.netns_path, || n.runtime.add(&list, &conf))?
             .with_context(|| format!("CNI ADD of {name} on {}", n.name))?;
         let ip: Ipv4Addr = result["ips"][0]["address"]
@@ -305,7 +340,6 @@ impl Cluster {
             .to_owned();
         let host_info =
             tapestry_netns::run_in(&n.netns_path, || crate::lab::link_info(None, &host))??;
-        self.set_running(node, name, ip)?;
         self.pods.insert(name.to_owned(), node);
         self.lab
             .adopt_pod(name, ip, (host, host_info.0, host_info.1))

@@ -10,7 +10,11 @@ use std::{
 };
 
 use serde_json::json;
-use tapestry_tests::{Pod, cluster::Cluster, poll};
+use tapestry_tests::{
+    Pod,
+    cluster::{Cluster, Plumbing},
+    poll,
+};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -177,4 +181,117 @@ fn services_reach_backends_on_every_node_and_off_the_pod_network() {
         let seen = tcp_answers(client, web, 20);
         assert!(!seen.contains_key("web2"), "{seen:?}");
     }
+}
+
+/// Pods that were there first get the datapath, and a daemon killed with `kill -9` disturbs
+/// nothing: its datapath stays pinned and keeps serving while it is away.
+#[test]
+fn pods_from_before_the_daemon_and_a_daemon_killed_midflight() {
+    tapestry_tests::require_lab!();
+    tapestry_tests::require_k8s!();
+    let mut c = Cluster::start("cluster-restart", 3).unwrap();
+    let mut servers = Vec::new();
+    let mut backends = Vec::new();
+    let mut clients = Vec::new();
+    for n in 0..3 {
+        let be = c
+            .add_pod(n, &format!("web{n}"), json!({"app": "web"}))
+            .unwrap();
+        servers.push(be.serve_tcp_name(8080).unwrap());
+        backends.push(be.addr(8080));
+        clients.push(
+            c.add_pod(n, &format!("client{n}"), json!({"app": "client"}))
+                .unwrap(),
+        );
+    }
+    let web = c.add_service("web", json!({"app": "web"})).unwrap();
+    c.wait_backends("web", &backends, Duration::from_secs(20))
+        .unwrap();
+    let vip = SocketAddrV4::new(web, 80);
+
+    // A pod plumbed by the primary alone while node 2's daemon is down (before the install,
+    // or while the DaemonSet rolled): no datapath on its veth, so no ClusterIP.
+    c.nodes[2].daemon.stop().unwrap();
+    let early = c
+        .add_pod_with(2, "early", json!({"app": "client"}), Plumbing::PrimaryOnly)
+        .unwrap();
+    assert!(
+        early
+            .tcp_request(vip, b"hi\n", Duration::from_secs(1))
+            .is_err(),
+        "without the datapath the ClusterIP must not answer (the test would prove nothing)"
+    );
+    c.nodes[2].daemon.restart().unwrap();
+    poll(
+        Duration::from_secs(20),
+        "the early pod reaches the ClusterIP",
+        || Ok(early.tcp_request(vip, b"hi\n", T).ok()),
+    )
+    .unwrap();
+    // One whose CNI ADD never reached a running daemon (the primary alone) is found too.
+    let late = c
+        .add_pod_with(1, "late", json!({"app": "client"}), Plumbing::PrimaryOnly)
+        .unwrap();
+    poll(
+        Duration::from_secs(20),
+        "the late pod reaches the ClusterIP",
+        || Ok(late.tcp_request(vip, b"hi\n", T).ok()),
+    )
+    .unwrap();
+    let discovered: Vec<_> = c.nodes[1]
+        .daemon
+        .client()
+        .endpoints()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.request.network.as_deref() == Some("tapestry-discovered"))
+        .map(|e| e.request.host_ifname)
+        .collect();
+    assert_eq!(discovered, vec![late.host_ifname.clone()]);
+
+    // kill -9 on node 1 while every node's clients open connections, and node 1's client keeps
+    // an established one.
+    let mut established = clients[1].tcp_connect(vip, T).unwrap();
+    assert!(tapestry_tests::stream_request(&mut established, b"hi").is_ok());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loops: Vec<_> = clients
+        .iter()
+        .cloned()
+        .map(|client| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match client.tcp_request(vip, b"hi\n", T) {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (client.name.clone(), ok, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    c.nodes[1].daemon.kill9().unwrap();
+    let mut answered = 0;
+    let away = Instant::now();
+    while away.elapsed() < Duration::from_secs(2) {
+        tapestry_tests::stream_request(&mut established, b"hi")
+            .expect("node 1's established flow answers while its daemon is gone");
+        answered += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.nodes[1].daemon.restart().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in loops {
+        let (name, ok, failed) = l.join().unwrap();
+        eprintln!("{name}: {ok} connections, {} failed", failed.len());
+        assert!(ok > 0, "{name} made no connection");
+        if name != "client1" {
+            assert!(failed.is_empty(), "{name}: {failed:?}");
+        }
+    }
+    assert!(answered > 10);
+    tapestry_tests::stream_request(&mut established, b"hi").expect("and after the daemon is back");
 }

@@ -448,6 +448,14 @@ impl Endpoints {
             "endpoint added"
         );
         let view = view_of(&endpoint);
+        // A pod discovered on this interface (it was there before its CNI ADD reached us) is
+        // now this endpoint; its attachment is the same one, so nothing is torn down.
+        let host_ifname = endpoint.request.host_ifname.clone();
+        r.entries.retain(|k, e| {
+            *k == key
+                || e.request.network.as_deref() != Some(super::discover::NETWORK)
+                || e.request.host_ifname != host_ifname
+        });
         r.entries.insert(key, endpoint);
         let snapshot = r.snapshot();
         drop(r);

@@ -4,11 +4,12 @@
 //!
 //! ```text
 //! CNI ADD/DEL --> Endpoints (registry) --changes--> publish (Guest objects)
-//!                    ^            ^
+//! discover ------------^  ^            ^   (Kubernetes mode: this node's pods without one)
 //!   serve_dhcp ------+            +------ watch_readiness (first traffic seen by the datapath)
 //! ```
 
 pub mod dhcp;
+pub mod discover;
 pub mod endpoints;
 pub mod publish;
 
