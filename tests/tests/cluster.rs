@@ -295,3 +295,51 @@ fn pods_from_before_the_daemon_and_a_daemon_killed_midflight() {
     assert!(answered > 10);
     tapestry_tests::stream_request(&mut established, b"hi").expect("and after the daemon is back");
 }
+
+/// QEMU guests in VM pods on two nodes: pods reach a VM on another node through a VIP, and a VM
+/// reaches a pod and a VM on other nodes through VIPs.
+#[test]
+fn vms_reach_and_are_reached_across_nodes() {
+    tapestry_tests::require_lab!();
+    tapestry_tests::require_k8s!();
+    if let Err(why) = tapestry_tests::guest::require_qemu() {
+        assert!(std::env::var_os("CI").is_none(), "CI needs QEMU: {why}");
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let mut c = Cluster::start("cluster-vms", 3).unwrap();
+    let (_, vm0) = c
+        .add_vm_pod(0, "vm0", json!({"app": "vm", "node": "n0"}))
+        .unwrap();
+    let (vm1_pod, _vm1) = c
+        .add_vm_pod(1, "vm1", json!({"app": "vm", "node": "n1"}))
+        .unwrap();
+    let web2 = c.add_pod(2, "web2", json!({"app": "web"})).unwrap();
+    let _s = web2.serve_tcp_name(8080).unwrap();
+    let client0 = c.add_pod(0, "client0", json!({"app": "client"})).unwrap();
+    let client2 = c.add_pod(2, "client2", json!({"app": "client"})).unwrap();
+    let vm_n1 = c
+        .add_service("vm-n1", json!({"app": "vm", "node": "n1"}))
+        .unwrap();
+    let web = c.add_service("web", json!({"app": "web"})).unwrap();
+    c.wait_backends("vm-n1", &[vm1_pod.addr(8080)], Duration::from_secs(30))
+        .unwrap();
+    c.wait_backends("web", &[web2.addr(8080)], Duration::from_secs(30))
+        .unwrap();
+
+    // Pod -> remote VM (node 2 -> node 1, node 0 -> node 1).
+    for client in [&client2, &client0] {
+        let got = client
+            .tcp_request(SocketAddrV4::new(vm_n1, 80), b"hi\n", T)
+            .unwrap_or_else(|e| panic!("{} -> vm-n1: {e}", client.name));
+        assert_eq!(got, "vm1", "{} -> vm-n1", client.name);
+    }
+    // VM -> remote pod (node 0 -> node 2) and VM -> remote VM (node 0 -> node 1), from inside
+    // the guest (busybox nc), through the VIPs.
+    for (vip, want) in [(web, "web2"), (vm_n1, "vm1")] {
+        let out = vm0
+            .console(&format!("echo hi | nc -w 3 {vip} 80"), T * 2)
+            .unwrap_or_else(|e| panic!("vm0 -> {vip}: {e}"));
+        assert_eq!(out.trim(), want, "vm0 -> {vip}");
+    }
+}
