@@ -288,9 +288,16 @@ struct Watching {
 
 impl Watching {
     fn start(b: &Bins, t: &TempDir) -> Watching {
+        Self::start_with(b, t, &[], &[])
+    }
+
+    /// With extra arguments and environment.
+    fn start_with(b: &Bins, t: &TempDir, args: &[&str], env: &[(&str, &Path)]) -> Watching {
         let log = t.0.join("installer.log");
         let f = fs::File::create(&log).unwrap();
         let child = Command::new(&b.installer)
+            .args(args)
+            .envs(env.iter().copied())
             .arg("--cni-conf-dir")
             .arg(t.conf())
             .arg("--cni-bin-dir")
@@ -894,4 +901,69 @@ fn the_installed_chain_runs_with_the_reference_plugins_at_every_version() {
         }
     }
     lab.destroy().unwrap();
+}
+
+/// The watching installer's SIGTERM is an uninstall only when its DaemonSet is gone (`helm
+/// uninstall`); on a rolling update (the DaemonSet still there) the step stays, so no pod is
+/// created without Tapestry while the new pod starts. A real apiserver holds the DaemonSet.
+#[test]
+fn on_stop_the_step_goes_only_with_its_daemonset() {
+    tapestry_tests::require_k8s!();
+    let Some(b) = bins() else { return };
+    let cp = tapestry_tests::k8s::ControlPlane::start().unwrap();
+    cp.kubectl_ok(["create", "namespace", "tapestry"]).unwrap();
+    cp.apply(
+        &json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": "tapestry-node", "namespace": "tapestry"},
+            "spec": {"selector": {"matchLabels": {"app": "t"}},
+                     "template": {"metadata": {"labels": {"app": "t"}},
+                                  "spec": {"containers": [{"name": "c", "image": "x"}]}}}})
+        .to_string(),
+    )
+    .unwrap();
+    let kubeconfig = cp.kubeconfig_path("admin").unwrap();
+    let args = [
+        "--uninstall-on-exit",
+        "--unless-daemonset-remains",
+        "tapestry/tapestry-node",
+    ];
+    let env = [("KUBECONFIG", kubeconfig.as_path())];
+    let t = TempDir::new("owner");
+    t.write(CALICO);
+
+    // A rolling update: the DaemonSet is still there.
+    let mut w = Watching::start_with(&b, &t, &args, &env);
+    w.wait("the watch", PATIENCE, || {
+        fs::read_to_string(t.0.join("installer.log")).is_ok_and(|l| l.contains("watching:"))
+    });
+    w.wait("insertion", PATIENCE, || chained_with_mtu(&t, CALICO.0, 0));
+    let log = {
+        let status = w.terminate();
+        assert!(status.success(), "{status}");
+        fs::read_to_string(t.0.join("installer.log")).unwrap()
+    };
+    assert!(
+        chained_with_mtu(&t, CALICO.0, 0),
+        "the step stays while the DaemonSet exists:\n{log}"
+    );
+    assert!(t.bin().join("tapestry-cni").exists(), "{log}");
+    assert!(log.contains("still exists"), "{log}");
+
+    // helm uninstall: the DaemonSet is deleted first, then its pods stop.
+    cp.kubectl_ok(["delete", "daemonset", "-n", "tapestry", "tapestry-node"])
+        .unwrap();
+    let mut w = Watching::start_with(&b, &t, &args, &env);
+    w.wait("the watch", PATIENCE, || {
+        fs::read_to_string(t.0.join("installer.log")).is_ok_and(|l| l.contains("watching:"))
+    });
+    w.wait("insertion", PATIENCE, || chained_with_mtu(&t, CALICO.0, 0));
+    let status = w.terminate();
+    let log = fs::read_to_string(t.0.join("installer.log")).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert_eq!(
+        ours(&t.json(CALICO.0).unwrap()),
+        0,
+        "the step goes with the DaemonSet:\n{log}"
+    );
+    assert!(!t.bin().join("tapestry-cni").exists(), "{log}");
 }

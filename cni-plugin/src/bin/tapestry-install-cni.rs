@@ -7,9 +7,12 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::Parser;
 use serde_json::Value;
 use tapestry_cni_plugin::install::{
-    self, InstallError, PLUGIN_CONFIG_ENV, PLUGIN_TYPE, confdir::ConfDir, watch::Installer,
+    self, InstallError, PLUGIN_CONFIG_ENV, PLUGIN_TYPE,
+    confdir::ConfDir,
+    owner::{self, OnStop},
+    watch::Installer,
 };
-use tracing::error;
+use tracing::{error, info};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,6 +44,17 @@ struct Args {
     /// that nothing serves). The watch stops first, so nothing puts the step back.
     #[arg(long, conflicts_with_all = ["once", "uninstall"])]
     uninstall_on_exit: bool,
+    /// With --uninstall-on-exit: uninstall only when this DaemonSet (NAMESPACE/NAME, the one
+    /// whose pod runs this installer) is gone or being deleted, as on `helm uninstall`; on a
+    /// rolling update or a restart it still exists and the step stays, so no pod is created
+    /// without Tapestry in between. If the API cannot say, the step stays.
+    #[arg(
+        long,
+        value_name = "NAMESPACE/NAME",
+        requires = "uninstall_on_exit",
+        env = "TAPESTRY_DAEMONSET"
+    )]
+    unless_daemonset_remains: Option<install::owner::DaemonSetRef>,
     /// The plugin to install [default: tapestry-cni next to this executable].
     #[arg(long, value_name = "PATH")]
     plugin_binary: Option<PathBuf>,
@@ -105,7 +119,9 @@ fn run(args: Args) -> Result<(), InstallError> {
         .enable_all()
         .build()
         .map_err(InstallError::io("tokio", "starting the runtime"))?;
-    runtime.block_on(async {
+    let uninstall_on_exit = args.uninstall_on_exit;
+    let daemonset = args.unless_daemonset_remains;
+    let decision = runtime.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(InstallError::io("SIGTERM", "installing a handler"))?;
         let shutdown = async move {
@@ -114,11 +130,23 @@ fn run(args: Args) -> Result<(), InstallError> {
                 _ = tokio::signal::ctrl_c() => {}
             }
         };
-        installer.watch(shutdown).await
+        installer.watch(shutdown).await?;
+        Ok::<_, InstallError>(match (uninstall_on_exit, &daemonset) {
+            (false, _) => None,
+            (true, None) => Some(OnStop::Uninstall("--uninstall-on-exit".into())),
+            (true, Some(ds)) => Some(owner::on_stop(ds).await),
+        })
     })?;
-    if args.uninstall_on_exit {
+    match decision {
+        None => Ok(()),
         // The watch has stopped: nothing re-inserts what this removes.
-        return installer.uninstall();
+        Some(OnStop::Uninstall(why)) => {
+            info!(why, "removing the step and the binary");
+            installer.uninstall()
+        }
+        Some(OnStop::Keep(why)) => {
+            info!(why, "keeping the step");
+            Ok(())
+        }
     }
-    Ok(())
 }

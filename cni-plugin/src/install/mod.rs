@@ -21,6 +21,7 @@
 
 pub mod binary;
 pub mod confdir;
+pub mod owner;
 pub mod watch;
 
 mod atomic;

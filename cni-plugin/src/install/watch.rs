@@ -123,7 +123,7 @@ impl Installer {
         loop {
             tokio::select! {
                 () = &mut shutdown => {
-                    info!("stopping; the network config keeps {PLUGIN_TYPE} (use --uninstall to remove it)");
+                    info!("stopping the watch");
                     return Ok(());
                 }
                 first = rx.recv() => {
