@@ -106,6 +106,11 @@ pub struct BackendSpec {
     pub name: Option<String>,
     #[serde(default)]
     pub kind: EndpointKind,
+    /// The node the backend runs on (an EndpointSlice endpoint's `nodeName`), for display only.
+    /// `None`: not named; the daemon then reports its own node for the endpoints it knows are
+    /// local (those the CNI plugin registered), and no node for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Kept for existing flows, never chosen for new ones (graceful drain).
     #[serde(default)]
     pub terminating: bool,
@@ -142,10 +147,15 @@ keyword_enum! {
 }
 
 keyword_enum! {
-    /// What runs behind a backend address (for display and policy; the datapath treats both alike).
+    /// What runs behind a backend address (for display and policy; the datapath treats them all
+    /// alike).
     EndpointKind (default Pod) {
         Pod => "pod",
         Vm => "vm",
+        /// An address of a node itself: a host-network server, the apiserver behind `kubernetes`.
+        Host => "host",
+        /// An address outside the cluster: neither a pod's nor a node's.
+        External => "external",
     }
 }
 
@@ -225,6 +235,7 @@ impl BackendSpec {
             weight: DEFAULT_WEIGHT,
             name: None,
             kind: EndpointKind::default(),
+            node: None,
             terminating: false,
         }
     }
@@ -537,6 +548,14 @@ fn validate_service(at: &str, svc: &ServiceSpec) -> Result<(), StateError> {
             WEIGHT_HINT,
         )
         .map_err(|m| StateError::invalid(format!("{bat}.weight"), m))?;
+        if let Some(node) = &be.node
+            && let Err(why) = check_node_name(node)
+        {
+            return Err(StateError::invalid(
+                format!("{bat}.node"),
+                format!("invalid node name {node:?}: {why}"),
+            ));
+        }
         let target = (be.ip, be.target_port(svc));
         if let Some(first) = seen.insert(target, j) {
             return Err(StateError::invalid(
@@ -551,8 +570,25 @@ fn validate_service(at: &str, svc: &ServiceSpec) -> Result<(), StateError> {
     Ok(())
 }
 
+/// A service name: a DNS subdomain that may also hold `/` (`namespace/name`).
 fn check_name(name: &str) -> Result<(), &'static str> {
-    const RULE: &str = "use lowercase letters, digits, '-', '.' and '/', starting and ending with a letter or digit";
+    check_subdomain(
+        name,
+        true,
+        "use lowercase letters, digits, '-', '.' and '/', starting and ending with a letter or digit",
+    )
+}
+
+/// A Kubernetes Node's name: a DNS subdomain (RFC 1123).
+fn check_node_name(name: &str) -> Result<(), &'static str> {
+    check_subdomain(
+        name,
+        false,
+        "use lowercase letters, digits, '-' and '.', starting and ending with a letter or digit",
+    )
+}
+
+fn check_subdomain(name: &str, slash: bool, rule: &'static str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("must not be empty");
     }
@@ -563,9 +599,9 @@ fn check_name(name: &str) -> Result<(), &'static str> {
     let bytes = name.as_bytes();
     let inner_ok = bytes
         .iter()
-        .all(|&c| edge(c) || matches!(c, b'-' | b'.' | b'/'));
+        .all(|&c| edge(c) || matches!(c, b'-' | b'.') || (slash && c == b'/'));
     if !inner_ok || !edge(bytes[0]) || !edge(bytes[bytes.len() - 1]) {
-        return Err(RULE);
+        return Err(rule);
     }
     Ok(())
 }
@@ -744,6 +780,7 @@ services:
         port: 8080
         weight: 3
         name: pod-a
+        node: node-2
       - ip: 10.200.0.3
         kind: vm
         terminating: true
@@ -764,6 +801,7 @@ services:
                 port: Some(8080),
                 weight: 3,
                 name: Some("pod-a".into()),
+                node: Some("node-2".into()),
                 ..BackendSpec::new(Ipv4Addr::new(10, 200, 0, 2))
             },
             BackendSpec {
@@ -804,7 +842,7 @@ services:
              "algorithm": "Maglev", "sessionAffinity": "clientip",
              "sessionAffinityTimeoutSeconds": 600,
              "backends": [
-                {"ip": "10.200.0.2", "port": 8080, "weight": 3, "name": "pod-a"},
+                {"ip": "10.200.0.2", "port": 8080, "weight": 3, "name": "pod-a", "node": "node-2"},
                 {"ip": "10.200.0.3", "kind": "VM", "terminating": true}]},
             {"name": "default/dns", "vip": "10.96.0.53", "port": 53, "protocol": "udp"}
         ]}"#;
@@ -836,6 +874,7 @@ services:
         assert_eq!(be.weight, 1);
         assert_eq!(be.name, None);
         assert_eq!(be.kind, EndpointKind::Pod);
+        assert_eq!(be.node, None);
         assert!(!be.terminating);
         assert_eq!(
             svc.frontend(),
@@ -1163,6 +1202,54 @@ services:
         );
         let err = parse("{} trailing", Some(Format::Json)).unwrap_err();
         assert!(matches!(err, StateError::Parse { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn backends_may_name_their_node_and_be_hosts_or_external() {
+        let state = parse(
+            &one_service(
+                "    backends:
+      - {ip: 10.1.0.1, node: worker-1.example}
+      - {ip: 192.168.1.10, kind: host, node: worker-2}
+      - {ip: 203.0.113.7, kind: EXTERNAL}
+",
+            ),
+            None,
+        )
+        .unwrap();
+        let b = &state.services[0].backends;
+        assert_eq!(
+            b.iter()
+                .map(|b| (b.kind, b.node.as_deref()))
+                .collect::<Vec<_>>(),
+            [
+                (EndpointKind::Pod, Some("worker-1.example")),
+                (EndpointKind::Host, Some("worker-2")),
+                (EndpointKind::External, None),
+            ]
+        );
+        // Written back in the canonical spelling; an unnamed node stays unwritten.
+        let yaml = state.to_yaml();
+        assert!(yaml.contains("kind: external"), "{yaml}");
+        assert_eq!(yaml.matches("node:").count(), 2, "{yaml}");
+        assert_eq!(parse(&yaml, None).unwrap(), state);
+
+        let msg = yaml_err(&one_service(
+            "    backends:\n      - {ip: 10.1.0.1, node: Worker_1}\n",
+        ));
+        assert!(
+            msg.starts_with(r#"services[0].backends[0].node: invalid node name "Worker_1""#),
+            "{msg}"
+        );
+        let msg = yaml_err(&one_service(
+            "    backends:\n      - {ip: 10.1.0.1, kind: node}\n",
+        ));
+        assert!(
+            msg.starts_with(
+                r#"services[0].backends[0].kind: must be one of pod, vm, host, external, got "node""#
+            ),
+            "{msg}"
+        );
     }
 
     #[test]

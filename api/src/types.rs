@@ -23,6 +23,10 @@ keyword_enum! {
     BackendKind (default Pod) {
         Pod => "pod",
         Vm => "vm",
+        /// An address of a node: a host-network server, the apiserver behind `kubernetes`.
+        Host => "host",
+        /// An address outside the cluster (neither a pod's nor a node's).
+        External => "external",
         /// Restored from the pinned maps, not yet in a desired state.
         Unknown => "unknown",
     }
@@ -33,6 +37,8 @@ impl From<EndpointKind> for BackendKind {
         match k {
             EndpointKind::Pod => BackendKind::Pod,
             EndpointKind::Vm => BackendKind::Vm,
+            EndpointKind::Host => BackendKind::Host,
+            EndpointKind::External => BackendKind::External,
         }
     }
 }
@@ -267,6 +273,10 @@ pub struct BackendInfo {
     pub weight: u16,
     pub name: Option<String>,
     pub kind: BackendKind,
+    /// The node it runs on: the desired state's (an EndpointSlice endpoint's `nodeName`), else
+    /// this node for an endpoint registered here; omitted when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     pub state: BackendState,
     /// Counted over every service that shares this backend address.
     pub traffic: Traffic,
@@ -471,6 +481,12 @@ pub struct FlowRecord {
     pub src_identity: Option<Identity>,
     pub dst_identity: Option<Identity>,
     pub backend_identity: Option<Identity>,
+    /// The client's node, where known: the node that balanced the flow (the one reporting it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_node: Option<String>,
+    /// The backend's node, where known (as in [`BackendInfo::node`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_node: Option<String>,
     pub drop_reason: Option<String>,
     pub ifindex: u32,
     /// The datapath's service id (0 when none).
@@ -514,6 +530,38 @@ mod tests {
     }
 
     #[test]
+    fn backend_kinds_are_endpoint_kinds_spelled_alike() {
+        for k in EndpointKind::ALL {
+            assert_eq!(BackendKind::from(*k).as_str(), k.as_str());
+        }
+    }
+
+    #[test]
+    fn a_backends_node_is_omitted_when_unknown() {
+        let mut b = BackendInfo {
+            id: 1,
+            ip: Ipv4Addr::new(10, 1, 0, 5),
+            port: 8080,
+            weight: 1,
+            name: None,
+            kind: BackendKind::External,
+            node: None,
+            state: BackendState::Active,
+            traffic: Traffic::default(),
+            active_flows: 0,
+        };
+        let v = serde_json::to_value(&b).unwrap();
+        assert!(v.get("node").is_none(), "{v}");
+        assert_eq!(v["kind"], "external");
+        // A daemon that names no node (an older one) reads back as unknown.
+        assert_eq!(serde_json::from_value::<BackendInfo>(v).unwrap(), b);
+        b.node = Some("node-2".into());
+        let v = serde_json::to_value(&b).unwrap();
+        assert_eq!(v["node"], "node-2");
+        assert_eq!(serde_json::from_value::<BackendInfo>(v).unwrap(), b);
+    }
+
+    #[test]
     fn the_api_keeps_its_json_spelling() {
         let cases = [
             (
@@ -525,6 +573,12 @@ mod tests {
                 serde_json::to_value(BackendKind::Unknown).unwrap(),
                 "unknown",
             ),
+            (serde_json::to_value(BackendKind::Host).unwrap(), "host"),
+            (
+                serde_json::to_value(BackendKind::External).unwrap(),
+                "external",
+            ),
+            (serde_json::to_value(EndpointKind::Host).unwrap(), "host"),
             (
                 serde_json::to_value(BackendState::Terminating).unwrap(),
                 "terminating",

@@ -18,8 +18,6 @@ use tapestry_cli::{
     output::text_width,
 };
 
-const NODE: &str = "node-1";
-
 fn snapshot(name: &str, actual: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/snapshots")
@@ -89,6 +87,7 @@ fn backend(
     port: u16,
     kind: &str,
     name: Option<&str>,
+    node: Option<&str>,
     weight: u16,
     state: &str,
     t: Traffic,
@@ -101,6 +100,7 @@ fn backend(
         weight,
         name: name.map(Into::into),
         kind: kind.parse().unwrap(),
+        node: node.map(Into::into),
         state: state.parse().unwrap(),
         traffic: t,
         active_flows: live,
@@ -127,6 +127,7 @@ fn services() -> Vec<ServiceInfo> {
                 5353,
                 "pod",
                 Some("coredns-5d78c9869d-x7k2p"),
+                Some("node-2"),
                 1,
                 "active",
                 traffic(240, 15_360, 120),
@@ -148,6 +149,73 @@ fn services() -> Vec<ServiceInfo> {
             backends: vec![],
         },
         ServiceInfo {
+            name: "kubernetes".into(),
+            id: 5,
+            vip: [10, 96, 0, 1].into(),
+            port: 443,
+            protocol: "TCP".parse().unwrap(),
+            algorithm: "random".parse().unwrap(),
+            session_affinity: "None".parse().unwrap(),
+            session_affinity_timeout_seconds: 0,
+            active_backends: 1,
+            traffic: traffic(9_210, 4_406_112, 31),
+            active_flows: 2,
+            // The apiserver: a host address (off every node here, so no node).
+            backends: vec![backend(
+                6,
+                [192, 168, 1, 2],
+                6443,
+                "host",
+                None,
+                None,
+                1,
+                "active",
+                traffic(9_210, 4_406_112, 31),
+                2,
+            )],
+        },
+        ServiceInfo {
+            name: "payments".into(),
+            id: 4,
+            vip: [10, 96, 0, 13].into(),
+            port: 443,
+            protocol: "TCP".parse().unwrap(),
+            algorithm: "random".parse().unwrap(),
+            session_affinity: "None".parse().unwrap(),
+            session_affinity_timeout_seconds: 0,
+            active_backends: 2,
+            traffic: traffic(310, 40_960, 6),
+            active_flows: 1,
+            backends: vec![
+                // A server on node-1's own address (a host-network endpoint).
+                backend(
+                    7,
+                    [192, 168, 1, 10],
+                    8443,
+                    "host",
+                    None,
+                    Some("node-1"),
+                    1,
+                    "active",
+                    traffic(120, 10_240, 2),
+                    0,
+                ),
+                // Off the cluster.
+                backend(
+                    8,
+                    [203, 0, 113, 7],
+                    443,
+                    "external",
+                    None,
+                    None,
+                    1,
+                    "active",
+                    traffic(190, 30_720, 4),
+                    1,
+                ),
+            ],
+        },
+        ServiceInfo {
             name: "web".into(),
             id: 1,
             vip: [10, 96, 0, 11].into(),
@@ -166,6 +234,7 @@ fn services() -> Vec<ServiceInfo> {
                     8080,
                     "pod",
                     Some("web-1"),
+                    Some("node-2"),
                     1,
                     "active",
                     traffic(812_004, 98_304_112, 20_001),
@@ -177,6 +246,7 @@ fn services() -> Vec<ServiceInfo> {
                     8080,
                     "vm",
                     Some("web-vm"),
+                    Some("node-1"),
                     2,
                     "active",
                     traffic(722_216, 88_931_889, 20_209),
@@ -187,6 +257,7 @@ fn services() -> Vec<ServiceInfo> {
                     [10, 240, 0, 9],
                     8080,
                     "pod",
+                    None,
                     None,
                     1,
                     "terminating",
@@ -414,6 +485,8 @@ fn flow_records() -> Vec<FlowRecord> {
         src_identity: id("pod", "client", Some("default")),
         dst_identity: None,
         backend_identity: id("vm", "web-vm", Some("default")),
+        src_node: Some("node-1".into()),
+        backend_node: Some("node-1".into()),
         drop_reason: None,
         ifindex: 14,
         service_id: 1,
@@ -431,6 +504,7 @@ fn flow_records() -> Vec<FlowRecord> {
             service: Some("dns".into()),
             src_identity: id("vm", "web-vm", Some("default")),
             backend_identity: id("pod", "coredns-5d78c9869d-x7k2p", None),
+            backend_node: Some("node-2".into()),
             ifindex: 17,
             service_id: 2,
             ..base.clone()
@@ -445,6 +519,7 @@ fn flow_records() -> Vec<FlowRecord> {
             backend: None,
             service: Some("idle".into()),
             backend_identity: None,
+            backend_node: None,
             drop_reason: Some("no_backend".into()),
             service_id: 3,
             ..base.clone()
@@ -457,6 +532,7 @@ fn flow_records() -> Vec<FlowRecord> {
             src: "10.240.0.3:43300".into(),
             backend: Some("10.240.0.5:8080".into()),
             backend_identity: id("pod", "web-1", Some("default")),
+            backend_node: Some("node-2".into()),
             ..base
         },
     ]
@@ -482,16 +558,61 @@ fn status_layout() {
 #[test]
 fn service_list_layout() {
     let s = services();
-    check_layouts("service-list", |f, r| {
-        service::render(&s, NODE, f, r).unwrap()
-    });
-    round_trip(&s, |f| {
-        service::render(&s, NODE, f, &Render::plain(80)).unwrap()
-    });
+    check_layouts("service-list", |f, r| service::render(&s, f, r).unwrap());
+    round_trip(&s, |f| service::render(&s, f, &Render::plain(80)).unwrap());
     assert_eq!(
-        service::render(&[], NODE, Format::Table, &Render::plain(80)).unwrap(),
+        service::render(&[], Format::Table, &Render::plain(80)).unwrap(),
         "No services.\n"
     );
+}
+
+#[test]
+fn each_backend_shows_its_own_node_and_kind() {
+    let s = services();
+    let row = |table: &str, backend: &str| -> Vec<String> {
+        let line = table
+            .lines()
+            .find(|l| l.trim_start().starts_with(backend) || l.contains(&format!(" {backend} ")))
+            .unwrap_or_else(|| panic!("{backend} in:\n{table}"));
+        line.split_whitespace().map(str::to_owned).collect()
+    };
+    let table = service::render(&s, Format::Table, &Render::plain(120)).unwrap();
+    // BACKEND ENDPOINT NODE ...
+    for (backend, endpoint, node) in [
+        ("10.240.0.5:8080", "pod/web-1", "node-2"),
+        ("10.240.0.6:8080", "vm/web-vm", "node-1"),
+        ("10.240.0.9:8080", "pod", "-"),
+        ("192.168.1.2:6443", "host", "-"),
+        ("192.168.1.10:8443", "host", "node-1"),
+        ("203.0.113.7:443", "external", "-"),
+    ] {
+        assert_eq!(
+            row(&table, backend)[..3],
+            [backend, endpoint, node],
+            "{table}"
+        );
+    }
+    // ID BACKEND KIND NAME NODE ...
+    let wide = service::render(&s, Format::Wide, &Render::plain(200)).unwrap();
+    assert_eq!(
+        row(&wide, "192.168.1.10:8443")[1..5],
+        ["192.168.1.10:8443", "host", "-", "node-1"],
+        "{wide}"
+    );
+    // JSON names the node only where it is known.
+    let json: serde_json::Value =
+        serde_json::from_str(&service::render(&s, Format::Json, &Render::plain(80)).unwrap())
+            .unwrap();
+    let payments = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "payments")
+        .unwrap();
+    assert_eq!(payments["backends"][0]["kind"], "host");
+    assert_eq!(payments["backends"][0]["node"], "node-1");
+    assert_eq!(payments["backends"][1]["kind"], "external");
+    assert!(payments["backends"][1].get("node").is_none(), "{payments}");
 }
 
 #[test]
@@ -503,28 +624,23 @@ fn service_selection_by_name() {
         .to_string();
     assert_eq!(
         err,
-        "no service named \"nope\" on this node (services: dns, idle, web)"
+        "no service named \"nope\" on this node (services: dns, idle, kubernetes, payments, web)"
     );
 }
 
 #[test]
 fn long_names_are_shortened_to_fit_80_columns() {
     let mut s = services();
-    s[2].name = "a-service-with-a-rather-long-name-in-namespace-payments".into();
-    s[2].backends[0].name = Some("web-7d4b9c6f5-x2x9zq-with-an-even-longer-suffix".into());
-    let table = service::render(
-        &s,
-        "worker-node-0042.example.internal",
-        Format::Table,
-        &Render::plain(80),
-    )
-    .unwrap();
+    let web = s.iter_mut().find(|s| s.name == "web").unwrap();
+    web.name = "a-service-with-a-rather-long-name-in-namespace-payments".into();
+    web.backends[0].name = Some("web-7d4b9c6f5-x2x9zq-with-an-even-longer-suffix".into());
+    web.backends[0].node = Some("worker-node-0042.example.internal".into());
+    let table = service::render(&s, Format::Table, &Render::plain(80)).unwrap();
     assert_fits("long names", &table, 80);
     assert!(table.contains('…'), "{table}");
     // Wide never truncates.
     let wide = service::render(
         &s,
-        "worker-node-0042.example.internal",
         Format::Wide,
         &Render {
             color: false,
@@ -532,10 +648,12 @@ fn long_names_are_shortened_to_fit_80_columns() {
         },
     )
     .unwrap();
-    assert!(
-        wide.contains("web-7d4b9c6f5-x2x9zq-with-an-even-longer-suffix"),
-        "{wide}"
-    );
+    for full in [
+        "web-7d4b9c6f5-x2x9zq-with-an-even-longer-suffix",
+        "worker-node-0042.example.internal",
+    ] {
+        assert!(wide.contains(full), "{wide}");
+    }
     assert!(!wide.contains('…'), "{wide}");
 }
 
@@ -657,13 +775,13 @@ fn colour_marks_verdicts_and_states() {
     };
     let line = flows::render_event(&flow_records()[2], Format::Table, &r, 0).unwrap();
     assert!(line.contains("\x1b[31mDROPPED  \x1b[0m"), "{line:?}");
-    let table = service::render(&services(), NODE, Format::Table, &r).unwrap();
+    let table = service::render(&services(), Format::Table, &r).unwrap();
     assert!(table.contains("\x1b[33mterminating\x1b[0m"), "{table:?}");
     // Colour does not move columns: without the escapes it is the plain table.
     let stripped = strip_ansi(&table);
     assert_eq!(
         stripped,
-        service::render(&services(), NODE, Format::Table, &Render::plain(80)).unwrap()
+        service::render(&services(), Format::Table, &Render::plain(80)).unwrap()
     );
 }
 

@@ -57,6 +57,8 @@ pub fn decode(e: &FlowEvent, seq: u64, now: SystemTime) -> FlowRecord {
         src_identity: None,
         dst_identity: None,
         backend_identity: None,
+        src_node: None,
+        backend_node: None,
         drop_reason: (e.kind == event_kind::DROP)
             .then(|| DropReason::from_u32(e.reason).map(|r| r.name().to_owned()))
             .flatten(),

@@ -7,7 +7,7 @@
 //! thread, never on an async worker.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::Ipv4Addr,
     sync::Arc,
 };
@@ -16,8 +16,8 @@ use anyhow::{Context, Result};
 use aya::maps::MapError;
 use tapestry_api::types::{
     Algorithm, AttachmentInfo, BackendInfo, BackendKind, BackendState, ConntrackEntry,
-    EndpointKind, FlowDirection, FlowsResponse, GuestInfo, Identity, MapFill, Mode, Protocol,
-    ServiceInfo, SessionAffinity, Status, Traffic,
+    EndpointKind, FlowDirection, FlowKind, FlowRecord, FlowsResponse, GuestInfo, Identity, MapFill,
+    Mode, Protocol, ServiceInfo, SessionAffinity, Status, Traffic,
 };
 use tapestry_common::{
     COUNTERS, Counter, CtEntry, CtKey, DROP_REASONS, DropReason, MAX_AFFINITY, MAX_BACKENDS,
@@ -51,6 +51,61 @@ fn sum_stats(v: &aya::maps::PerCpuValues<TrafficStats>) -> Traffic {
         t.flows += s.flows;
     }
     t
+}
+
+/// Where backends are: the nodes the desired state names, and this node for the endpoints
+/// registered here.
+#[derive(Debug, Clone, Default)]
+struct Whereabouts {
+    /// This node's name.
+    local: Option<String>,
+    /// Addresses of the endpoints registered on this node (by the CNI plugin).
+    local_ips: HashSet<Ipv4Addr>,
+    /// Nodes by backend address, as the desired state names them.
+    named: HashMap<Ipv4Addr, String>,
+}
+
+impl Whereabouts {
+    /// The node of the backend at `ip` that the desired state places on `named`.
+    fn node(&self, ip: Ipv4Addr, named: Option<&str>) -> Option<String> {
+        named
+            .map(str::to_owned)
+            .or_else(|| self.local_ips.contains(&ip).then(|| self.local.clone())?)
+    }
+
+    /// The node of any address: named by the desired state, or local.
+    fn node_of(&self, ip: Ipv4Addr) -> Option<String> {
+        self.node(ip, self.named.get(&ip).map(String::as_str))
+    }
+
+    /// Names the nodes of a flow: the client's is this node for every flow it balanced (it saw
+    /// the flow leave the client); for other events (a reply's drop) it is the source's, when
+    /// known.
+    fn name_flow(&self, f: &mut FlowRecord) {
+        let ip_of = |a: &str| {
+            a.rsplit_once(':')
+                .and_then(|(ip, _)| ip.parse::<Ipv4Addr>().ok())
+        };
+        let balanced_here =
+            matches!(f.kind, FlowKind::New | FlowKind::Reselected) || f.service_id != 0;
+        f.src_node = if balanced_here {
+            self.local.clone()
+        } else {
+            ip_of(&f.src).and_then(|ip| self.node_of(ip))
+        };
+        f.backend_node = f
+            .backend
+            .as_deref()
+            .and_then(ip_of)
+            .and_then(|ip| self.node_of(ip));
+    }
+}
+
+/// This machine's hostname (the node's name when the source names none).
+fn hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_owned())
 }
 
 fn addr(ip: u32, port: u16) -> String {
@@ -166,6 +221,7 @@ impl Views {
     pub fn services(&self) -> Result<Vec<ServiceInfo>> {
         let maps = &self.maps;
         let programmed = self.services.programmed();
+        let place = self.whereabouts();
         let now = monotonic_ns();
         // Live forward flows per (service, backend).
         let mut flows: HashMap<(u32, u32), u64> = HashMap::new();
@@ -207,6 +263,7 @@ impl Views {
                         weight: b.weight,
                         name: b.name.clone(),
                         kind: b.kind.into(),
+                        node: place.node(b.ip, b.node.as_deref()),
                         state,
                         traffic,
                         active_flows: flows.get(&(ps.id, *id)).copied().unwrap_or(0),
@@ -234,6 +291,7 @@ impl Views {
                         weight: 0,
                         name: None,
                         kind: BackendKind::Unknown,
+                        node: place.node(addr.ip, None),
                         state: BackendState::Active,
                         traffic: maps
                             .backend_stats
@@ -304,6 +362,37 @@ impl Views {
         out
     }
 
+    /// This node's name: the source's (Kubernetes mode's `--node-name`), else the hostname.
+    pub fn node_name(&self) -> Option<String> {
+        self.services.status().source.node.or_else(hostname)
+    }
+
+    fn local_ips(&self) -> HashSet<Ipv4Addr> {
+        self.endpoints
+            .list()
+            .iter()
+            .flat_map(|ep| &ep.request.ips)
+            .filter_map(|ip| ip.split('/').next()?.parse().ok())
+            .collect()
+    }
+
+    fn whereabouts(&self) -> Whereabouts {
+        let programmed = self.services.programmed();
+        let mut named = HashMap::new();
+        for (_, ps) in &programmed.services {
+            for b in programmed.spec(ps).into_iter().flat_map(|s| &s.backends) {
+                if let Some(node) = &b.node {
+                    named.entry(b.ip).or_insert_with(|| node.clone());
+                }
+            }
+        }
+        Whereabouts {
+            local: self.node_name(),
+            local_ips: self.local_ips(),
+            named,
+        }
+    }
+
     /// Who each known address is: endpoints registered on this node, then service backends
     /// named in the desired state.
     pub fn identities(&self) -> HashMap<Ipv4Addr, Identity> {
@@ -350,6 +439,7 @@ impl Views {
         let (mut flows, next, overflowed) = self.flows.since(since);
         let names = self.services.programmed().names();
         let ids = self.identities();
+        let place = self.whereabouts();
         let who = |a: &str| {
             a.rsplit_once(':')
                 .and_then(|(ip, _)| ip.parse::<Ipv4Addr>().ok())
@@ -360,6 +450,7 @@ impl Views {
             f.src_identity = who(&f.src);
             f.dst_identity = who(&f.dst);
             f.backend_identity = f.backend.as_deref().and_then(who);
+            place.name_flow(f);
         }
         let (counters, _) = self.counters()?;
         let lost = counters
@@ -372,5 +463,96 @@ impl Views {
 
     pub fn guests(&self) -> Vec<GuestInfo> {
         self.endpoints.guests()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn place() -> Whereabouts {
+        Whereabouts {
+            local: Some("node-a".into()),
+            local_ips: HashSet::from([Ipv4Addr::new(10, 1, 0, 5)]),
+            named: HashMap::from([(Ipv4Addr::new(10, 2, 0, 7), "node-b".to_owned())]),
+        }
+    }
+
+    fn flow(kind: FlowKind, service_id: u32, src: &str, backend: Option<&str>) -> FlowRecord {
+        FlowRecord {
+            seq: 0,
+            time: String::new(),
+            unix_ms: 0,
+            kind,
+            verdict: if kind == FlowKind::Drop {
+                tapestry_api::types::Verdict::Dropped
+            } else {
+                tapestry_api::types::Verdict::Forwarded
+            },
+            protocol: Some(Protocol::Tcp),
+            src: src.into(),
+            dst: "10.96.0.10:80".into(),
+            backend: backend.map(Into::into),
+            service: None,
+            src_identity: None,
+            dst_identity: None,
+            backend_identity: None,
+            src_node: None,
+            backend_node: None,
+            drop_reason: None,
+            ifindex: 4,
+            service_id,
+        }
+    }
+
+    #[test]
+    fn a_backend_is_where_the_state_says_else_here_if_registered_here() {
+        let p = place();
+        let (local, remote) = (Ipv4Addr::new(10, 1, 0, 5), Ipv4Addr::new(10, 2, 0, 9));
+        assert_eq!(p.node(local, None).as_deref(), Some("node-a"));
+        assert_eq!(p.node(remote, None), None, "unknown, not this node");
+        assert_eq!(p.node(remote, Some("node-c")).as_deref(), Some("node-c"));
+        let nameless = Whereabouts {
+            local: None,
+            ..place()
+        };
+        assert_eq!(nameless.node(local, None), None);
+    }
+
+    #[test]
+    fn flows_name_the_clients_and_the_backends_nodes() {
+        let p = place();
+        // Balanced here: the client is on this node, wherever its address is from.
+        let mut f = flow(FlowKind::New, 1, "10.9.0.3:40000", Some("10.2.0.7:8080"));
+        p.name_flow(&mut f);
+        assert_eq!(
+            (f.src_node.as_deref(), f.backend_node.as_deref()),
+            (Some("node-a"), Some("node-b"))
+        );
+        let mut f = flow(
+            FlowKind::Reselected,
+            1,
+            "10.9.0.3:40000",
+            Some("10.1.0.5:8080"),
+        );
+        p.name_flow(&mut f);
+        assert_eq!(
+            (f.src_node.as_deref(), f.backend_node.as_deref()),
+            (Some("node-a"), Some("node-a"))
+        );
+        // A new connection refused by a service without backends: still this node's client.
+        let mut f = flow(FlowKind::Drop, 3, "10.9.0.3:40000", None);
+        p.name_flow(&mut f);
+        assert_eq!(
+            (f.src_node.as_deref(), f.backend_node),
+            (Some("node-a"), None)
+        );
+        // A reply dropped on its way to the client: the source is the backend.
+        let mut f = flow(FlowKind::Drop, 0, "10.2.0.7:8080", None);
+        p.name_flow(&mut f);
+        assert_eq!(f.src_node.as_deref(), Some("node-b"));
+        let mut f = flow(FlowKind::Drop, 0, "198.51.100.1:443", None);
+        p.name_flow(&mut f);
+        assert_eq!(f.src_node, None);
     }
 }

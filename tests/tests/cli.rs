@@ -186,6 +186,12 @@ fn the_cli_shows_the_labs_real_state() {
         (v.kind.as_str(), v.name.as_deref(), v.port),
         ("vm", Some("vm"), 5353)
     );
+    // Nodes: the state file names none; the VM pod is registered here (the CNI plugin's ADD),
+    // so it is on this node; be0's interface is only attached, so its node is not known.
+    let node = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let node = node.trim();
+    assert_eq!(v.node.as_deref(), Some(node), "{v:?}");
+    assert_eq!(b.node, None, "{b:?}");
 
     // Traffic: TCP from the client pod to a pod backend, UDP to the VM guest's server.
     for _ in 0..5 {
@@ -221,12 +227,21 @@ fn the_cli_shows_the_labs_real_state() {
     assert_eq!(v1.traffic.flows, v0.traffic.flows + 1);
     assert!(v1.active_flows >= 1, "the UDP flow is live: {v1:?}");
 
-    // The table says the same for a person: VM vs pod, this node's name.
+    // The table says the same for a person: VM vs pod, the VM on this node, be0's node unknown.
     let table = ok(sock, &["service", "list"]);
-    let node = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
-    for want in ["pod/be0", "vm/vm", node.trim(), "no backends"] {
+    for want in ["pod/be0", "vm/vm", "no backends"] {
         assert!(table.contains(want), "{want:?} in:\n{table}");
     }
+    let row = |ip: Ipv4Addr| -> Vec<&str> {
+        table
+            .lines()
+            .find(|l| l.trim_start().starts_with(&ip.to_string()))
+            .unwrap_or_else(|| panic!("{ip} in:\n{table}"))
+            .split_whitespace()
+            .collect()
+    };
+    assert_eq!(row(vm.ip)[1..3], ["vm/vm", node], "{table}");
+    assert_eq!(row(be.ip)[1..3], ["pod/be0", "-"], "{table}");
     let one: Vec<ServiceInfo> = json(sock, &["service", "list", "--service", "web", "-o", "json"]);
     assert_eq!(one.len(), 1);
     let y = ok(sock, &["service", "list", "-o", "yaml"]);
@@ -318,7 +333,8 @@ fn the_cli_shows_the_labs_real_state() {
             .any(|f| f.service.as_deref() == Some("vmdns")
                 && f.backend_identity
                     .as_ref()
-                    .is_some_and(|i| i.kind == EndpointKind::Vm && i.name == "vm")),
+                    .is_some_and(|i| i.kind == EndpointKind::Vm && i.name == "vm")
+                && f.backend_node.as_deref() == Some(node)),
         "{vm_flows:?}"
     );
     let lines = ok(sock, &["flows", "--service", "web"]);
@@ -408,6 +424,11 @@ fn the_cli_shows_the_labs_real_state() {
             .as_ref()
             .map(|i| (i.kind.as_str(), i.name.as_str())),
         Some(("pod", "be0"))
+    );
+    // The client is on the node that balanced the flow; be0's node is not known.
+    assert_eq!(
+        (event.src_node.as_deref(), event.backend_node.as_deref()),
+        (Some(node), None)
     );
     drop(conn);
 

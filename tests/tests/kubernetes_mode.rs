@@ -329,6 +329,104 @@ fn maps_follow_endpointslices_of_any_manager_and_survive_an_apiserver_outage() {
             .is_err(),
         "nothing answers on a removed ClusterIP"
     );
+
+    // Where each backend is, as `tapestry service list` shows it: a pod on its endpoint's
+    // nodeName, a server on a Node's own address (a Node registered as a kubelet does, with
+    // its addresses in status), an address off the cluster, and the apiserver behind
+    // `kubernetes` (this control plane writes no endpoint for it: written here as the
+    // apiserver's reconciler would, an address of no node).
+    cp.apply(
+        &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-b"}}).to_string(),
+    )
+    .unwrap();
+    cp.kubectl_ok([
+        "patch",
+        "node",
+        "node-b",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.11"},
+                                     {"type": "Hostname", "address": "node-b"}]}}"#,
+    ])
+    .unwrap();
+    cp.apply(
+        &json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "where", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.77.11",
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
+        .to_string(),
+    )
+    .unwrap();
+    let mut on_a = endpoint(&a, true);
+    on_a["nodeName"] = json!(NODE);
+    cp.apply(&slice(
+        "where-1",
+        "where",
+        json!([on_a, {"addresses": ["192.0.2.11"]}, {"addresses": ["198.51.100.7"]}]),
+    ))
+    .unwrap();
+    cp.apply(
+        &json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "kubernetes"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["192.0.2.1"], "conditions": {"ready": true}}]})
+        .to_string(),
+    )
+    .unwrap();
+    let placed = |name: &str| -> Option<Vec<(String, String, Option<String>)>> {
+        let services = d.client().services().ok()?;
+        let s = services.iter().find(|s| s.name == name)?;
+        let mut v: Vec<_> = s
+            .backends
+            .iter()
+            .map(|b| (b.ip.to_string(), b.kind.to_string(), b.node.clone()))
+            .collect();
+        v.sort();
+        Some(v)
+    };
+    let mut want = vec![
+        (a.ip.to_string(), "pod".to_string(), Some(NODE.to_string())),
+        ("192.0.2.11".into(), "host".into(), Some("node-b".into())),
+        ("198.51.100.7".into(), "external".into(), None),
+    ];
+    want.sort();
+    poll(Duration::from_secs(10), "where each backend is", || {
+        Ok((placed("default/where").as_ref() == Some(&want)).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", placed("default/where")));
+    poll(Duration::from_secs(10), "the apiserver is a host", || {
+        Ok(
+            (placed("default/kubernetes") == Some(vec![("192.0.2.1".into(), "host".into(), None)]))
+                .then_some(()),
+        )
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", placed("default/kubernetes")));
+    // The table says it too: the node, or `-` where none is known.
+    let out = Command::new(tapestry_tests::daemon::binary("tapestry").unwrap())
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["service", "list", "--service", "default/where"])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let table = String::from_utf8(out.stdout).unwrap();
+    for (ip, endpoint, node) in [
+        (a.ip.to_string(), "pod/a", NODE),
+        ("192.0.2.11".into(), "host", "node-b"),
+        ("198.51.100.7".into(), "external", "-"),
+    ] {
+        let row: Vec<&str> = table
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{ip}:")))
+            .unwrap_or_else(|| panic!("{ip} in:\n{table}"))
+            .split_whitespace()
+            .collect();
+        assert_eq!(row[1..3], [endpoint, node], "{table}");
+    }
     lab.destroy().unwrap();
 }
 

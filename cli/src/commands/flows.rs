@@ -96,8 +96,9 @@ impl Filter {
 
 #[derive(Clone, Debug, Default, clap::Args)]
 #[command(after_help = "Each line: time, verdict, protocol, then
-  source (pod|vm name) -> destination (service name) => backend (pod|vm name)
-and the reason of a drop. Flow events are recorded only when tapestryd runs
+  source (pod|vm name on node) -> destination (service name) => backend (kind name on node)
+and the reason of a drop. The source's node is the one that balanced the flow; the backend's is
+where the desired state puts it (an EndpointSlice endpoint's nodeName). Flow events are recorded only when tapestryd runs
 with --flow-events; it keeps the last 8192.
 
 Examples:
@@ -255,13 +256,17 @@ pub fn history<'a>(
     matching.into_iter().skip(skip).collect()
 }
 
-fn identity(id: &Option<Identity>, wide: bool) -> String {
-    match id {
-        None => String::new(),
-        Some(id) => match (&id.namespace, wide) {
-            (Some(ns), true) => format!(" ({} {ns}/{})", id.kind, id.name),
-            _ => format!(" ({} {})", id.kind, id.name),
-        },
+/// ` (pod name on node)`: who an address is and where, as far as the daemon knows.
+fn identity(id: &Option<Identity>, node: Option<&str>, wide: bool) -> String {
+    let who = id.as_ref().map(|id| match (&id.namespace, wide) {
+        (Some(ns), true) => format!("{} {ns}/{}", id.kind, id.name),
+        _ => format!("{} {}", id.kind, id.name),
+    });
+    match (who, node) {
+        (None, None) => String::new(),
+        (Some(who), None) => format!(" ({who})"),
+        (None, Some(node)) => format!(" (on {node})"),
+        (Some(who), Some(node)) => format!(" ({who} on {node})"),
     }
 }
 
@@ -295,7 +300,7 @@ pub fn render_event(
         f.protocol.map_or("?", |p| p.as_str())
     ));
     line.push_str(&f.src);
-    line.push_str(&identity(&f.src_identity, wide));
+    line.push_str(&identity(&f.src_identity, f.src_node.as_deref(), wide));
     line.push_str(" -> ");
     line.push_str(&f.dst);
     match (&f.service, f.service_id) {
@@ -303,13 +308,17 @@ pub fn render_event(
             " ({})",
             r.paint(&format!("service {s}"), Paint::Bold)
         )),
-        (None, 0) => line.push_str(&identity(&f.dst_identity, wide)),
+        (None, 0) => line.push_str(&identity(&f.dst_identity, None, wide)),
         (None, id) => line.push_str(&format!(" (service id {id})")),
     }
     if let Some(b) = &f.backend {
         line.push_str(" => ");
         line.push_str(b);
-        line.push_str(&identity(&f.backend_identity, wide));
+        line.push_str(&identity(
+            &f.backend_identity,
+            f.backend_node.as_deref(),
+            wide,
+        ));
     }
     if f.kind == FlowKind::Reselected && !wide {
         line.push_str(", backend reselected");

@@ -1,5 +1,6 @@
-//! `tapestry service list`: every frontend with its backends, each backend a VM or a pod with
-//! its name and node, weight, state, traffic and live flows.
+//! `tapestry service list`: every frontend with its backends, each backend a VM, a pod, a host
+//! (a node's own address) or an external address, with its name and node, weight, state, traffic
+//! and live flows.
 
 use anyhow::{Result, bail};
 use tapestry_api::types::{BackendInfo, BackendKind, BackendState, ServiceInfo, SessionAffinity};
@@ -37,10 +38,9 @@ pub struct ListArgs {
 }
 
 pub fn list(ctx: &Ctx, args: &ListArgs) -> Result<()> {
-    let node = node_name();
     output::print_or_watch(args.watch.watch, "tapestry service list", || {
         let services = select(ctx.client.services()?, args.service.as_deref())?;
-        render(&services, &node, args.output.output, &ctx.render)
+        render(&services, args.output.output, &ctx.render)
     })
 }
 
@@ -56,19 +56,6 @@ pub fn select(services: Vec<ServiceInfo>, name: Option<&str>) -> Result<Vec<Serv
         bail!("no service named {name:?} on this node (services: {known})");
     }
     Ok(found)
-}
-
-/// The name of this node: its hostname. Every backend the daemon reports is programmed on this
-/// node (standalone mode), and the API does not name nodes (yet).
-pub fn node_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into the buffer we own.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "-".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 fn service_name(s: &ServiceInfo) -> String {
@@ -96,7 +83,7 @@ fn affinity(s: &ServiceInfo) -> String {
     }
 }
 
-/// `vm/name` or `pod/name`: what the backend is.
+/// `vm/name`, `pod/name`, `host`, `external`...: what the backend is, and its name if it has one.
 pub fn endpoint(b: &BackendInfo) -> String {
     match &b.name {
         Some(n) if !n.is_empty() => format!("{}/{n}", b.kind),
@@ -112,7 +99,10 @@ fn kind_paint(kind: BackendKind) -> Paint {
     }
 }
 
-pub fn render(services: &[ServiceInfo], node: &str, format: Format, r: &Render) -> Result<String> {
+/// The services as `format`. Each backend's NODE is the daemon's: where the desired state puts it
+/// (an EndpointSlice endpoint's `nodeName`), this node for an endpoint registered here, `-` when
+/// unknown.
+pub fn render(services: &[ServiceInfo], format: Format, r: &Render) -> Result<String> {
     if let Some(s) = output::structured(format, services) {
         return s;
     }
@@ -231,7 +221,7 @@ pub fn render(services: &[ServiceInfo], node: &str, format: Format, r: &Render) 
                 row.push(Cell::new(endpoint(be), kind_paint(be.kind)));
             }
             row.extend([
-                node.into(),
+                output::or_dash(be.node.as_deref()).into(),
                 be.weight.to_string().into(),
                 Cell::new(
                     be.state.as_str(),

@@ -13,7 +13,17 @@
 //! fallback); other terminating ones keep their flows and get no new ones. When two slices list
 //! the same address and port, the tapestry-managed one wins: its readiness is the guest's own.
 //!
-//! Nothing is published until both watches have listed once, so a daemon that starts while the
+//! Each backend says where it is (for display; the datapath treats them all alike): its node, the
+//! endpoint's `nodeName`, and its kind. A `Pod` target is a pod (a `Guest` target a VM); an
+//! endpoint without one (or with another kind of target) is a host when its address is one of a
+//! Node's `status.addresses` (a host-network server; its node is that Node unless `nodeName` says
+//! otherwise), or when it is the `kubernetes` Service's in `default` (the apiserver), and
+//! external otherwise (an address outside the cluster). Node addresses come from a third watch,
+//! of Nodes, reduced to their names and addresses.
+//!
+//! Nothing is published until the watches of Services and EndpointSlices have listed once (and
+//! the one of Nodes, unless it fails: kinds are display only, so a daemon that may not read
+//! Nodes still balances, calling host endpoints external), so a daemon that starts while the
 //! apiserver is down leaves the datapath it adopted untouched; while the apiserver is away the
 //! last state stays in force and `tapestry status` says why; after the watches re-list, the
 //! state is published again, and the reconciler writes only the difference.
@@ -28,8 +38,8 @@ use std::{
 use anyhow::{Result, bail};
 use futures::{StreamExt, stream};
 use k8s_openapi::api::{
-    core::v1::Service,
-    discovery::v1::{EndpointPort, EndpointSlice},
+    core::v1::{Node, NodeStatus, Service},
+    discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -88,6 +98,49 @@ fn seen<K>(which: u8) -> impl FnMut(Result<watcher::Event<K>, watcher::Error>) -
 
 const SERVICES: u8 = 1;
 const SLICES: u8 = 2;
+const NODES: u8 = 4;
+
+/// The `kubernetes` Service: its endpoints are the apiserver's own addresses.
+const APISERVER_SERVICE: (&str, &str) = ("default", "kubernetes");
+
+/// What the source keeps of a Node: its name and addresses (a Node's images and conditions are
+/// most of its size, and a cluster may have thousands).
+fn slim_node(node: &mut Node) {
+    let addresses = node.status.take().and_then(|s| s.addresses);
+    node.metadata.managed_fields = None;
+    node.metadata.annotations = None;
+    node.metadata.labels = None;
+    node.spec = None;
+    node.status = Some(NodeStatus {
+        addresses,
+        ..NodeStatus::default()
+    });
+}
+
+/// Which Node each node address belongs to (every IPv4 address in a Node's `status.addresses`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeAddresses(HashMap<Ipv4Addr, String>);
+
+impl NodeAddresses {
+    pub fn of(nodes: &[Arc<Node>]) -> Self {
+        let mut by_ip = HashMap::new();
+        for node in nodes {
+            let name = node.name_any();
+            let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+            for a in addresses.into_iter().flatten() {
+                if let Ok(ip) = a.address.parse::<Ipv4Addr>() {
+                    by_ip.insert(ip, name.clone());
+                }
+            }
+        }
+        NodeAddresses(by_ip)
+    }
+
+    /// The Node that has `ip` among its addresses.
+    pub fn node_of(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.0.get(&ip).map(String::as_str)
+    }
+}
 
 impl StateSource for KubernetesSource {
     fn describe(&self) -> String {
@@ -102,6 +155,7 @@ impl StateSource for KubernetesSource {
         let describe = self.describe();
         let (services, svc_writer) = reflector::store::<Service>();
         let (slices, slice_writer) = reflector::store::<EndpointSlice>();
+        let (nodes, node_writer) = reflector::store::<Node>();
         let svc_events = watcher(
             Api::<Service>::all(self.client.clone()),
             watcher::Config::default(),
@@ -116,28 +170,43 @@ impl StateSource for KubernetesSource {
         .default_backoff()
         .reflect(slice_writer)
         .map(seen(SLICES));
-        let mut events = std::pin::pin!(stream::select(svc_events, slice_events));
+        let node_events = watcher(
+            Api::<Node>::all(self.client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(slim_node)
+        .reflect(node_writer)
+        .map(seen(NODES));
+        let mut events = std::pin::pin!(stream::select(
+            stream::select(svc_events, slice_events),
+            node_events
+        ));
 
         let mut publisher = Publisher::new(describe.clone(), updates, status);
+        publisher.set_node(&self.node_name);
         let mut listed = 0u8;
+        let mut node_addresses = NodeAddresses::default();
+        let mut published = false;
         let mut failing: HashMap<u8, String> = HashMap::new();
         let mut problems_logged: HashSet<String> = HashSet::new();
-        info!(source = %describe, "watching Services and EndpointSlices");
+        info!(source = %describe, "watching Services, EndpointSlices and Nodes");
         loop {
             let Some(first) = events.next().await else {
                 bail!("{describe}: the watches ended");
             };
-            let mut dirty = false;
-            let mut note = |(which, seen): (u8, Seen), listed: &mut u8, dirty: &mut bool| match seen
+            // Which watches saw a change (Nodes count only when their addresses changed).
+            let mut touched = 0u8;
+            let mut note = |(which, seen): (u8, Seen), listed: &mut u8, touched: &mut u8| match seen
             {
                 Seen::Changed => {
                     failing.remove(&which);
-                    *dirty = true;
+                    *touched |= which;
                 }
                 Seen::Listed => {
                     failing.remove(&which);
                     *listed |= which;
-                    *dirty = true;
+                    *touched |= which;
                 }
                 Seen::Failed(e) => {
                     if failing.insert(which, e.clone()).is_none() {
@@ -145,33 +214,60 @@ impl StateSource for KubernetesSource {
                     }
                 }
             };
-            note(first, &mut listed, &mut dirty);
+            note(first, &mut listed, &mut touched);
             // A burst (a rollout, a re-list) becomes one rebuild.
             let deadline = tokio::time::Instant::now() + COALESCE;
             while let Ok(next) = tokio::time::timeout_at(deadline, events.next()).await {
                 match next {
-                    Some(ev) => note(ev, &mut listed, &mut dirty),
+                    Some(ev) => note(ev, &mut listed, &mut touched),
                     None => bail!("{describe}: the watches ended"),
                 }
             }
-            let error = (!failing.is_empty()).then(|| {
-                let mut why: Vec<&str> = failing.values().map(String::as_str).collect();
-                why.sort();
+            let unreachable: Vec<&str> = [SERVICES, SLICES]
+                .iter()
+                .filter_map(|w| failing.get(w).map(String::as_str))
+                .collect();
+            let error = (!unreachable.is_empty()).then(|| {
                 format!(
                     "Kubernetes API unreachable ({}); the last state stays in force",
-                    why.join("; ")
+                    unreachable.join("; ")
                 )
             });
-            if listed != SERVICES | SLICES {
+            let node_error = failing.get(&NODES).map(|e| {
+                format!(
+                    "cannot watch Nodes ({e}); backends on node addresses are shown as external"
+                )
+            });
+            let both = |error: Option<String>| match (error, node_error.clone()) {
+                (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                (a, b) => a.or(b),
+            };
+            // Nodes only name backends' kinds: waited for, unless their watch fails.
+            let nodes_settled = listed & NODES != 0 || failing.contains_key(&NODES);
+            if listed & (SERVICES | SLICES) != SERVICES | SLICES || !nodes_settled {
                 publisher.set_status(
-                    error.or_else(|| Some("waiting for the first list of Services and EndpointSlices; the datapath is left as it is".into())),
+                    both(error).or_else(|| Some("waiting for the first list of Services, EndpointSlices and Nodes; the datapath is left as it is".into())),
                     None,
                 );
                 continue;
             }
+            let mut dirty = touched & (SERVICES | SLICES) != 0 || !published;
+            if touched & NODES != 0 {
+                // Every kubelet heartbeat is a Node event; only new addresses change the state.
+                let now = NodeAddresses::of(&nodes.state());
+                if now != node_addresses {
+                    node_addresses = now;
+                    dirty = true;
+                }
+            }
             if dirty {
-                let (state, problems) =
-                    desired_state(&services.state(), &slices.state(), &self.node_name);
+                published = true;
+                let (state, problems) = desired_state(
+                    &services.state(),
+                    &slices.state(),
+                    &node_addresses,
+                    &self.node_name,
+                );
                 for p in problems {
                     if problems_logged.insert(p.clone()) {
                         warn!(source = %describe, "{p}");
@@ -180,7 +276,7 @@ impl StateSource for KubernetesSource {
                 publisher.publish(state);
             }
             let loaded = error.is_none().then(SystemTime::now);
-            publisher.set_status(error, loaded);
+            publisher.set_status(both(error), loaded);
         }
     }
 }
@@ -190,6 +286,7 @@ impl StateSource for KubernetesSource {
 pub fn desired_state(
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
+    nodes: &NodeAddresses,
     node_name: &str,
 ) -> (DesiredState, Vec<String>) {
     let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
@@ -217,7 +314,7 @@ pub fn desired_state(
         let slices = by_service
             .get(&(ns.as_str(), name.as_str()))
             .unwrap_or(&empty);
-        for spec in service_specs(svc, slices, node_name, &mut problems) {
+        for spec in service_specs(svc, slices, nodes, node_name, &mut problems) {
             match spec.validate(&spec.name) {
                 Ok(()) => out.push(spec),
                 Err(e) => problems.push(format!("service {ns}/{name} left out: {e}")),
@@ -232,6 +329,7 @@ pub fn desired_state(
 fn service_specs(
     svc: &Service,
     slices: &[&EndpointSlice],
+    nodes: &NodeAddresses,
     node_name: &str,
     problems: &mut Vec<String>,
 ) -> Vec<ServiceSpec> {
@@ -274,6 +372,8 @@ fn service_specs(
         _ => (SessionAffinity::None, DEFAULT_AFFINITY_TIMEOUT),
     };
     let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let apiserver = (ns.as_str(), name.as_str()) == APISERVER_SERVICE;
+    let place = Placement { nodes, apiserver };
     let ports = spec.ports.as_deref().unwrap_or_default();
     let mut out = Vec::new();
     for port in ports {
@@ -286,7 +386,7 @@ fn service_specs(
             continue;
         };
         let port_name = port.name.as_deref().unwrap_or_default();
-        let backends = backends_for(slices, port_name, protocol, local_only, node_name);
+        let backends = backends_for(slices, port_name, protocol, local_only, node_name, &place);
         for (i, vip) in vips.iter().enumerate() {
             let mut label = format!("{ns}/{name}");
             if ports.len() > 1 {
@@ -322,6 +422,7 @@ fn backends_for(
     protocol: Protocol,
     local_only: bool,
     node_name: &str,
+    place: &Placement,
 ) -> Vec<BackendSpec> {
     struct Candidate {
         backend: BackendSpec,
@@ -359,21 +460,12 @@ fn backends_for(
             // Not ready and not draining: no traffic at all. Still recorded, so that a guest's
             // own "not ready" hides its pod's "ready" from another slice.
             let usable = ready || terminating;
-            let (kind, display) = match ep.target_ref.as_ref() {
-                Some(r) => (
-                    if r.kind.as_deref() == Some(names::GUEST_KIND) {
-                        EndpointKind::Vm
-                    } else {
-                        EndpointKind::Pod
-                    },
-                    r.name.clone(),
-                ),
-                None => (EndpointKind::Pod, None),
-            };
+            let display = ep.target_ref.as_ref().and_then(|r| r.name.clone());
             for address in &ep.addresses {
                 let Ok(ip) = address.parse::<Ipv4Addr>() else {
                     continue;
                 };
+                let (kind, node) = place.of(ep, ip);
                 let candidate = Candidate {
                     backend: BackendSpec {
                         ip,
@@ -381,6 +473,7 @@ fn backends_for(
                         weight: 1,
                         name: display.clone(),
                         kind,
+                        node,
                         terminating: !ready,
                     },
                     ready,
@@ -408,6 +501,32 @@ fn backends_for(
             c.backend
         })
         .collect()
+}
+
+/// What decides where a Service's endpoints are.
+struct Placement<'a> {
+    nodes: &'a NodeAddresses,
+    /// The slices are the `kubernetes` Service's: its endpoints are the apiserver's addresses.
+    apiserver: bool,
+}
+
+impl Placement<'_> {
+    /// The kind and node of the endpoint `ep` at its address `ip`: a `Guest` target is a VM, a
+    /// `Pod` target a pod, on the endpoint's `nodeName`; anything else is a host when `ip` is a
+    /// Node's address (on that Node unless `nodeName` names one) or the apiserver's, and external
+    /// when it is neither.
+    fn of(&self, ep: &Endpoint, ip: Ipv4Addr) -> (EndpointKind, Option<String>) {
+        let node = ep.node_name.clone();
+        match ep.target_ref.as_ref().and_then(|r| r.kind.as_deref()) {
+            Some(names::GUEST_KIND) => (EndpointKind::Vm, node),
+            Some("Pod") => (EndpointKind::Pod, node),
+            _ => match self.nodes.node_of(ip) {
+                Some(owner) => (EndpointKind::Host, node.or_else(|| Some(owner.to_owned()))),
+                None if self.apiserver => (EndpointKind::Host, node),
+                None => (EndpointKind::External, node),
+            },
+        }
+    }
 }
 
 fn slice_port_matches(p: &EndpointPort, port_name: &str, protocol: Protocol) -> bool {
@@ -445,6 +564,10 @@ mod tests {
         Arc::new(serde_json::from_value(v).unwrap())
     }
 
+    fn no_nodes() -> NodeAddresses {
+        NodeAddresses::default()
+    }
+
     fn web() -> Arc<Service> {
         service(json!({
             "metadata": {"name": "web", "namespace": "default"},
@@ -475,7 +598,7 @@ mod tests {
                 {"addresses": ["10.1.0.7"]}
             ]),
         )];
-        let (state, problems) = desired_state(&[web()], &slices, "a");
+        let (state, problems) = desired_state(&[web()], &slices, &no_nodes(), "a");
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(state.services.len(), 1);
         let s = &state.services[0];
@@ -499,6 +622,186 @@ mod tests {
         assert!(state.validate().is_ok());
     }
 
+    fn node(name: &str, addresses: serde_json::Value) -> Arc<Node> {
+        Arc::new(serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+            "spec": {"podCIDR": "10.1.0.0/24"},
+            "status": {"addresses": addresses,
+                       "conditions": [{"type": "Ready", "status": "True"}],
+                       "images": [{"names": ["registry.k8s.io/pause:3.10"], "sizeBytes": 320000}]}
+        }))
+        .unwrap())
+    }
+
+    /// Two Nodes: `node-a` (192.168.1.10, and an external 203.0.113.10) and `node-b`
+    /// (192.168.1.11).
+    fn two_nodes() -> NodeAddresses {
+        NodeAddresses::of(&[
+            node(
+                "node-a",
+                json!([{"type": "InternalIP", "address": "192.168.1.10"},
+                       {"type": "ExternalIP", "address": "203.0.113.10"},
+                       {"type": "Hostname", "address": "node-a"}]),
+            ),
+            node(
+                "node-b",
+                json!([{"type": "InternalIP", "address": "192.168.1.11"}]),
+            ),
+        ])
+    }
+
+    /// (ip, kind, node) of the first service's backends.
+    fn placed(state: &DesiredState) -> Vec<(String, EndpointKind, Option<&str>)> {
+        state.services[0]
+            .backends
+            .iter()
+            .map(|b| (b.ip.to_string(), b.kind, b.node.as_deref()))
+            .collect()
+    }
+
+    #[test]
+    fn pods_and_guests_are_on_their_endpoints_node() {
+        let slices = vec![pod_slice(
+            "web-abc",
+            json!([
+                {"addresses": ["10.1.0.5"], "targetRef": {"kind": "Pod", "name": "web-1"},
+                 "nodeName": "node-b"},
+                {"addresses": ["10.1.0.6"], "targetRef": {"kind": "Pod", "name": "web-2"}},
+                {"addresses": ["10.1.0.7"], "targetRef": {"kind": "Guest", "name": "vm-1"},
+                 "nodeName": "node-a"},
+                // A host-network pod: its address is its node's, but it is a pod.
+                {"addresses": ["192.168.1.11"], "targetRef": {"kind": "Pod", "name": "hostnet"},
+                 "nodeName": "node-b"}
+            ]),
+        )];
+        let (state, problems) = desired_state(&[web()], &slices, &two_nodes(), "node-a");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            placed(&state),
+            [
+                ("10.1.0.5".into(), EndpointKind::Pod, Some("node-b")),
+                ("10.1.0.6".into(), EndpointKind::Pod, None),
+                ("10.1.0.7".into(), EndpointKind::Vm, Some("node-a")),
+                ("192.168.1.11".into(), EndpointKind::Pod, Some("node-b")),
+            ]
+        );
+        assert!(state.validate().is_ok());
+    }
+
+    #[test]
+    fn the_kubernetes_services_endpoint_is_a_host() {
+        let svc = service(json!({
+            "metadata": {"name": "kubernetes", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.1",
+                     "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]}
+        }));
+        // As the apiserver writes it: no target, no node.
+        let apiserver = |ip: &str| {
+            slice(json!({
+                "metadata": {"name": "kubernetes", "namespace": "default",
+                             "labels": {"kubernetes.io/service-name": "kubernetes"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}],
+                "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}]
+            }))
+        };
+        // The apiserver outside every node (its own machine, as in the lab's fabric).
+        let (state, _) = desired_state(
+            std::slice::from_ref(&svc),
+            &[apiserver("10.0.0.1")],
+            &two_nodes(),
+            "node-a",
+        );
+        assert_eq!(state.services[0].name, "default/kubernetes");
+        assert_eq!(
+            placed(&state),
+            [("10.0.0.1".into(), EndpointKind::Host, None)]
+        );
+        // On a node (a control-plane node): that node's.
+        let (state, _) =
+            desired_state(&[svc], &[apiserver("192.168.1.10")], &two_nodes(), "node-a");
+        assert_eq!(
+            placed(&state),
+            [("192.168.1.10".into(), EndpointKind::Host, Some("node-a"))]
+        );
+        // The same address behind a Service of another name or namespace is external.
+        let other = service(json!({
+            "metadata": {"name": "kubernetes", "namespace": "prod"},
+            "spec": {"clusterIP": "10.96.0.2",
+                     "ports": [{"name": "https", "port": 443, "protocol": "TCP"}]}
+        }));
+        let mut sl = (*apiserver("10.0.0.1")).clone();
+        sl.metadata.namespace = Some("prod".into());
+        let (state, _) = desired_state(&[other], &[Arc::new(sl)], &two_nodes(), "node-a");
+        assert_eq!(
+            placed(&state),
+            [("10.0.0.1".into(), EndpointKind::External, None)]
+        );
+    }
+
+    #[test]
+    fn an_endpoint_on_a_nodes_address_is_a_host_and_others_are_external() {
+        let slices = vec![pod_slice(
+            "web-manual",
+            json!([
+                // Any of a Node's addresses; its node unless nodeName says so.
+                {"addresses": ["192.168.1.10"]},
+                {"addresses": ["203.0.113.10"]},
+                {"addresses": ["192.168.1.11"], "nodeName": "node-b"},
+                // A target that is not a Pod (nor a Guest) on a node's address.
+                {"addresses": ["192.168.1.11"], "targetRef": {"kind": "Node", "name": "node-b"}},
+                // Off the cluster: no target, no node's address.
+                {"addresses": ["198.51.100.7"]},
+                {"addresses": ["10.1.0.9"], "targetRef": {"kind": "Machine", "name": "m-1"}}
+            ]),
+        )];
+        let (state, problems) = desired_state(&[web()], &slices, &two_nodes(), "node-a");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            placed(&state),
+            [
+                ("10.1.0.9".into(), EndpointKind::External, None),
+                ("192.168.1.10".into(), EndpointKind::Host, Some("node-a")),
+                ("192.168.1.11".into(), EndpointKind::Host, Some("node-b")),
+                ("198.51.100.7".into(), EndpointKind::External, None),
+                ("203.0.113.10".into(), EndpointKind::Host, Some("node-a")),
+            ]
+        );
+        // Without the Nodes' addresses (the watch may fail), they are all external.
+        let (state, _) = desired_state(&[web()], &slices, &no_nodes(), "node-a");
+        assert!(
+            placed(&state)
+                .iter()
+                .all(|(_, k, _)| *k == EndpointKind::External),
+            "{:?}",
+            placed(&state)
+        );
+    }
+
+    #[test]
+    fn nodes_are_kept_as_names_and_addresses() {
+        let mut n = (*node(
+            "node-a",
+            json!([{"type": "InternalIP", "address": "192.168.1.10"},
+                   {"type": "InternalIP", "address": "fd00::10"}]),
+        ))
+        .clone();
+        slim_node(&mut n);
+        assert_eq!(n.spec, None);
+        assert_eq!(n.metadata.labels, None);
+        let status = n.status.clone().unwrap();
+        assert_eq!(status.images, None);
+        assert_eq!(status.conditions, None);
+        assert_eq!(status.addresses.as_ref().map(Vec::len), Some(2));
+        let addresses = NodeAddresses::of(&[Arc::new(n)]);
+        assert_eq!(
+            addresses.node_of(Ipv4Addr::new(192, 168, 1, 10)),
+            Some("node-a")
+        );
+        assert_eq!(addresses.node_of(Ipv4Addr::new(192, 168, 1, 11)), None);
+        assert_eq!(addresses.0.len(), 1, "IPv6 and host names are left out");
+    }
+
     #[test]
     fn headless_externalname_and_ipv6_services_are_left_out() {
         let services = [
@@ -511,7 +814,7 @@ mod tests {
             service(json!({"metadata": {"name": "sctp", "namespace": "d"},
                 "spec": {"clusterIP": "10.96.0.11", "ports": [{"port": 80, "protocol": "SCTP"}]}})),
         ];
-        let (state, _) = desired_state(&services, &[], "a");
+        let (state, _) = desired_state(&services, &[], &no_nodes(), "a");
         assert!(state.services.is_empty(), "{:?}", state.services);
     }
 
@@ -533,7 +836,7 @@ mod tests {
                       {"name": "dns-tcp", "port": 5354, "protocol": "TCP"}],
             "endpoints": [{"addresses": ["10.1.0.9"]}]
         }));
-        let (state, problems) = desired_state(&[svc], &[sl], "a");
+        let (state, problems) = desired_state(&[svc], &[sl], &no_nodes(), "a");
         assert!(problems.is_empty());
         let by_name: HashMap<&str, &ServiceSpec> = state
             .services
@@ -573,9 +876,9 @@ mod tests {
                     "targetRef": {"kind": "Pod", "name": "vm-1"}}]),
         );
         // The pod is Ready but its guest is not: the guest's own readiness counts.
-        let (state, _) = desired_state(&[web()], &[theirs.clone(), ours.clone()], "a");
+        let (state, _) = desired_state(&[web()], &[theirs.clone(), ours.clone()], &no_nodes(), "a");
         assert!(state.services[0].backends.is_empty());
-        let (state, _) = desired_state(&[web()], &[ours, theirs], "a");
+        let (state, _) = desired_state(&[web()], &[ours, theirs], &no_nodes(), "a");
         assert!(state.services[0].backends.is_empty());
     }
 
@@ -588,7 +891,7 @@ mod tests {
                 {"addresses": ["10.1.0.6"], "conditions": {"ready": true}}
             ]),
         );
-        let (state, _) = desired_state(&[web()], &[sl], "a");
+        let (state, _) = desired_state(&[web()], &[sl], &no_nodes(), "a");
         let b = &state.services[0].backends;
         assert_eq!(b.len(), 2);
         assert!(b[0].terminating && !b[1].terminating);
@@ -596,7 +899,7 @@ mod tests {
             "web-abc",
             json!([{"addresses": ["10.1.0.5"], "conditions": {"ready": false, "serving": true, "terminating": true}}]),
         );
-        let (state, _) = desired_state(&[web()], &[sl], "a");
+        let (state, _) = desired_state(&[web()], &[sl], &no_nodes(), "a");
         assert!(!state.services[0].backends[0].terminating);
     }
 
@@ -612,7 +915,7 @@ mod tests {
             json!([{"addresses": ["10.1.0.5"], "nodeName": "a"},
                    {"addresses": ["10.1.0.6"], "nodeName": "b"}]),
         );
-        let (state, _) = desired_state(&[svc], &[sl], "a");
+        let (state, _) = desired_state(&[svc], &[sl], &no_nodes(), "a");
         let ips: Vec<_> = state.services[0].backends.iter().map(|b| b.ip).collect();
         assert_eq!(ips, [Ipv4Addr::new(10, 1, 0, 5)]);
     }
@@ -624,7 +927,7 @@ mod tests {
                          "annotations": {"tapestry.dev/lb-algorithm": "round-robin"}},
             "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
         }));
-        let (state, problems) = desired_state(&[svc], &[], "a");
+        let (state, problems) = desired_state(&[svc], &[], &no_nodes(), "a");
         assert_eq!(state.services.len(), 1);
         assert_eq!(state.services[0].algorithm, Algorithm::Random);
         assert!(problems[0].contains("round-robin"), "{problems:?}");
@@ -650,7 +953,7 @@ mod tests {
             "addressType": "IPv4", "ports": [{"port": 8080, "protocol": "TCP", "name": ""}],
             "endpoints": [{"addresses": ["10.1.0.9"]}]
         }));
-        let (state, _) = desired_state(&[web()], &[other, v6, other_ns], "a");
+        let (state, _) = desired_state(&[web()], &[other, v6, other_ns], &no_nodes(), "a");
         assert!(state.services[0].backends.is_empty());
     }
 
@@ -660,7 +963,18 @@ mod tests {
         let slices = store_of(vec![
             (*pod_slice("web-abc", json!([{"addresses": ["10.1.0.5"]}]))).clone(),
         ]);
-        let (state, _) = desired_state(&services.state(), &slices.state(), "a");
-        assert_eq!(state.services[0].backends.len(), 1);
+        let nodes = store_of(vec![
+            (*node("a", json!([{"type": "InternalIP", "address": "10.1.0.5"}]))).clone(),
+        ]);
+        let (state, _) = desired_state(
+            &services.state(),
+            &slices.state(),
+            &NodeAddresses::of(&nodes.state()),
+            "a",
+        );
+        assert_eq!(
+            placed(&state),
+            [("10.1.0.5".into(), EndpointKind::Host, Some("a"))]
+        );
     }
 }

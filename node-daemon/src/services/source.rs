@@ -46,6 +46,9 @@ pub struct SourceStatus {
     pub last_error: Option<String>,
     /// When input was last read and found valid, whether or not it changed anything.
     pub last_loaded: Option<SystemTime>,
+    /// The node this daemon runs on, when the source names it (Kubernetes mode's
+    /// `--node-name`); the views fall back to the hostname.
+    pub node: Option<String>,
 }
 
 /// Quiet time after the last file event before reloading: an editor's save is several events
@@ -266,6 +269,11 @@ impl Publisher {
             error!(source = %self.describe, "invalid desired state, nothing published yet: {err}");
         }
         self.set_status(Some(err.to_string()), None);
+    }
+
+    /// Names the node this daemon runs on (see [`SourceStatus::node`]).
+    pub(crate) fn set_node(&self, node: &str) {
+        self.status.send_modify(|s| s.node = Some(node.to_owned()));
     }
 
     /// `loaded` is `Some` when input was read and valid; otherwise the previous time is kept.
