@@ -46,7 +46,8 @@ uninstall: release
 	./target/release/tapestryd --uninstall
 
 ## The Guest CRD (printed by tapestry-controller) into the Helm chart, and the chart rendered
-## into deploy/manifests/tapestry.yaml; tests/tests/deploy.rs fails when either drifts.
+## into deploy/manifests/tapestry.yaml with namespace.create=true (the file creates its own
+## namespace, for `kubectl apply -f`); tests/tests/deploy.rs fails when either drifts.
 CHART := deploy/helm/tapestry
 manifests:
 	$(CARGO) run -q -p tapestry-controller -- crd > deploy/manifests/.crd.tmp

@@ -174,26 +174,33 @@ fn apiserver_through_cluster_ip(node: &Node) -> Result<()> {
     )?;
     assert_eq!(env.trim(), format!("{vip}:{port}"), "the pod's environment");
     let addr = SocketAddrV4::new(vip, port);
-    node.in_pod("default", "api-client", || {
-        tapestry_tests::tcp_connect(addr, REQUEST_TIMEOUT)
-    })?
-    .with_context(|| format!("TCP connect to the kubernetes ClusterIP {addr} from a pod"))?;
-    // HTTPS from the pod's own process: busybox wget (its TLS client does not check the
-    // certificate, hence the flag); /version is open to anonymous clients.
-    let url = format!("https://{addr}/version");
-    let body = node
-        .exec(
-            "default",
-            "api-client",
-            &["wget", "-q", "-O", "-", "--no-check-certificate", &url],
-        )
-        .with_context(|| format!("GET {url} from a pod"))?;
-    let version: Value = serde_json::from_str(&body)
-        .with_context(|| format!("GET {url} from a pod answered {body:?}"))?;
+    // TCP from the pod's own process (busybox nc connects, runs `true`, exits 0).
+    node.exec(
+        "default",
+        "api-client",
+        &[
+            "nc",
+            "-w",
+            "3",
+            &vip.to_string(),
+            &port.to_string(),
+            "-e",
+            "/bin/true",
+        ],
+    )
+    .with_context(|| format!("TCP to the kubernetes ClusterIP {addr} from the pod"))?;
+    // HTTPS from the pod's network namespace, as an in-cluster client does it: the apiserver's
+    // certificate checked against the cluster CA and the ClusterIP (which it names). openssl
+    // (the host's), because busybox's wget cannot: its TLS client sends no
+    // signature_algorithms, and Go's TLS refuses such a TLS 1.2 hello (alert 40). /version is
+    // open to anonymous clients.
+    let response = https_get(node, "api-client", addr, "/version")?;
+    let version: Value = serde_json::from_str(&response)
+        .with_context(|| format!("GET https://{addr}/version from the pod: {response:?}"))?;
     assert_eq!(
         version["gitVersion"],
         k8s::kubernetes_version()?,
-        "GET {url}: {version}"
+        "GET https://{addr}/version: {version}"
     );
     eprintln!(
         "a pod reached the apiserver through ClusterIP {addr}: {}",
@@ -213,12 +220,19 @@ fn apiserver_through_cluster_ip(node: &Node) -> Result<()> {
         "json",
     ])?)?;
     let pods = pods["items"].as_array().context("controller pods")?;
-    assert_eq!(pods.len(), 1, "one controller replica (controller.replicas=1)");
+    assert_eq!(
+        pods.len(),
+        1,
+        "one controller replica (controller.replicas=1)"
+    );
     let pod = &pods[0];
     let name = pod["metadata"]["name"]
         .as_str()
         .context("controller pod name")?;
-    assert_ne!(pod["spec"]["hostNetwork"], true, "the controller is an ordinary pod");
+    assert_ne!(
+        pod["spec"]["hostNetwork"], true,
+        "the controller is an ordinary pod"
+    );
     for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
         let env = c["env"].as_array().cloned().unwrap_or_default();
         assert!(
@@ -383,6 +397,54 @@ fn uninstall_restores_primary(node: &Node, primary: &[u8]) -> Result<()> {
         node.bpffs_dir().display()
     );
     Ok(())
+}
+
+/// `GET <path>` over HTTPS to `addr` from the network namespace of pod `default/<pod>` with the
+/// host's `openssl s_client`, verifying the server's certificate against the control plane's CA
+/// and `addr`'s IP; the response body.
+fn https_get(node: &Node, pod: &str, addr: SocketAddrV4, path: &str) -> Result<String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let ca = node.control_plane().ca_path();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
+        addr.ip()
+    );
+    let out = node.in_pod("default", pod, || -> Result<std::process::Output> {
+        // In this thread's namespace: the child inherits it.
+        let mut child = Command::new("timeout")
+            .arg("20")
+            .arg("openssl")
+            .args(["s_client", "-quiet", "-verify_return_error", "-connect"])
+            .arg(addr.to_string())
+            .arg("-CAfile")
+            .arg(&ca)
+            .arg("-verify_ip")
+            .arg(addr.ip().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running openssl s_client")?;
+        child
+            .stdin
+            .take()
+            .context("openssl stdin")?
+            .write_all(request.as_bytes())?;
+        Ok(child.wait_with_output()?)
+    })??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (head, body) = stdout.split_once("\r\n\r\n").with_context(|| {
+        format!(
+            "GET https://{addr}{path} from pod {pod} ({}): no HTTP response\nstdout: {stdout}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET https://{addr}{path} from pod {pod}: {head}\n{body}");
+    }
+    Ok(body.to_string())
 }
 
 /// One request from the client pod's network namespace to `vip:80`.
