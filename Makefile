@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build release lint test test-unit test-integration demo demo-node bench clean-lab uninstall manifests images
+.PHONY: setup build release lint test test-unit test-integration demo demo-cluster demo-node bench clean-lab uninstall manifests images
 
 setup:
 	@bash scripts/setup.sh
@@ -28,6 +28,12 @@ test: lint build images
 ## `make demo DEMO_ARGS=--keep` leaves the lab up.
 demo: release
 	./target/release/tapestry-demo $(DEMO_ARGS)
+
+## Three Kubernetes nodes on this host (network namespaces on one fabric, a real apiserver, a
+## tapestryd per node in Kubernetes mode): one Service over pods on all three and VMs on two
+## (tests/src/cluster.rs). `DEMO_ARGS=--no-vm` skips the guests, `--hold` keeps it up.
+demo-cluster: release
+	./target/release/tapestry-demo-cluster $(DEMO_ARGS)
 
 ## A real Kubernetes node on this machine (kubelet + containerd, no registry, no kube-proxy) with
 ## Tapestry installed by its Helm chart: two pods and a VM pod behind one ClusterIP

@@ -251,6 +251,14 @@ fn tcp_to_frontend_is_dnated_and_replies_reverse_nated() {
     let to_backend = tcp_packet([10, 0, 9, 9], 40000, [10, 0, 0, 2], 8080, true);
     assert_eq!(lb.run_reply(&to_backend), (NEXT, to_backend.clone()));
     assert_eq!(lb.counter(Counter::ReverseNat), 1);
+
+    // The client, its connection to the frontend gone, reuses the source port for a connection
+    // straight to the backend: the same tuple at the backend. Its SYN retires the old reply
+    // entry, so the backend's SYN-ACK reaches the client as the backend's, not the frontend's.
+    let direct = tcp_packet(CLIENT, 40000, [10, 0, 0, 2], 8080, true);
+    assert_eq!(lb.run(&direct), (NEXT, direct.clone()));
+    assert_eq!(lb.run_reply(&reply), (NEXT, reply.clone()));
+    assert_eq!(lb.counter(Counter::ReverseNat), 1);
 }
 
 #[test]

@@ -256,6 +256,8 @@ fn chart_renders_the_agreed_objects() -> Result<()> {
         "ServiceAccount/tapestry-controller",
         "ClusterRole/tapestry-node",
         "ClusterRoleBinding/tapestry-node",
+        "Role/tapestry-node",
+        "RoleBinding/tapestry-node",
         "ClusterRole/tapestry-controller",
         "ClusterRoleBinding/tapestry-controller",
         "Role/tapestry-controller",
@@ -395,6 +397,18 @@ fn chart_renders_the_agreed_objects() -> Result<()> {
     assert!(
         strings(&side["args"]).contains(&"--uninstall-on-exit".into()),
         "{side}"
+    );
+    // Only `helm uninstall` (the DaemonSet gone) takes the step out, not a rolling update.
+    assert!(
+        strings(&side["args"])
+            .contains(&"--unless-daemonset-remains=tapestry/tapestry-node".into()),
+        "{side}"
+    );
+    let role = find(&objs, "Role", "tapestry-node")?;
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{"apiGroups": ["apps"], "resources": ["daemonsets"],
+                            "resourceNames": ["tapestry-node"], "verbs": ["get"]}])
     );
     assert!(
         side["lifecycle"].is_null(),

@@ -910,7 +910,12 @@ fn the_installed_chain_runs_with_the_reference_plugins_at_every_version() {
 fn on_stop_the_step_goes_only_with_its_daemonset() {
     tapestry_tests::require_k8s!();
     let Some(b) = bins() else { return };
-    let cp = tapestry_tests::k8s::ControlPlane::start().unwrap();
+    let cp = tapestry_tests::k8s::ControlPlane::start_with(&[tapestry_tests::k8s::Identity::new(
+        "uninstalled",
+        "system:serviceaccount:tapestry:tapestry-node",
+        &[],
+    )])
+    .unwrap();
     cp.kubectl_ok(["create", "namespace", "tapestry"]).unwrap();
     cp.apply(
         &json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
@@ -948,6 +953,24 @@ fn on_stop_the_step_goes_only_with_its_daemonset() {
     );
     assert!(t.bin().join("tapestry-cni").exists(), "{log}");
     assert!(log.contains("still exists"), "{log}");
+
+    // helm uninstall deletes the installer's Role and ServiceAccount right after the DaemonSet,
+    // before the pods stop: a 403 (or 401) for the DaemonSet is the uninstall as well.
+    let forbidden = cp.kubeconfig_path("uninstalled").unwrap();
+    let mut w = Watching::start_with(&b, &t, &args, &[("KUBECONFIG", forbidden.as_path())]);
+    w.wait("the watch", PATIENCE, || {
+        fs::read_to_string(t.0.join("installer.log")).is_ok_and(|l| l.contains("watching:"))
+    });
+    w.wait("insertion", PATIENCE, || chained_with_mtu(&t, CALICO.0, 0));
+    let status = w.terminate();
+    let log = fs::read_to_string(t.0.join("installer.log")).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert_eq!(
+        ours(&t.json(CALICO.0).unwrap()),
+        0,
+        "403 means uninstalled:\n{log}"
+    );
+    assert!(log.contains("403"), "{log}");
 
     // helm uninstall: the DaemonSet is deleted first, then its pods stop.
     cp.kubectl_ok(["delete", "daemonset", "-n", "tapestry", "tapestry-node"])

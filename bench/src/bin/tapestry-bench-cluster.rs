@@ -125,9 +125,11 @@ fn run(cli: Cli) -> Result<()> {
     let mut sorted = latencies.clone();
     sorted.sort_by(f64::total_cmp);
     let q = |p: f64| {
-        (!sorted.is_empty())
-            .then(|| sorted[((sorted.len() - 1) as f64 * p).round() as usize])
-            .unwrap_or(f64::NAN)
+        if sorted.is_empty() {
+            f64::NAN
+        } else {
+            sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+        }
     };
 
     let mut summary = Map::new();

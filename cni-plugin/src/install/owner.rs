@@ -8,7 +8,8 @@
 //! installer asks the API for its DaemonSet: gone or being deleted means uninstall; present
 //! means keep the step. When the API cannot answer, the step stays: a pod whose ADD fails with
 //! code 11 is retried by its runtime, while a pod created without the step would silently lack
-//! the datapath.
+//! the datapath. `helm uninstall` also deletes the installer's ServiceAccount and Role right
+//! after the DaemonSet, before the pods stop, so an answer of 401 or 403 means uninstalling too.
 
 use std::fmt;
 
@@ -77,6 +78,15 @@ pub async fn on_stop(ds: &DaemonSetRef) -> OnStop {
     let lookup = tokio::time::timeout(std::time::Duration::from_secs(10), api.get_opt(&ds.name));
     match lookup.await {
         Ok(Ok(found)) => decide(ds, found.as_ref()),
+        // `helm uninstall` deletes the DaemonSet and, right after it, the ServiceAccount and
+        // the Role this installer reads it with, before the pods stop: losing those
+        // credentials is the uninstall too.
+        Ok(Err(kube::Error::Api(status))) if status.code == 401 || status.code == 403 => {
+            OnStop::Uninstall(format!(
+                "reading DaemonSet {ds}: {} {}: its credentials are gone with the release",
+                status.code, status.reason
+            ))
+        }
         Ok(Err(e)) => OnStop::Keep(format!("reading DaemonSet {ds}: {e}: the step stays")),
         Err(_) => OnStop::Keep(format!(
             "reading DaemonSet {ds}: no answer in 10 s: the step stays"

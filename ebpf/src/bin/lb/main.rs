@@ -161,6 +161,9 @@ fn from_endpoint(ctx: &TcContext) -> i32 {
         };
     }
     if pkt.daddr != hairpin_snat_ip() {
+        if is_syn(&pkt) {
+            forget_reply_entry(&pkt);
+        }
         return pass();
     }
     // A backend answering a flow it started itself through the frontend (hairpin).
@@ -169,6 +172,26 @@ fn from_endpoint(ctx: &TcContext) -> i32 {
         Ok(None) => pass(),
         Err(reason) => drop(ctx, &pkt, reason, 0),
     }
+}
+
+/// A new connection straight to an address and port (not through a frontend): a reply entry
+/// of an earlier balanced flow with the same tuple at the backend (the client reusing a source
+/// port that once went to a frontend balanced to this very backend) would rewrite this
+/// connection's replies to the frontend. The client's kernel only reuses the port once its own
+/// connection to the frontend is gone, so the entry is stale: it goes. (UDP has no connection
+/// start to tell; its reply entries expire after 60 s.)
+#[inline(always)]
+fn forget_reply_entry(pkt: &Ipv4Packet) {
+    let key = CtKey {
+        saddr: pkt.daddr,
+        daddr: pkt.saddr,
+        sport: pkt.dport,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        direction: ct_direction::REPLY,
+        _pad: [0; 2],
+    };
+    conntrack::remove(&key);
 }
 
 #[inline(always)]
