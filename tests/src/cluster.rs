@@ -15,7 +15,8 @@
 //! The root namespace routes the pod CIDRs to their nodes too (the apiserver answers pods).
 //!
 //! What runs: etcd, kube-apiserver and kube-controller-manager ([`ControlPlane`], the built-in
-//! EndpointSlice controller makes the pods' slices); per node a `tapestryd --source kubernetes
+//! EndpointSlice controller makes the pods' slices), `tapestry-controller` (the Guests' slices,
+//! from the Guests the daemons publish for VM pods); per node a `tapestryd --source kubernetes
 //! --node-name node-<i>` inside the node's namespace (own pins, socket, state dir). Pods are
 //! plumbed by the real CNI chain, run inside the node's namespace: the reference `ptp` +
 //! `host-local` (the primary), then `tapestry-cni` talking to that node's daemon.
@@ -90,6 +91,17 @@ pub struct Cluster {
     pub lab: Lab,
     pods: BTreeMap<String, usize>,
     dir: PathBuf,
+    /// tapestry-controller: EndpointSlices for the Guests the daemons publish.
+    controller: Option<std::process::Child>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 impl Cluster {
@@ -116,12 +128,14 @@ impl Cluster {
         let dir = cp.dir().join("cluster");
         fs::create_dir_all(&dir)?;
 
+        let controller = start_controller(&cp, &dir)?;
         let mut cluster = Cluster {
             nodes: Vec::new(),
             cp,
             lab,
             pods: BTreeMap::new(),
             dir,
+            controller: Some(controller),
         };
         let plumbed: Vec<_> = (0..nodes)
             .map(|i| cluster.plumb_node(i, &bridge))
@@ -474,6 +488,40 @@ pub fn active_backends(daemon: &Daemon, name: &str) -> Option<Vec<String>> {
         .collect();
     ips.sort();
     Some(ips)
+}
+
+/// The Guest CRD, then `tapestry-controller` (leader election in `default`), as the chart runs
+/// it; its log is `controller.log` in `dir`.
+fn start_controller(cp: &ControlPlane, dir: &Path) -> Result<std::process::Child> {
+    let bin = binary("tapestry-controller")?;
+    let crd = std::process::Command::new(&bin).arg("crd").output()?;
+    if !crd.status.success() {
+        bail!("tapestry-controller crd failed");
+    }
+    cp.apply(&String::from_utf8(crd.stdout)?)?;
+    cp.kubectl_ok([
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/guests.tapestry.dev",
+    ])?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let log = fs::File::create(dir.join("controller.log"))?;
+    std::process::Command::new(bin)
+        .arg(format!(
+            "--kubeconfig={}",
+            cp.kubeconfig_path(ADMIN)?.display()
+        ))
+        .arg(format!("--metrics-addr=127.0.0.1:{port}"))
+        .arg(format!("--lease-namespace={NAMESPACE}"))
+        .env_remove("KUBECONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting tapestry-controller")
 }
 
 fn underlay_ip(lab: &Lab, i: usize) -> Ipv4Addr {

@@ -238,16 +238,25 @@ fn pods_from_before_the_daemon_and_a_daemon_killed_midflight() {
         || Ok(late.tcp_request(vip, b"hi\n", T).ok()),
     )
     .unwrap();
-    let discovered: Vec<_> = c.nodes[1]
-        .daemon
-        .client()
-        .endpoints()
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.request.network.as_deref() == Some("tapestry-discovered"))
-        .map(|e| e.request.host_ifname)
-        .collect();
-    assert_eq!(discovered, vec![late.host_ifname.clone()]);
+    // The datapath is attached before the registry commits the endpoint: wait for the commit.
+    let discovered = |c: &Cluster| -> Vec<String> {
+        c.nodes[1]
+            .daemon
+            .client()
+            .endpoints()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.request.network.as_deref() == Some("tapestry-discovered"))
+            .map(|e| e.request.host_ifname)
+            .collect()
+    };
+    let want = vec![late.host_ifname.clone()];
+    poll(
+        Duration::from_secs(5),
+        "the discovered endpoint listed",
+        || Ok((discovered(&c) == want).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {:?}\n{}", discovered(&c), c.nodes[1].daemon.log()));
 
     // kill -9 on node 1 while every node's clients open connections, and node 1's client keeps
     // an established one.

@@ -56,6 +56,9 @@ fn steps(node: &Node) -> Result<()> {
 fn primary_alone(node: &Node) -> Result<()> {
     node.apply(&node.server_pod("plain", &[("app", "plain")]))?;
     node.apply(&node.client_pod("plain-client"))?;
+    // A pod from before Tapestry: it stays, and must reach ClusterIPs once Tapestry is in.
+    node.apply(&node.client_pod("early"))?;
+    node.wait_pod_running("default", "early", POD_TIMEOUT)?;
     let ip = node.wait_pod_ready("default", "plain", POD_TIMEOUT)?;
     node.wait_pod_running("default", "plain-client", POD_TIMEOUT)?;
     assert!(
@@ -326,6 +329,17 @@ fn service_with_pods_and_vm(node: &Node) -> Result<()> {
         Duration::from_secs(60),
     )?;
     eprintln!("through ClusterIP {vip}:80 the client reached {seen:?}");
+    // The pod that was there before `helm install`: its veth got the datapath by discovery
+    // (behind the primary's bridge: neighbour entry + forwarding database).
+    let early = node.pod_netns("default", "early")?;
+    let seen = names_through(
+        &early,
+        vip,
+        &["web-a", "web-b", "vm-a"],
+        Duration::from_secs(60),
+    )
+    .context("the pod from before helm install through the ClusterIP")?;
+    eprintln!("the pod from before helm install reached {seen:?}");
 
     node.kubectl_ok(["delete", "pod", "vm-a", "--grace-period=1", "--wait=true"])?;
     node.wait_endpoints("web", &[a, b], Duration::from_secs(60))?;
@@ -343,6 +357,7 @@ fn service_with_pods_and_vm(node: &Node) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    rollout_while_pods_start(node, vip)?;
     node.kubectl_ok(["delete", "service", "web"])?;
     node.kubectl_ok([
         "delete",
@@ -350,8 +365,52 @@ fn service_with_pods_and_vm(node: &Node) -> Result<()> {
         "web-a",
         "web-b",
         "client",
+        "early",
         "--grace-period=1",
     ])?;
+    Ok(())
+}
+
+/// A DaemonSet rollout (`kubectl rollout restart`) while pods are being created: the CNI step
+/// stays through it (the old pod's installer sees its DaemonSet still there), a pod whose ADD
+/// meets no daemon fails with code 11 and is retried by the kubelet, and every pod ends up
+/// reaching the ClusterIP.
+fn rollout_while_pods_start(node: &Node, vip: Ipv4Addr) -> Result<()> {
+    let names: Vec<String> = (0..4).map(|i| format!("roll-{i}")).collect();
+    node.kubectl_ok([
+        "rollout",
+        "restart",
+        "daemonset/tapestry-node",
+        "-n",
+        TAPESTRY_NAMESPACE,
+    ])?;
+    for name in &names {
+        node.apply(&node.client_pod(name))?;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    node.kubectl_ok([
+        "rollout",
+        "status",
+        "daemonset/tapestry-node",
+        "-n",
+        TAPESTRY_NAMESPACE,
+        "--timeout=180s",
+    ])?;
+    let chained = std::fs::read_to_string(node.primary_conflist_path())?;
+    assert!(
+        chained.contains("tapestry-cni"),
+        "the rollout took the step out: {chained}"
+    );
+    for name in &names {
+        node.wait_pod_running("default", name, POD_TIMEOUT)?;
+        let netns = node.pod_netns("default", name)?;
+        let seen = names_through(&netns, vip, &["web-a", "web-b"], Duration::from_secs(60))
+            .with_context(|| format!("{name}, created during the rollout, through {vip}"))?;
+        eprintln!("{name} (created during the rollout) reached {seen:?}");
+    }
+    let mut delete = vec!["delete", "pod", "--grace-period=1"];
+    delete.extend(names.iter().map(String::as_str));
+    node.kubectl_ok(delete)?;
     Ok(())
 }
 
