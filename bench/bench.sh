@@ -38,4 +38,4 @@ cargo build --release -p tapestry-controller && "$target_dir/release/tapestry-be
 cargo build --release -p tapestry-node-daemon -p tapestry-controller -p tapestry-bench && "$target_dir/release/tapestry-bench-guests"
 # Three nodes (the lab of tests/src/cluster.rs): cross-node VIP vs direct pod IP, and an
 # EndpointSlice change reaching every node's maps with 1,000 Services (real apiserver).
-cargo build --release -p tapestry-node-daemon -p tapestry-cni-plugin -p tapestry-bench && "$target_dir/release/tapestry-bench-cluster"
+cargo build --release -p tapestry-node-daemon -p tapestry-cni-plugin -p tapestry-controller -p tapestry-bench && "$target_dir/release/tapestry-bench-cluster"

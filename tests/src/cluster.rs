@@ -494,17 +494,7 @@ pub fn active_backends(daemon: &Daemon, name: &str) -> Option<Vec<String>> {
 /// it; its log is `controller.log` in `dir`.
 fn start_controller(cp: &ControlPlane, dir: &Path) -> Result<std::process::Child> {
     let bin = binary("tapestry-controller")?;
-    let crd = std::process::Command::new(&bin).arg("crd").output()?;
-    if !crd.status.success() {
-        bail!("tapestry-controller crd failed");
-    }
-    cp.apply(&String::from_utf8(crd.stdout)?)?;
-    cp.kubectl_ok([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/guests.tapestry.dev",
-    ])?;
+    cp.install_guest_crd()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();

@@ -922,6 +922,32 @@ impl ControlPlane {
         check_output("kubectl", &args, out)
     }
 
+    /// The Guest CRD as `tapestry-controller crd` prints it (the workspace's binary), applied and
+    /// waited for until Established.
+    pub fn install_guest_crd(&self) -> Result<()> {
+        let bin = crate::daemon::binary("tapestry-controller")?;
+        let out = Command::new(&bin)
+            .arg("crd")
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} crd", bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} crd failed: {}",
+                bin.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.apply(&String::from_utf8(out.stdout)?)?;
+        self.kubectl_ok([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/guests.tapestry.dev",
+        ])?;
+        Ok(())
+    }
+
     /// `kubectl apply -f -` as [`ADMIN`] with `manifest` (YAML or JSON) on stdin.
     pub fn apply(&self, manifest: &str) -> Result<String> {
         let mut cmd = self.kubectl_command(ADMIN)?;

@@ -98,24 +98,8 @@ fn control_plane() -> Result<ControlPlane> {
         "tapestry-controller",
     )])?;
     cp.apply(RBAC)?;
-    install_crd(&cp)?;
+    cp.install_guest_crd()?;
     Ok(cp)
-}
-
-fn install_crd(cp: &ControlPlane) -> Result<()> {
-    let out = Command::new(controller_binary()?)
-        .arg("crd")
-        .stdin(Stdio::null())
-        .output()?;
-    ensure!(out.status.success(), "tapestry-controller crd failed");
-    cp.apply(&String::from_utf8(out.stdout)?)?;
-    cp.kubectl_ok([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/guests.tapestry.dev",
-    ])?;
-    Ok(())
 }
 
 /// A `tapestry-controller` process; killed on drop.
@@ -391,7 +375,7 @@ fn guest_crd_and_a_controller_without_it() -> Result<()> {
         "{text}"
     );
 
-    install_crd(&cp)?;
+    cp.install_guest_crd()?;
     cp.apply(
         &guest(
             "vm-1",

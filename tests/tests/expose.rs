@@ -34,18 +34,7 @@ fn json(text: &str) -> Result<Value> {
 /// A control plane with the Guest CRD, as `tapestry-controller crd` prints it.
 fn control_plane() -> Result<ControlPlane> {
     let cp = ControlPlane::start()?;
-    let out = Command::new(daemon::binary("tapestry-controller")?)
-        .arg("crd")
-        .stdin(Stdio::null())
-        .output()?;
-    ensure!(out.status.success(), "tapestry-controller crd failed");
-    cp.apply(&String::from_utf8(out.stdout)?)?;
-    cp.kubectl_ok([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/guests.tapestry.dev",
-    ])?;
+    cp.install_guest_crd()?;
     Ok(cp)
 }
 

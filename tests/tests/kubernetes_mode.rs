@@ -152,22 +152,6 @@ fn node_kubeconfig(cp: &ControlPlane, node: &str) -> std::path::PathBuf {
     path
 }
 
-fn install_crd(cp: &ControlPlane) {
-    let out = Command::new(tapestry_tests::daemon::binary("tapestry-controller").unwrap())
-        .arg("crd")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    cp.apply(&String::from_utf8(out.stdout).unwrap()).unwrap();
-    cp.kubectl_ok([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/guests.tapestry.dev",
-    ])
-    .unwrap();
-}
-
 /// A slice written by a controller that is neither Kubernetes' nor Tapestry's.
 fn slice(name: &str, service: &str, endpoints: Value) -> String {
     json!({
@@ -437,7 +421,7 @@ fn the_daemon_publishes_and_collects_its_nodes_guests() {
         return;
     }
     let cp = ControlPlane::start().unwrap();
-    install_crd(&cp);
+    cp.install_guest_crd().unwrap();
     install_node_identity(&cp);
     let mut lab = Lab::new("k8s-guests").unwrap();
     let vm = lab.add_pod("vm1").unwrap();
@@ -550,7 +534,7 @@ fn the_daemon_publishes_and_collects_its_nodes_guests() {
 fn the_node_identity_writes_only_its_own_nodes_guests() {
     require_k8s!();
     let cp = ControlPlane::start().unwrap();
-    install_crd(&cp);
+    cp.install_guest_crd().unwrap();
     install_node_identity(&cp);
     let kubeconfig = node_kubeconfig(&cp, NODE);
     let as_node = |args: &[&str], stdin: Option<&str>| -> std::process::Output {

@@ -48,6 +48,10 @@ struct Cli {
     /// Services for the change latency.
     #[arg(long, default_value_t = 1000)]
     services: usize,
+    /// The vCPU the load client and server are pinned to (both on one, as `make bench`'s other
+    /// datapath cases: the softirq work of both nodes' hops lands there too).
+    #[arg(long, default_value_t = 1)]
+    cpu: usize,
     /// Slice changes measured.
     #[arg(long, default_value_t = 100)]
     samples: usize,
@@ -71,6 +75,7 @@ fn run(cli: Cli) -> Result<()> {
     let mut srv = server.spawn(
         Command::new(&load)
             .args(["serve", "--port", "8080", "--max-seconds", "3600"])
+            .args(["--cpu", &cli.cpu.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     )?;
@@ -94,7 +99,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let mut tps = [0.0; 2];
             for (path, target) in order {
-                let r = client_run(&load, &client, mode, target, cli.seconds)?;
+                let r = client_run(&load, &client, mode, target, cli.seconds, cli.cpu)?;
                 eprintln!(
                     "  [{}] {} {path}: {:.0}/s p50 {:.0} us{}",
                     round + 1,
@@ -164,6 +169,7 @@ fn client_run(
     mode: Mode,
     target: SocketAddrV4,
     seconds: f64,
+    cpu: usize,
 ) -> Result<ClientReport> {
     let mut child = client.spawn(
         Command::new(load)
@@ -171,6 +177,7 @@ fn client_run(
             .args(["--target", &target.to_string()])
             .args(["--seconds", &seconds.to_string()])
             .args(["--warmup", "0.5"])
+            .args(["--cpu", &cpu.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),

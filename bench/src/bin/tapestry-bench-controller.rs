@@ -544,15 +544,7 @@ fn main() -> Result<()> {
         "tapestry-controller",
     )])?;
     cp.apply(RBAC)?;
-    let crd = Command::new(&bin).arg("crd").output()?;
-    ensure!(crd.status.success(), "{} crd failed", bin.display());
-    cp.apply(&String::from_utf8(crd.stdout)?)?;
-    cp.kubectl_ok([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/guests.tapestry.dev",
-    ])?;
+    cp.install_guest_crd()?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

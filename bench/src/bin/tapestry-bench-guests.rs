@@ -79,17 +79,7 @@ fn run(cli: Cli) -> Result<()> {
     let cp = ControlPlane::start().context("starting the control plane")?;
     let admin = cp.kubeconfig_path("admin")?;
     let bin = tapestry_tests::daemon::bin_dir();
-    let crd = Command::new(bin.join("tapestry-controller"))
-        .arg("crd")
-        .output()
-        .context("tapestry-controller crd")?;
-    cp.apply(&String::from_utf8(crd.stdout)?)?;
-    cp.kubectl_ok([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/guests.tapestry.dev",
-    ])?;
+    cp.install_guest_crd()?;
     let daemon = Daemon::start_with(
         "bench-guests",
         "services: []\n",
