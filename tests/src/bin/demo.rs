@@ -162,7 +162,7 @@ fn run(args: Args) -> Result<()> {
             .join(", ")
     );
     println!(
-        "  datapath attached to {} interfaces (tc ingress, TCX)",
+        "  datapath attached to {} interfaces (TCX ingress: balancing; egress: reverse NAT)",
         daemon.status()?.attachments.len()
     );
 
