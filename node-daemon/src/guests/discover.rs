@@ -107,6 +107,8 @@ pub async fn discover_pods(
     let mut pods: BTreeMap<String, PodFacts> = BTreeMap::new();
     let mut listing: Option<BTreeMap<String, PodFacts>> = None;
     let mut synced = false;
+    // Pod IPs left without an interface by the last pass: only they need the retry tick.
+    let mut pending = false;
     let mut tick = tokio::time::interval(RETRY_INTERVAL);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -146,7 +148,7 @@ pub async fn discover_pods(
                     Err(e) => warn!(error = %e, "pod watch (retrying)"),
                 }
             }
-            _ = tick.tick() => dirty = synced,
+            _ = tick.tick() => dirty = synced && pending,
         }
         if !dirty || !synced {
             continue;
@@ -162,6 +164,7 @@ pub async fn discover_pods(
         let endpoints = endpoints.clone();
         let unresolved =
             tokio::task::spawn_blocking(move || sync(&endpoints, &wanted, &interfaces)).await?;
+        pending = !unresolved.is_empty();
         // Bridge primaries: make the kernel resolve pods it has no neighbour entry for.
         for ip in unresolved {
             if let Ok(s) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
