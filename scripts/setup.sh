@@ -20,6 +20,8 @@ need_root() {
 # --- Debian packages -----------------------------------------------------------------------
 DEB_PACKAGES=(
   iproute2 iptables nftables ethtool bpftool procps psmisc util-linux openssl
+  # the lab's pods ask the apiserver's /readyz through the kubernetes ClusterIP (tests/tests/cluster.rs)
+  curl
   # CNI and runtimes (containerd: the real node of tests/src/node.rs)
   containernetworking-plugins podman runc containerd
   # guests under software emulation (CNI issue)

@@ -212,6 +212,17 @@ impl Lab {
         let host_mac = parse_mac(&read_trimmed(&format!(
             "{SYS_CLASS_NET}/{host_ifname}/address"
         ))?)?;
+        self.register_pod(name, netns, ip, (host_ifname, host_ifindex, host_mac))
+    }
+
+    /// The [`Pod`] of namespace `netns` (its `eth0` read back), remembered by the lab.
+    fn register_pod(
+        &mut self,
+        name: &str,
+        netns: String,
+        ip: Ipv4Addr,
+        (host_ifname, host_ifindex, host_mac): (String, u32, [u8; 6]),
+    ) -> Result<Pod> {
         let (ifindex, mac) = link_info(Some(&netns), "eth0")?;
         let pod = Pod {
             name: name.to_string(),
@@ -240,22 +251,7 @@ impl Lab {
         host: (String, u32, [u8; 6]),
     ) -> Result<Pod> {
         let netns = format!("{}-{name}", self.prefix);
-        let (ifindex, mac) = link_info(Some(&netns), "eth0")?;
-        let (host_ifname, host_ifindex, host_mac) = host;
-        let pod = Pod {
-            name: name.to_string(),
-            netns_path: Path::new(RUN_NETNS).join(&netns),
-            netns,
-            ip,
-            mac,
-            ifindex,
-            host_ifname,
-            host_ifindex,
-            host_mac,
-            servers: self.servers.clone(),
-        };
-        self.pods.push(pod.clone());
-        Ok(pod)
+        self.register_pod(name, netns, ip, host)
     }
 
     /// A TCP server answering `"<name>\n"` on `0.0.0.0:port` inside any namespace (a lab node's:

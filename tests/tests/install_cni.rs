@@ -932,21 +932,24 @@ fn on_stop_the_step_goes_only_with_its_daemonset() {
         "--unless-daemonset-remains",
         "tapestry/tapestry-node",
     ];
-    let env = [("KUBECONFIG", kubeconfig.as_path())];
     let t = TempDir::new("owner");
     t.write(CALICO);
 
-    // A rolling update: the DaemonSet is still there.
-    let mut w = Watching::start_with(&b, &t, &args, &env);
-    w.wait("the watch", PATIENCE, || {
-        fs::read_to_string(t.0.join("installer.log")).is_ok_and(|l| l.contains("watching:"))
-    });
-    w.wait("insertion", PATIENCE, || chained_with_mtu(&t, CALICO.0, 0));
-    let log = {
+    // One watching installer's life: started as the chart starts it, chained, then SIGTERM.
+    let stop_once = |kubeconfig: &Path| -> String {
+        let mut w = Watching::start_with(&b, &t, &args, &[("KUBECONFIG", kubeconfig)]);
+        w.wait("the watch", PATIENCE, || {
+            fs::read_to_string(t.0.join("installer.log")).is_ok_and(|l| l.contains("watching:"))
+        });
+        w.wait("insertion", PATIENCE, || chained_with_mtu(&t, CALICO.0, 0));
         let status = w.terminate();
-        assert!(status.success(), "{status}");
-        fs::read_to_string(t.0.join("installer.log")).unwrap()
+        let log = fs::read_to_string(t.0.join("installer.log")).unwrap();
+        assert!(status.success(), "{status}: {log}");
+        log
     };
+
+    // A rolling update: the DaemonSet is still there.
+    let log = stop_once(&kubeconfig);
     assert!(
         chained_with_mtu(&t, CALICO.0, 0),
         "the step stays while the DaemonSet exists:\n{log}"
@@ -956,15 +959,7 @@ fn on_stop_the_step_goes_only_with_its_daemonset() {
 
     // helm uninstall deletes the installer's Role and ServiceAccount right after the DaemonSet,
     // before the pods stop: a 403 (or 401) for the DaemonSet is the uninstall as well.
-    let forbidden = cp.kubeconfig_path("uninstalled").unwrap();
-    let mut w = Watching::start_with(&b, &t, &args, &[("KUBECONFIG", forbidden.as_path())]);
-    w.wait("the watch", PATIENCE, || {
-        fs::read_to_string(t.0.join("installer.log")).is_ok_and(|l| l.contains("watching:"))
-    });
-    w.wait("insertion", PATIENCE, || chained_with_mtu(&t, CALICO.0, 0));
-    let status = w.terminate();
-    let log = fs::read_to_string(t.0.join("installer.log")).unwrap();
-    assert!(status.success(), "{status}: {log}");
+    let log = stop_once(&cp.kubeconfig_path("uninstalled").unwrap());
     assert_eq!(
         ours(&t.json(CALICO.0).unwrap()),
         0,
@@ -975,14 +970,7 @@ fn on_stop_the_step_goes_only_with_its_daemonset() {
     // helm uninstall: the DaemonSet is deleted first, then its pods stop.
     cp.kubectl_ok(["delete", "daemonset", "-n", "tapestry", "tapestry-node"])
         .unwrap();
-    let mut w = Watching::start_with(&b, &t, &args, &env);
-    w.wait("the watch", PATIENCE, || {
-        fs::read_to_string(t.0.join("installer.log")).is_ok_and(|l| l.contains("watching:"))
-    });
-    w.wait("insertion", PATIENCE, || chained_with_mtu(&t, CALICO.0, 0));
-    let status = w.terminate();
-    let log = fs::read_to_string(t.0.join("installer.log")).unwrap();
-    assert!(status.success(), "{status}: {log}");
+    let log = stop_once(&kubeconfig);
     assert_eq!(
         ours(&t.json(CALICO.0).unwrap()),
         0,
