@@ -3,7 +3,10 @@
 //! HTTP/1.1 over the unix socket with hyper. The blocking wrapper runs a current-thread runtime
 //! per call, which costs microseconds: the CNI plugin and the CLI are short-lived processes.
 
-use std::path::{Path, PathBuf};
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
 
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, body::Bytes};
@@ -152,7 +155,7 @@ impl Client {
     }
 
     pub async fn detach(&self, ifname: &str) -> Result<serde_json::Value, ClientError> {
-        let path = format!("{}/{}", paths::ATTACHMENTS, ifname);
+        let path = format!("{}/{}", paths::ATTACHMENTS, segment(ifname));
         self.request(Method::DELETE, &path, None::<&()>).await
     }
 
@@ -188,7 +191,12 @@ impl Client {
     }
 
     fn endpoint_path(container_id: &str, ifname: &str) -> String {
-        format!("{}/{container_id}/{ifname}", paths::ENDPOINTS)
+        format!(
+            "{}/{}/{}",
+            paths::ENDPOINTS,
+            segment(container_id),
+            segment(ifname)
+        )
     }
 
     pub async fn endpoint(
@@ -219,6 +227,24 @@ impl Client {
         self.request(Method::POST, paths::ENDPOINTS_GC, Some(req))
             .await
     }
+}
+
+/// `s` as one URL path segment: every byte but RFC 3986's unreserved ones
+/// (`A-Z a-z 0-9 - . _ ~`) percent-encoded, and a segment of only dots (`.`, `..`, which a
+/// router may resolve as "this" or "parent" segment) with its dots encoded too. The daemon's
+/// router decodes each segment once, so it sees exactly `s`: `eth%30` stays `eth%30` and never
+/// becomes `eth0`, and a `/` cannot split one value into two segments.
+fn segment(s: &str) -> String {
+    let all_dots = !s.is_empty() && s.bytes().all(|b| b == b'.');
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if !all_dots && (b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')) {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
 }
 
 /// The same calls, blocking: for short-lived processes without a runtime of their own.
@@ -295,5 +321,29 @@ pub mod blocking {
         ) -> Result<Vec<EndpointInfo>, ClientError> {
             run(self.0.gc_endpoints(req))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_paths_percent_encode_every_segment() {
+        // The daemon's router decodes each segment: `eth%30` must reach it as `eth%30`, not as
+        // `eth0` (another attachment of the same container).
+        assert_eq!(
+            Client::endpoint_path("c0ffee", "eth%30"),
+            "/v1/endpoints/c0ffee/eth%2530"
+        );
+        assert_eq!(
+            Client::endpoint_path("a b/c?d#e", "net1"),
+            "/v1/endpoints/a%20b%2Fc%3Fd%23e/net1"
+        );
+        assert_eq!(Client::endpoint_path("..", "."), "/v1/endpoints/%2E%2E/%2E");
+        assert_eq!(
+            Client::endpoint_path("Ab-9._~", "é"),
+            "/v1/endpoints/Ab-9._~/%C3%A9"
+        );
     }
 }

@@ -389,10 +389,27 @@ mod tests {
         e[1] = ("CNI_CONTAINERID", "../etc");
         let (out, _) = run(&e, json!({"cniVersion": "1.0.0", "name": "n"}));
         assert!(out.unwrap_err().to_string().contains("CNI_CONTAINERID"));
-        let mut e = attachment_env("ADD");
-        e[3] = ("CNI_IFNAME", "eth0/1");
-        let (out, _) = run(&e, json!({"cniVersion": "1.0.0", "name": "n"}));
-        assert!(out.unwrap_err().to_string().contains("CNI_IFNAME"));
+        // The reference library's ValidateInterfaceName: empty (here: unset), longer than 15
+        // bytes, `.` or `..`, `/`, `:` or whitespace.
+        for bad in [
+            "eth0/1",
+            "",
+            "0123456789abcdef",
+            ".",
+            "..",
+            "eth0:1",
+            "eth 0",
+            "eth0\t",
+        ] {
+            for command in ["ADD", "DEL", "CHECK"] {
+                let mut e = attachment_env(command);
+                e[3] = ("CNI_IFNAME", bad);
+                let (out, _) = run(&e, json!({"cniVersion": "1.0.0", "name": "n"}));
+                let err = out.unwrap_err();
+                assert_eq!(err.code(), 4, "{command} {bad:?}: {err}");
+                assert!(err.to_string().contains("CNI_IFNAME"), "{bad:?}: {err}");
+            }
+        }
     }
 
     #[test]

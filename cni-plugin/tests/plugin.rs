@@ -223,12 +223,17 @@ struct Call<'a> {
 }
 
 fn plugin(call: &Call<'_>, conf: &Value) -> Run {
+    plugin_on(call, "eth0", conf)
+}
+
+/// [`plugin`] with CNI_IFNAME `ifname`.
+fn plugin_on(call: &Call<'_>, ifname: &str, conf: &Value) -> Run {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tapestry-cni"))
         .env_clear()
         .env("CNI_COMMAND", call.command)
         .env("CNI_CONTAINERID", call.container_id)
         .env("CNI_NETNS", call.netns)
-        .env("CNI_IFNAME", "eth0")
+        .env("CNI_IFNAME", ifname)
         .env("CNI_ARGS", call.args)
         .env("CNI_PATH", "/usr/lib/cni")
         .env("TAPESTRY_SOCKET", call.socket)
@@ -312,6 +317,51 @@ fn path_of(ns: &PodNetns) -> String {
 }
 
 // ---- tests that need no namespaces ----
+
+fn registered(container_id: &str, ifname: &str) -> EndpointInfo {
+    EndpointInfo {
+        request: EndpointRequest {
+            container_id: container_id.into(),
+            ifname: ifname.into(),
+            netns: String::new(),
+            host_ifname: "veth0".into(),
+            ips: vec![],
+            gateway: None,
+            mac: None,
+            pod: None,
+            vm: None,
+            network: None,
+        },
+        host_ifindex: 3,
+        guest_phase: None,
+        guest_ready_reason: None,
+    }
+}
+
+#[test]
+fn del_of_a_percent_ifname_leaves_the_other_attachment_alone() {
+    // The router decodes path segments: an unencoded `eth%30` would reach it as `eth0` and
+    // remove the container's other attachment.
+    let daemon = FakeDaemon::start("pct");
+    daemon.state().endpoints.insert(
+        ("c0ffee".into(), "eth0".into()),
+        registered("c0ffee", "eth0"),
+    );
+    daemon.state().endpoints.insert(
+        ("c0ffee".into(), "eth%30".into()),
+        registered("c0ffee", "eth%30"),
+    );
+    let call = Call {
+        command: "DEL",
+        container_id: "c0ffee",
+        netns: "",
+        args: "",
+        socket: &daemon.socket,
+    };
+    plugin_on(&call, "eth%30", &conf("1.0.0", json!({}), None)).success();
+    let left: Vec<_> = daemon.state().endpoints.keys().cloned().collect();
+    assert_eq!(left, [("c0ffee".to_owned(), "eth0".to_owned())]);
+}
 
 #[test]
 fn version_answers_and_errors_are_spec_objects() {
