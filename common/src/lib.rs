@@ -53,6 +53,9 @@ macro_rules! map_name {
     (DHCP) => {
         "TAPESTRY_DHCP"
     };
+    (DHCP_RATE) => {
+        "TAPESTRY_DHCP_RATE"
+    };
 }
 
 /// Names of the pinned maps, as declared in the eBPF objects (also their file names in bpffs).
@@ -74,6 +77,8 @@ pub mod map_names {
     pub const GUEST_STATS: &str = map_name!(GUEST_STATS);
     /// DHCP requests from guests, for the daemon's DHCP server (guest programs).
     pub const DHCP: &str = map_name!(DHCP);
+    /// Each guest's DHCP rate limiter state (guest programs).
+    pub const DHCP_RATE: &str = map_name!(DHCP_RATE);
     /// Every map of the load balancer's object (`tapestry-lb`).
     pub const ALL: [&str; 12] = [
         SERVICES,
@@ -91,7 +96,7 @@ pub mod map_names {
     ];
     /// Every map of the guest programs' object (`tapestry-guest`). `DROPS` is the load
     /// balancer's, shared through its pin, so one map counts every drop on the node.
-    pub const GUEST: [&str; 3] = [GUEST_STATS, DHCP, DROPS];
+    pub const GUEST: [&str; 4] = [GUEST_STATS, DHCP, DHCP_RATE, DROPS];
 }
 
 /// Names of the tc programs in the eBPF object.
@@ -118,6 +123,40 @@ pub mod guest_globals {
     pub const MAC: &str = "GUEST_MAC";
     /// The guest's IPv4 address, network byte order.
     pub const IP: &str = "GUEST_IP";
+    /// The DHCP rate limit (a u64 [`DhcpLimit`](crate::DhcpLimit) field each): nanoseconds
+    /// between two messages at the sustained rate (0: unlimited), and how far ahead of that
+    /// rate a burst may run.
+    pub const DHCP_INTERVAL_NS: &str = "GUEST_DHCP_INTERVAL_NS";
+    pub const DHCP_TOLERANCE_NS: &str = "GUEST_DHCP_TOLERANCE_NS";
+}
+
+/// How many DHCP messages one guest may hand to the daemon: `rate_per_sec` sustained, `burst`
+/// back to back, enforced in the guest program before the shared queue (GCRA, one timestamp
+/// per guest), so one guest's flood cannot crowd out another guest's DISCOVER.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DhcpLimit {
+    pub rate_per_sec: u32,
+    pub burst: u32,
+}
+
+impl DhcpLimit {
+    /// The default: a guest's whole lease cycle is 2 to 4 messages; 10/s with bursts of 20
+    /// covers a guest retrying a lost exchange many times over.
+    pub const DEFAULT: DhcpLimit = DhcpLimit {
+        rate_per_sec: 10,
+        burst: 20,
+    };
+
+    /// The two constants the guest program reads: (interval, tolerance) in nanoseconds. A rate
+    /// of 0 means unlimited (interval 0).
+    pub const fn program_constants(self) -> (u64, u64) {
+        if self.rate_per_sec == 0 {
+            return (0, 0);
+        }
+        let interval = 1_000_000_000 / self.rate_per_sec as u64;
+        let burst = if self.burst == 0 { 1 } else { self.burst as u64 };
+        (interval, interval * (burst - 1))
+    }
 }
 
 /// A MAC as [`guest_globals::MAC`] holds it: the 6 bytes in packet order in the low bytes of a
@@ -304,7 +343,13 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
     pub nat_port: u16,
     pub flags: u8,
-    pub _pad: [u8; 5],
+    /// Hairpin flows only, network byte order, 0 when the client's port was kept. Forward: the
+    /// source port written (the client's port clashed with another hairpin flow's at the same
+    /// backend port). Reply: the client's own port, restored as destination. Bytes, not a u16,
+    /// so the entry keeps its layout (flags stays at offset 34) for entries pinned by an older
+    /// daemon, whose zeroes here mean "kept".
+    pub nat_peer_port: [u8; 2],
+    pub _pad: [u8; 3],
 }
 
 #[repr(C)]
@@ -413,6 +458,17 @@ named_u32_enum! {
         UnsupportedProtocol = 9 => "unsupported_protocol",
         /// DHCP from a guest could not be handed to the daemon (its queue was full).
         DhcpQueueFull = 10 => "dhcp_queue_full",
+        /// A frame from a guest carrying an 802.1Q/802.1ad tag (in the frame or, stripped by
+        /// the kernel before tc, in the packet's metadata): the pod network is untagged.
+        VlanTagged = 11 => "vlan_tagged",
+        /// A DHCP reply (UDP source port 67 or destination port 68) from a guest: only the
+        /// daemon answers guests' DHCP.
+        RogueDhcpServer = 12 => "rogue_dhcp_server",
+        /// DHCP from a guest over its rate limit (`tapestryd --dhcp-rate-per-guest`).
+        DhcpRateLimited = 13 => "dhcp_rate_limited",
+        /// A new hairpin flow found no free source port at its backend port (every port tried
+        /// is another live hairpin flow's).
+        HairpinPortClash = 14 => "hairpin_port_clash",
     }
 }
 
@@ -488,7 +544,7 @@ pub struct GuestStats {
     pub tx_bytes: u64,
     /// DHCP messages handed to the daemon.
     pub dhcp: u64,
-    /// Drops by `DropReason` (indexes 6..=10 are the guest's).
+    /// Drops by `DropReason` (indexes 6..=13 are the guest's).
     pub drops: [u64; 16],
     /// Last time the guest used its own address (IPv4 source or ARP sender): readiness.
     pub seen_ns: u64,
@@ -575,6 +631,7 @@ mod tests {
         assert_eq!(offset_of!(CtEntry, created_ns), 16);
         assert_eq!(offset_of!(CtEntry, nat_port), 32);
         assert_eq!(offset_of!(CtEntry, flags), 34);
+        assert_eq!(offset_of!(CtEntry, nat_peer_port), 35);
         assert_eq!(offset_of!(FlowEvent, sport), 32);
         assert_eq!(offset_of!(FlowEvent, kind), 38);
         assert_eq!(offset_of!(FlowEvent, reason), 40);

@@ -139,6 +139,14 @@ macro_rules! __map {
             DHCP: RingBuf = RingBuf::pinned(DHCP_RING_BYTES, 0)
         }
     };
+    (DHCP_RATE) => {
+        $crate::__pinned_map! {
+            /// Per guest slot: the theoretical arrival time (ns, bpf_ktime_get_ns) of its next
+            /// DHCP message at the sustained rate (GCRA). One copy for all CPUs: a race between
+            /// two CPUs can admit a message or two more, never fewer.
+            DHCP_RATE: Array<u64> = Array::pinned(MAX_GUESTS, 0)
+        }
+    };
 }
 
 /// Adds one to slot `index` of a per-CPU counter array; an index out of range counts nothing.

@@ -201,7 +201,8 @@ async fn detach(
 }
 
 async fn metrics_text(State(node): State<Node>) -> Result<Response, ApiError> {
-    let text = blocking(move || Ok(metrics::render(&node.views)?)).await?;
+    // One conntrack walk a second at most, however many scrape (metrics::Scrapes).
+    let text = blocking(move || Ok(metrics::scrape(&node.views)?.to_string())).await?;
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -1,4 +1,13 @@
 //! Prometheus metrics, read from the datapath's counters at scrape time.
+//!
+//! A scrape walks the conntrack table (flows per service), which takes a while when the table
+//! is full; [`Scrapes`] keeps any number of scrapers to one walk at a time and one per
+//! [`MAX_AGE`]: a flood of requests on the metrics port costs the daemon one walk a second.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use prometheus_client::{
@@ -56,6 +65,40 @@ impl Collector for Snapshot {
         }
         Ok(())
     }
+}
+
+/// How long one scrape's text answers the scrapes after it.
+pub const MAX_AGE: Duration = Duration::from_secs(1);
+
+/// The last rendered exposition, shared by concurrent scrapers.
+#[derive(Default)]
+pub struct Scrapes {
+    last: Mutex<Option<(Instant, Arc<String>)>>,
+}
+
+impl Scrapes {
+    /// The exposition at most `max_age` old: made by `make` when there is none that fresh. A
+    /// scraper arriving while another one renders waits for that text instead of rendering too.
+    pub fn get(
+        &self,
+        max_age: Duration,
+        make: impl FnOnce() -> Result<String>,
+    ) -> Result<Arc<String>> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, text)) = last.as_ref()
+            && at.elapsed() < max_age
+        {
+            return Ok(text.clone());
+        }
+        let text = Arc::new(make()?);
+        *last = Some((Instant::now(), text.clone()));
+        Ok(text)
+    }
+}
+
+/// The node's metrics as [`render`] makes them, through `views`' [`Scrapes`].
+pub fn scrape(views: &Views) -> Result<Arc<String>> {
+    views.scrapes.get(MAX_AGE, || render(views))
 }
 
 /// The Prometheus text exposition of the node's metrics.
@@ -223,4 +266,47 @@ pub fn render(views: &Views) -> Result<String> {
     let mut out = String::new();
     encode(&mut out, &registry)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[test]
+    fn concurrent_scrapes_share_one_render_and_a_stale_text_is_made_again() {
+        let scrapes = Arc::new(Scrapes::default());
+        let renders = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (scrapes, renders) = (scrapes.clone(), renders.clone());
+                std::thread::spawn(move || {
+                    scrapes
+                        .get(Duration::from_secs(60), || {
+                            let n = renders.fetch_add(1, Ordering::SeqCst);
+                            // A slow walk: every other scraper arrives while it runs.
+                            std::thread::sleep(Duration::from_millis(100));
+                            Ok(format!("render {n}"))
+                        })
+                        .unwrap()
+                })
+            })
+            .collect();
+        let texts: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(renders.load(Ordering::SeqCst), 1, "one walk for 16 scrapers");
+        assert!(texts.iter().all(|t| t.as_str() == "render 0"));
+
+        // Older than the age asked for: rendered again.
+        std::thread::sleep(Duration::from_millis(20));
+        let again = scrapes
+            .get(Duration::from_millis(10), || Ok("fresh".into()))
+            .unwrap();
+        assert_eq!(again.as_str(), "fresh");
+        // A failed render is an error for its scraper, and leaves the last text in place.
+        let err = scrapes.get(Duration::ZERO, || anyhow::bail!("map read failed"));
+        assert!(err.is_err());
+        let kept = scrapes.get(Duration::from_secs(60), || Ok("unused".into()));
+        assert_eq!(kept.unwrap().as_str(), "fresh");
+    }
 }

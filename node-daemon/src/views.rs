@@ -41,6 +41,8 @@ pub struct Views {
     pub flows: Arc<FlowLog>,
     /// The views' own handles on the maps (reads only).
     maps: Maps,
+    /// /metrics' last text, shared by concurrent scrapers (`metrics::scrape`).
+    pub scrapes: crate::metrics::Scrapes,
 }
 
 fn sum_stats(v: &aya::maps::PerCpuValues<TrafficStats>) -> Traffic {
@@ -133,6 +135,7 @@ impl Views {
             endpoints,
             pins,
             flows,
+            scrapes: Default::default(),
         })
     }
 

@@ -636,6 +636,59 @@ fn hairpin_a_backend_reaching_its_own_service() {
     assert_eq!(lb.counter(Counter::Hairpin), 1);
 }
 
+/// Two hairpin flows from one client port to two frontends that share the backend port: the
+/// second gets another source port at the backend, so each keeps its own reply entry and its
+/// replies come back as from its own frontend, to the client's own port.
+#[test]
+fn hairpin_flows_from_one_port_to_two_frontends_do_not_share_replies() {
+    let two_frontends = "
+services:
+  - name: web
+    vip: 10.96.0.10
+    port: 80
+    backends:
+      - { ip: 10.0.0.2, port: 8080 }
+  - name: web-alt
+    vip: 10.96.0.11
+    port: 81
+    backends:
+      - { ip: 10.0.0.2, port: 8080 }
+";
+    let Some(mut lb) = Lb::new(two_frontends) else {
+        return;
+    };
+    let me = [10, 0, 0, 2];
+    let hairpin = Ipv4Addr::new(169, 254, 42, 1);
+    let vip2 = [10, 96, 0, 11];
+    let (v, out) = lb.run(&tcp_packet(me, 45000, VIP, 80, true));
+    assert_eq!(v, REDIRECT);
+    let first = inspect(&out);
+    assert_eq!((first.src, first.sport), (hairpin, 45000), "the first keeps its port");
+    let (v, out) = lb.run(&tcp_packet(me, 45000, vip2, 81, true));
+    assert_eq!(v, REDIRECT);
+    let second = inspect(&out);
+    assert_eq!((second.dst, second.dport), (ip(me), 8080));
+    assert_eq!(second.src, hairpin);
+    assert_ne!(second.sport, 45000, "the second is moved off the taken port");
+    assert!((32768..=60999).contains(&second.sport), "{second:?}");
+
+    // Later packets of each flow keep their own source port at the backend.
+    for (vip, port, expected) in [(VIP, 80, 45000), (vip2, 81, second.sport)] {
+        let (_, out) = lb.run(&tcp_packet(me, 45000, vip, port, false));
+        assert_eq!(inspect(&out).sport, expected);
+    }
+    // The pod's replies to each port come back from the right frontend, to its own port.
+    for (dport, from) in [(45000, (ip(VIP), 80)), (second.sport, (ip(vip2), 81))] {
+        let (v, out) = lb.run(&tcp_packet(me, 8080, hairpin.octets(), dport, false));
+        assert_eq!(v, REDIRECT);
+        let s = inspect(&out);
+        assert_eq!((s.src, s.sport), from, "reply to port {dport}");
+        assert_eq!((s.dst, s.dport), (ip(me), 45000), "reply to port {dport}");
+    }
+    assert_eq!(lb.counter(Counter::Hairpin), 2);
+    assert_eq!(lb.drops(DropReason::HairpinPortClash), 0);
+}
+
 #[test]
 fn flows_survive_backend_changes_on_purpose() {
     let two = "

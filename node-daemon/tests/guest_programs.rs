@@ -33,8 +33,8 @@ use dhcproto::{
 };
 use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, PacketBuilder, VlanId};
 use tapestry_common::{
-    DHCP_FRAME_MAX, DHCP_RING_BYTES, DhcpFrame, DropReason, GuestStats, guest_globals, map_names,
-    program_names,
+    DHCP_FRAME_MAX, DHCP_RING_BYTES, DhcpFrame, DhcpLimit, DropReason, GuestStats, guest_globals,
+    map_names, program_names,
 };
 use tapestry_node_daemon::datapath::{guest, ifindex_of};
 
@@ -69,7 +69,14 @@ struct Identity {
     ip: [u8; 4],
     tap_ifindex: u32,
     pod_ifindex: u32,
+    dhcp_limit: DhcpLimit,
 }
+
+/// No DHCP rate limit: the tests of other behaviour send more DHCP than a guest may.
+const UNLIMITED: DhcpLimit = DhcpLimit {
+    rate_per_sec: 0,
+    burst: 0,
+};
 
 const GUEST: Identity = Identity {
     slot: SLOT,
@@ -77,6 +84,7 @@ const GUEST: Identity = Identity {
     ip: GUEST_IP,
     tap_ifindex: TAP_IFINDEX,
     pod_ifindex: POD_IFINDEX,
+    dhcp_limit: UNLIMITED,
 };
 
 /// One guest's programs, loaded and verified, with the maps they write.
@@ -97,6 +105,7 @@ impl Guest {
         );
         let mac = tapestry_common::mac_u64(&id.mac);
         let ip = u32::from_ne_bytes(id.ip);
+        let (interval, tolerance) = id.dhcp_limit.program_constants();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins)
             .override_global(guest_globals::SLOT, &id.slot, true)
@@ -104,6 +113,8 @@ impl Guest {
             .override_global(guest_globals::POD_IFINDEX, &id.pod_ifindex, true)
             .override_global(guest_globals::MAC, &mac, true)
             .override_global(guest_globals::IP, &ip, true)
+            .override_global(guest_globals::DHCP_INTERVAL_NS, &interval, true)
+            .override_global(guest_globals::DHCP_TOLERANCE_NS, &tolerance, true)
             .load(guest::OBJECT)
             .expect("the guest object loads");
         for name in [program_names::POD_TO_GUEST, program_names::GUEST_TO_POD] {
@@ -242,6 +253,28 @@ fn ipv6(src_mac: [u8; 6]) -> Vec<u8> {
 }
 
 fn dhcp(src_mac: [u8; 6], kind: MessageType, src: [u8; 4], dst: [u8; 4], pad: usize) -> Vec<u8> {
+    dhcp_message(src_mac, kind, src, dst, pad, (68, 67))
+}
+
+/// A DHCP message between UDP ports `(sport, dport)`.
+fn dhcp_ports(
+    src_mac: [u8; 6],
+    kind: MessageType,
+    src: [u8; 4],
+    dst: [u8; 4],
+    ports: (u16, u16),
+) -> Vec<u8> {
+    dhcp_message(src_mac, kind, src, dst, 0, ports)
+}
+
+fn dhcp_message(
+    src_mac: [u8; 6],
+    kind: MessageType,
+    src: [u8; 4],
+    dst: [u8; 4],
+    pad: usize,
+    (sport, dport): (u16, u16),
+) -> Vec<u8> {
     let mut m = Message::new_with_id(
         0x5a5a,
         Ipv4Addr::from(src),
@@ -260,7 +293,7 @@ fn dhcp(src_mac: [u8; 6], kind: MessageType, src: [u8; 4], dst: [u8; 4], pad: us
     let dst_mac = if dst == [255; 4] { [0xff; 6] } else { GW_MAC };
     PacketBuilder::ethernet2(src_mac, dst_mac)
         .ipv4(src, dst, 64)
-        .udp(68, 67)
+        .udp(sport, dport)
         .write(&mut v, &bytes)
         .unwrap();
     v
@@ -354,12 +387,15 @@ fn guest_to_pod_redirects_the_guests_own_frames() {
 }
 
 /// Every reason the guest program drops for; `DhcpQueueFull` has its own test.
-const GUEST_DROP_REASONS: [DropReason; 5] = [
+const GUEST_DROP_REASONS: [DropReason; 8] = [
     DropReason::SpoofedMac,
     DropReason::SpoofedIp,
     DropReason::SpoofedArp,
     DropReason::UnsupportedProtocol,
     DropReason::DhcpQueueFull,
+    DropReason::VlanTagged,
+    DropReason::RogueDhcpServer,
+    DropReason::DhcpRateLimited,
 ];
 
 /// Each drop verdict of guest_to_pod, with its counter in the guest's slot and in the node-wide
@@ -383,6 +419,19 @@ fn every_spoofing_attempt_is_dropped_and_counted_by_reason() {
         .udp(40000, 53)
         .write(&mut vlan, b"tagged")
         .unwrap();
+    let mut qinq = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, GW_MAC)
+        .double_vlan(
+            VlanId::try_new(100).unwrap(),
+            VlanId::try_new(10).unwrap(),
+        )
+        .ipv4(GUEST_IP, PEER_IP, 64)
+        .udp(40000, 53)
+        .write(&mut qinq, b"tagged twice")
+        .unwrap();
+    let offer = dhcp_ports(GUEST_MAC, MessageType::Offer, GUEST_IP, [255; 4], (67, 68));
+    let server_to_relay = dhcp_ports(GUEST_MAC, MessageType::Ack, GUEST_IP, PEER_IP, (67, 67));
+    let to_a_client = dhcp_ports(GUEST_MAC, MessageType::Ack, GUEST_IP, PEER_IP, (40000, 68));
     let cases = [
         (
             "IPv4 from another MAC",
@@ -426,10 +475,26 @@ fn every_spoofing_attempt_is_dropped_and_counted_by_reason() {
         ),
         ("ARP cut short", cut_arp, DropReason::SpoofedArp),
         ("IPv6", ipv6(GUEST_MAC), DropReason::UnsupportedProtocol),
-        ("VLAN-tagged IPv4", vlan, DropReason::UnsupportedProtocol),
+        ("VLAN-tagged IPv4", vlan, DropReason::VlanTagged),
+        ("802.1ad-tagged IPv4", qinq, DropReason::VlanTagged),
+        ("a DHCPOFFER from the guest", offer, DropReason::RogueDhcpServer),
+        (
+            "a DHCP reply to a relay",
+            server_to_relay,
+            DropReason::RogueDhcpServer,
+        ),
+        (
+            "anything to a DHCP client port",
+            to_a_client,
+            DropReason::RogueDhcpServer,
+        ),
         ("DHCP cut short", cut_dhcp, DropReason::UnsupportedProtocol),
     ];
-    let mut covered = BTreeSet::from([DropReason::DhcpQueueFull as u32]);
+    // Each has its own test below.
+    let mut covered = BTreeSet::from([
+        DropReason::DhcpQueueFull as u32,
+        DropReason::DhcpRateLimited as u32,
+    ]);
     for (what, frame, reason) in &cases {
         let before = g.stats(SLOT);
         let node_before = g.node_drops();
@@ -510,6 +575,69 @@ fn a_full_dhcp_queue_drops_and_counts_until_the_daemon_reads() {
     assert_eq!(g.guest_to_pod(&d).0, DROP);
     assert_eq!(g.stats(SLOT).dhcp, capacity as u64 + 1);
     assert_eq!(g.dhcp_queue(), [(SLOT, d)]);
+}
+
+/// One guest's DHCP flood is cut at its own limit in the kernel, before the node's shared
+/// queue: its messages over the limit are dropped and counted, another guest's DISCOVER is
+/// still queued, and the flooding guest gets its share back as time passes.
+#[test]
+fn dhcp_over_a_guests_rate_is_dropped_before_the_shared_queue() {
+    if !prerequisites() {
+        return;
+    }
+    let pins = PinDir::new("dhcp-rate");
+    // 10 per second (one every 100 ms), bursts of 3.
+    let limit = DhcpLimit {
+        rate_per_sec: 10,
+        burst: 3,
+    };
+    let mut flood = Guest::load(
+        pins.path(),
+        &Identity {
+            dhcp_limit: limit,
+            ..GUEST
+        },
+    );
+    let other_id = Identity {
+        slot: 7,
+        mac: OTHER_MAC,
+        ip: OTHER_IP,
+        dhcp_limit: limit,
+        ..GUEST
+    };
+    let mut other = Guest::load(pins.path(), &other_id);
+    let release = dhcp(GUEST_MAC, MessageType::Release, GUEST_IP, PEER_IP, 0);
+    for i in 0..3 {
+        assert_eq!(flood.guest_to_pod(&release).0, DROP, "release {i}");
+    }
+    assert_eq!(flood.stats(SLOT).dhcp, 3, "the burst is queued");
+    for _ in 0..50 {
+        assert_eq!(flood.guest_to_pod(&release).0, DROP);
+    }
+    let s = flood.stats(SLOT);
+    assert_eq!(s.dhcp, 3, "nothing over the burst is queued");
+    assert_eq!(s.drops[DropReason::DhcpRateLimited as usize], 50);
+    assert_eq!(
+        flood.node_drops()[DropReason::DhcpRateLimited as usize],
+        50,
+        "node-wide"
+    );
+
+    // The other guest's DISCOVER is not affected by the flood.
+    let other_discover = dhcp(OTHER_MAC, MessageType::Discover, [0; 4], [255; 4], 0);
+    assert_eq!(other.guest_to_pod(&other_discover).0, DROP);
+    assert_eq!(other.stats(7).dhcp, 1);
+    let queued = flood.dhcp_queue();
+    assert_eq!(queued.len(), 4, "the burst and the other guest's DISCOVER");
+    assert_eq!(queued[3], (7, other_discover));
+
+    // 150 ms later the flooding guest has earned one more message (one per 100 ms), not two.
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(flood.guest_to_pod(&release).0, DROP);
+    assert_eq!(flood.guest_to_pod(&release).0, DROP);
+    let s = flood.stats(SLOT);
+    assert_eq!(s.dhcp, 4);
+    assert_eq!(s.drops[DropReason::DhcpRateLimited as usize], 51);
 }
 
 #[test]
@@ -725,6 +853,10 @@ struct Seen {
     frame_reached_the_tap: bool,
     /// The guest's counters around an IPv4 frame too short for its header, from the guest.
     cut_ipv4: (GuestStats, GuestStats),
+    /// The guest's counters around a VLAN-tagged frame from the guest.
+    vlan: (GuestStats, GuestStats),
+    /// The tagged frame came out of the pod interface's peer (it must not).
+    tagged_left_the_pod_interface: bool,
     tx_before_carrier: (GuestStats, GuestStats),
     tap_tx_dropped: (u64, u64),
 }
@@ -802,6 +934,22 @@ fn redirects_reach_the_tap_and_the_pod_interface() {
         // The program runs in the write, on tap0's ingress.
         let cut_ipv4 = (before_cut, g.stats(SLOT));
 
+        // A tagged frame: the tap's receive path moves the tag into the packet's metadata
+        // before tc, so the program sees an untagged IPv4 frame with vlan_present set.
+        let mut tagged = Vec::new();
+        PacketBuilder::ethernet2(GUEST_MAC, GW_MAC)
+            .single_vlan(VlanId::try_new(10).unwrap())
+            .ipv4(GUEST_IP, PEER_IP, 64)
+            .udp(40000, 53)
+            .write(&mut tagged, b"tagged on the tap")
+            .unwrap();
+        let before_tagged = g.stats(SLOT);
+        tap.write_all(&tagged)?;
+        // A packet socket sees a forwarded frame without its tag (the tag stays metadata).
+        let untagged = udp(GUEST_MAC, GUEST_IP, PEER_IP, b"tagged on the tap");
+        let tagged_left_the_pod_interface = received(&peer, &untagged);
+        let vlan = (before_tagged, g.stats(SLOT));
+
         // The VM goes away (or has not started): no reader, no carrier.
         drop(tap);
         let before = (g.stats(SLOT), tx_dropped(&ns_name, "tap0"));
@@ -813,6 +961,8 @@ fn redirects_reach_the_tap_and_the_pod_interface() {
             guest_frame_back_in_the_tap,
             frame_reached_the_tap,
             cut_ipv4,
+            vlan,
+            tagged_left_the_pod_interface,
             tx_before_carrier: (before.0, after.0),
             tap_tx_dropped: (before.1, after.1),
         })
@@ -824,6 +974,9 @@ fn redirects_reach_the_tap_and_the_pod_interface() {
     assert!(seen.frame_reached_the_tap, "{seen:?}");
     let (before, after) = seen.cut_ipv4;
     assert_eq!(after, plus_drop(&before, DropReason::SpoofedIp), "{seen:?}");
+    let (before, after) = seen.vlan;
+    assert_eq!(after, plus_drop(&before, DropReason::VlanTagged), "{seen:?}");
+    assert!(!seen.tagged_left_the_pod_interface, "{seen:?}");
     let (before, after) = seen.tx_before_carrier;
     assert_eq!(after.tx_packets, before.tx_packets + 1, "{seen:?}");
     assert_eq!(seen.tap_tx_dropped.1, seen.tap_tx_dropped.0 + 1, "{seen:?}");

@@ -48,7 +48,8 @@ fn fill_conntrack(d: &Daemon) {
             last_seen_ns: now,
             nat_port: 8080u16.to_be(),
             flags: ct_flags::SEEN_REPLY,
-            _pad: [0; 5],
+            nat_peer_port: [0; 2],
+            _pad: [0; 3],
         };
         maps.conntrack
             .insert(key, entry, 0)

@@ -308,7 +308,7 @@ fn chart_renders_the_agreed_objects() -> Result<()> {
     for a in [
         "--source=kubernetes",
         "--node-name=$(NODE_NAME)",
-        "--metrics-addr=0.0.0.0:9964",
+        "--metrics-addr=127.0.0.1:9964",
         "--bpffs-dir=/sys/fs/bpf/tapestry",
         "--socket=/run/tapestry/tapestryd.sock",
         "--state-dir=/run/tapestry",
@@ -325,6 +325,7 @@ fn chart_renders_the_agreed_objects() -> Result<()> {
     for probe in ["readinessProbe", "livenessProbe"] {
         assert_eq!(d[probe]["httpGet"]["path"], "/healthz", "{probe}");
         assert_eq!(d[probe]["httpGet"]["port"], "metrics", "{probe}");
+        assert_eq!(d[probe]["httpGet"]["host"], "127.0.0.1", "{probe}");
     }
     assert_eq!(d["ports"][0]["name"], "metrics");
     assert_eq!(d["ports"][0]["containerPort"], 9964);
@@ -495,6 +496,8 @@ fn values_change_the_rendering() -> Result<()> {
             "--set",
             "daemon.metricsPort=19964",
             "--set",
+            "daemon.metricsAddress=192.0.2.7",
+            "--set",
             "cni.confDir=/var/lib/cni/conf",
             "--set",
             "cni.uninstallOnStop=false",
@@ -520,9 +523,13 @@ fn values_change_the_rendering() -> Result<()> {
     );
     assert!(args.contains(&"--flow-events".into()), "{args:?}");
     assert!(
-        args.contains(&"--metrics-addr=0.0.0.0:19964".into()),
+        args.contains(&"--metrics-addr=192.0.2.7:19964".into()),
         "{args:?}"
     );
+    // The probes follow the address the daemon listens on.
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(d[probe]["httpGet"]["host"], "192.0.2.7", "{probe}");
+    }
     assert!(
         args.contains(&"--socket=/run/tapestry-api/api.sock".into()),
         "{args:?}"

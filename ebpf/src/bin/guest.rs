@@ -3,8 +3,9 @@
 //! - `tapestry_pod_to_guest` on the pod interface's ingress (eth0: what the pod network sends to
 //!   the pod) redirects every frame into the tap, to the guest, who owns the pod's IP and MAC.
 //! - `tapestry_guest_to_pod` on the tap's ingress (what the guest sends) checks the source MAC,
-//!   IPv4 source and ARP sender against the guest's, hands DHCP to the daemon through a ring
-//!   buffer, and redirects the rest out of the pod interface (a plain egress redirect, so the
+//!   IPv4 source and ARP sender against the guest's, drops VLAN-tagged frames and DHCP replies
+//!   (a guest is never a DHCP server), hands DHCP to the daemon through a ring buffer at a
+//!   per-guest rate, and redirects the rest out of the pod interface (a plain egress redirect, so the
 //!   frame really leaves eth0 and the host sees ordinary pod egress on the pod's veth).
 //!
 //! One copy is loaded per guest: the interfaces and the guest's addresses are `.rodata`
@@ -17,17 +18,19 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use tapestry_common::{DHCP_FRAME_MAX, DhcpFrame, DropReason, GuestStats, IPPROTO_UDP, mac_u64};
+use tapestry_common::{
+    DHCP_FRAME_MAX, DhcpFrame, DhcpLimit, DropReason, GuestStats, IPPROTO_UDP, mac_u64,
+};
 use tapestry_ebpf::{
     maps::increment,
     packet::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, read},
     verdict,
 };
 
-use crate::maps::{DHCP, DROPS, GUEST_STATS};
+use crate::maps::{DHCP, DHCP_RATE, DROPS, GUEST_STATS};
 
 // Exactly `tapestry_common::map_names::GUEST` (node-daemon/tests/map_names.rs checks).
-tapestry_ebpf::maps!(GUEST_STATS, DHCP, DROPS);
+tapestry_ebpf::maps!(GUEST_STATS, DHCP, DHCP_RATE, DROPS);
 
 // The loader finds these constants by their symbol names (`tapestry_common::guest_globals`) and
 // rewrites them per guest.
@@ -46,8 +49,18 @@ static GUEST_MAC: u64 = 0;
 // SAFETY: no other symbol in the object is named GUEST_IP.
 #[unsafe(no_mangle)]
 static GUEST_IP: u32 = 0;
+// The DHCP rate limit (`tapestry_common::DhcpLimit::program_constants`); the initial values are
+// DhcpLimit::DEFAULT's, for a loader that does not set them.
+// SAFETY: no other symbol in the object is named GUEST_DHCP_INTERVAL_NS.
+#[unsafe(no_mangle)]
+static GUEST_DHCP_INTERVAL_NS: u64 = DhcpLimit::DEFAULT.program_constants().0;
+// SAFETY: no other symbol in the object is named GUEST_DHCP_TOLERANCE_NS.
+#[unsafe(no_mangle)]
+static GUEST_DHCP_TOLERANCE_NS: u64 = DhcpLimit::DEFAULT.program_constants().1;
 
 const ETH_P_ARP: u16 = 0x0806;
+/// 802.1Q, 802.1ad and the pre-standard QinQ tag types.
+const VLAN_TAGS: [u16; 3] = [0x8100, 0x88a8, 0x9100];
 const DHCP_SERVER_PORT: u16 = 67;
 const DHCP_CLIENT_PORT: u16 = 68;
 /// Smallest frame that can hold a DHCP message's headers (Ethernet, IPv4, UDP).
@@ -128,9 +141,18 @@ fn mark_seen() {
 
 #[inline(always)]
 fn guest_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
+    // SAFETY: the context pointer is the program's __sk_buff, valid for the whole run; reading
+    // a field the verifier allows tc programs to read.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        // A tag the kernel moved into the metadata before tc (the tap's receive path does).
+        return Err(DropReason::VlanTagged);
+    }
     let eth = read::<EthHdr>(ctx, 0).ok_or(DropReason::UnsupportedProtocol)?;
     if mac_u64(&eth.src) != constant(&GUEST_MAC) {
         return Err(DropReason::SpoofedMac);
+    }
+    if VLAN_TAGS.iter().any(|t| eth.proto == t.to_be()) {
+        return Err(DropReason::VlanTagged);
     }
     let guest_ip = constant(&GUEST_IP);
     if eth.proto == ETH_P_ARP.to_be() {
@@ -148,9 +170,15 @@ fn guest_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         }
     } else if eth.proto == ETH_P_IP.to_be() {
         let ip = read::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(DropReason::SpoofedIp)?;
-        if ip.proto == IPPROTO_UDP && is_dhcp_request(ctx, &ip) {
-            dhcp_to_daemon(ctx)?;
-            return Ok(verdict::DROP);
+        if ip.proto == IPPROTO_UDP {
+            match dhcp_direction(ctx, &ip) {
+                Dhcp::Request => {
+                    dhcp_to_daemon(ctx)?;
+                    return Ok(verdict::DROP);
+                }
+                Dhcp::Reply => return Err(DropReason::RogueDhcpServer),
+                Dhcp::No => {}
+            }
         }
         if ip.saddr != guest_ip {
             return Err(DropReason::SpoofedIp);
@@ -167,15 +195,53 @@ fn guest_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     Ok(unsafe { bpf_redirect(constant(&GUEST_POD_IFINDEX), 0) } as i32)
 }
 
+enum Dhcp {
+    /// Client to server (68 -> 67): the daemon's to answer.
+    Request,
+    /// From a server port or to a client port: what only a DHCP server or relay sends.
+    Reply,
+    No,
+}
+
 #[inline(always)]
-fn is_dhcp_request(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
+fn dhcp_direction(ctx: &TcContext, ip: &Ipv4Hdr) -> Dhcp {
     let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
     match read::<[u16; 2]>(ctx, ETH_HLEN + ihl) {
         Some([sport, dport]) => {
-            sport == DHCP_CLIENT_PORT.to_be() && dport == DHCP_SERVER_PORT.to_be()
+            if sport == DHCP_CLIENT_PORT.to_be() && dport == DHCP_SERVER_PORT.to_be() {
+                Dhcp::Request
+            } else if sport == DHCP_SERVER_PORT.to_be() || dport == DHCP_CLIENT_PORT.to_be() {
+                Dhcp::Reply
+            } else {
+                Dhcp::No
+            }
         }
-        None => false,
+        None => Dhcp::No,
     }
+}
+
+/// This guest may queue one more DHCP message: GCRA on its slot's theoretical arrival time.
+#[inline(always)]
+fn dhcp_admitted() -> bool {
+    let interval = constant(&GUEST_DHCP_INTERVAL_NS);
+    if interval == 0 {
+        return true;
+    }
+    let Some(tat) = DHCP_RATE.get_ptr_mut(constant(&GUEST_SLOT)) else {
+        return true;
+    };
+    // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a successful lookup gives a valid, aligned pointer into the array's value, alive
+    // while the program runs; a concurrent writer on another CPU can only make the limit admit
+    // a little more (both read the same arrival time), never corrupt it (an aligned u64).
+    let next = unsafe { *tat }.max(now);
+    if next - now > constant(&GUEST_DHCP_TOLERANCE_NS) {
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { *tat = next + interval };
+    true
 }
 
 /// Queues the whole frame for the daemon's DHCP server, which answers on the tap.
@@ -184,6 +250,9 @@ fn dhcp_to_daemon(ctx: &TcContext) -> Result<(), DropReason> {
     let len = ctx.len().min(DHCP_FRAME_MAX as u32);
     if len < DHCP_FRAME_MIN {
         return Err(DropReason::UnsupportedProtocol);
+    }
+    if !dhcp_admitted() {
+        return Err(DropReason::DhcpRateLimited);
     }
     let mut entry = DHCP
         .reserve::<DhcpFrame>(0)

@@ -47,3 +47,9 @@ volumeMounts:
   - name: cni-bin
     mountPath: /host/opt/cni/bin
 {{- end -}}
+
+{{/* Where the kubelet probes tapestryd's /healthz: its metrics address, loopback for 0.0.0.0. */}}
+{{- define "tapestry.metricsProbeHost" -}}
+{{- $a := .Values.daemon.metricsAddress -}}
+{{- if or (eq $a "0.0.0.0") (eq $a "") -}}127.0.0.1{{- else -}}{{ $a }}{{- end -}}
+{{- end -}}

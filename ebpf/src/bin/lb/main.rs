@@ -27,7 +27,7 @@ mod events;
 mod service;
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect},
     macros::classifier,
     programs::TcContext,
 };
@@ -258,7 +258,7 @@ fn lb4_forward(ctx: &TcContext, pkt: &Ipv4Packet, svc: &Service) -> Result<i32, 
     let fkey = conntrack::forward_key(pkt);
     let mut new_flow = true;
     let mut reselect = false;
-    let mut chosen: Option<(u32, Backend, u8)> = None;
+    let mut chosen: Option<(u32, Backend, u8, u16)> = None;
 
     if let Some(entry) = conntrack::lookup(&fkey) {
         // SAFETY: `entry` comes from a successful lookup: a valid, aligned entry for the rest of
@@ -274,7 +274,12 @@ fn lb4_forward(ctx: &TcContext, pkt: &Ipv4Packet, svc: &Service) -> Result<i32, 
                     // SAFETY: `entry` comes from the lookup above, in this run (touch's contract).
                     unsafe { conntrack::touch(entry, conntrack::flags_from_tcp(pkt), now) };
                     new_flow = false;
-                    chosen = Some((e.backend_id, b, e.flags & ct_flags::HAIRPIN));
+                    chosen = Some((
+                        e.backend_id,
+                        b,
+                        e.flags & ct_flags::HAIRPIN,
+                        u16::from_ne_bytes(e.nat_peer_port),
+                    ));
                 }
                 // The backend was removed under a live flow. Choosing again beats black-holing:
                 // a UDP flow simply continues; a TCP peer that does not know the connection
@@ -284,7 +289,7 @@ fn lb4_forward(ctx: &TcContext, pkt: &Ipv4Packet, svc: &Service) -> Result<i32, 
         }
     }
 
-    let (backend_id, backend, hairpin) = match chosen {
+    let (backend_id, backend, hairpin, snat_port) = match chosen {
         Some(c) => c,
         None => {
             if svc.backend_count == 0 {
@@ -297,6 +302,9 @@ fn lb4_forward(ctx: &TcContext, pkt: &Ipv4Packet, svc: &Service) -> Result<i32, 
     remember_fragment(pkt);
     if hairpin != 0 {
         rewrite_addr(ctx, pkt, Side::Source, pkt.saddr, hairpin_snat_ip())?;
+        if snat_port != 0 {
+            rewrite_port(ctx, pkt, Side::Source, pkt.sport, snat_port)?;
+        }
     }
     rewrite_addr(ctx, pkt, Side::Destination, pkt.daddr, backend.ip)?;
     rewrite_port(ctx, pkt, Side::Destination, pkt.dport, backend.port)?;
@@ -330,6 +338,59 @@ fn lb4_no_backend(
     lb4_reject(ctx, pkt)
 }
 
+/// Source ports a new hairpin flow tries at its backend before it gives up.
+const HAIRPIN_PORT_TRIES: u32 = 8;
+
+/// The source port a new hairpin flow gets at its backend, network byte order, 0 for the
+/// client's own. Every hairpin flow has the same source address there (the hairpin address), so
+/// two of them from one client port to two frontends with the same backend port would share a
+/// reply entry, and one would take the other's replies. The client's port is kept unless a live
+/// flow of another frontend holds it; then random ports of the ephemeral range are tried.
+#[inline(always)]
+fn hairpin_source_port(
+    pkt: &Ipv4Packet,
+    backend: &Backend,
+    snat: u32,
+    now: u64,
+) -> Result<u16, DropReason> {
+    let mut key = CtKey {
+        saddr: backend.ip,
+        daddr: snat,
+        sport: backend.port,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        direction: ct_direction::REPLY,
+        _pad: [0; 2],
+    };
+    for _ in 0..HAIRPIN_PORT_TRIES {
+        let free = match conntrack::lookup(&key) {
+            None => true,
+            Some(entry) => {
+                // SAFETY: a successful lookup: a valid, aligned entry, copied out at once.
+                let e = unsafe { *entry };
+                let client_port = match u16::from_ne_bytes(e.nat_peer_port) {
+                    0 => key.dport,
+                    p => p,
+                };
+                // Expired, or this very flow's (a SYN again after its entry closed).
+                conntrack::is_expired(&e, pkt.proto, now)
+                    || (e.nat_peer_addr == pkt.saddr
+                        && e.nat_addr == pkt.daddr
+                        && e.nat_port == pkt.dport
+                        && client_port == pkt.sport)
+            }
+        };
+        if free {
+            return Ok(if key.dport == pkt.sport { 0 } else { key.dport });
+        }
+        // SAFETY: bpf_get_prandom_u32 takes no arguments and cannot fail.
+        let r = unsafe { bpf_get_prandom_u32() };
+        // Linux's default ephemeral range, 32768..=60999.
+        key.dport = ((32768 + r % 28232) as u16).to_be();
+    }
+    Err(DropReason::HairpinPortClash)
+}
+
 /// Chooses a backend and stores both conntrack entries. The reply entry goes in first, so a reply
 /// never arrives before it; if the forward entry then fails, the reply entry is taken back out.
 #[inline(always)]
@@ -340,7 +401,7 @@ fn lb4_new_flow(
     now: u64,
     fkey: &CtKey,
     reselect: bool,
-) -> Result<(u32, Backend, u8), DropReason> {
+) -> Result<(u32, Backend, u8, u16), DropReason> {
     let (backend_id, backend) = lb4_select_backend(svc, pkt, now)?;
     let hairpin = if backend.ip == pkt.saddr {
         ct_flags::HAIRPIN
@@ -348,12 +409,17 @@ fn lb4_new_flow(
         0
     };
     let snat = if hairpin != 0 { hairpin_snat_ip() } else { 0 };
+    let snat_port = if hairpin != 0 {
+        hairpin_source_port(pkt, &backend, snat, now)?
+    } else {
+        0
+    };
     let flags = hairpin | conntrack::flags_from_tcp(pkt);
     let rkey = CtKey {
         saddr: backend.ip,
         daddr: if hairpin != 0 { snat } else { pkt.saddr },
         sport: backend.port,
-        dport: pkt.sport,
+        dport: if snat_port != 0 { snat_port } else { pkt.sport },
         proto: pkt.proto,
         direction: ct_direction::REPLY,
         _pad: [0; 2],
@@ -367,13 +433,19 @@ fn lb4_new_flow(
         last_seen_ns: now,
         nat_port: pkt.dport,
         flags: hairpin,
-        _pad: [0; 5],
+        nat_peer_port: if snat_port != 0 {
+            pkt.sport.to_ne_bytes()
+        } else {
+            [0; 2]
+        },
+        _pad: [0; 3],
     };
     let forward = CtEntry {
         nat_addr: backend.ip,
         nat_peer_addr: snat,
         nat_port: backend.port,
         flags,
+        nat_peer_port: snat_port.to_ne_bytes(),
         ..reply
     };
     conntrack::insert(&rkey, &reply).map_err(|_| DropReason::ConntrackFull)?;
@@ -403,7 +475,7 @@ fn lb4_new_flow(
             nat_port: backend.port,
         },
     );
-    Ok((backend_id, backend, hairpin))
+    Ok((backend_id, backend, hairpin, snat_port))
 }
 
 /// Backend -> client: restore the frontend as the source (and, for a hairpin flow, the client's
@@ -430,12 +502,17 @@ fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Option<i32>, DropReaso
         )
     };
     let hairpin = e.flags & ct_flags::HAIRPIN != 0;
+    // The client's own port, where a hairpin flow's was translated.
+    let client_port = match u16::from_ne_bytes(e.nat_peer_port) {
+        0 => pkt.dport,
+        p => p,
+    };
     if e.flags & ct_flags::SEEN_REPLY == 0 {
         // First reply: the forward entry moves from the SYN lifetime to the established one.
         let fkey = CtKey {
             saddr: if hairpin { e.nat_peer_addr } else { pkt.daddr },
             daddr: e.nat_addr,
-            sport: pkt.dport,
+            sport: client_port,
             dport: e.nat_port,
             proto: pkt.proto,
             direction: ct_direction::FORWARD,
@@ -452,6 +529,7 @@ fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Option<i32>, DropReaso
     count(Counter::ReverseNat);
     if hairpin {
         rewrite_addr(ctx, pkt, Side::Destination, pkt.daddr, e.nat_peer_addr)?;
+        rewrite_port(ctx, pkt, Side::Destination, pkt.dport, client_port)?;
         swap_macs(ctx)?;
         // SAFETY: bpf_redirect takes plain integers and only records the target.
         return Ok(Some(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32));
