@@ -38,6 +38,9 @@ pub struct Config {
     pub conntrack_gc_interval: Duration,
     /// The daemon's own state (the endpoint registry), kept across restarts.
     pub state_dir: PathBuf,
+    /// A group (gid) whose members may use the API socket besides root: the socket is then
+    /// 0660 and that group's. None: root only, 0600.
+    pub api_socket_group: Option<u32>,
 }
 
 impl Config {
@@ -53,6 +56,7 @@ impl Config {
             hairpin_snat_ip: Ipv4Addr::from(DEFAULT_HAIRPIN_SNAT_IP),
             conntrack_gc_interval: Duration::from_secs(10),
             state_dir: "/run/tapestry".into(),
+            api_socket_group: None,
         }
     }
 }

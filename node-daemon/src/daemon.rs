@@ -190,7 +190,10 @@ pub async fn run(config: Config) -> Result<()> {
     {
         let node = node.clone();
         let socket = config.socket.clone();
-        tasks.spawn(async move { api::serve_unix(&socket, node).await });
+        let access = api::SocketAccess {
+            group: config.api_socket_group,
+        };
+        tasks.spawn(async move { api::serve_unix(&socket, access, node).await });
     }
     if let Some(addr) = config.metrics_addr.clone() {
         let node = node.clone();

@@ -71,6 +71,11 @@ struct Args {
     /// The daemon's own state (the endpoint registry), kept across restarts.
     #[arg(long, env = "TAPESTRY_STATE_DIR", default_value = "/run/tapestry")]
     state_dir: PathBuf,
+    /// Let this group (a name or a numeric gid) use the local API besides root: the socket
+    /// becomes 0660 and that group's. Default: root only, 0600. Every connection's peer
+    /// credentials are checked either way.
+    #[arg(long, env = "TAPESTRY_API_SOCKET_GROUP", value_name = "GID_OR_NAME")]
+    api_socket_group: Option<String>,
     /// Remove every pin (datapath detached from every interface, maps gone) and exit.
     #[arg(long)]
     uninstall: bool,
@@ -88,7 +93,10 @@ async fn main() {
     let result = if args.uninstall {
         daemon::uninstall(&args.bpffs_dir)
     } else {
-        daemon::run(args.into_config()).await
+        match args.into_config() {
+            Ok(config) => daemon::run(config).await,
+            Err(e) => Err(e),
+        }
     };
     if let Err(e) = result {
         error!("{e:#}");
@@ -96,8 +104,46 @@ async fn main() {
     }
 }
 
+/// The gid of `group`: a number as it is, else a name looked up in the group database.
+fn resolve_group(group: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(group)
+        .map_err(|_| anyhow::anyhow!("--api-socket-group {group:?}: a NUL byte in the name"))?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: zeroed `group` is a valid out-parameter; buf outlives the call and its length is
+    // passed; the result pointer is only compared, its strings are not kept.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 {
+        anyhow::bail!(
+            "--api-socket-group {group:?}: looking up the group: {}",
+            std::io::Error::from_raw_os_error(rc)
+        );
+    }
+    if found.is_null() {
+        anyhow::bail!("--api-socket-group {group:?}: no such group (give a name or a numeric gid)");
+    }
+    Ok(grp.gr_gid)
+}
+
 impl Args {
-    fn into_config(self) -> Config {
+    fn into_config(self) -> anyhow::Result<Config> {
+        let api_socket_group = self
+            .api_socket_group
+            .as_deref()
+            .map(resolve_group)
+            .transpose()?;
         let source = match self.source {
             SourceKind::File => Source::File(self.state_file),
             SourceKind::Kubernetes => Source::Kubernetes {
@@ -108,7 +154,7 @@ impl Args {
                 kube_proxy_replacement: self.kube_proxy_replacement,
             },
         };
-        Config {
+        Ok(Config {
             source,
             bpffs_dir: self.bpffs_dir,
             socket: self.socket,
@@ -118,6 +164,27 @@ impl Args {
             hairpin_snat_ip: self.hairpin_snat_ip,
             conntrack_gc_interval: Duration::from_secs(self.conntrack_gc_interval),
             state_dir: self.state_dir,
-        }
+            api_socket_group,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_socket_group_is_a_gid_or_a_group_name() {
+        assert_eq!(resolve_group("1234").unwrap(), 1234);
+        // Every system has group 0, named root.
+        assert_eq!(resolve_group("root").unwrap(), 0);
+        let e = resolve_group("no-such-group-tapestry")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no such group"), "{e}");
+        let args = Args::parse_from(["tapestryd", "--api-socket-group", "root"]);
+        assert_eq!(args.into_config().unwrap().api_socket_group, Some(0));
+        let args = Args::parse_from(["tapestryd"]);
+        assert_eq!(args.into_config().unwrap().api_socket_group, None);
     }
 }
