@@ -141,7 +141,18 @@ async fn healthz(State(node): State<Node>) -> Response {
 }
 
 async fn status(State(node): State<Node>) -> ApiResult<Status> {
-    blocking(move || Ok(Json(node.views.status()?))).await
+    blocking(move || {
+        let mut status = node.views.status()?;
+        // A registry file that had to be set aside at start stays visible until the next start.
+        if let Some(recovery) = node.endpoints.recovery() {
+            status.last_error = Some(match status.last_error.take() {
+                Some(e) => format!("{e}; {recovery}"),
+                None => recovery,
+            });
+        }
+        Ok(Json(status))
+    })
+    .await
 }
 
 async fn services(State(node): State<Node>) -> ApiResult<Vec<ServiceInfo>> {

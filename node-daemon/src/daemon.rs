@@ -22,14 +22,14 @@ use anyhow::{Context, Result};
 use tapestry_api::{state::DesiredState, types::Mode};
 use tapestry_common::{Config as DatapathConfig, config_flags};
 use tokio::{signal::unix::SignalKind, sync::watch, task::JoinSet};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{
     api,
     config::{Config, Source},
     datapath::{Datapath, Maps, Pins, conntrack},
     flows::{self, FlowLog},
-    guests::{self, Endpoints, discover, publish},
+    guests::{self, Endpoints, discover, endpoints, publish},
     services::{
         self, Services,
         endpointslice::KubernetesSource,
@@ -187,6 +187,7 @@ pub async fn run(config: Config) -> Result<()> {
         ));
     }
     tasks.spawn(guests::watch_readiness(endpoints.clone()));
+    tasks.spawn(maintain_endpoints(endpoints.clone()));
     {
         let node = node.clone();
         let socket = config.socket.clone();
@@ -203,7 +204,7 @@ pub async fn run(config: Config) -> Result<()> {
         tasks.spawn(flows::drain(ring, flows));
     }
     if let Some(ring) = dhcp_ring {
-        tasks.spawn(guests::serve_dhcp(ring, endpoints));
+        tasks.spawn(guests::serve_dhcp(ring, endpoints.clone()));
     }
     tasks.spawn(collect_conntrack_garbage(
         Maps::open(pins.dir())?.conntrack,
@@ -221,8 +222,39 @@ pub async fn run(config: Config) -> Result<()> {
         },
     };
     let _ = std::fs::remove_file(&config.socket);
+    // Guests' DHCP bindings not written yet (they are written at most once a FLUSH_INTERVAL).
+    if let Err(e) = endpoints.flush() {
+        warn!(error = %format!("{e:#}"), "writing the endpoint registry at shutdown");
+    }
     info!("stopped; the datapath stays in place");
     result
+}
+
+/// Writes the guests' DHCP binding changes to the registry file at most once per
+/// [`endpoints::FLUSH_INTERVAL`], and removes the endpoints whose interface or namespace is
+/// gone every [`endpoints::STALE_CHECK_INTERVAL`] (a DEL that never reached the daemon).
+async fn maintain_endpoints(endpoints: Arc<Endpoints>) -> Result<()> {
+    let mut tick = tokio::time::interval(endpoints::FLUSH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_stale_check = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        let check_stale = last_stale_check.elapsed() >= endpoints::STALE_CHECK_INTERVAL;
+        if check_stale {
+            last_stale_check = tokio::time::Instant::now();
+        }
+        let endpoints = endpoints.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = endpoints.flush() {
+                warn!(error = %format!("{e:#}"), "writing the endpoint registry");
+            }
+            if check_stale && let Err(e) = endpoints.remove_stale() {
+                warn!(error = %e, "removing endpoints whose interface is gone");
+            }
+        })
+        .await
+        .context("the endpoint maintenance thread")?;
+    }
 }
 
 /// Deletes expired conntrack entries every `every` (the LRU only evicts when full), on a

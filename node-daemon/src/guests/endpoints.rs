@@ -7,14 +7,39 @@
 //! concurrent ADD or DEL of the same endpoint is refused as a conflict (the runtime retries), and
 //! ADDs of different endpoints run in parallel. The registry file is written outside the lock,
 //! newest version last.
+//!
+//! The registry file (`endpoints.json`, mode 0600) is written durably (temporary file, fsync,
+//! rename, fsync of the directory). A file that cannot be read as a registry does not stop the
+//! daemon: it is kept aside as `endpoints.json.corrupt-<unix seconds>`, the entries that still
+//! parse are restored, and the status says so ([`Endpoints::recovery`]).
+//!
+//! What is persisted and when: an ADD, a DEL and a GC write the file before they answer (the
+//! runtime must be able to trust a completed ADD across a restart). A guest's DHCP binding is
+//! only a readiness hint that the guest renews by itself, and a guest controls how often it
+//! changes (a RELEASE flood): a binding change marks the registry dirty and
+//! [`Endpoints::flush`] writes it at most once per [`FLUSH_INTERVAL`] (and at shutdown), so a
+//! guest can cause at most one write per interval however many messages it sends, and never
+//! queues a CNI ADD behind its writes.
+//!
+//! An endpoint is stale when its host-side interface or its network namespace is gone (a DEL
+//! that never reached the daemon). Stale endpoints are dropped at start, on every CNI GC, every
+//! [`STALE_CHECK_INTERVAL`], and when an ADD needs the address or the interface they hold.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     fs,
+    io::{self, Write},
     net::Ipv4Addr,
-    os::fd::OwnedFd,
+    os::{
+        fd::OwnedFd,
+        unix::fs::{DirBuilderExt, OpenOptionsExt},
+    },
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result};
@@ -26,7 +51,7 @@ use tapestry_api::types::{
 };
 use tapestry_common::{DhcpFrame, DropReason, GuestStats, MAX_GUESTS};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::dhcp::{self, LeaseConfig, Outcome};
 use crate::datapath::{
@@ -90,6 +115,11 @@ struct PersistedEndpoint {
 
 type Key = (String, String);
 
+/// The longest a guest's DHCP binding change waits before the registry file records it.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the registry looks for endpoints whose interface or namespace is gone.
+pub const STALE_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
 fn key_of(request: &EndpointRequest) -> Key {
     (request.container_id.clone(), request.ifname.clone())
 }
@@ -103,6 +133,77 @@ struct Registry {
     busy: HashSet<Key>,
     /// Bumped on every change that the registry file records.
     version: u64,
+}
+
+/// The addresses an endpoint claims: its pod IPs and, for a VM, its guest's IP.
+fn claimed_ips(request: &EndpointRequest) -> BTreeSet<Ipv4Addr> {
+    let mut ips: BTreeSet<Ipv4Addr> = request
+        .ips
+        .iter()
+        .filter_map(|s| s.parse::<Ipv4Net>().ok().map(|n| n.addr()))
+        .collect();
+    if let Some(net) = guest_ip_of(request) {
+        ips.insert(net);
+    }
+    ips
+}
+
+/// A VM endpoint's guest IP (None: not a VM, or not a parseable address).
+fn guest_ip_of(request: &EndpointRequest) -> Option<Ipv4Addr> {
+    let vm = request.vm.as_ref()?;
+    vm.guest_ip.parse::<Ipv4Net>().ok().map(|n| n.addr())
+}
+
+/// What an ADD of `request` under `key` collides with among `entries`, other than the endpoint
+/// it replaces (its own key) and a discovered pod on its interface (which it becomes):
+/// another endpoint on the same host-side interface, or a guest IP that another endpoint also
+/// claims (as its guest's or as a pod IP). A colliding endpoint that `is_stale` (its interface
+/// or namespace is gone) is returned to be removed; a live one refuses the ADD with a conflict.
+fn collisions(
+    entries: &BTreeMap<Key, Endpoint>,
+    key: &Key,
+    request: &EndpointRequest,
+    is_stale: impl Fn(&Endpoint) -> bool,
+) -> Result<Vec<Key>, EndpointError> {
+    let mine = claimed_ips(request);
+    let my_guest = guest_ip_of(request);
+    let mut stale = Vec::new();
+    for (k, e) in entries {
+        if k == key {
+            continue;
+        }
+        let discovered = e.request.network.as_deref() == Some(super::discover::NETWORK);
+        let same_iface = e.request.host_ifname == request.host_ifname;
+        if discovered && same_iface {
+            continue;
+        }
+        let theirs = claimed_ips(&e.request);
+        let their_guest = guest_ip_of(&e.request);
+        let shared_ip = my_guest
+            .filter(|ip| theirs.contains(ip))
+            .or(their_guest.filter(|ip| mine.contains(ip)));
+        if !same_iface && shared_ip.is_none() {
+            continue;
+        }
+        if is_stale(e) {
+            stale.push(k.clone());
+            continue;
+        }
+        let other = format!("{}/{}", k.0, k.1);
+        return Err(EndpointError::Conflict(match shared_ip {
+            Some(ip) if !same_iface => format!(
+                "guest IP {ip} is already used by endpoint {other} on {}; \
+                 two guests cannot share an address",
+                e.request.host_ifname
+            ),
+            _ => format!(
+                "host interface {} already belongs to endpoint {other}; \
+                 one interface cannot carry two endpoints",
+                request.host_ifname
+            ),
+        }));
+    }
+    Ok(stale)
 }
 
 impl Registry {
@@ -150,7 +251,22 @@ impl Plan {
             ));
         }
         let guest = match &request.vm {
-            Some(vm) => Some((lease_for(request)?, guest_mac(vm.guest_mac)?)),
+            Some(vm) => {
+                let lease = lease_for(request)?;
+                let pod_ips: Vec<Ipv4Addr> = request
+                    .ips
+                    .iter()
+                    .filter_map(|s| s.parse::<Ipv4Net>().ok().map(|n| n.addr()))
+                    .collect();
+                if !pod_ips.contains(&lease.ip) {
+                    return Err(EndpointError::Invalid(format!(
+                        "vm.guestIp {} is not one of the endpoint's ips {:?}; \
+                         a guest takes its pod's address",
+                        vm.guest_ip, request.ips
+                    )));
+                }
+                Some((lease, guest_mac(vm.guest_mac)?))
+            }
             None => None,
         };
         Ok(Plan { guest })
@@ -175,6 +291,10 @@ pub struct Endpoints {
     stats_writer: Mutex<PerCpuArray<MapData, GuestStats>>,
     /// The last registry version written to the file.
     written: Mutex<u64>,
+    /// Registry file writes since start.
+    writes: AtomicU64,
+    /// Why the previous run's registry file could not be used in full (for the status).
+    recovery: Mutex<Option<String>>,
     changes: watch::Sender<u64>,
 }
 
@@ -266,6 +386,8 @@ impl Endpoints {
             stats: maps.guest_stats,
             stats_writer: Mutex::new(writer.guest_stats),
             written: Mutex::new(0),
+            writes: AtomicU64::new(0),
+            recovery: Mutex::new(None),
             changes: watch::channel(0).0,
         })
     }
@@ -290,15 +412,71 @@ impl Endpoints {
         if *written >= version {
             return Ok(());
         }
-        if let Some(dir) = self.state_file.parent() {
-            fs::create_dir_all(dir)?;
-        }
-        let tmp = self.state_file.with_extension("json.tmp");
-        fs::write(&tmp, serde_json::to_vec_pretty(&p)?)?;
-        fs::rename(&tmp, &self.state_file)
+        write_durably(&self.state_file, &serde_json::to_vec_pretty(&p)?)
             .with_context(|| format!("writing {}", self.state_file.display()))?;
+        self.writes.fetch_add(1, Ordering::Relaxed);
         *written = version;
         Ok(())
+    }
+
+    /// Writes the registry file if a change is not on disk yet (a guest's DHCP binding, which
+    /// is recorded at most once per [`FLUSH_INTERVAL`] and at shutdown).
+    pub fn flush(&self) -> Result<()> {
+        let on_disk = *self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let snapshot = {
+            let mut r = self.lock();
+            if r.version <= on_disk {
+                return Ok(());
+            }
+            r.snapshot()
+        };
+        self.persist(snapshot)
+    }
+
+    /// Registry file writes since the daemon started.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Why the previous run's registry file could not be used in full, if it could not.
+    pub fn recovery(&self) -> Option<String> {
+        self.recovery
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether `e`'s host-side interface or network namespace is gone (or its interface name
+    /// now belongs to another interface). A discovered pod has no namespace path: only its
+    /// interface tells.
+    fn is_stale(e: &Endpoint) -> bool {
+        let netns_gone = !e.request.netns.is_empty() && !Path::new(&e.request.netns).exists();
+        netns_gone || ifindex_of(&e.request.host_ifname).ok() != Some(e.host_ifindex)
+    }
+
+    /// Removes the endpoints whose interface or namespace is gone (their DEL never reached the
+    /// daemon); returns what was removed.
+    pub fn remove_stale(&self) -> Result<Vec<EndpointInfo>, EndpointError> {
+        let stale: Vec<Key> = {
+            let r = self.lock();
+            r.entries
+                .iter()
+                .filter(|(k, e)| !r.busy.contains(*k) && Self::is_stale(e))
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        let mut removed = Vec::new();
+        for (c, i) in stale {
+            info!(
+                container = c,
+                ifname = i,
+                "endpoint's interface or namespace is gone; removing it"
+            );
+            if let Some(info) = self.remove(&c, &i)? {
+                removed.push(info);
+            }
+        }
+        Ok(removed)
     }
 
     fn guest_stats(&self, slot: u32) -> GuestStats {
@@ -332,24 +510,24 @@ impl Endpoints {
     /// Re-establishes the endpoints of an earlier run whose pods still exist; forgets the rest
     /// and removes their guest links. Runs at start, before anything else uses the registry.
     pub fn restore(&self) -> Result<()> {
-        let text = match fs::read_to_string(&self.state_file) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(e).context("reading the endpoint registry"),
-        };
-        let persisted: Persisted = if text.is_empty() {
-            Persisted::default()
-        } else {
-            serde_json::from_str(&text).context("parsing the endpoint registry")?
-        };
+        let loaded = load_registry(&self.state_file)?;
+        *self.recovery.lock().unwrap_or_else(|p| p.into_inner()) = loaded.problem;
         let mut kept_slots = BTreeSet::new();
-        for p in persisted.endpoints {
+        for p in loaded.endpoints {
             let key = key_of(&p.request);
             let name = format!("{}/{}", key.0, key.1);
             if !Path::new(&p.request.netns).exists() {
                 info!(
                     endpoint = name,
                     "pod gone while the daemon was down; forgetting it"
+                );
+                continue;
+            }
+            if ifindex_of(&p.request.host_ifname).is_err() {
+                info!(
+                    endpoint = name,
+                    host_ifname = p.request.host_ifname,
+                    "host interface gone while the daemon was down; forgetting the endpoint"
                 );
                 continue;
             }
@@ -408,6 +586,30 @@ impl Endpoints {
                 let view = view_of(existing);
                 drop(r);
                 return Ok(self.info(&view));
+            }
+            let stale = collisions(&r.entries, &key, &request, Self::is_stale)?;
+            if !stale.is_empty() {
+                drop(r);
+                for (c, i) in &stale {
+                    info!(
+                        container = c,
+                        ifname = i,
+                        "endpoint holds what an ADD needs and its interface or namespace is gone; \
+                         removing it"
+                    );
+                    self.remove(c, i)?;
+                }
+                r = self.lock();
+                if r.busy.contains(&key) {
+                    return Err(in_progress(&key));
+                }
+                // Checked again: the registry may have changed while it was unlocked.
+                if !collisions(&r.entries, &key, &request, Self::is_stale)?.is_empty() {
+                    return Err(EndpointError::Conflict(format!(
+                        "endpoint {}/{} collides with endpoints being removed; retry",
+                        key.0, key.1
+                    )));
+                }
             }
             let slot = match plan.guest {
                 Some(_) => Some(r.reserve_slot()?),
@@ -598,6 +800,9 @@ impl Endpoints {
                 removed.push(info);
             }
         }
+        // Whatever the runtime still counts as valid: an endpoint whose interface or namespace
+        // is gone cannot be used again.
+        removed.extend(self.remove_stale()?);
         Ok(removed)
     }
 
@@ -726,7 +931,7 @@ impl Endpoints {
                 return;
             }
         };
-        let snapshot = {
+        {
             let mut r = self.lock();
             let Some(g) = r
                 .entries
@@ -742,12 +947,11 @@ impl Endpoints {
             if bound {
                 info!(container, ip = %link.lease.ip, "guest bound its address by DHCP");
             }
-            r.snapshot()
-        };
-        self.changed();
-        if let Err(e) = self.persist(snapshot) {
-            warn!(error = %format!("{e:#}"), "writing the endpoint registry");
+            // Not written here: the guest decides how often this changes. Marked dirty, it is
+            // written by the next ADD, DEL or flush (see the module docs).
+            r.version += 1;
         }
+        self.changed();
     }
 }
 
@@ -764,4 +968,448 @@ fn in_progress(key: &Key) -> EndpointError {
         "another ADD or DEL of endpoint {}/{} is in progress; retry",
         key.0, key.1
     ))
+}
+
+/// The registry file of an earlier run: what could be used, and what was wrong with it.
+#[derive(Debug, Default)]
+struct Loaded {
+    endpoints: Vec<PersistedEndpoint>,
+    /// Set when the file could not be used in full: what was wrong and where it was put.
+    problem: Option<String>,
+}
+
+/// Reads the registry file at `path`. A file that is not a registry (truncated, not JSON,
+/// entries that are not endpoints) does not fail: it is renamed to
+/// `<name>.corrupt-<unix seconds>` and the entries that still parse one by one are returned.
+/// Only an I/O error fails (other than a missing file, which is an empty registry), and so does
+/// a bad file that cannot be put aside: the next write would lose it.
+fn load_registry(path: &Path) -> Result<Loaded> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Loaded::default()),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("reading the endpoint registry {}", path.display()));
+        }
+    };
+    let whole = match serde_json::from_slice::<Persisted>(&bytes) {
+        Ok(p) => {
+            return Ok(Loaded {
+                endpoints: p.endpoints,
+                problem: None,
+            });
+        }
+        Err(e) => e,
+    };
+    // Salvage the entries that are endpoints, when the file is JSON with an endpoint list.
+    let (endpoints, dropped) = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(serde_json::Value::Object(mut o)) => match o.remove("endpoints") {
+            Some(serde_json::Value::Array(items)) => {
+                let n = items.len();
+                let ok: Vec<PersistedEndpoint> = items
+                    .into_iter()
+                    .filter_map(|v| serde_json::from_value(v).ok())
+                    .collect();
+                let dropped = n - ok.len();
+                (ok, Some(dropped))
+            }
+            _ => (Vec::new(), None),
+        },
+        _ => (Vec::new(), None),
+    };
+    let aside = set_aside(path)?;
+    let recovered = match dropped {
+        Some(d) => format!("{} endpoint(s) recovered, {d} unreadable", endpoints.len()),
+        None => "nothing could be recovered".to_owned(),
+    };
+    let problem = format!(
+        "the endpoint registry {} was corrupt ({whole}); kept as {}; {recovered}",
+        path.display(),
+        aside.display()
+    );
+    error!(
+        file = %path.display(),
+        kept_as = %aside.display(),
+        error = %whole,
+        recovered = endpoints.len(),
+        "the endpoint registry is corrupt; starting with what could be recovered"
+    );
+    Ok(Loaded {
+        endpoints,
+        problem: Some(problem),
+    })
+}
+
+/// Renames `path` to `<name>.corrupt-<unix seconds>` (`-2`, `-3`... when taken) beside it.
+fn set_aside(path: &Path) -> Result<PathBuf> {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let base = format!("{}.corrupt-{secs}", path.display());
+    let mut aside = PathBuf::from(&base);
+    let mut n = 1;
+    while aside.symlink_metadata().is_ok() {
+        n += 1;
+        aside = PathBuf::from(format!("{base}-{n}"));
+    }
+    fs::rename(path, &aside).with_context(|| {
+        format!(
+            "the endpoint registry {} is corrupt and could not be kept as {}",
+            path.display(),
+            aside.display()
+        )
+    })?;
+    Ok(aside)
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves the old file or the new one, whole, and
+/// readable by its owner only: a temporary file beside it, created exclusively (never through
+/// a file or symlink that is already there) with mode 0600, synced, renamed over `path`, and
+/// the directory synced so that the rename is durable too.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    // One left by a crash is removed, not written through.
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", tmp.display())),
+    }
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", tmp.display()));
+    }
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()));
+    }
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use tapestry_api::types::{DnsConfig, VmAttachment};
+
+    use super::*;
+
+    /// A fresh directory under the system's temp dir, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(what: &str) -> TempDir {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "tapestry-endpoints-{what}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A pod endpoint on `host_ifname` with `ip`; a VM pod's when `vm`, its guest on `ip` too.
+    fn request(container: &str, host_ifname: &str, ip: &str, vm: bool) -> EndpointRequest {
+        EndpointRequest {
+            container_id: container.into(),
+            ifname: "eth0".into(),
+            netns: format!("/run/netns/{container}"),
+            host_ifname: host_ifname.into(),
+            ips: vec![format!("{ip}/32")],
+            gateway: Some(Ipv4Addr::new(169, 254, 1, 1)),
+            mac: None,
+            pod: None,
+            vm: vm.then(|| VmAttachment {
+                tap: "tap0".into(),
+                guest_mac: MacAddr::from([0x02, 0, 0, 0, 0, 1]),
+                guest_ip: format!("{ip}/32"),
+                mtu: 1500,
+                routes: vec![],
+                dns: DnsConfig {
+                    nameservers: vec![],
+                    search: vec![],
+                    domain: None,
+                },
+                hostname: None,
+                queues: 1,
+            }),
+            network: None,
+        }
+    }
+
+    fn entries(requests: &[EndpointRequest]) -> BTreeMap<Key, Endpoint> {
+        requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                (
+                    key_of(r),
+                    Endpoint {
+                        request: r.clone(),
+                        host_ifindex: 100 + i as u32,
+                        guest: None,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    const LIVE: fn(&Endpoint) -> bool = |_| false;
+
+    fn persisted(requests: &[EndpointRequest]) -> Vec<u8> {
+        let p = Persisted {
+            endpoints: requests
+                .iter()
+                .map(|r| PersistedEndpoint {
+                    request: r.clone(),
+                    slot: r.vm.as_ref().map(|_| 1),
+                    bound: true,
+                })
+                .collect(),
+        };
+        serde_json::to_vec_pretty(&p).unwrap()
+    }
+
+    #[test]
+    fn a_corrupt_registry_is_kept_aside_and_the_daemon_starts_empty() {
+        let dir = TempDir::new("corrupt");
+        let file = dir.0.join("endpoints.json");
+        // A write cut short: the start of a valid file.
+        let full = persisted(&[request("a", "veth-a", "10.0.0.5", true)]);
+        let cut = &full[..full.len() / 2];
+        fs::write(&file, cut).unwrap();
+
+        let loaded = load_registry(&file).expect("a corrupt file does not fail the start");
+        assert!(loaded.endpoints.is_empty());
+        let problem = loaded.problem.expect("the corruption is reported");
+        assert!(problem.contains("corrupt"), "{problem}");
+        assert!(!file.exists(), "the bad file was not moved away");
+        let kept: Vec<PathBuf> = fs::read_dir(&dir.0)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        let name = kept[0].file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with("endpoints.json.corrupt-"),
+            "kept as {name}"
+        );
+        assert!(problem.contains(&name), "{problem} does not say where");
+        assert_eq!(
+            fs::read(&kept[0]).unwrap(),
+            cut,
+            "the bad file's bytes changed"
+        );
+
+        // A second corrupt file in the same second does not overwrite the first one.
+        fs::write(&file, b"\0\0\0").unwrap();
+        load_registry(&file).unwrap().problem.unwrap();
+        assert_eq!(fs::read_dir(&dir.0).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn the_endpoints_that_still_parse_are_recovered_from_a_corrupt_registry() {
+        let dir = TempDir::new("salvage");
+        let file = dir.0.join("endpoints.json");
+        let good = request("a", "veth-a", "10.0.0.5", true);
+        let mut v: serde_json::Value = serde_json::from_slice(&persisted(&[
+            good.clone(),
+            request("b", "veth-b", "10.0.0.6", false),
+        ]))
+        .unwrap();
+        v["endpoints"][1]["request"]["ips"] = serde_json::json!("not a list");
+        fs::write(&file, serde_json::to_vec(&v).unwrap()).unwrap();
+
+        let loaded = load_registry(&file).unwrap();
+        assert_eq!(loaded.endpoints.len(), 1);
+        assert_eq!(loaded.endpoints[0].request, good);
+        assert!(loaded.endpoints[0].bound);
+        let problem = loaded.problem.unwrap();
+        assert!(
+            problem.contains("1 endpoint(s) recovered, 1 unreadable"),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn a_missing_registry_is_empty_and_a_good_one_is_read_whole() {
+        let dir = TempDir::new("good");
+        let file = dir.0.join("endpoints.json");
+        let l = load_registry(&file).unwrap();
+        assert!(l.endpoints.is_empty() && l.problem.is_none());
+        let reqs = [
+            request("a", "veth-a", "10.0.0.5", true),
+            request("b", "veth-b", "10.0.0.6", false),
+        ];
+        write_durably(&file, &persisted(&reqs)).unwrap();
+        let l = load_registry(&file).unwrap();
+        assert!(l.problem.is_none());
+        assert_eq!(l.endpoints.len(), 2);
+        assert!(file.exists());
+    }
+
+    #[test]
+    fn the_registry_is_written_readable_by_root_only_whatever_the_umask() {
+        let dir = TempDir::new("mode");
+        let file = dir.0.join("state").join("endpoints.json");
+        // SAFETY: umask has no preconditions; the old mask is put back below.
+        let old = unsafe { libc::umask(0) };
+        let result = write_durably(&file, b"{\"endpoints\":[]}");
+        unsafe { libc::umask(old) };
+        result.unwrap();
+        let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "endpoints.json has mode {mode:o}");
+        let dir_mode = fs::metadata(file.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(dir_mode, 0o700, "the state directory has mode {dir_mode:o}");
+        assert_eq!(fs::read(&file).unwrap(), b"{\"endpoints\":[]}");
+        assert_eq!(
+            fs::read_dir(file.parent().unwrap()).unwrap().count(),
+            1,
+            "a temporary file was left behind"
+        );
+    }
+
+    #[test]
+    fn the_registry_is_never_written_through_a_planted_temporary_file() {
+        let dir = TempDir::new("planted");
+        let file = dir.0.join("endpoints.json");
+        let victim = dir.0.join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.0.join("endpoints.json.tmp")).unwrap();
+        write_durably(&file, b"{\"endpoints\":[]}").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(fs::read(&file).unwrap(), b"{\"endpoints\":[]}");
+        assert!(!file.symlink_metadata().unwrap().file_type().is_symlink());
+    }
+
+    #[test]
+    fn a_guest_ip_that_is_not_one_of_the_pod_ips_is_refused() {
+        let mut r = request("a", "veth-a", "10.0.0.5", true);
+        r.vm.as_mut().unwrap().guest_ip = "10.0.0.99/32".into();
+        match Plan::for_request(&r) {
+            Err(EndpointError::Invalid(m)) => {
+                assert!(m.contains("vm.guestIp 10.0.0.99/32"), "{m}")
+            }
+            other => panic!("accepted or wrong error: {:?}", other.err()),
+        }
+        // The same address under another prefix length is the pod's address.
+        let mut r = request("a", "veth-a", "10.0.0.5", true);
+        r.ips = vec!["10.0.0.5/16".into()];
+        Plan::for_request(&r).expect("the pod's own address");
+        let mut r = request("a", "veth-a", "10.0.0.5", true);
+        r.ips.clear();
+        assert!(matches!(
+            Plan::for_request(&r),
+            Err(EndpointError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_guest_ip_held_by_another_live_endpoint_is_refused() {
+        let have = entries(&[request("a", "veth-a", "10.0.0.5", true)]);
+        let new = request("b", "veth-b", "10.0.0.5", true);
+        match collisions(&have, &key_of(&new), &new, LIVE) {
+            Err(EndpointError::Conflict(m)) => {
+                assert!(
+                    m.contains("guest IP 10.0.0.5") && m.contains("a/eth0"),
+                    "{m}"
+                )
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+        // A pod (not a VM) whose IP is another endpoint's guest IP, and the other way round.
+        let pod = request("c", "veth-c", "10.0.0.5", false);
+        assert!(collisions(&have, &key_of(&pod), &pod, LIVE).is_err());
+        let pods = entries(&[request("c", "veth-c", "10.0.0.5", false)]);
+        assert!(collisions(&pods, &key_of(&new), &new, LIVE).is_err());
+        // Another address is fine, and so is the endpoint's own re-ADD.
+        let other = request("b", "veth-b", "10.0.0.6", true);
+        assert!(
+            collisions(&have, &key_of(&other), &other, LIVE)
+                .unwrap()
+                .is_empty()
+        );
+        let again = request("a", "veth-a", "10.0.0.5", true);
+        assert!(
+            collisions(&have, &key_of(&again), &again, LIVE)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_host_interface_that_carries_another_live_endpoint_is_refused() {
+        let have = entries(&[request("a", "veth-a", "10.0.0.5", false)]);
+        let new = request("b", "veth-a", "10.0.0.6", false);
+        match collisions(&have, &key_of(&new), &new, LIVE) {
+            Err(EndpointError::Conflict(m)) => {
+                assert!(
+                    m.contains("host interface veth-a") && m.contains("a/eth0"),
+                    "{m}"
+                )
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+        // A pod discovered on that interface is what this ADD becomes, not a collision.
+        let mut discovered = request("a", "veth-a", "10.0.0.5", false);
+        discovered.network = Some(super::super::discover::NETWORK.into());
+        let have = entries(&[discovered]);
+        assert!(
+            collisions(&have, &key_of(&new), &new, LIVE)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_stale_endpoint_holding_the_address_or_the_interface_is_replaced() {
+        let have = entries(&[
+            request("a", "veth-a", "10.0.0.5", true),
+            request("c", "veth-c", "10.0.0.7", false),
+        ]);
+        let gone = |e: &Endpoint| e.request.container_id == "a";
+        let new = request("b", "veth-a", "10.0.0.5", true);
+        let stale = collisions(&have, &key_of(&new), &new, gone).unwrap();
+        assert_eq!(stale, vec![("a".to_owned(), "eth0".to_owned())]);
+        // A live one among them still refuses the ADD.
+        let new = request("b", "veth-c", "10.0.0.5", true);
+        assert!(collisions(&have, &key_of(&new), &new, gone).is_err());
+    }
 }
