@@ -43,6 +43,9 @@ pub enum CniError {
     #[error("reading the network config from stdin: {0}")]
     Io(#[source] std::io::Error),
 
+    #[error("the network config on stdin is larger than {limit} bytes: not reading it")]
+    StdinTooLarge { limit: usize },
+
     #[error("cannot decode {what}: {source}")]
     Decode {
         what: &'static str,
@@ -93,7 +96,7 @@ impl CniError {
             CniError::UnknownContainer(_) => code::UNKNOWN_CONTAINER,
             CniError::InvalidEnv { .. } => code::INVALID_ENV,
             CniError::Io(_) => code::IO_FAILURE,
-            CniError::Decode { .. } => code::DECODE_FAILURE,
+            CniError::Decode { .. } | CniError::StdinTooLarge { .. } => code::DECODE_FAILURE,
             CniError::InvalidConfig(_) => code::INVALID_CONFIG,
             CniError::DaemonUnreachable { .. } => code::TRY_AGAIN_LATER,
             // 409: another ADD or DEL of this endpoint is in progress, or the node is out of
@@ -103,6 +106,12 @@ impl CniError {
                     ClientError::Api {
                         status: 409 | 503, ..
                     },
+                ..
+            } => code::TRY_AGAIN_LATER,
+            // Connected, but no answer in time: a stuck or overloaded daemon; the runtime
+            // retries.
+            CniError::Daemon {
+                source: ClientError::Timeout { .. },
                 ..
             } => code::TRY_AGAIN_LATER,
             CniError::NotAvailable(_) => code::PLUGIN_NOT_AVAILABLE,
@@ -196,6 +205,38 @@ mod tests {
         assert_eq!(daemon(503), 11);
         assert_eq!(daemon(400), 999);
         assert_eq!(daemon(500), 999);
+    }
+
+    #[test]
+    fn a_daemon_that_does_not_answer_in_time_is_try_again_later() {
+        let err = CniError::from_client(
+            "refused endpoint container c interface eth0",
+            ClientError::Timeout {
+                socket: "/run/tapestry/tapestryd.sock".into(),
+                method: tapestry_api::client::Method::POST,
+                path: "/v1/endpoints".into(),
+                after: std::time::Duration::from_secs(30),
+            },
+        );
+        let spec = err.to_spec("1.0.0");
+        assert_eq!(spec.code, 11);
+        assert!(
+            spec.msg
+                .contains("did not answer POST /v1/endpoints within 30s"),
+            "{}",
+            spec.msg
+        );
+        // An answer too large to read is the daemon's own failure, not a reason to retry.
+        let err = CniError::from_client(
+            "refused endpoint",
+            ClientError::TooLarge {
+                method: tapestry_api::client::Method::GET,
+                path: "/v1/endpoints/c/eth0".into(),
+                limit: 4 << 20,
+            },
+        );
+        assert_eq!(err.code(), 999);
+        assert!(err.to_string().contains("larger than"), "{err}");
     }
 
     #[test]

@@ -67,14 +67,33 @@ fn main() -> ExitCode {
     }
 }
 
-fn read_stdin(command: Command) -> std::io::Result<Vec<u8>> {
-    let mut stdin = std::io::stdin().lock();
+/// The most the plugin reads from stdin. A network config with its prevResult is a few KiB;
+/// 1 MiB is also what a Kubernetes ConfigMap (where conflists often come from) can hold. A
+/// runtime, or anything else, writing more gets a decoding error instead of a plugin growing
+/// without bound.
+const MAX_STDIN_BYTES: usize = 1 << 20;
+
+fn read_stdin(command: Command) -> Result<Vec<u8>> {
+    let stdin = std::io::stdin().lock();
     // VERSION may come without a config; never wait on a terminal for one.
     if command == Command::Version && stdin.is_terminal() {
         return Ok(Vec::new());
     }
+    read_capped(stdin)
+}
+
+/// All of `input` if it holds at most [`MAX_STDIN_BYTES`]; reads one byte more to tell.
+fn read_capped(input: impl Read) -> Result<Vec<u8>> {
     let mut buf = Vec::new();
-    stdin.read_to_end(&mut buf)?;
+    input
+        .take(MAX_STDIN_BYTES as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(CniError::Io)?;
+    if buf.len() > MAX_STDIN_BYTES {
+        return Err(CniError::StdinTooLarge {
+            limit: MAX_STDIN_BYTES,
+        });
+    }
     Ok(buf)
 }
 
@@ -154,11 +173,11 @@ impl Env {
 fn dispatch(
     env: &Env,
     answer_version: &mut String,
-    stdin: impl FnOnce(Command) -> std::io::Result<Vec<u8>>,
+    stdin: impl FnOnce(Command) -> Result<Vec<u8>>,
 ) -> Result<Option<Value>> {
     let command = Command::parse(env.command.as_deref().unwrap_or(""))?;
     check_env(command, env)?;
-    let input = stdin(command).map_err(CniError::Io)?;
+    let input = stdin(command)?;
 
     // Errors answer in the config's version, even when the rest of the config is wrong.
     let requested = serde_json::from_slice::<Value>(&input)
@@ -347,6 +366,22 @@ mod tests {
             json!({"cniVersion": "0.3.1"}),
         );
         assert_eq!(out.unwrap().unwrap()["cniVersion"], "0.3.1");
+    }
+
+    #[test]
+    fn stdin_is_read_up_to_its_limit() {
+        let at_limit = vec![b' '; MAX_STDIN_BYTES];
+        assert_eq!(read_capped(&at_limit[..]).unwrap().len(), MAX_STDIN_BYTES);
+        let over = vec![b' '; MAX_STDIN_BYTES + 1];
+        let err = read_capped(&over[..]).unwrap_err();
+        assert_eq!(err.code(), 6, "{err}");
+        assert_eq!(
+            err.to_string(),
+            "the network config on stdin is larger than 1048576 bytes: not reading it"
+        );
+        // An endless stdin ends the read too.
+        let err = read_capped(std::io::repeat(b'{')).unwrap_err();
+        assert_eq!(err.code(), 6, "{err}");
     }
 
     #[test]

@@ -94,6 +94,32 @@ mod tests {
     }
 
     #[test]
+    fn a_fifo_or_a_regular_file_as_cni_netns_fails_at_once() {
+        // Opening a FIFO for reading waits for a writer: CNI_NETNS pointing at one must fail
+        // fast (code 4), not hang the plugin; so must a regular file.
+        let dir = std::env::temp_dir().join(format!("tcni-netns-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a plain syscall with a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let file = dir.join("file");
+        std::fs::write(&file, "").unwrap();
+        for path in [fifo, file] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let p = path.clone();
+            std::thread::spawn(move || tx.send(run_in(&p, || Ok(())).map_err(|e| e.code())));
+            let out = rx
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("entering {} hung", path.display()));
+            assert_eq!(out, Err(4), "{}", path.display());
+            assert_eq!(is_own(&path).ok(), Some(false), "{}", path.display());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn own_namespace_is_recognised() {
         assert!(is_own(Path::new("/proc/self/ns/net")).unwrap());
     }

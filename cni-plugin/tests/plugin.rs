@@ -364,6 +364,90 @@ fn del_of_a_percent_ifname_leaves_the_other_attachment_alone() {
 }
 
 #[test]
+fn the_plugin_reads_no_more_than_4_mib_from_the_daemon() {
+    // A daemon whose health answer is 5 MiB: the plugin's client stops at 4 MiB and says so
+    // (the general client's default would read it all).
+    let dir = std::env::temp_dir().join(format!("tcni-big-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("tapestryd.sock");
+    let _ = std::fs::remove_file(&socket);
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match std::io::Read::read(&mut stream, &mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let len = 5 << 20;
+                let _ = write!(stream, "HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+                let _ = stream.write_all(&vec![b'x'; len]);
+            });
+        }
+    });
+    let call = Call {
+        command: "STATUS",
+        container_id: "",
+        netns: "",
+        args: "",
+        socket: &socket,
+    };
+    let out = plugin(&call, &conf("1.1.0", json!({}), None));
+    let (code, msg) = out.error();
+    assert_eq!(code, 50, "{msg}");
+    assert!(
+        msg.contains("larger than this client's limit of 4194304 bytes"),
+        "{msg}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_config_over_1_mib_is_refused_unread() {
+    // Valid JSON, 2 MiB of it: the plugin reads 1 MiB and a byte, then refuses (code 6) instead
+    // of going on to ADD.
+    let pad = "x".repeat(2 << 20);
+    let conf =
+        serde_json::to_vec(&json!({"cniVersion": "1.0.0", "name": "n", "pad": pad})).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tapestry-cni"))
+        .env_clear()
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "c0ffee")
+        .env("CNI_NETNS", "/run/netns/tapestry-no-such-ns")
+        .env("CNI_IFNAME", "eth0")
+        .env("TAPESTRY_SOCKET", "/nonexistent/tapestryd.sock")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // The plugin stops reading: the rest of the write fails with EPIPE, which is expected.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&conf);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let run = Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    let (code, msg) = run.error();
+    assert_eq!(code, 6, "{msg}");
+    assert!(
+        msg.contains("larger than 1048576 bytes"),
+        "{msg}\n{}",
+        run.stderr
+    );
+}
+
+#[test]
 fn version_answers_and_errors_are_spec_objects() {
     let socket = Path::new("/nonexistent/tapestryd.sock");
     let call = Call {
