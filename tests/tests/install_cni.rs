@@ -733,6 +733,90 @@ fn watching_waits_for_a_config_and_follows_a_conf_primary() {
     assert_eq!(names(&t.bin()), Vec::<String>::new());
 }
 
+#[test]
+fn watching_a_symlinked_primary_keeps_the_link_and_follows_its_target() {
+    let Some(b) = bins() else { return };
+    let t = TempDir::new("link");
+    // The primary's owner keeps its list elsewhere and links it into the conf directory.
+    let owner = t.0.join("calico");
+    fs::create_dir_all(&owner).unwrap();
+    fs::write(owner.join("calico.conflist"), calico_with_mtu(0)).unwrap();
+    let link = t.conf().join(CALICO.0);
+    std::os::unix::fs::symlink(owner.join("calico.conflist"), &link).unwrap();
+    let copy = "10-calico-tapestry.conflist";
+    let is_link = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
+
+    let mut w = Watching::start(&b, &t);
+    w.wait("the chained copy", PATIENCE, || {
+        chained_with_mtu(&t, copy, 0)
+    });
+    assert_eq!(runtime_primary(&t.conf()).as_deref(), Some(copy));
+    assert!(is_link(&link), "the primary's symlink was replaced");
+    assert_eq!(
+        fs::read_to_string(owner.join("calico.conflist")).unwrap(),
+        calico_with_mtu(0),
+        "the link's target was written"
+    );
+
+    // Its owner rewrites the target, every way: the copy follows, the link stays.
+    let kinds = [Rewrite::InPlace, Rewrite::Rename, Rewrite::Recreate];
+    for i in 1..=9u32 {
+        let how = kinds[i as usize % 3];
+        rewrite(&owner, "calico.conflist", &calico_with_mtu(i), how);
+        w.wait(
+            &format!("the copy follows rewrite {i} ({how:?})"),
+            PATIENCE,
+            || chained_with_mtu(&t, copy, i),
+        );
+        assert!(is_link(&link));
+    }
+
+    // The link is pointed somewhere else (a ConfigMap update swaps it): the copy follows that.
+    let moved = t.0.join("calico-v2");
+    fs::create_dir_all(&moved).unwrap();
+    fs::write(moved.join("calico.conflist"), calico_with_mtu(20)).unwrap();
+    let tmp_link = t.conf().join(".link.tmp");
+    std::os::unix::fs::symlink(moved.join("calico.conflist"), &tmp_link).unwrap();
+    fs::rename(&tmp_link, &link).unwrap();
+    w.wait("the copy follows the new target", PATIENCE, || {
+        chained_with_mtu(&t, copy, 20)
+    });
+    rewrite(
+        &moved,
+        "calico.conflist",
+        &calico_with_mtu(21),
+        Rewrite::Rename,
+    );
+    w.wait(
+        "the copy follows the new target's rewrite",
+        PATIENCE,
+        || chained_with_mtu(&t, copy, 21),
+    );
+
+    // The owner replaces the link with a regular file: the copy goes, the file is chained.
+    fs::remove_file(&link).unwrap();
+    t.write((CALICO.0, &calico_with_mtu(30)));
+    w.wait("the file chained in place", PATIENCE, || {
+        chained_with_mtu(&t, CALICO.0, 30) && !t.conf().join(copy).exists()
+    });
+
+    // Linked again; then uninstall leaves the link and its target as they are.
+    fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(moved.join("calico.conflist"), &link).unwrap();
+    w.wait("the copy again", PATIENCE, || {
+        chained_with_mtu(&t, copy, 21)
+    });
+    assert_eq!(w.terminate().code(), Some(0));
+    let r = install(&b, &t, &["--uninstall"]);
+    assert!(r.status.success(), "{}", r.stderr);
+    assert_eq!(names(&t.conf()), [CALICO.0]);
+    assert!(is_link(&link));
+    assert_eq!(
+        fs::read_to_string(moved.join("calico.conflist")).unwrap(),
+        calico_with_mtu(21)
+    );
+}
+
 fn w_log(t: &TempDir) -> String {
     fs::read_to_string(t.0.join("installer.log")).unwrap_or_default()
 }

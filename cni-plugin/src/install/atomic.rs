@@ -45,21 +45,49 @@ impl Attrs {
     }
 }
 
-/// `dir/.tapestry-install.tmp.<pid><suffix>`.
-fn tmp_path(dir: &Path, suffix: &str) -> PathBuf {
-    dir.join(format!("{TMP_PREFIX}{}{suffix}", std::process::id()))
+/// `dir/.tapestry-install.tmp.<pid>.<16 random hex digits><suffix>`: a name nobody can plant
+/// something at in advance.
+fn tmp_path(dir: &Path, suffix: &str) -> io::Result<PathBuf> {
+    let mut random = [0u8; 8];
+    // SAFETY: getrandom fills at most `random.len()` bytes of the buffer we own.
+    let n = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
+    if n != random.len() as isize {
+        return Err(if n < 0 {
+            io::Error::last_os_error()
+        } else {
+            io::Error::other("getrandom returned too few bytes")
+        });
+    }
+    Ok(dir.join(format!(
+        "{TMP_PREFIX}{}.{:016x}{suffix}",
+        std::process::id(),
+        u64::from_ne_bytes(random)
+    )))
 }
 
-/// Writes `content` to a new temporary file in `dir`, flushed to disk, with `attrs`.
+/// Flushes `dir`'s entries (a rename or removal in it) to disk. The directory itself may be
+/// reached through a symlink (`/etc/cni/net.d` often is one).
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)?
+        .sync_all()
+}
+
+/// Writes `content` to a new temporary file in `dir`, flushed to disk, with `attrs`. The file is
+/// created with O_EXCL and O_NOFOLLOW: whatever is at its name (a planted symlink, a file) makes
+/// the write fail instead of being followed or overwritten.
 pub fn write_tmp(dir: &Path, suffix: &str, content: &[u8], attrs: Attrs) -> io::Result<PathBuf> {
-    let tmp = tmp_path(dir, suffix);
+    let tmp = tmp_path(dir, suffix)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(attrs.mode)
+        .open(&tmp)?;
+    // From here on the file is ours: remove it on failure.
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(attrs.mode)
-            .open(&tmp)?;
         // The mode given to open is masked by the umask.
         f.set_permissions(Permissions::from_mode(attrs.mode))?;
         if let Some((uid, gid)) = attrs.owner {
@@ -118,6 +146,7 @@ pub fn replace(dir: &Path, name: &str, expected: &[u8], content: &[u8]) -> io::R
     let tmp = write_tmp(dir, "", content, Attrs::of(&target))?;
     let outcome = exchange_if(&tmp, &target, expected, content);
     let _ = fs::remove_file(&tmp);
+    sync_dir(dir)?;
     outcome
 }
 
@@ -166,6 +195,7 @@ pub fn create(dir: &Path, name: &str, content: &[u8], attrs: Attrs) -> io::Resul
         Err(e) => Err(e),
     };
     let _ = fs::remove_file(&tmp);
+    sync_dir(dir)?;
     outcome
 }
 
@@ -174,7 +204,7 @@ pub fn create(dir: &Path, name: &str, content: &[u8], attrs: Attrs) -> io::Resul
 pub fn remove(dir: &Path, name: &str, expected: &[u8]) -> io::Result<bool> {
     let target = dir.join(name);
     // Moved aside first, so what is compared is exactly what is removed.
-    let aside = tmp_path(dir, ".old");
+    let aside = tmp_path(dir, ".old")?;
     match fs::rename(&target, &aside) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
@@ -182,6 +212,7 @@ pub fn remove(dir: &Path, name: &str, expected: &[u8]) -> io::Result<bool> {
     }
     if fs::read(&aside)? == expected {
         fs::remove_file(&aside)?;
+        sync_dir(dir)?;
         return Ok(true);
     }
     // A newer file: put it back, unless an even newer one took the name meanwhile.
@@ -191,6 +222,7 @@ pub fn remove(dir: &Path, name: &str, expected: &[u8]) -> io::Result<bool> {
         Err(e) if unsupported(&e) => fs::rename(&aside, &target)?,
         Err(e) => return Err(e),
     }
+    sync_dir(dir)?;
     Ok(false)
 }
 
@@ -234,6 +266,60 @@ mod tests {
         fs::remove_file(&f).unwrap();
         assert!(!replace(&d, "a.conflist", b"new", b"x").unwrap());
         assert_eq!(names(&d), Vec::<String>::new(), "no temporary file left");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_planted_at_a_temporary_name_is_never_followed() {
+        let d = tempdir("planted");
+        let outside = tempdir("planted-outside");
+        let victim = outside.join("victim");
+        fs::write(&victim, "precious").unwrap();
+        // What the old predictable name was, and a guess at the new scheme without its suffix.
+        let pid = std::process::id();
+        let planted = [
+            format!("{TMP_PREFIX}{pid}"),
+            format!("{TMP_PREFIX}{pid}.old"),
+            format!("{TMP_PREFIX}{pid}."),
+        ];
+        for name in &planted {
+            std::os::unix::fs::symlink(&victim, d.join(name)).unwrap();
+        }
+        fs::write(d.join("a.conflist"), "old").unwrap();
+        assert!(replace(&d, "a.conflist", b"old", b"new").unwrap());
+        assert!(create(&d, "b.conflist", b"one", Attrs::DEFAULT).unwrap());
+        assert!(remove(&d, "b.conflist", b"one").unwrap());
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(fs::read(d.join("a.conflist")).unwrap(), b"new");
+        for name in &planted {
+            assert!(
+                fs::symlink_metadata(d.join(name)).unwrap().is_symlink(),
+                "{name} was replaced"
+            );
+        }
+        let mut left = planted.to_vec();
+        left.push("a.conflist".into());
+        left.sort();
+        assert_eq!(names(&d), left);
+        fs::remove_dir_all(&d).unwrap();
+        fs::remove_dir_all(&outside).unwrap();
+    }
+
+    #[test]
+    fn temporary_files_are_new_unpredictable_and_keep_the_mode() {
+        let d = tempdir("tmpnames");
+        let attrs = Attrs {
+            mode: 0o600,
+            owner: None,
+        };
+        let a = write_tmp(&d, "", b"x", attrs).unwrap();
+        let b = write_tmp(&d, "", b"x", attrs).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(fs::metadata(&a).unwrap().mode() & 0o777, 0o600);
+        let name = a.file_name().unwrap().to_str().unwrap().to_owned();
+        let random = name.rsplit_once('.').unwrap().1;
+        assert_eq!(random.len(), 16, "{name}");
+        assert!(name.starts_with(&format!("{TMP_PREFIX}{}.", std::process::id())));
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -39,6 +39,7 @@ pub fn install(source: &Path, bin_dir: &Path) -> Result<bool, InstallError> {
         let _ = fs::remove_file(&tmp);
         InstallError::io(&target, "installing the plugin binary")(e)
     })?;
+    atomic::sync_dir(bin_dir).map_err(InstallError::io(bin_dir, "syncing"))?;
     Ok(true)
 }
 

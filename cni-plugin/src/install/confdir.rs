@@ -12,7 +12,7 @@ use tracing::warn;
 use super::{
     Format, Insert, InstallError, Remove,
     atomic::{self, Attrs},
-    converted_from, insert, may_hold_ours, remove,
+    converted_from, insert, may_hold_ours, remove, shadow, shadow_name, shadow_source,
 };
 
 /// How often a plan is retried when another writer changes a file under it.
@@ -27,6 +27,12 @@ pub enum Change {
     Converted { from: String, to: String },
     /// The step taken out of a list (no longer the primary, or uninstall).
     Removed { file: String },
+    /// The primary `link` is a symlink: left alone, the step chained into the installer's own
+    /// copy `file`, which sorts before it.
+    Shadowed { link: String, file: String },
+    /// The installer's copy of a symlinked config removed (its source is gone, no longer a
+    /// symlink or no longer the primary; or uninstall).
+    Deleted { file: String },
     /// A converted list turned back into its single-plugin file; `exact`: the original bytes.
     Restored {
         from: String,
@@ -44,6 +50,12 @@ impl fmt::Display for Change {
                 "{from}: converted into {to}, with tapestry-cni chained last ({from} removed)"
             ),
             Change::Removed { file } => write!(f, "{file}: tapestry-cni taken out"),
+            Change::Shadowed { link, file } => write!(
+                f,
+                "{link} is a symlink, left alone: tapestry-cni chained last in {file}, a copy \
+                 that sorts before it and follows its target"
+            ),
+            Change::Deleted { file } => write!(f, "{file}: tapestry-cni's chained copy removed"),
             Change::Restored { from, to, exact } => write!(
                 f,
                 "{from}: tapestry-cni taken out and {to} restored{} ({from} removed)",
@@ -109,6 +121,14 @@ enum PrimaryWrite {
         read: Vec<u8>,
         to: String,
         /// The list already there (written by an earlier conversion of `from`).
+        existing: Option<Vec<u8>>,
+        content: Vec<u8>,
+    },
+    /// The primary `link` is a symlink: its chained copy `file`.
+    Shadow {
+        link: String,
+        file: String,
+        /// The copy already there (an earlier pass's).
         existing: Option<Vec<u8>>,
         content: Vec<u8>,
     },
@@ -205,56 +225,110 @@ impl ConfDir {
                 InstallError::io(&self.dir, "listing")(e)
             }
         })?;
-        let Some(primary) = files.first() else {
-            return Err(InstallError::NoConfig {
-                dir: self.dir.clone(),
-            });
+        // The installer's own copies of symlinked configs sort first: the primary is the first
+        // file that is not one.
+        let mut shadows = Vec::new();
+        let mut primary = None;
+        for file in &files {
+            if file.ends_with(super::SHADOW_SUFFIX) {
+                let Some(text) = self.read(file)? else {
+                    return Ok(Err(Conflict));
+                };
+                if let Some(source) = shadow_source(file, &text) {
+                    shadows.push((file.clone(), text, source));
+                    continue;
+                }
+            }
+            primary = Some(file);
+            break;
+        }
+        let Some(primary) = primary else {
+            if shadows.is_empty() {
+                return Err(InstallError::NoConfig {
+                    dir: self.dir.clone(),
+                });
+            }
+            // Only copies whose sources are gone: remove them, runtimes must not use them.
+            let demote = shadows
+                .into_iter()
+                .map(|(file, read, _)| Demote {
+                    file,
+                    read,
+                    remove: Remove::Delete,
+                })
+                .collect();
+            return Ok(Ok(Plan {
+                primary: None,
+                demote,
+            }));
         };
         let Some(read) = self.read(primary)? else {
             return Ok(Err(Conflict));
         };
         let path = self.dir.join(primary);
-        let (write, keep) = match insert(&path, &read, &self.entry)? {
-            Insert::Unchanged => (None, None),
-            Insert::Rewrite(content) => (
-                Some(PrimaryWrite::Rewrite {
-                    file: primary.clone(),
-                    read,
-                    content,
-                }),
-                None,
-            ),
-            Insert::Convert { list, content } => {
-                let existing = if files.contains(&list) {
-                    let Some(text) = self.read(&list)? else {
-                        return Ok(Err(Conflict));
-                    };
-                    if !converted_from(&list, &text, primary) {
-                        return Err(InstallError::ListExists {
-                            file: path,
-                            list: self.dir.join(&list),
-                        });
-                    }
-                    Some(text)
-                } else {
-                    None
-                };
-                let to = list.clone();
-                (
-                    Some(PrimaryWrite::Convert {
-                        from: primary.clone(),
-                        read,
-                        to,
+        let (write, keep) = if self.is_symlink(primary) {
+            let file = shadow_name(primary);
+            let existing = shadows
+                .iter()
+                .find(|(f, _, source)| *f == file && source == primary)
+                .map(|(_, text, _)| text.clone());
+            match shadow(&path, &read, &self.entry)? {
+                // The link's target already ends with the step: no copy is needed.
+                None => (None, None),
+                Some(content) if existing.as_ref() == Some(&content) => (None, Some(file)),
+                Some(content) => (
+                    Some(PrimaryWrite::Shadow {
+                        link: primary.clone(),
+                        file: file.clone(),
                         existing,
                         content,
                     }),
-                    Some(list),
-                )
+                    Some(file),
+                ),
+            }
+        } else {
+            match insert(&path, &read, &self.entry)? {
+                Insert::Unchanged => (None, None),
+                Insert::Rewrite(content) => (
+                    Some(PrimaryWrite::Rewrite {
+                        file: primary.clone(),
+                        read,
+                        content,
+                    }),
+                    None,
+                ),
+                Insert::Convert { list, content } => {
+                    let existing = if files.contains(&list) {
+                        let Some(text) = self.read(&list)? else {
+                            return Ok(Err(Conflict));
+                        };
+                        if !converted_from(&list, &text, primary) {
+                            return Err(InstallError::ListExists {
+                                file: path,
+                                list: self.dir.join(&list),
+                            });
+                        }
+                        Some(text)
+                    } else {
+                        None
+                    };
+                    let to = list.clone();
+                    (
+                        Some(PrimaryWrite::Convert {
+                            from: primary.clone(),
+                            read,
+                            to,
+                            existing,
+                            content,
+                        }),
+                        Some(list),
+                    )
+                }
             }
         };
         let mut demote = Vec::new();
-        for file in &files[1..] {
-            if Some(file) == keep.as_ref() {
+        for file in &files {
+            if file == primary || Some(file) == keep.as_ref() {
                 continue;
             }
             if let Some(d) = self.demotion(file)? {
@@ -291,6 +365,15 @@ impl ConfDir {
         }
         match remove(&self.dir.join(file), &read) {
             Ok(Remove::Unchanged) => Ok(None),
+            // Rewriting a symlink would replace it by a regular file, cut off from its target.
+            Ok(_) if self.is_symlink(file) => {
+                warn!(
+                    file,
+                    "left alone: it is a symlink (runtimes do not use it, the file sorts after \
+                     the primary)"
+                );
+                Ok(None)
+            }
             Ok(remove) => Ok(Some(Demote {
                 file: file.to_owned(),
                 read,
@@ -349,6 +432,23 @@ impl ConfDir {
                 }
                 changes.push(Change::Converted { from, to });
             }
+            Some(PrimaryWrite::Shadow {
+                link,
+                file,
+                existing,
+                content,
+            }) => {
+                let written = match &existing {
+                    Some(old) => atomic::replace(dir, &file, old, &content),
+                    // The mode of what the link points at.
+                    None => atomic::create(dir, &file, &content, Attrs::of(&dir.join(&link))),
+                }
+                .map_err(InstallError::io(dir.join(&file), "writing"))?;
+                if !written {
+                    return Ok(Err(Conflict));
+                }
+                changes.push(Change::Shadowed { link, file });
+            }
         }
         for d in plan.demote {
             if self.demote(d, changes)?.is_err() {
@@ -375,6 +475,14 @@ impl ConfDir {
                 }
                 changes.push(Change::Removed { file: d.file });
             }
+            Remove::Delete => {
+                if !atomic::remove(dir, &d.file, &d.read)
+                    .map_err(InstallError::io(&path, "removing"))?
+                {
+                    return Ok(Err(Conflict));
+                }
+                changes.push(Change::Deleted { file: d.file });
+            }
             Remove::Restore {
                 file,
                 content,
@@ -396,6 +504,29 @@ impl ConfDir {
             }
         }
         Ok(Ok(()))
+    }
+
+    fn is_symlink(&self, file: &str) -> bool {
+        fs::symlink_metadata(self.dir.join(file)).is_ok_and(|m| m.file_type().is_symlink())
+    }
+
+    /// The directories holding the targets of the symlinked config files: a change there is a
+    /// change of the config (the watch watches them too).
+    pub fn link_target_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = config_files(&self.dir)
+            .unwrap_or_default()
+            .iter()
+            .filter(|f| self.is_symlink(f))
+            .filter_map(|f| {
+                fs::canonicalize(self.dir.join(f))
+                    .ok()?
+                    .parent()
+                    .map(Into::into)
+            })
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        dirs
     }
 
     /// A file's bytes; `None` when it vanished since the listing.

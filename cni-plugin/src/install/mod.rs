@@ -18,6 +18,17 @@
 //! marker keeps the original's exact text, so [`remove`] gives the same bytes back; runtimes
 //! ignore unknown top-level keys of a list. Keeping it in the converted file itself, rather than
 //! in a state file beside it, means it disappears with the file when the primary deletes it.
+//!
+//! A primary that is a symlink (a config mounted from a ConfigMap, or kept elsewhere by its
+//! owner) is never written to: replacing the link by a regular file would cut it off from every
+//! later update of its target, and writing through it would edit a file the installer does not
+//! own (often read-only). Instead the installer writes its own chained copy beside it,
+//! [`shadow_name`] (`10-calico.conflist` -> `10-calico-tapestry.conflist`), which sorts right
+//! before the link (`-` before `.`), so runtimes use it, and which names its source under
+//! [`CHAINED_FROM`]. Every pass re-merges the copy from what the link reads now (the watch also
+//! watches the directory of the link's target), and removes it once the link is gone, is no
+//! longer a symlink, or no longer the primary; uninstall removes it. This is how Multus and
+//! Cilium's chaining mode treat the primary: their own file, sorting first, derived from it.
 
 pub mod binary;
 pub mod confdir;
@@ -40,6 +51,13 @@ pub const ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
 /// Top-level key of a list converted from a single-plugin file: `{"file", "content"}` of the
 /// original.
 pub const CONVERTED_FROM: &str = "tapestry.dev/converted-from";
+
+/// Top-level key of the installer's chained copy of a symlinked primary: `{"file"}`, the name
+/// of the link it was made from.
+pub const CHAINED_FROM: &str = "tapestry.dev/chained-from";
+
+/// How the name of a chained copy ends.
+pub const SHADOW_SUFFIX: &str = "-tapestry.conflist";
 
 /// Prefix of the installer's temporary files. Runtimes skip them: the names end in neither
 /// `.conf`, `.conflist` nor `.json`.
@@ -185,6 +203,8 @@ pub enum Remove {
     Unchanged,
     /// New content for the same file (the step taken out).
     Rewrite(Vec<u8>),
+    /// The installer's chained copy of a symlinked config: remove it.
+    Delete,
     /// The list was converted from `file`: write `content` there and remove the list. `exact`:
     /// the original bytes (the list was not edited since); otherwise the single plugin that is
     /// left, as a `.conf`.
@@ -294,6 +314,14 @@ pub fn remove(path: &std::path::Path, text: &[u8]) -> Result<Remove, InstallErro
         return Ok(Remove::Unchanged);
     }
     let mut obj = parse_object(path, text)?;
+    if let Some(marker) = obj.get(CHAINED_FROM) {
+        if shadow_marker(&name, marker).is_some() {
+            return Ok(Remove::Delete);
+        }
+        // Not ours to follow (hand-edited?): only drop it.
+        obj.shift_remove(CHAINED_FROM);
+        return Ok(Remove::Rewrite(to_bytes(obj)));
+    }
     let mut removed = false;
     if let Some(Value::Array(plugins)) = obj.get_mut("plugins") {
         let before = plugins.len();
@@ -347,6 +375,53 @@ pub fn remove(path: &std::path::Path, text: &[u8]) -> Result<Remove, InstallErro
     }
 }
 
+/// `10-calico.conflist` -> `10-calico-tapestry.conflist`: the name of the chained copy of a
+/// symlinked primary. It sorts right before its source (they share the stem, then `-` comes
+/// before `.`), and since nothing sorted before the source, nothing sorts between the two.
+pub fn shadow_name(source: &str) -> String {
+    let stem = source.rsplit_once('.').map_or(source, |(stem, _)| stem);
+    format!("{stem}{SHADOW_SUFFIX}")
+}
+
+/// The chained copy of the symlinked primary `path` (content `text`): what [`insert`] makes of
+/// it, as a list that names its source under [`CHAINED_FROM`]. `None`: the source already ends
+/// with the step, no copy is needed.
+pub fn shadow(
+    path: &std::path::Path,
+    text: &[u8],
+    entry: &Map<String, Value>,
+) -> Result<Option<Vec<u8>>, InstallError> {
+    let content = match insert(path, text, entry)? {
+        Insert::Unchanged => return Ok(None),
+        Insert::Rewrite(content) | Insert::Convert { content, .. } => content,
+    };
+    let mut obj = parse_object(path, &content)?;
+    // The copy is removed, never restored: a conversion marker has nothing to say here.
+    obj.shift_remove(CONVERTED_FROM);
+    let mut marker = Map::new();
+    marker.insert("file".into(), file_name(path).into());
+    obj.insert(CHAINED_FROM.into(), marker.into());
+    Ok(Some(to_bytes(obj)))
+}
+
+/// The source of the chained copy `list_file` (content `text`), if it is one: a well-formed
+/// [`CHAINED_FROM`] marker naming a plain config file whose [`shadow_name`] is `list_file`.
+pub fn shadow_source(list_file: &str, text: &[u8]) -> Option<String> {
+    if !list_file.ends_with(SHADOW_SUFFIX) {
+        return None;
+    }
+    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(text) else {
+        return None;
+    };
+    shadow_marker(list_file, obj.get(CHAINED_FROM)?)
+}
+
+fn shadow_marker(list_file: &str, marker: &Value) -> Option<String> {
+    let file = marker.get("file")?.as_str()?;
+    let plain = !file.is_empty() && !file.contains('/') && file != "." && file != "..";
+    (plain && Format::of(file).is_some() && shadow_name(file) == list_file).then(|| file.into())
+}
+
 /// Whether a list (its parsed top level) was converted from the single-plugin file `file`.
 pub fn converted_from(list_file: &str, text: &[u8], file: &str) -> bool {
     let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(text) else {
@@ -360,7 +435,7 @@ pub fn converted_from(list_file: &str, text: &[u8], file: &str) -> bool {
 /// A cheap test before parsing: can this text hold the step or a conversion marker at all?
 pub fn may_hold_ours(text: &[u8]) -> bool {
     let has = |needle: &[u8]| text.windows(needle.len()).any(|w| w == needle);
-    has(PLUGIN_TYPE.as_bytes()) || has(CONVERTED_FROM.as_bytes())
+    has(PLUGIN_TYPE.as_bytes()) || has(CONVERTED_FROM.as_bytes()) || has(CHAINED_FROM.as_bytes())
 }
 
 /// Whether a plugin object is the installer's step.

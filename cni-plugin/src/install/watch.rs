@@ -6,8 +6,10 @@
 //! finds nothing to change and writes nothing, which ends the loop.
 
 use std::{
+    collections::BTreeSet,
     future::Future,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
 use notify::{
@@ -84,9 +86,12 @@ impl Installer {
         // A full channel means a pass is already due: dropping a signal then loses nothing.
         let (tx, mut rx) = mpsc::channel(64);
         let (cd, bd) = (conf_dir.clone(), bin_dir.clone());
+        // Where the symlinked configs point: watched too, their changes are config changes.
+        let targets = Arc::new(Mutex::new(BTreeSet::<PathBuf>::new()));
+        let tg = targets.clone();
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             let signal = match res {
-                Ok(event) => classify(&event, &cd, &bd),
+                Ok(event) => classify(&event, &cd, &bd, &tg.lock().expect("not poisoned")),
                 Err(err) => {
                     warn!(error = %err, "watcher error; checking everything again");
                     Some(Signal::Rescan)
@@ -118,6 +123,10 @@ impl Installer {
         let mut last_error = None;
         self.log_binary();
         self.pass(&mut last_error);
+        if self.watch_link_targets(&mut watcher, &targets, &conf_dir) {
+            // A change made before the new watch started is not missed.
+            self.pass(&mut last_error);
+        }
 
         tokio::pin!(shutdown);
         loop {
@@ -148,10 +157,56 @@ impl Installer {
                     }
                     if rescan || signals.contains(&Signal::Conf) {
                         self.pass(&mut last_error);
+                        if self.watch_link_targets(&mut watcher, &targets, &conf_dir) {
+                            self.pass(&mut last_error);
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// Watches the directories the symlinked configs point into (and no longer those they left):
+    /// an update of a link's target there must reach the installer's chained copy. `true`: a
+    /// directory is newly watched.
+    fn watch_link_targets(
+        &self,
+        watcher: &mut impl Watcher,
+        targets: &Mutex<BTreeSet<PathBuf>>,
+        conf_dir: &Path,
+    ) -> bool {
+        let wanted: BTreeSet<PathBuf> = self
+            .conf
+            .link_target_dirs()
+            .into_iter()
+            .filter(|d| d != conf_dir)
+            .collect();
+        // The watcher's callback takes this lock: never hold it while calling the watcher,
+        // whose event thread may be waiting on it.
+        let watched = targets.lock().expect("not poisoned").clone();
+        for gone in watched.difference(&wanted) {
+            let _ = watcher.unwatch(gone);
+        }
+        let mut now = BTreeSet::new();
+        let mut added = false;
+        for dir in wanted {
+            if watched.contains(&dir) {
+                now.insert(dir);
+                continue;
+            }
+            match watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    info!(dir = %dir.display(), "watching the target directory of a symlinked network config");
+                    now.insert(dir);
+                    added = true;
+                }
+                Err(e) => {
+                    warn!(dir = %dir.display(), "cannot watch a symlinked config's target: {e}")
+                }
+            }
+        }
+        *targets.lock().expect("not poisoned") = now;
+        added
     }
 
     fn install_binary(&self) -> Result<(), InstallError> {
@@ -209,7 +264,15 @@ impl Installer {
 /// closed after writing, renamed to or from, removed, attributes); in the plugin directory, the
 /// same for `tapestry-cni`. Plain writes (`IN_MODIFY`) are skipped, the writer's close follows;
 /// so are opens and reads, which every pass makes itself.
-fn classify(event: &notify::Event, conf_dir: &Path, bin_dir: &Path) -> Option<Signal> {
+///
+/// In a directory a symlinked config points into (`targets`), any such change counts: the
+/// target's name need not look like a config (a ConfigMap's `..data/...`).
+fn classify(
+    event: &notify::Event,
+    conf_dir: &Path,
+    bin_dir: &Path,
+    targets: &BTreeSet<PathBuf>,
+) -> Option<Signal> {
     if event.need_rescan() {
         return Some(Signal::Rescan);
     }
@@ -234,7 +297,7 @@ fn classify(event: &notify::Event, conf_dir: &Path, bin_dir: &Path) -> Option<Si
         else {
             continue;
         };
-        if parent == conf_dir && Format::of(name).is_some() {
+        if (parent == conf_dir && Format::of(name).is_some()) || targets.contains(parent) {
             signal = Some(Signal::Conf);
         } else if parent == bin_dir && name == PLUGIN_TYPE && signal.is_none() {
             signal = Some(Signal::Binary);
@@ -260,33 +323,44 @@ mod tests {
     #[test]
     fn events_that_matter() {
         let (c, b) = (Path::new("/etc/cni/net.d"), Path::new("/opt/cni/bin"));
+        let none = BTreeSet::new();
         let close_write = EventKind::Access(AccessKind::Close(AccessMode::Write));
         let moved_to = EventKind::Modify(ModifyKind::Name(RenameMode::To));
         let f = "/etc/cni/net.d/10-calico.conflist";
-        assert_eq!(classify(&ev(close_write, &[f]), c, b), Some(Signal::Conf));
-        assert_eq!(classify(&ev(moved_to, &[f]), c, b), Some(Signal::Conf));
         assert_eq!(
-            classify(&ev(EventKind::Remove(RemoveKind::File), &[f]), c, b),
+            classify(&ev(close_write, &[f]), c, b, &none),
             Some(Signal::Conf)
         );
         assert_eq!(
-            classify(&ev(EventKind::Create(CreateKind::File), &[f]), c, b),
+            classify(&ev(moved_to, &[f]), c, b, &none),
+            Some(Signal::Conf)
+        );
+        assert_eq!(
+            classify(&ev(EventKind::Remove(RemoveKind::File), &[f]), c, b, &none),
+            Some(Signal::Conf)
+        );
+        assert_eq!(
+            classify(&ev(EventKind::Create(CreateKind::File), &[f]), c, b, &none),
             Some(Signal::Conf)
         );
         // The writer has not finished; reads and opens are the installer's own.
         let data = EventKind::Modify(ModifyKind::Data(DataChange::Any));
-        assert_eq!(classify(&ev(data, &[f]), c, b), None);
+        assert_eq!(classify(&ev(data, &[f]), c, b, &none), None);
         let open = EventKind::Access(AccessKind::Open(AccessMode::Any));
-        assert_eq!(classify(&ev(open, &[f]), c, b), None);
+        assert_eq!(classify(&ev(open, &[f]), c, b, &none), None);
         let close_read = EventKind::Access(AccessKind::Close(AccessMode::Read));
-        assert_eq!(classify(&ev(close_read, &[f]), c, b), None);
+        assert_eq!(classify(&ev(close_read, &[f]), c, b, &none), None);
         // Not network configs: the installer's temporary files, other files.
         for other in [
             "/etc/cni/net.d/.tapestry-install.tmp.42",
             "/etc/cni/net.d/calico-kubeconfig",
             "/etc/cni/net.d/10-x.conflist.cilium_bak",
         ] {
-            assert_eq!(classify(&ev(moved_to, &[other]), c, b), None, "{other}");
+            assert_eq!(
+                classify(&ev(moved_to, &[other]), c, b, &none),
+                None,
+                "{other}"
+            );
         }
         // The binary, and only it, in the plugin directory.
         assert_eq!(
@@ -296,12 +370,13 @@ mod tests {
                     &["/opt/cni/bin/tapestry-cni"]
                 ),
                 c,
-                b
+                b,
+                &none
             ),
             Some(Signal::Binary)
         );
         assert_eq!(
-            classify(&ev(close_write, &["/opt/cni/bin/bridge"]), c, b),
+            classify(&ev(close_write, &["/opt/cni/bin/bridge"]), c, b, &none),
             None
         );
         // A rename from a temporary name to a config: the config matters.
@@ -313,7 +388,8 @@ mod tests {
                     &["/etc/cni/net.d/.tmp", "/etc/cni/net.d/05-cilium.conflist"]
                 ),
                 c,
-                b
+                b,
+                &none
             ),
             Some(Signal::Conf)
         );
@@ -322,11 +398,24 @@ mod tests {
             classify(
                 &ev(EventKind::Remove(RemoveKind::Folder), &["/etc/cni/net.d"]),
                 c,
-                b
+                b,
+                &none
             ),
             Some(Signal::Gone)
         );
+        // The directory a symlinked config points into: any file there counts.
+        let targets = BTreeSet::from([PathBuf::from("/etc/calico/cni")]);
+        let target = "/etc/calico/cni/calico.conflist";
+        assert_eq!(classify(&ev(close_write, &[target]), c, b, &none), None);
+        assert_eq!(
+            classify(&ev(close_write, &[target]), c, b, &targets),
+            Some(Signal::Conf)
+        );
+        assert_eq!(
+            classify(&ev(moved_to, &["/etc/calico/cni/..data"]), c, b, &targets),
+            Some(Signal::Conf)
+        );
         let rescan = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
-        assert_eq!(classify(&rescan, c, b), Some(Signal::Rescan));
+        assert_eq!(classify(&rescan, c, b, &none), Some(Signal::Rescan));
     }
 }

@@ -351,3 +351,114 @@ fn mode_of_the_primary_is_kept() {
     let list = crate::install::list_name(CILIUM_CONF.0);
     assert_eq!(fs::metadata(d.0.join(list)).unwrap().mode() & 0o777, 0o640);
 }
+
+fn is_symlink(p: &Path) -> bool {
+    fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+#[test]
+fn a_symlinked_primary_stays_a_link_and_its_chained_copy_follows_the_target() {
+    for primary in PRIMARIES {
+        let ctx = primary.0;
+        let d = Dir::new("link");
+        let elsewhere = Dir::new("link-target");
+        elsewhere.write(("target", primary.1));
+        let link = d.0.join(primary.0);
+        std::os::unix::fs::symlink(elsewhere.0.join("target"), &link).unwrap();
+        d.write(LOOPBACK);
+        let conf = d.conf();
+        let copy = shadow_name(primary.0);
+
+        assert_eq!(
+            conf.reconcile().unwrap(),
+            [Change::Shadowed {
+                link: primary.0.into(),
+                file: copy.clone(),
+            }],
+            "{ctx}"
+        );
+        assert!(is_symlink(&link), "{ctx}: the link was replaced");
+        assert_eq!(elsewhere.read("target"), primary.1.as_bytes(), "{ctx}");
+        assert_eq!(d.assert_chained(ctx), copy);
+        assert_eq!(d.json(&copy)["tapestry.dev/chained-from"]["file"], ctx);
+        assert!(d.json(&copy).get(CONVERTED_FROM).is_none(), "{ctx}");
+        // Idempotent.
+        assert_eq!(conf.reconcile().unwrap(), [], "{ctx}");
+
+        // The link's owner updates its target: the copy follows.
+        let updated = primary
+            .1
+            .replacen("\"type\"", "\"updated\": true, \"type\"", 1);
+        elsewhere.write(("target", &updated));
+        assert_eq!(conf.reconcile().unwrap().len(), 1, "{ctx}");
+        assert!(is_symlink(&link), "{ctx}");
+        d.assert_chained(ctx);
+        assert!(
+            String::from_utf8_lossy(&d.read(&copy)).contains("\"updated\": true"),
+            "{ctx}"
+        );
+
+        // Uninstall removes the copy and leaves the link and its target as they are.
+        assert_eq!(
+            conf.uninstall().unwrap(),
+            [Change::Deleted { file: copy.clone() }],
+            "{ctx}"
+        );
+        assert!(is_symlink(&link), "{ctx}");
+        assert_eq!(elsewhere.read("target"), updated.as_bytes(), "{ctx}");
+        assert_eq!(config_files(&d.0).unwrap()[0], primary.0, "{ctx}");
+    }
+}
+
+#[test]
+fn the_chained_copy_goes_when_its_link_does() {
+    let d = Dir::new("link-gone");
+    let elsewhere = Dir::new("link-gone-target");
+    elsewhere.write(CALICO);
+    let link = d.0.join(CALICO.0);
+    std::os::unix::fs::symlink(elsewhere.0.join(CALICO.0), &link).unwrap();
+    let conf = d.conf();
+    let copy = shadow_name(CALICO.0);
+    conf.reconcile().unwrap();
+    assert!(d.0.join(&copy).exists());
+
+    // The link becomes a regular file (its owner rewrote it): the copy goes, the file is
+    // chained in place.
+    fs::remove_file(&link).unwrap();
+    d.write(CALICO);
+    let changes = conf.reconcile().unwrap();
+    assert!(
+        changes.contains(&Change::Deleted { file: copy.clone() }),
+        "{changes:?}"
+    );
+    assert_eq!(d.assert_chained("regular"), CALICO.0);
+    assert!(!d.0.join(&copy).exists());
+
+    // Back to a link, then the link is removed with nothing else left: no copy survives it.
+    fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(elsewhere.0.join(CALICO.0), &link).unwrap();
+    conf.reconcile().unwrap();
+    assert!(d.0.join(&copy).exists());
+    fs::remove_file(&link).unwrap();
+    assert_eq!(
+        conf.reconcile().unwrap(),
+        [Change::Deleted { file: copy.clone() }]
+    );
+    assert!(matches!(
+        conf.reconcile(),
+        Err(InstallError::NoConfig { .. })
+    ));
+
+    // A link whose target already ends with the step needs no copy.
+    let chained = fs::read(d.0.join(CALICO.0)).ok();
+    assert!(chained.is_none());
+    let Insert::Rewrite(with_step) =
+        crate::install::insert(&link, CALICO.1.as_bytes(), d.conf().entry()).unwrap()
+    else {
+        panic!("calico gets the step")
+    };
+    elsewhere.write((CALICO.0, std::str::from_utf8(&with_step).unwrap()));
+    std::os::unix::fs::symlink(elsewhere.0.join(CALICO.0), &link).unwrap();
+    assert_eq!(conf.reconcile().unwrap(), []);
+    assert_eq!(config_files(&d.0).unwrap(), [CALICO.0]);
+}
