@@ -55,3 +55,62 @@ impl Drop for PinDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A small deterministic generator (xorshift64*) for the differential tests: the same seed gives
+/// the same packets, so a mismatch can be replayed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in 0..n (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// True with probability `percent` / 100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+/// RFC 1624 incremental update of an Internet checksum for one 16-bit word changed from `old`
+/// to `new`: HC' = ~(~HC + ~m + m').
+pub fn csum_replace2(csum: u16, old: u16, new: u16) -> u16 {
+    let mut sum = u32::from(!csum) + u32::from(!old) + u32::from(new);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// [`csum_replace2`] for a 32-bit field (two words).
+pub fn csum_replace4(csum: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
+    let w = |b: [u8; 4], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+    let c = csum_replace2(csum, w(old, 0), w(new, 0));
+    csum_replace2(c, w(old, 2), w(new, 2))
+}
+
+/// Checksums equal as one's-complement numbers (0x0000 and 0xffff are both zero).
+pub fn csum_eq(a: u16, b: u16) -> bool {
+    a == b || (a | b == 0xffff && (a == 0 || b == 0))
+}
