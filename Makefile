@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build release lint test test-unit test-integration demo demo-cluster demo-node bench clean-lab uninstall manifests images
+.PHONY: setup build release lint test test-unit test-integration demo demo-cluster demo-node bench clean-lab uninstall manifests images fuzz
 
 setup:
 	@bash scripts/setup.sh
@@ -46,6 +46,13 @@ demo-node: release images
 ## results in bench/results/.
 bench: setup
 	bash bench/bench.sh $(BENCH_ARGS)
+
+## Fuzzing (cargo fuzz on nightly): every target of fuzz-targets/ for FUZZ_SECONDS each from its
+## committed seed corpus (fuzz-targets/corpus/); executions and crashes per target in
+## bench/results/fuzz.json; fails on any crash (scripts/fuzz.sh).
+FUZZ_SECONDS ?= 30
+fuzz: setup
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash scripts/fuzz.sh
 
 ## Removes the pinned datapath (detaching it from every interface).
 uninstall: release

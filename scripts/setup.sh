@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One idempotent set-up for a fresh machine: Debian packages, the nightly toolchain with
-# rust-src, bpf-linker built against that nightly's own LLVM, bpffs. Run by `make demo`,
-# `make test` and `make bench` (through `make setup`). Everything built from the registries is
-# cached outside the checkout under $TAPESTRY_CACHE, keyed by version.
+# rust-src, bpf-linker built against that nightly's own LLVM, cargo-fuzz, bpffs. Run by
+# `make demo`, `make test`, `make bench` and `make fuzz` (through `make setup`). Everything built
+# from the registries is cached outside the checkout under $TAPESTRY_CACHE, keyed by version.
 set -euo pipefail
 
 CACHE="${TAPESTRY_CACHE:-$HOME/.cache/tapestry}"
 BPF_LINKER_VERSION="0.13.0"
+CARGO_FUZZ_VERSION="0.13.2"
 mkdir -p "$CACHE"
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
@@ -81,6 +82,18 @@ install_bpf_linker() {
   ln -sf "$bin" "$HOME/.cargo/bin/bpf-linker"
 }
 
+# --- cargo-fuzz (`make fuzz`) --------------------------------------------------------------
+install_cargo_fuzz() {
+  local prefix="$CACHE/cargo-fuzz-$CARGO_FUZZ_VERSION"
+  local bin="$prefix/bin/cargo-fuzz"
+  if [ ! -x "$bin" ] || ! "$bin" --version >/dev/null 2>&1; then
+    log "building cargo-fuzz $CARGO_FUZZ_VERSION (2-3 min)"
+    cargo +stable install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION" --root "$prefix" -q
+  fi
+  mkdir -p "$HOME/.cargo/bin"
+  ln -sf "$bin" "$HOME/.cargo/bin/cargo-fuzz"
+}
+
 # --- bpffs ---------------------------------------------------------------------------------
 mount_bpffs() {
   if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
@@ -98,6 +111,7 @@ need_root
 install_packages
 install_rust
 install_bpf_linker
+install_cargo_fuzz
 mount_bpffs
 # Test parts built from the registries, each cached by version under $CACHE: CNI reference
 # plugins that speak 1.1.0 (STATUS, GC), the QEMU guest's kernel + initramfs, Kubernetes.
