@@ -231,7 +231,7 @@ pub async fn run(config: Config) -> Result<()> {
 }
 
 /// Writes the guests' DHCP binding changes to the registry file at most once per
-/// [`endpoints::FLUSH_INTERVAL`], and removes the endpoints whose interface or namespace is
+/// [`endpoints::FLUSH_INTERVAL`], and removes the endpoints whose host interface is
 /// gone every [`endpoints::STALE_CHECK_INTERVAL`] (a DEL that never reached the daemon).
 async fn maintain_endpoints(endpoints: Arc<Endpoints>) -> Result<()> {
     let mut tick = tokio::time::interval(endpoints::FLUSH_INTERVAL);

@@ -21,8 +21,8 @@
 //! guest can cause at most one write per interval however many messages it sends, and never
 //! queues a CNI ADD behind its writes.
 //!
-//! An endpoint is stale when its host-side interface or its network namespace is gone (a DEL
-//! that never reached the daemon). Stale endpoints are dropped at start, on every CNI GC, every
+//! An endpoint is stale when its host-side interface is gone (a DEL that never reached the
+//! daemon). Stale endpoints are dropped at start, on every CNI GC, every
 //! [`STALE_CHECK_INTERVAL`], and when an ADD needs the address or the interface they hold.
 
 use std::{
@@ -117,7 +117,7 @@ type Key = (String, String);
 
 /// The longest a guest's DHCP binding change waits before the registry file records it.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
-/// How often the registry looks for endpoints whose interface or namespace is gone.
+/// How often the registry looks for endpoints whose host interface is gone.
 pub const STALE_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 fn key_of(request: &EndpointRequest) -> Key {
@@ -157,8 +157,8 @@ fn guest_ip_of(request: &EndpointRequest) -> Option<Ipv4Addr> {
 /// What an ADD of `request` under `key` collides with among `entries`, other than the endpoint
 /// it replaces (its own key) and a discovered pod on its interface (which it becomes):
 /// another endpoint on the same host-side interface, or a guest IP that another endpoint also
-/// claims (as its guest's or as a pod IP). A colliding endpoint that `is_stale` (its interface
-/// or namespace is gone) is returned to be removed; a live one refuses the ADD with a conflict.
+/// claims (as its guest's or as a pod IP). A colliding endpoint that `is_stale` (its host
+/// interface is gone) is returned to be removed; a live one refuses the ADD with a conflict.
 fn collisions(
     entries: &BTreeMap<Key, Endpoint>,
     key: &Key,
@@ -446,15 +446,16 @@ impl Endpoints {
             .clone()
     }
 
-    /// Whether `e`'s host-side interface or network namespace is gone (or its interface name
-    /// now belongs to another interface). A discovered pod has no namespace path: only its
-    /// interface tells.
+    /// Whether `e`'s pod is gone: its host-side interface no longer exists (or its name now
+    /// belongs to another interface). The veth dies with the pod's namespace, and the daemon
+    /// always sees it; the namespace path is not looked at, because a path the runtime gave
+    /// (`/proc/<pid>/ns/net`, a directory not mounted into the daemon's container) can be out of
+    /// the daemon's sight while the pod lives.
     fn is_stale(e: &Endpoint) -> bool {
-        let netns_gone = !e.request.netns.is_empty() && !Path::new(&e.request.netns).exists();
-        netns_gone || ifindex_of(&e.request.host_ifname).ok() != Some(e.host_ifindex)
+        ifindex_of(&e.request.host_ifname).ok() != Some(e.host_ifindex)
     }
 
-    /// Removes the endpoints whose interface or namespace is gone (their DEL never reached the
+    /// Removes the endpoints whose host interface is gone (their DEL never reached the
     /// daemon); returns what was removed.
     pub fn remove_stale(&self) -> Result<Vec<EndpointInfo>, EndpointError> {
         let stale: Vec<Key> = {
@@ -470,7 +471,7 @@ impl Endpoints {
             info!(
                 container = c,
                 ifname = i,
-                "endpoint's interface or namespace is gone; removing it"
+                "endpoint's host interface is gone; removing it"
             );
             if let Some(info) = self.remove(&c, &i)? {
                 removed.push(info);
@@ -594,7 +595,7 @@ impl Endpoints {
                     info!(
                         container = c,
                         ifname = i,
-                        "endpoint holds what an ADD needs and its interface or namespace is gone; \
+                        "endpoint holds what an ADD needs and its host interface is gone; \
                          removing it"
                     );
                     self.remove(c, i)?;
@@ -800,7 +801,7 @@ impl Endpoints {
                 removed.push(info);
             }
         }
-        // Whatever the runtime still counts as valid: an endpoint whose interface or namespace
+        // Whatever the runtime still counts as valid: an endpoint whose host interface
         // is gone cannot be used again.
         removed.extend(self.remove_stale()?);
         Ok(removed)
