@@ -123,6 +123,8 @@ pub mod guest_globals {
     pub const MAC: &str = "GUEST_MAC";
     /// The guest's IPv4 address, network byte order.
     pub const IP: &str = "GUEST_IP";
+    /// The guest's MTU (u32; 0: frames are not checked for size).
+    pub const MTU: &str = "GUEST_MTU";
     /// The DHCP rate limit (a u64 [`DhcpLimit`](crate::DhcpLimit) field each): nanoseconds
     /// between two messages at the sustained rate (0: unlimited), and how far ahead of that
     /// rate a burst may run.
@@ -154,7 +156,11 @@ impl DhcpLimit {
             return (0, 0);
         }
         let interval = 1_000_000_000 / self.rate_per_sec as u64;
-        let burst = if self.burst == 0 { 1 } else { self.burst as u64 };
+        let burst = if self.burst == 0 {
+            1
+        } else {
+            self.burst as u64
+        };
         (interval, interval * (burst - 1))
     }
 }
@@ -469,6 +475,8 @@ named_u32_enum! {
         /// A new hairpin flow found no free source port at its backend port (every port tried
         /// is another live hairpin flow's).
         HairpinPortClash = 14 => "hairpin_port_clash",
+        /// A frame from a guest longer than its MTU allows (and not a GSO super-frame).
+        Oversized = 15 => "oversized",
     }
 }
 
@@ -544,7 +552,7 @@ pub struct GuestStats {
     pub tx_bytes: u64,
     /// DHCP messages handed to the daemon.
     pub dhcp: u64,
-    /// Drops by `DropReason` (indexes 6..=13 are the guest's).
+    /// Drops by `DropReason` (indexes 6..=13 and 15 are the guest's).
     pub drops: [u64; 16],
     /// Last time the guest used its own address (IPv4 source or ARP sender): readiness.
     pub seen_ns: u64,

@@ -3,7 +3,7 @@
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use tapestry_api::types;
-use tapestry_common::DEFAULT_HAIRPIN_SNAT_IP;
+use tapestry_common::{DEFAULT_HAIRPIN_SNAT_IP, DhcpLimit};
 
 /// Where the desired state comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +41,8 @@ pub struct Config {
     /// A group (gid) whose members may use the API socket besides root: the socket is then
     /// 0660 and that group's. None: root only, 0600.
     pub api_socket_group: Option<u32>,
+    /// How much DHCP each guest may send to the daemon (enforced in the guest program).
+    pub dhcp_limit: DhcpLimit,
 }
 
 impl Config {
@@ -57,6 +59,7 @@ impl Config {
             conntrack_gc_interval: Duration::from_secs(10),
             state_dir: "/run/tapestry".into(),
             api_socket_group: None,
+            dhcp_limit: DhcpLimit::DEFAULT,
         }
     }
 }

@@ -114,7 +114,9 @@ pub async fn run(config: Config) -> Result<()> {
             .with_context(|| format!("--attach {ifname}"))?;
         info!(ifname, "attached");
     }
-    let endpoints = Arc::new(Endpoints::new(&config.state_dir, pins.clone())?);
+    let endpoints = Arc::new(
+        Endpoints::new(&config.state_dir, pins.clone())?.with_dhcp_limit(config.dhcp_limit),
+    );
     endpoints.restore()?;
     let events = datapath.take_events();
     let dhcp_ring = datapath.take_dhcp();

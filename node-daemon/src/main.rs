@@ -5,7 +5,7 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use tapestry_api::types;
-use tapestry_common::DEFAULT_HAIRPIN_SNAT_IP;
+use tapestry_common::{DEFAULT_HAIRPIN_SNAT_IP, DhcpLimit};
 use tapestry_node_daemon::{
     config::{Config, Source},
     daemon,
@@ -76,6 +76,14 @@ struct Args {
     /// credentials are checked either way.
     #[arg(long, env = "TAPESTRY_API_SOCKET_GROUP", value_name = "GID_OR_NAME")]
     api_socket_group: Option<String>,
+    /// DHCP messages a second each guest may send to the daemon; more are dropped in the
+    /// guest program and counted (dhcp_rate_limited), before the node's shared queue. 0: no
+    /// limit.
+    #[arg(long, env = "TAPESTRY_DHCP_RATE_PER_GUEST", default_value_t = DhcpLimit::DEFAULT.rate_per_sec)]
+    dhcp_rate_per_guest: u32,
+    /// DHCP messages a guest may send back to back before its rate applies.
+    #[arg(long, env = "TAPESTRY_DHCP_BURST_PER_GUEST", default_value_t = DhcpLimit::DEFAULT.burst, value_parser = clap::value_parser!(u32).range(1..))]
+    dhcp_burst_per_guest: u32,
     /// Remove every pin (datapath detached from every interface, maps gone) and exit.
     #[arg(long)]
     uninstall: bool,
@@ -165,6 +173,10 @@ impl Args {
             conntrack_gc_interval: Duration::from_secs(self.conntrack_gc_interval),
             state_dir: self.state_dir,
             api_socket_group,
+            dhcp_limit: DhcpLimit {
+                rate_per_sec: self.dhcp_rate_per_guest,
+                burst: self.dhcp_burst_per_guest,
+            },
         })
     }
 }
@@ -186,5 +198,20 @@ mod tests {
         assert_eq!(args.into_config().unwrap().api_socket_group, Some(0));
         let args = Args::parse_from(["tapestryd"]);
         assert_eq!(args.into_config().unwrap().api_socket_group, None);
+    }
+
+    #[test]
+    fn the_dhcp_limit_is_the_default_or_what_the_flags_say() {
+        let config = Args::parse_from(["tapestryd"]).into_config().unwrap();
+        assert_eq!(config.dhcp_limit, DhcpLimit::DEFAULT);
+        let args = Args::parse_from([
+            "tapestryd",
+            "--dhcp-rate-per-guest=0",
+            "--dhcp-burst-per-guest=5",
+        ]);
+        let limit = args.into_config().unwrap().dhcp_limit;
+        assert_eq!((limit.rate_per_sec, limit.burst), (0, 5));
+        assert_eq!(limit.program_constants(), (0, 0), "0: no limit");
+        assert!(Args::try_parse_from(["tapestryd", "--dhcp-burst-per-guest=0"]).is_err());
     }
 }

@@ -70,6 +70,8 @@ struct Identity {
     tap_ifindex: u32,
     pod_ifindex: u32,
     dhcp_limit: DhcpLimit,
+    /// 0: frames are not checked for size.
+    mtu: u32,
 }
 
 /// No DHCP rate limit: the tests of other behaviour send more DHCP than a guest may.
@@ -85,6 +87,7 @@ const GUEST: Identity = Identity {
     tap_ifindex: TAP_IFINDEX,
     pod_ifindex: POD_IFINDEX,
     dhcp_limit: UNLIMITED,
+    mtu: 0,
 };
 
 /// One guest's programs, loaded and verified, with the maps they write.
@@ -115,6 +118,7 @@ impl Guest {
             .override_global(guest_globals::IP, &ip, true)
             .override_global(guest_globals::DHCP_INTERVAL_NS, &interval, true)
             .override_global(guest_globals::DHCP_TOLERANCE_NS, &tolerance, true)
+            .override_global(guest_globals::MTU, &id.mtu, true)
             .load(guest::OBJECT)
             .expect("the guest object loads");
         for name in [program_names::POD_TO_GUEST, program_names::GUEST_TO_POD] {
@@ -387,7 +391,7 @@ fn guest_to_pod_redirects_the_guests_own_frames() {
 }
 
 /// Every reason the guest program drops for; `DhcpQueueFull` has its own test.
-const GUEST_DROP_REASONS: [DropReason; 8] = [
+const GUEST_DROP_REASONS: [DropReason; 9] = [
     DropReason::SpoofedMac,
     DropReason::SpoofedIp,
     DropReason::SpoofedArp,
@@ -396,6 +400,7 @@ const GUEST_DROP_REASONS: [DropReason; 8] = [
     DropReason::VlanTagged,
     DropReason::RogueDhcpServer,
     DropReason::DhcpRateLimited,
+    DropReason::Oversized,
 ];
 
 /// Each drop verdict of guest_to_pod, with its counter in the guest's slot and in the node-wide
@@ -495,6 +500,7 @@ fn every_spoofing_attempt_is_dropped_and_counted_by_reason() {
     let mut covered = BTreeSet::from([
         DropReason::DhcpQueueFull as u32,
         DropReason::DhcpRateLimited as u32,
+        DropReason::Oversized as u32,
     ]);
     for (what, frame, reason) in &cases {
         let before = g.stats(SLOT);
@@ -576,6 +582,26 @@ fn a_full_dhcp_queue_drops_and_counts_until_the_daemon_reads() {
     assert_eq!(g.guest_to_pod(&d).0, DROP);
     assert_eq!(g.stats(SLOT).dhcp, capacity as u64 + 1);
     assert_eq!(g.dhcp_queue(), [(SLOT, d)]);
+}
+
+/// A frame longer than the guest's MTU allows is dropped as oversized (a GSO super-frame from a
+/// tap with offloads would be let through: test_run frames are never GSO); one of exactly the
+/// MTU passes.
+#[test]
+fn frames_over_the_guests_mtu_are_dropped() {
+    if !prerequisites() {
+        return;
+    }
+    let pins = PinDir::new("guest-mtu");
+    let mut g = Guest::load(pins.path(), &Identity { mtu: 1400, ..GUEST });
+    let fits = udp(GUEST_MAC, GUEST_IP, PEER_IP, &[7; 1400 - 28]);
+    assert_eq!(fits.len(), 14 + 1400);
+    assert_eq!(g.guest_to_pod(&fits).0, REDIRECT);
+    let mut long = fits.clone();
+    long.push(0);
+    let before = g.stats(SLOT);
+    assert_eq!(g.guest_to_pod(&long).0, DROP);
+    assert_eq!(g.stats(SLOT), plus_drop(&before, DropReason::Oversized));
 }
 
 /// One guest's DHCP flood is cut at its own limit in the kernel, before the node's shared

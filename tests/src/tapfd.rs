@@ -10,7 +10,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::net::Ipv4Addr;
+
 use anyhow::{Context, Result, bail};
+use dhcproto::{
+    Decodable, Decoder, Encodable, Encoder,
+    v4::{DhcpOption, Message, MessageType},
+};
+use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 
@@ -166,4 +173,57 @@ pub fn register_vm_pod(
     };
     client.add_endpoint(&req)?;
     Ok(req)
+}
+
+/// A DHCP message of `kind` from the client `mac`, broadcast from 0.0.0.0:68 as a guest sends it.
+pub fn dhcp_frame(mac: [u8; 6], kind: MessageType, requested: Option<Ipv4Addr>) -> Vec<u8> {
+    let mut m = Message::new_with_id(
+        0xabcd,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &mac,
+    );
+    m.opts_mut().insert(DhcpOption::MessageType(kind));
+    if let Some(ip) = requested {
+        m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+    }
+    let mut bytes = Vec::new();
+    m.encode(&mut Encoder::new(&mut bytes)).unwrap();
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(mac, [0xff; 6])
+        .ipv4([0; 4], [255; 4], 64)
+        .udp(68, 67)
+        .write(&mut f, &bytes)
+        .unwrap();
+    f
+}
+
+/// The DHCP message in `frame`, if it is one from a server (source port 67).
+pub fn dhcp_reply(frame: &[u8]) -> Option<Message> {
+    let p = SlicedPacket::from_ethernet(frame).ok()?;
+    match p.transport {
+        Some(TransportSlice::Udp(u)) if u.source_port() == 67 => {
+            Message::decode(&mut Decoder::new(u.payload())).ok()
+        }
+        _ => None,
+    }
+}
+
+/// A UDP frame as the guest sends it: its own MAC to the gateway's (the host veth's).
+pub fn guest_udp(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+) -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .udp(40000, dport)
+        .write(&mut f, b"hello\n")
+        .unwrap();
+    f
 }

@@ -4,71 +4,17 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use dhcproto::{
-    Decodable, Decoder, Encodable, Encoder,
-    v4::{DhcpOption, Message, MessageType, OptionCode},
-};
-use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use dhcproto::v4::{DhcpOption, MessageType, OptionCode};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use tapestry_api::types::GuestPhase;
 use tapestry_tests::{
     Lab,
     daemon::Daemon,
     require_lab,
-    tapfd::{TapGuest, register_vm_pod},
+    tapfd::{TapGuest, dhcp_frame, dhcp_reply, guest_udp, register_vm_pod},
 };
 
 const T: Duration = Duration::from_secs(3);
-
-fn dhcp_frame(mac: [u8; 6], kind: MessageType, requested: Option<Ipv4Addr>) -> Vec<u8> {
-    let mut m = Message::new_with_id(
-        0xabcd,
-        Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        &mac,
-    );
-    m.opts_mut().insert(DhcpOption::MessageType(kind));
-    if let Some(ip) = requested {
-        m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
-    }
-    let mut bytes = Vec::new();
-    m.encode(&mut Encoder::new(&mut bytes)).unwrap();
-    let mut f = Vec::new();
-    PacketBuilder::ethernet2(mac, [0xff; 6])
-        .ipv4([0; 4], [255; 4], 64)
-        .udp(68, 67)
-        .write(&mut f, &bytes)
-        .unwrap();
-    f
-}
-
-fn dhcp_reply(frame: &[u8]) -> Option<Message> {
-    let p = SlicedPacket::from_ethernet(frame).ok()?;
-    match p.transport {
-        Some(TransportSlice::Udp(u)) if u.source_port() == 67 => {
-            Message::decode(&mut Decoder::new(u.payload())).ok()
-        }
-        _ => None,
-    }
-}
-
-/// A UDP frame as the guest sends it: its own MAC to the gateway's (the host veth's).
-fn guest_udp(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    dport: u16,
-) -> Vec<u8> {
-    let mut f = Vec::new();
-    PacketBuilder::ethernet2(src_mac, dst_mac)
-        .ipv4(src.octets(), dst.octets(), 64)
-        .udp(40000, dport)
-        .write(&mut f, b"hello\n")
-        .unwrap();
-    f
-}
 
 fn udp_payload_from(frame: &[u8], sport: u16) -> Option<(Ipv4Addr, String)> {
     let p = SlicedPacket::from_ethernet(frame).ok()?;

@@ -49,6 +49,9 @@ static GUEST_MAC: u64 = 0;
 // SAFETY: no other symbol in the object is named GUEST_IP.
 #[unsafe(no_mangle)]
 static GUEST_IP: u32 = 0;
+// SAFETY: no other symbol in the object is named GUEST_MTU.
+#[unsafe(no_mangle)]
+static GUEST_MTU: u32 = 0;
 // The DHCP rate limit (`tapestry_common::DhcpLimit::program_constants`); the initial values are
 // DhcpLimit::DEFAULT's, for a loader that does not set them.
 // SAFETY: no other symbol in the object is named GUEST_DHCP_INTERVAL_NS.
@@ -146,6 +149,11 @@ fn guest_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
         // A tag the kernel moved into the metadata before tc (the tap's receive path does).
         return Err(DropReason::VlanTagged);
+    }
+    let mtu = constant(&GUEST_MTU);
+    // SAFETY: as above.
+    if mtu != 0 && ctx.len() > mtu + ETH_HLEN as u32 && unsafe { (*ctx.skb.skb).gso_size } == 0 {
+        return Err(DropReason::Oversized);
     }
     let eth = read::<EthHdr>(ctx, 0).ok_or(DropReason::UnsupportedProtocol)?;
     if mac_u64(&eth.src) != constant(&GUEST_MAC) {

@@ -13,7 +13,7 @@ use aya::{
     EbpfLoader,
     programs::{SchedClassifier, TcAttachType},
 };
-use tapestry_common::{guest_globals, mac_u64, program_names};
+use tapestry_common::{DhcpLimit, guest_globals, mac_u64, program_names};
 
 use super::{iface, kernel_btf, link};
 
@@ -29,6 +29,10 @@ pub struct GuestWiring {
     pub tap: String,
     pub mac: [u8; 6],
     pub ip: Ipv4Addr,
+    /// The guest's MTU: a frame from it longer than this (and its Ethernet header) that is not
+    /// a GSO super-frame is dropped as oversized. 0: no check.
+    pub mtu: u32,
+    pub dhcp_limit: DhcpLimit,
 }
 
 /// What attaching found in the pod's namespace.
@@ -64,6 +68,7 @@ pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
         let tap_mac = iface::mac_of(&w.tap)?;
         let ip = u32::from_ne_bytes(w.ip.octets());
         let mac = mac_u64(&w.mac);
+        let (dhcp_interval, dhcp_tolerance) = w.dhcp_limit.program_constants();
         let mut ebpf = EbpfLoader::new()
             .btf(kernel_btf())
             .default_map_pin_directory(pin_dir)
@@ -72,6 +77,9 @@ pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
             .override_global(guest_globals::POD_IFINDEX, &pod_ifindex, true)
             .override_global(guest_globals::MAC, &mac, true)
             .override_global(guest_globals::IP, &ip, true)
+            .override_global(guest_globals::MTU, &w.mtu, true)
+            .override_global(guest_globals::DHCP_INTERVAL_NS, &dhcp_interval, true)
+            .override_global(guest_globals::DHCP_TOLERANCE_NS, &dhcp_tolerance, true)
             .load(OBJECT)
             .context("loading the guest programs")?;
         let [pod_pin, tap_pin] = link_pins(pin_dir, w.slot);

@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 use tapestry_api::types::{
     AttachmentKey, EndpointInfo, EndpointRequest, GuestInfo, GuestPhase, MacAddr,
 };
-use tapestry_common::{DhcpFrame, DropReason, GuestStats, MAX_GUESTS};
+use tapestry_common::{DhcpFrame, DhcpLimit, DropReason, GuestStats, MAX_GUESTS};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
@@ -296,6 +296,8 @@ pub struct Endpoints {
     /// Why the previous run's registry file could not be used in full (for the status).
     recovery: Mutex<Option<String>>,
     changes: watch::Sender<u64>,
+    /// Each guest's DHCP allowance, baked into its programs.
+    dhcp_limit: DhcpLimit,
 }
 
 /// A guest's MAC must be a station's (unicast) address: the anti-spoofing check compares every
@@ -389,7 +391,14 @@ impl Endpoints {
             writes: AtomicU64::new(0),
             recovery: Mutex::new(None),
             changes: watch::channel(0).0,
+            dhcp_limit: DhcpLimit::DEFAULT,
         })
+    }
+
+    /// Guests attached from now on get `limit` (`tapestryd --dhcp-rate-per-guest`).
+    pub fn with_dhcp_limit(mut self, limit: DhcpLimit) -> Self {
+        self.dhcp_limit = limit;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
@@ -696,6 +705,8 @@ impl Endpoints {
                     tap: vm.tap.clone(),
                     mac: *mac,
                     ip: lease.ip,
+                    mtu: vm.mtu,
+                    dhcp_limit: self.dhcp_limit,
                 };
                 if fresh {
                     // A restored guest keeps its counters; a new one starts from zero.
