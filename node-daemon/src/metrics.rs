@@ -294,7 +294,11 @@ mod tests {
             })
             .collect();
         let texts: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-        assert_eq!(renders.load(Ordering::SeqCst), 1, "one walk for 16 scrapers");
+        assert_eq!(
+            renders.load(Ordering::SeqCst),
+            1,
+            "one walk for 16 scrapers"
+        );
         assert!(texts.iter().all(|t| t.as_str() == "render 0"));
 
         // Older than the age asked for: rendered again.
