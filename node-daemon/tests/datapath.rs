@@ -808,6 +808,8 @@ services:
 type Addr = ([u8; 4], u16);
 /// (saddr, daddr, sport, dport, proto)
 type Tuple = ([u8; 4], [u8; 4], u16, u16, u8);
+/// A datagram's fragments: (saddr, daddr, IP id, proto).
+type FragmentId = ([u8; 4], [u8; 4], u16, u8);
 
 /// What the model knows: the frontends, and the flows the programs created so far.
 #[derive(Default)]
@@ -818,7 +820,7 @@ struct Model {
     /// Reply entries: the backend's reply tuple -> (frontend, closing).
     reply: std::collections::HashMap<Tuple, (Addr, bool)>,
     /// First fragments rewritten: (saddr, daddr, id, proto) -> their ports.
-    fragments: std::collections::HashMap<([u8; 4], [u8; 4], u16, u8), (u16, u16)>,
+    fragments: std::collections::HashMap<FragmentId, (u16, u16)>,
 }
 
 /// The model's verdict for one packet.
@@ -952,7 +954,7 @@ impl Model {
     }
 
     /// What the endpoint-egress program (tapestry_from_endpoint) must do with `p`.
-    fn from_endpoint(&self, p: &[u8]) -> Expect {
+    fn expect_from_endpoint(&self, p: &[u8]) -> Expect {
         let v = match parse_view(p) {
             Parse::NotOurs => return Expect::Pass,
             Parse::Truncated {
@@ -1037,7 +1039,7 @@ impl Model {
     }
 
     /// What the endpoint-ingress program (tapestry_to_endpoint) must do with `p`.
-    fn to_endpoint(&self, p: &[u8]) -> Expect {
+    fn expect_to_endpoint(&self, p: &[u8]) -> Expect {
         let Parse::Packet(v) = parse_view(p) else {
             return Expect::Pass;
         };
@@ -1483,9 +1485,9 @@ fn generated_packets_match_the_model_of_both_service_programs() {
             generate_from_endpoint(&mut rng, &model)
         };
         let expect = if reply_side {
-            model.to_endpoint(&p)
+            model.expect_to_endpoint(&p)
         } else {
-            model.from_endpoint(&p)
+            model.expect_from_endpoint(&p)
         };
         let prog = if reply_side {
             lb.datapath.reply_program().unwrap()
