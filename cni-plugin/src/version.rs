@@ -327,10 +327,10 @@ pub fn encode_result(result: &CniResult, version: CniVersion) -> Value {
     let mut out = result.clone();
     out.cni_version = Some(version.as_str().to_owned());
     if version.has_ip_version_field() {
+        // The address says which family it is; a version carried in from a result of another
+        // version (1.0.0 does not define the field, so nothing checked it) is not trusted.
         for ip in &mut out.ips {
-            if ip.version.is_none() {
-                ip.version = Some(ip_version_of(&ip.network()).to_owned());
-            }
+            ip.version = Some(ip_version_of(&ip.network()).to_owned());
         }
         // Fields 0.4.0 does not define, dropped as the reference library's down-conversion
         // does.
@@ -554,6 +554,19 @@ pub(crate) mod tests {
             without_empty_dns(encode_result(&again, CniVersion::V1_0_0)),
             without_empty_dns(ptp_1_0_0())
         );
+    }
+
+    /// What the fuzzer found (fuzz-targets/regressions/cni_config): a 1.0.0 result carrying an
+    /// `ips[].version` (a field 1.0.0 does not define, so nothing checked it) written at 0.4.0
+    /// or 0.3.x gets the version its address says, not the bogus one.
+    #[test]
+    fn down_conversion_writes_the_ip_version_the_address_has() {
+        let mut raw = bridge_1_0_0();
+        raw["ips"][0]["version"] = json!("5");
+        let r = parse_result(&raw, CniVersion::V1_0_0).unwrap();
+        for v in [CniVersion::V0_4_0, CniVersion::V0_3_1] {
+            assert_eq!(encode_result(&r, v)["ips"][0]["version"], "4", "{v:?}");
+        }
     }
 
     #[test]

@@ -48,6 +48,45 @@ pub enum Outcome {
     Ignored(String),
 }
 
+/// The options whose length dhcproto 0.15 trusts (a `debug_assert!`, or `len - n` that
+/// overflows): (code, smallest length, largest length).
+const FIXED_OPTIONS: [(u8, u8, u8); 8] = [
+    (80, 0, 0),    // Rapid Commit
+    (81, 3, 255),  // Client FQDN: flags and two rcodes before the name
+    (94, 3, 3),    // Client Network Interface Identifier
+    (151, 1, 255), // Bulk Leasequery status code: the code before the message
+    (152, 4, 4),   // Bulk Leasequery base time
+    (153, 4, 4),   // start time of state
+    (154, 4, 4),   // query start time
+    (155, 4, 4),   // query end time
+];
+
+/// Walks the options of a BOOTP message (after the 236-byte header and the magic cookie) and
+/// refuses one of [`FIXED_OPTIONS`] with a length outside its bounds, which dhcproto would panic
+/// on (debug builds) or misread: the guest's bytes must never panic the daemon.
+fn check_options(payload: &[u8]) -> Result<(), String> {
+    let mut i = 240;
+    while i < payload.len() {
+        let code = payload[i];
+        match code {
+            0 => i += 1,
+            255 => return Ok(()),
+            _ => {
+                let Some(&len) = payload.get(i + 1) else {
+                    return Ok(()); // cut short: dhcproto reports it
+                };
+                if let Some((_, lo, hi)) = FIXED_OPTIONS.iter().find(|(c, _, _)| *c == code)
+                    && !(*lo..=*hi).contains(&len)
+                {
+                    return Err(format!("option {code} with length {len}"));
+                }
+                i += 2 + len as usize;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Answers one DHCP frame from the guest (Ethernet, IPv4, UDP, BOOTP).
 pub fn handle(frame: &[u8], guest_mac: [u8; 6], server_mac: [u8; 6], cfg: &LeaseConfig) -> Outcome {
     let payload = match SlicedPacket::from_ethernet(frame) {
@@ -57,6 +96,9 @@ pub fn handle(frame: &[u8], guest_mac: [u8; 6], server_mac: [u8; 6], cfg: &Lease
         },
         Err(e) => return Outcome::Ignored(format!("malformed frame: {e}")),
     };
+    if let Err(why) = check_options(&payload) {
+        return Outcome::Ignored(format!("malformed DHCP options: {why}"));
+    }
     let msg = match Message::decode(&mut Decoder::new(&payload)) {
         Ok(m) => m,
         Err(e) => return Outcome::Ignored(format!("malformed DHCP message: {e}")),
@@ -64,7 +106,8 @@ pub fn handle(frame: &[u8], guest_mac: [u8; 6], server_mac: [u8; 6], cfg: &Lease
     if msg.opcode() != Opcode::BootRequest {
         return Outcome::Ignored("not a request".into());
     }
-    if msg.chaddr().get(..6) != Some(&guest_mac[..]) {
+    // `chaddr()` slices the 16-byte field by hlen: a larger hlen (a guest's to choose) panics.
+    if msg.hlen() > 16 || msg.chaddr().get(..6) != Some(&guest_mac[..]) {
         return Outcome::Ignored("client hardware address is not the guest's".into());
     }
     let Some(kind) = msg.opts().msg_type() else {
@@ -274,6 +317,66 @@ mod tests {
             dst,
             Message::decode(&mut Decoder::new(u.payload())).unwrap(),
         )
+    }
+
+    /// `frame`'s BOOTP message changed by `f`, in a new frame.
+    fn with_payload(frame: &[u8], f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut payload = frame[42..].to_vec();
+        f(&mut payload);
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2(GUEST, [0xff; 6])
+            .ipv4([0; 4], [255; 4], 64)
+            .udp(68, 67)
+            .write(&mut out, &payload)
+            .unwrap();
+        out
+    }
+
+    /// What the fuzzer found (fuzz-targets/regressions/dhcp_answer): a guest's bytes that made
+    /// the DHCP server panic are ignored with a reason, and a well-formed use of the same
+    /// option is still answered.
+    #[test]
+    fn a_guests_malformed_bootp_is_ignored_never_a_panic() {
+        let discover = request_frame(MessageType::Discover, GUEST, None, Ipv4Addr::UNSPECIFIED);
+        // hlen (offset 2 of BOOTP) over the 16-byte chaddr field.
+        for hlen in [17u8, 154, 255] {
+            let f = with_payload(&discover, |p| p[2] = hlen);
+            assert!(
+                matches!(handle(&f, GUEST, SERVER, &cfg()), Outcome::Ignored(_)),
+                "{hlen}"
+            );
+        }
+        // Options right after the magic cookie (offset 240) with a length dhcproto trusts.
+        let option = |bytes: &'static [u8]| {
+            with_payload(&discover, move |p| {
+                p.splice(240..240, bytes.iter().copied());
+            })
+        };
+        for bad in [
+            &[152u8, 2, 0, 0][..],
+            &[155, 0],
+            &[80, 1, 0],
+            &[94, 2, 1, 0],
+            &[81, 1, 0],
+            &[151, 0],
+        ] {
+            let out = handle(&option(bad), GUEST, SERVER, &cfg());
+            assert!(
+                matches!(&out, Outcome::Ignored(why) if why.contains("malformed DHCP options")),
+                "{bad:?}: {out:?}"
+            );
+        }
+        let out = handle(&option(&[152, 4, 0, 0, 0, 1]), GUEST, SERVER, &cfg());
+        assert!(
+            matches!(
+                out,
+                Outcome::Reply {
+                    kind: MessageType::Offer,
+                    ..
+                }
+            ),
+            "{out:?}"
+        );
     }
 
     #[test]
