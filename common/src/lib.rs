@@ -23,6 +23,9 @@ macro_rules! map_name {
     (CONNTRACK) => {
         "TAPESTRY_CT"
     };
+    (CONNTRACK_ANY) => {
+        "TAPESTRY_CT_ANY"
+    };
     (AFFINITY) => {
         "TAPESTRY_AFFINITY"
     };
@@ -63,7 +66,11 @@ pub mod map_names {
     pub const SERVICES: &str = map_name!(SERVICES);
     pub const BACKENDS: &str = map_name!(BACKENDS);
     pub const LB_TABLES: &str = map_name!(LB_TABLES);
+    /// TCP flows.
     pub const CONNTRACK: &str = map_name!(CONNTRACK);
+    /// Every other protocol's flows (UDP): a table of its own, so a flood of datagrams with
+    /// random ports evicts datagram flows, never a TCP connection.
+    pub const CONNTRACK_ANY: &str = map_name!(CONNTRACK_ANY);
     pub const AFFINITY: &str = map_name!(AFFINITY);
     pub const FRAGMENTS: &str = map_name!(FRAGMENTS);
     pub const CONFIG: &str = map_name!(CONFIG);
@@ -80,11 +87,12 @@ pub mod map_names {
     /// Each guest's DHCP rate limiter state (guest programs).
     pub const DHCP_RATE: &str = map_name!(DHCP_RATE);
     /// Every map of the load balancer's object (`tapestry-lb`).
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKENDS,
         LB_TABLES,
         CONNTRACK,
+        CONNTRACK_ANY,
         AFFINITY,
         FRAGMENTS,
         CONFIG,
@@ -185,6 +193,8 @@ pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_BACKENDS: u32 = 131_072;
 /// Conntrack entries (LRU): forward and reply entries count separately.
 pub const MAX_CONNTRACK: u32 = 262_144;
+/// Capacity of the non-TCP conntrack table (entries, two per flow).
+pub const MAX_CONNTRACK_ANY: u32 = 131_072;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_FRAGMENTS: u32 = 8_192;
 /// Ring buffer for flow events, bytes (a power of two, a multiple of the page size).

@@ -36,8 +36,8 @@ pub mod definitions {
     pub use tapestry_common::{
         AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, DHCP_RING_BYTES, DROP_REASONS,
         EVENTS_RING_BYTES, FragmentKey, FragmentPorts, GuestStats, LbTable, MAX_AFFINITY,
-        MAX_BACKENDS, MAX_CONNTRACK, MAX_FRAGMENTS, MAX_GUESTS, MAX_SERVICES, Service, ServiceKey,
-        TrafficStats,
+        MAX_BACKENDS, MAX_CONNTRACK, MAX_CONNTRACK_ANY, MAX_FRAGMENTS, MAX_GUESTS, MAX_SERVICES,
+        Service, ServiceKey, TrafficStats,
     };
 }
 
@@ -83,6 +83,12 @@ macro_rules! __map {
     (CONNTRACK) => {
         $crate::__pinned_map! {
             CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CONNTRACK, 0)
+        }
+    };
+    (CONNTRACK_ANY) => {
+        $crate::__pinned_map! {
+            /// Flows of every protocol but TCP: an LRU of their own (see map_names).
+            CONNTRACK_ANY: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CONNTRACK_ANY, 0)
         }
     };
     (AFFINITY) => {

@@ -262,7 +262,7 @@ async fn maintain_endpoints(endpoints: Arc<Endpoints>) -> Result<()> {
 /// Deletes expired conntrack entries every `every` (the LRU only evicts when full), on a
 /// blocking thread with its own map handle.
 async fn collect_conntrack_garbage(
-    map: conntrack::ConntrackMap,
+    map: conntrack::Tables,
     every: std::time::Duration,
 ) -> Result<()> {
     let mut map = Some(map);

@@ -21,7 +21,8 @@ use tapestry_api::types::{
 };
 use tapestry_common::{
     COUNTERS, Counter, CtEntry, CtKey, DROP_REASONS, DropReason, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_CONNTRACK, MAX_SERVICES, TrafficStats, ct_direction, ct_flags, map_names,
+    MAX_CONNTRACK, MAX_CONNTRACK_ANY, MAX_SERVICES, TrafficStats, ct_direction, ct_flags,
+    map_names,
 };
 
 use crate::{
@@ -179,7 +180,7 @@ impl Views {
         let st = self.services.status();
         let dir = self.pins.dir();
         let count = |n: usize| n as u64;
-        let ct = count(self.maps.conntrack.keys().count());
+        let (ct_tcp, ct_any) = self.maps.conntrack.counts();
         let affinity = count(self.maps.affinity.keys().count());
         let fill = |name: &str, entries: u64, max: u32| MapFill {
             name: name.to_owned(),
@@ -210,7 +211,8 @@ impl Views {
                     count(programmed.backend_count()),
                     MAX_BACKENDS,
                 ),
-                fill(map_names::CONNTRACK, ct, MAX_CONNTRACK),
+                fill(map_names::CONNTRACK, count(ct_tcp), MAX_CONNTRACK),
+                fill(map_names::CONNTRACK_ANY, count(ct_any), MAX_CONNTRACK_ANY),
                 fill(map_names::AFFINITY, affinity, MAX_AFFINITY),
             ],
             counters,

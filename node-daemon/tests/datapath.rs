@@ -16,8 +16,11 @@ use etherparse::{
     Ethernet2Header, IpNumber, Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice,
 };
 use tapestry_api::state::{self, DesiredState};
-use tapestry_common::{Counter, DropReason};
-use tapestry_node_daemon::{datapath::Datapath, services::reconcile::Reconciler};
+use tapestry_common::{Counter, DropReason, MAX_CONNTRACK, MAX_CONNTRACK_ANY};
+use tapestry_node_daemon::{
+    datapath::{Datapath, conntrack},
+    services::reconcile::Reconciler,
+};
 
 mod common;
 use common::{Rng, csum_eq, csum_replace2, csum_replace4, prerequisites};
@@ -106,16 +109,7 @@ impl Lb {
     }
 
     fn flush_conntrack(&mut self) {
-        let keys: Vec<_> = self
-            .datapath
-            .maps
-            .conntrack
-            .keys()
-            .filter_map(|k| k.ok())
-            .collect();
-        for k in keys {
-            let _ = self.datapath.maps.conntrack.remove(&k);
-        }
+        conntrack::flush(&mut self.datapath.maps.conntrack);
     }
 }
 
@@ -694,6 +688,44 @@ services:
     }
     assert_eq!(lb.counter(Counter::Hairpin), 2);
     assert_eq!(lb.drops(DropReason::HairpinPortClash), 0);
+}
+
+/// A flood of datagrams with random ports, twice the size of every conntrack table, evicts
+/// datagram flows only: the TCP connection opened before it keeps its entries (TCP has a table
+/// of its own) and stays on its backend.
+#[test]
+fn a_udp_flood_never_evicts_a_tcp_connection() {
+    let Some(mut lb) = Lb::new(ONE_BACKEND) else {
+        return;
+    };
+    let (_, out) = lb.run(&tcp_packet(CLIENT, 40000, VIP, 80, true));
+    assert_eq!(inspect(&out).dst, Ipv4Addr::new(10, 0, 0, 2));
+    let tcp_key = |lb: &Lb| {
+        lb.datapath
+            .maps
+            .conntrack
+            .tcp
+            .iter()
+            .filter_map(|r| r.ok())
+            .any(|(k, _)| u16::from_be(k.sport) == 40000)
+    };
+    assert!(tcp_key(&lb));
+    let flood = 2 * MAX_CONNTRACK as usize;
+    for i in 0..flood {
+        let src = [10, 9, (i >> 16) as u8, (i >> 8) as u8];
+        let (v, _) = lb.run(&udp_packet(src, 1024 + (i % 60_000) as u16, VIP, 53, b"q"));
+        assert_eq!(v, OK);
+    }
+    let (tcp, any) = lb.datapath.maps.conntrack.counts();
+    assert!(
+        any > MAX_CONNTRACK_ANY as usize * 9 / 10,
+        "the datagram table is full: {any}"
+    );
+    assert_eq!(tcp, 2, "the connection's two entries, and nothing else");
+    assert!(tcp_key(&lb), "the TCP connection's entry survived");
+    let (_, out) = lb.run(&tcp_packet(CLIENT, 40000, VIP, 80, false));
+    assert_eq!(inspect(&out).dst, Ipv4Addr::new(10, 0, 0, 2));
+    assert_eq!(lb.counter(Counter::Reselected), 0);
 }
 
 #[test]

@@ -76,9 +76,7 @@ fn fill_conntrack(d: &Daemon) {
             nat_peer_port: [0; 2],
             _pad: [0; 3],
         };
-        maps.conntrack
-            .insert(key, entry, 0)
-            .expect("conntrack insert");
+        maps.conntrack.insert(key, entry).expect("conntrack insert");
     }
 }
 

@@ -1,17 +1,52 @@
-//! The conntrack map from userspace: walking it, collecting expired entries (the LRU evicts only
-//! when full) and flushing it. Each caller brings its own map handle, so a walk of a full table
-//! (262,144 entries, one syscall each) holds no lock anyone else waits on.
+//! The conntrack tables from userspace: walking them, collecting expired entries (the LRU evicts
+//! only when full) and flushing them. TCP flows and the rest (UDP) live in two tables, so a
+//! flood of datagrams never evicts a TCP connection; [`Tables`] is both. Each caller brings its
+//! own handles, so a walk of a full table (262,144 entries, one syscall each) holds no lock
+//! anyone else waits on.
 
-use aya::maps::{HashMap, MapData};
-use tapestry_common::{CtEntry, CtKey, ct_lifetime};
+use aya::maps::{HashMap, MapData, MapError};
+use tapestry_common::{CtEntry, CtKey, IPPROTO_TCP, ct_lifetime};
 
 use super::monotonic_ns;
 
 pub type ConntrackMap = HashMap<MapData, CtKey, CtEntry>;
 
-/// Every entry the map holds right now (expired ones included).
-pub fn entries(map: &ConntrackMap) -> Vec<(CtKey, CtEntry)> {
-    map.iter().filter_map(|r| r.ok()).collect()
+/// The two conntrack tables: TCP, and every other protocol.
+pub struct Tables {
+    pub tcp: ConntrackMap,
+    pub any: ConntrackMap,
+}
+
+impl Tables {
+    /// The table a flow of `key`'s protocol lives in.
+    pub fn of(&mut self, key: &CtKey) -> &mut ConntrackMap {
+        if key.proto == IPPROTO_TCP {
+            &mut self.tcp
+        } else {
+            &mut self.any
+        }
+    }
+
+    pub fn insert(&mut self, key: CtKey, entry: CtEntry) -> Result<(), MapError> {
+        self.of(&key).insert(key, entry, 0)
+    }
+
+    pub fn remove(&mut self, key: &CtKey) -> Result<(), MapError> {
+        self.of(key).remove(key)
+    }
+
+    /// Entries held now in (TCP, the rest).
+    pub fn counts(&self) -> (usize, usize) {
+        (self.tcp.keys().count(), self.any.keys().count())
+    }
+}
+
+/// Every entry the tables hold right now (expired ones included).
+pub fn entries(tables: &Tables) -> Vec<(CtKey, CtEntry)> {
+    [&tables.tcp, &tables.any]
+        .into_iter()
+        .flat_map(|m| m.iter().filter_map(|r| r.ok()))
+        .collect()
 }
 
 /// Whether `e` still pins its flow at `now` (CLOCK_MONOTONIC ns).
@@ -20,27 +55,29 @@ pub fn is_live(k: &CtKey, e: &CtEntry, now: u64) -> bool {
 }
 
 /// Deletes expired entries; returns how many.
-pub fn collect_garbage(map: &mut ConntrackMap) -> usize {
+pub fn collect_garbage(tables: &mut Tables) -> usize {
     let now = monotonic_ns();
-    let expired: Vec<CtKey> = entries(map)
+    let expired: Vec<CtKey> = entries(tables)
         .into_iter()
         .filter(|(k, e)| !is_live(k, e, now))
         .map(|(k, _)| k)
         .collect();
     let n = expired.len();
     for k in expired {
-        let _ = map.remove(&k);
+        let _ = tables.remove(&k);
     }
     n
 }
 
 /// Removes every entry: live flows are balanced anew on their next packet.
-pub fn flush(map: &mut ConntrackMap) -> u64 {
-    let keys: Vec<CtKey> = map.keys().filter_map(|k| k.ok()).collect();
+pub fn flush(tables: &mut Tables) -> u64 {
     let mut removed = 0;
-    for k in keys {
-        if map.remove(&k).is_ok() {
-            removed += 1;
+    for map in [&mut tables.tcp, &mut tables.any] {
+        let keys: Vec<CtKey> = map.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            if map.remove(&k).is_ok() {
+                removed += 1;
+            }
         }
     }
     removed

@@ -79,7 +79,8 @@ pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, Service>,
     pub backends: HashMap<MapData, u32, Backend>,
     pub lb_tables: HashMap<MapData, u32, LbTable>,
-    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    /// TCP flows and the rest, in two tables.
+    pub conntrack: conntrack::Tables,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub config: Array<MapData, Config>,
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
@@ -119,7 +120,10 @@ impl Maps {
             services: open(pin_dir, map_names::SERVICES)?,
             backends: open(pin_dir, map_names::BACKENDS)?,
             lb_tables: open(pin_dir, map_names::LB_TABLES)?,
-            conntrack: open(pin_dir, map_names::CONNTRACK)?,
+            conntrack: conntrack::Tables {
+                tcp: open(pin_dir, map_names::CONNTRACK)?,
+                any: open(pin_dir, map_names::CONNTRACK_ANY)?,
+            },
             affinity: open(pin_dir, map_names::AFFINITY)?,
             config: open(pin_dir, map_names::CONFIG)?,
             service_stats: open(pin_dir, map_names::SERVICE_STATS)?,
@@ -227,7 +231,10 @@ impl Datapath {
             services: take(&mut ebpf, map_names::SERVICES)?,
             backends: take(&mut ebpf, map_names::BACKENDS)?,
             lb_tables: take(&mut ebpf, map_names::LB_TABLES)?,
-            conntrack: take(&mut ebpf, map_names::CONNTRACK)?,
+            conntrack: conntrack::Tables {
+                tcp: take(&mut ebpf, map_names::CONNTRACK)?,
+                any: take(&mut ebpf, map_names::CONNTRACK_ANY)?,
+            },
             affinity: take(&mut ebpf, map_names::AFFINITY)?,
             config: take(&mut ebpf, map_names::CONFIG)?,
             service_stats: take(&mut ebpf, map_names::SERVICE_STATS)?,

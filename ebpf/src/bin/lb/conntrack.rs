@@ -1,11 +1,23 @@
 //! Conntrack: a forward entry keyed by the client's original tuple (which backend, which NAT) and
 //! a reply entry keyed by the tuple the backend's replies carry (how to restore the frontend).
 
-use tapestry_common::{CtEntry, CtKey, ct_direction, ct_flags, ct_lifetime};
+use aya_ebpf::maps::LruHashMap;
+use tapestry_common::{CtEntry, CtKey, IPPROTO_TCP, ct_direction, ct_flags, ct_lifetime};
 
 use tapestry_ebpf::packet::{Ipv4Packet, TCP_FIN, TCP_RST};
 
-use crate::maps::CONNTRACK;
+use crate::maps::{CONNTRACK, CONNTRACK_ANY};
+
+/// TCP flows in one table, everything else in another: datagrams with random ports, however
+/// many, only ever evict datagram flows.
+#[inline(always)]
+fn table(key: &CtKey) -> &'static LruHashMap<CtKey, CtEntry> {
+    if key.proto == IPPROTO_TCP {
+        &CONNTRACK
+    } else {
+        &CONNTRACK_ANY
+    }
+}
 
 #[inline(always)]
 pub fn forward_key(pkt: &Ipv4Packet) -> CtKey {
@@ -68,15 +80,15 @@ pub unsafe fn touch(entry: *mut CtEntry, add_flags: u8, now: u64) {
 
 #[inline(always)]
 pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
-    CONNTRACK.get_ptr_mut(key)
+    table(key).get_ptr_mut(key)
 }
 
 #[inline(always)]
 pub fn insert(key: &CtKey, entry: &CtEntry) -> Result<(), i32> {
-    CONNTRACK.insert(key, entry, 0)
+    table(key).insert(key, entry, 0)
 }
 
 #[inline(always)]
 pub fn remove(key: &CtKey) {
-    let _ = CONNTRACK.remove(key);
+    let _ = table(key).remove(key);
 }

@@ -54,6 +54,7 @@ tapestry_ebpf::maps!(
     BACKENDS,
     LB_TABLES,
     CONNTRACK,
+    CONNTRACK_ANY,
     AFFINITY,
     FRAGMENTS,
     CONFIG,
