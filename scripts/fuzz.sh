@@ -40,11 +40,21 @@ for t in "${targets[@]}"; do
   cargo +nightly fuzz run "$t" "$scratch/$t" "fuzz-targets/corpus/$t" -- \
     -max_total_time="$SECONDS_EACH" -print_final_stats=1 -timeout=10 >"$log" 2>&1 || rc=$?
   took=$(( $(date +%s) - start ))
+  # Fuzzing time as libFuzzer counts it (cargo fuzz run rebuilds first when a source changed).
+  fuzzed=$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$log" | tail -n1)
+  [ -n "$fuzzed" ] && took=$fuzzed
   execs=$(sed -n 's/^stat::number_of_executed_units: *\([0-9]*\).*/\1/p' "$log" | tail -n1)
   [ -n "$execs" ] || execs=$(sed -n 's/^Done \([0-9]*\) runs.*/\1/p' "$log" | tail -n1)
   [ -n "$execs" ] || execs=0
   crashes=0
   artifact=""
+  if [ "$rc" != 0 ] && ! grep -q '^INFO: Seed:' "$log"; then
+    # Not a crash: the target did not start (a build error, most likely).
+    tail -n 20 "$log" >&2
+    echo "fuzz: $t did not run (above: the end of its log)" >&2
+    failed+=("$t (did not run)")
+    continue
+  fi
   if [ "$rc" != 0 ]; then
     crashes=1
     artifact=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -n1)

@@ -73,9 +73,15 @@ fn leases() -> [LeaseConfig; 3] {
 /// request calls for (OFFER for DISCOVER, ACK or NAK for REQUEST, ACK for INFORM) and the pod's
 /// address in an OFFER or ACK of a lease. `Released` only for RELEASE or DECLINE.
 pub fn dhcp_answer(data: &[u8]) {
-    let request = decode_dhcp(data).map(|(_, _, m)| m);
     for lease in leases() {
-        match dhcp::handle(data, GUEST_MAC, SERVER_MAC, &lease) {
+        let outcome = dhcp::handle(data, GUEST_MAC, SERVER_MAC, &lease);
+        // Decoded here only once handle() answered, i.e. took the message as safe to decode
+        // (dhcproto panics on some, which handle() must refuse first).
+        let request = match outcome {
+            Outcome::Ignored(_) => None,
+            _ => decode_dhcp(data).map(|(_, _, m)| m),
+        };
+        match outcome {
             Outcome::Ignored(_) => {}
             Outcome::Released => {
                 let kind = request.as_ref().and_then(|m| m.opts().msg_type());
