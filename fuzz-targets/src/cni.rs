@@ -145,8 +145,10 @@ pub fn conflist_merge(data: &[u8]) {
                     let plugins = after["plugins"].as_array().expect("a converted list");
                     assert_eq!(plugins.len(), 2, "the single plugin and ours");
                     let mut rest = single.clone();
-                    rest.shift_remove("cniVersion");
-                    rest.shift_remove("name");
+                    // The list's own keys move up to the list.
+                    for k in ["cniVersion", "cniVersions", "name"] {
+                        rest.shift_remove(k);
+                    }
                     assert_eq!(
                         plugins[0],
                         Value::Object(rest),

@@ -560,7 +560,7 @@ fn list_of_single(single: Map<String, Value>) -> Map<String, Value> {
     let mut list = Map::new();
     let mut plugin = Map::new();
     for (k, v) in single {
-        if k == "cniVersion" || k == "name" {
+        if k == "cniVersion" || k == "cniVersions" || k == "name" {
             list.insert(k, v);
         } else {
             plugin.insert(k, v);

@@ -492,6 +492,32 @@ fn a_json_file_is_a_single_plugin_and_converts() {
     );
 }
 
+/// What the fuzzer found (fuzz-targets/regressions/conflist_merge): a single-plugin file that
+/// names its versions in `cniVersions` (CNI 1.1) converts to a list carrying them at the list's
+/// level, which the installer then accepts as its own file again, and restores exactly.
+#[test]
+fn a_single_plugin_with_cni_versions_converts_with_them_on_the_list() {
+    let text = "{\"cniVersions\":[\"1.0.0\"],\"name\":\"a\",\"type\":\"bridge\"}";
+    let Insert::Convert { list, content } =
+        insert(Path::new("10-a.conf"), text.as_bytes(), &default_entry()).unwrap()
+    else {
+        panic!()
+    };
+    let converted = parse(&content);
+    assert_eq!(converted["cniVersions"], serde_json::json!(["1.0.0"]));
+    assert!(converted["plugins"][0].get("cniVersions").is_none());
+    // Inserting into the converted list again is a no-op, not a refusal.
+    assert!(insert(Path::new(&list), &content, &default_entry()).is_ok());
+    assert_eq!(
+        remove(Path::new(&list), &content).unwrap(),
+        Remove::Restore {
+            file: "10-a.conf".into(),
+            content: text.as_bytes().to_vec(),
+            exact: true
+        }
+    );
+}
+
 #[test]
 fn a_converted_list_edited_since_is_restored_as_it_now_is() {
     let (name, text) = CILIUM_CONF;
