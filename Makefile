@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build release lint test test-unit test-integration demo demo-cluster demo-node bench clean-lab uninstall manifests images fuzz
+.PHONY: reliability setup build release lint test test-unit test-integration demo demo-cluster demo-node bench clean-lab uninstall manifests images fuzz
 
 setup:
 	@bash scripts/setup.sh
@@ -53,6 +53,13 @@ bench: setup
 FUZZ_SECONDS ?= 30
 fuzz: setup
 	FUZZ_SECONDS=$(FUZZ_SECONDS) bash scripts/fuzz.sh
+
+## Reliability under bad input and faults (issue 13): make fuzz, the differential tests of every
+## tc program, the hostile guest, then faults under load (kill -9 loop, a broken state file,
+## conntrack pressure, CNI ADD with the daemon down, ADD/DEL cycles across a restart); writes
+## bench/results/reliability.json and reliability.md. RELIABILITY_ARGS=--quick: short rounds.
+reliability: setup
+	FUZZ_SECONDS=$(FUZZ_SECONDS) RELIABILITY_ARGS="$(RELIABILITY_ARGS)" bash bench/reliability.sh
 
 ## Removes the pinned datapath (detaching it from every interface).
 uninstall: release

@@ -1564,6 +1564,13 @@ fn generated_packets_match_the_model_of_both_service_programs() {
         "differential: {checked} packets checked, {refused} refused by test_run, {} mismatches; {kinds:?}",
         mismatches.len()
     );
+    // For `make reliability`'s report.
+    eprintln!(
+        "RELIABILITY {}",
+        serde_json::json!({"differential_service_programs": {
+            "packets_checked": checked, "refused_by_test_run": refused,
+            "mismatches": mismatches.len(), "verdicts": kinds}})
+    );
     assert!(
         mismatches.is_empty(),
         "{} mismatches:\n{}",

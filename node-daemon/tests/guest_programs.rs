@@ -1207,6 +1207,12 @@ fn generated_frames_match_the_model_of_both_guest_programs() {
         "guest differential: {checked} frames checked, {refused} refused by test_run, {} mismatches; {expected:?}",
         mismatches.len()
     );
+    eprintln!(
+        "RELIABILITY {}",
+        serde_json::json!({"differential_guest_programs": {
+            "frames_checked": checked, "refused_by_test_run": refused,
+            "mismatches": mismatches.len()}})
+    );
     assert!(
         mismatches.is_empty(),
         "{} mismatches:\n{}",

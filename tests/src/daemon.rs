@@ -244,6 +244,48 @@ impl Daemon {
         self.wait_generation(0, Duration::from_secs(20))
     }
 
+    /// Writes `count` live, established TCP forward entries of distinct clients (10.200.0.0 and
+    /// up, port 10000 and up) for `vip`:80 -> `backend`:8080 into the daemon's conntrack table,
+    /// through its own map handles, as the datapath would; returns how many were stored.
+    pub fn fill_conntrack(
+        &self,
+        count: u32,
+        vip: std::net::Ipv4Addr,
+        backend: std::net::Ipv4Addr,
+    ) -> Result<u64> {
+        use tapestry_common::{CtEntry, CtKey, IPPROTO_TCP, ct_direction, ct_flags};
+        let mut maps = tapestry_node_daemon::datapath::Maps::open(&self.bpffs_dir)?;
+        let now = tapestry_node_daemon::datapath::monotonic_ns();
+        let mut stored = 0;
+        for i in 0..count {
+            let key = CtKey {
+                saddr: u32::from_ne_bytes([10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8]),
+                daddr: u32::from_ne_bytes(vip.octets()),
+                sport: (10_000 + (i % 50_000) as u16).to_be(),
+                dport: 80u16.to_be(),
+                proto: IPPROTO_TCP,
+                direction: ct_direction::FORWARD,
+                _pad: [0; 2],
+            };
+            let entry = CtEntry {
+                nat_addr: u32::from_ne_bytes(backend.octets()),
+                nat_peer_addr: 0,
+                backend_id: 1,
+                service_id: 1,
+                created_ns: now,
+                last_seen_ns: now,
+                nat_port: 8080u16.to_be(),
+                flags: ct_flags::SEEN_REPLY,
+                nat_peer_port: [0; 2],
+                _pad: [0; 3],
+            };
+            if maps.conntrack.insert(key, entry).is_ok() {
+                stored += 1;
+            }
+        }
+        Ok(stored)
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }

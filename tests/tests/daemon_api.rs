@@ -21,22 +21,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dhcproto::{
-    Encodable, Encoder,
-    v4::{DhcpOption, Message, MessageType},
-};
-use etherparse::PacketBuilder;
+use dhcproto::v4::MessageType;
 use tapestry_api::{
     client::ClientError,
     types::{AttachmentKey, EndpointGcRequest, EndpointRequest, GuestPhase},
 };
-use tapestry_common::{CtEntry, CtKey, IPPROTO_TCP, ct_direction, ct_flags};
-use tapestry_node_daemon::datapath::{Maps, monotonic_ns};
 use tapestry_tests::{
     Lab, Pod,
     daemon::{Daemon, binary},
     require_lab,
-    tapfd::{TapGuest, register_vm_pod},
+    tapfd::{TapGuest, dhcp_frame, register_vm_pod},
 };
 
 const ENTRIES: u32 = 200_000;
@@ -52,32 +46,14 @@ services:
 
 /// 200,000 live forward entries of distinct clients, as the datapath writes them.
 fn fill_conntrack(d: &Daemon) {
-    let mut maps = Maps::open(&d.bpffs_dir).expect("the daemon's pinned maps");
-    let now = monotonic_ns();
-    for i in 0..ENTRIES {
-        let key = CtKey {
-            saddr: u32::from_ne_bytes([10, 30 + (i >> 16) as u8, (i >> 8) as u8, i as u8]),
-            daddr: u32::from_ne_bytes([10, 96, 0, 10]),
-            sport: (10_000 + (i % 50_000) as u16).to_be(),
-            dport: 80u16.to_be(),
-            proto: IPPROTO_TCP,
-            direction: ct_direction::FORWARD,
-            _pad: [0; 2],
-        };
-        let entry = CtEntry {
-            nat_addr: u32::from_ne_bytes([10, 22, 0, 5]),
-            nat_peer_addr: 0,
-            backend_id: 1,
-            service_id: 1,
-            created_ns: now,
-            last_seen_ns: now,
-            nat_port: 8080u16.to_be(),
-            flags: ct_flags::SEEN_REPLY,
-            nat_peer_port: [0; 2],
-            _pad: [0; 3],
-        };
-        maps.conntrack.insert(key, entry).expect("conntrack insert");
-    }
+    let stored = d
+        .fill_conntrack(
+            ENTRIES,
+            Ipv4Addr::new(10, 96, 0, 10),
+            Ipv4Addr::new(10, 22, 0, 5),
+        )
+        .expect("the daemon's pinned maps");
+    assert_eq!(stored, u64::from(ENTRIES));
 }
 
 #[test]
@@ -396,30 +372,6 @@ fn endpoints_whose_interface_is_gone_are_removed_by_gc_and_in_the_background() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn dhcp_frame(mac: [u8; 6], kind: MessageType, requested: Option<Ipv4Addr>) -> Vec<u8> {
-    let mut m = Message::new_with_id(
-        0x7a9e,
-        Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        &mac,
-    );
-    m.opts_mut().insert(DhcpOption::MessageType(kind));
-    if let Some(ip) = requested {
-        m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
-    }
-    let mut bytes = Vec::new();
-    m.encode(&mut Encoder::new(&mut bytes)).unwrap();
-    let mut f = Vec::new();
-    PacketBuilder::ethernet2(mac, [0xff; 6])
-        .ipv4([0; 4], [255; 4], 64)
-        .udp(68, 67)
-        .write(&mut f, &bytes)
-        .unwrap();
-    f
 }
 
 /// Counts the files renamed into a directory (each write of the registry is one rename). The

@@ -218,6 +218,20 @@ fn a_hostile_guest_is_dropped_and_counted_and_its_neighbour_is_unaffected() {
         rss0 / 1024,
         rss1 / 1024
     );
+    let frames = sent.values().sum::<u64>() + flood;
+    let counted = g.drops.values().sum::<u64>() + g.dhcp_messages;
+    eprintln!(
+        "RELIABILITY {}",
+        serde_json::json!({"hostile_guest": {
+            "frames_sent": frames, "dropped_or_queued_and_counted": counted,
+            "dropped_by_reason": g.drops, "queued_for_the_daemon": g.dhcp_messages,
+            "daemon_cpu_ms": cpu.as_millis() as u64,
+            "daemon_rss_growth_kib": rss1.saturating_sub(rss0) / 1024,
+            "neighbour_dhcp_worst_ms": worst.as_secs_f64() * 1000.0,
+            "neighbour_datagrams_sent": neighbour_sent,
+            "neighbour_datagrams_delivered": delivered}})
+    );
+    assert_eq!(counted, frames, "every hostile frame counted");
     // The daemon's share: the rate-limited DHCP it answers, not the flood.
     assert!(
         cpu < Duration::from_secs(2),

@@ -28,8 +28,8 @@ use aya::{
     programs::{SchedClassifier, TcAttachType},
 };
 use tapestry_common::{
-    AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, GuestStats, LbTable, Service,
-    ServiceKey, TrafficStats, map_names, program_names,
+    AffinityEntry, AffinityKey, Backend, Config, GuestStats, LbTable, Service, ServiceKey,
+    TrafficStats, map_names, program_names,
 };
 use tracing::{debug, info, warn};
 

@@ -1,0 +1,530 @@
+//! `tapestry-reliability`: faults under load on the standalone lab (real namespaces, a real
+//! tapestryd, the real CNI chain), then `make reliability`'s report.
+//!
+//! Each fault round runs a client opening new connections through a Service VIP at a fixed
+//! rate, and one long-lived connection asking every 100 ms (Cilium's conn-disrupt idea: nothing
+//! may break), while the fault happens:
+//! - `kill9`: tapestryd killed with `kill -9` and started again every few seconds;
+//! - `broken_state_file`: the state file replaced by one that does not parse, then repaired;
+//! - `conntrack_pressure`: the TCP conntrack table filled to capacity behind the load's back;
+//! - `cni_add_while_down`: CNI ADD of a VM pod with the daemon stopped (code 11 expected, and
+//!   nothing left behind once the runtime's DEL ran);
+//! - `add_del_cycles`: ADD/DEL of VM pods through the chain (ptp + host-local + tapestry-cni),
+//!   the daemon restarted in the middle: no endpoint, Guest, attachment, guest link pin, host
+//!   veth or IPAM address may be left.
+//!
+//! `--report DIR` then folds these rounds, the fuzzing figures (`DIR/fuzz.json`, `make fuzz`) and
+//! the in-kernel tests' summary lines (`RELIABILITY {...}` on stderr, `--test-lines FILE`) into
+//! `DIR/reliability.json` and `DIR/reliability.md`.
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use serde_json::{Value, json};
+use tapestry_tests::{
+    Lab, Pod,
+    cni::{NetworkConfigList, Runtime, RuntimeConf},
+    daemon::{Daemon, bin_dir},
+    lab::vm_conflist,
+    stream_request,
+};
+
+#[derive(Parser)]
+#[command(about = "Faults under load, and the reliability report")]
+struct Cli {
+    /// Shorter rounds (a smoke run of every scenario).
+    #[arg(long)]
+    quick: bool,
+    /// New connections per second through the VIP during each round.
+    #[arg(long, default_value_t = 100)]
+    rate: u64,
+    /// Where reliability.json and reliability.md go (and fuzz.json is read from).
+    #[arg(long, default_value = "bench/results")]
+    report: PathBuf,
+    /// stderr of the in-kernel tests, whose `RELIABILITY {...}` lines join the report.
+    #[arg(long)]
+    test_lines: Option<PathBuf>,
+}
+
+const T: Duration = Duration::from_secs(2);
+
+/// The load of one round: new connections at a fixed rate, and one long-lived connection.
+struct Load {
+    running: Arc<AtomicBool>,
+    attempted: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    long_requests: Arc<AtomicU64>,
+    long_failed: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(client: &Pod, vip: SocketAddrV4, rate: u64) -> Result<Load> {
+        let running = Arc::new(AtomicBool::new(true));
+        let counters: [Arc<AtomicU64>; 4] = Default::default();
+        let mut threads = Vec::new();
+        let (c, r) = (client.clone(), running.clone());
+        let (attempted, failed) = (counters[0].clone(), counters[1].clone());
+        threads.push(std::thread::spawn(move || {
+            let every = Duration::from_nanos(1_000_000_000 / rate.max(1));
+            let mut next = Instant::now();
+            while r.load(Ordering::Relaxed) {
+                attempted.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = c.tcp_request(vip, b"x\n", T) {
+                    eprintln!("  connection failed: {e}");
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                next += every;
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }));
+        let mut long = client.tcp_connect(vip, T)?;
+        let first = stream_request(&mut long, b"first\n")?;
+        let (r, requests, long_failed) =
+            (running.clone(), counters[2].clone(), counters[3].clone());
+        threads.push(std::thread::spawn(move || {
+            while r.load(Ordering::Relaxed) {
+                requests.fetch_add(1, Ordering::Relaxed);
+                // The same backend answers each time: the connection's flow never moved.
+                match stream_request(&mut long, b"again\n") {
+                    Ok(a) if a == first => {}
+                    other => {
+                        eprintln!("  long-lived connection: {other:?}, first answer {first:?}");
+                        long_failed.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }));
+        let [attempted, failed, long_requests, long_failed] = counters;
+        Ok(Load {
+            running,
+            attempted,
+            failed,
+            long_requests,
+            long_failed,
+            threads,
+        })
+    }
+
+    fn stop(self) -> Value {
+        self.running.store(false, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        json!({
+            "connections_attempted": self.attempted.load(Ordering::Relaxed),
+            "connections_failed": self.failed.load(Ordering::Relaxed),
+            "long_lived_requests": self.long_requests.load(Ordering::Relaxed),
+            "long_lived_failed": self.long_failed.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// The lab of the load rounds: a client and two backends behind one VIP.
+struct Setup {
+    lab: Lab,
+    client: Pod,
+    backends: Vec<Pod>,
+    vip: SocketAddrV4,
+    _servers: Vec<tapestry_tests::ServerHandle>,
+}
+
+impl Setup {
+    fn new() -> Result<Setup> {
+        let mut lab = Lab::new("reliab")?;
+        let client = lab.add_pod("client")?;
+        let backends = vec![lab.add_pod("be0")?, lab.add_pod("be1")?];
+        let servers = backends
+            .iter()
+            .map(|b| b.serve_tcp_name(8080))
+            .collect::<Result<Vec<_>>>()?;
+        let vip = SocketAddrV4::new(lab.service_ip(0), 80);
+        Ok(Setup {
+            lab,
+            client,
+            backends,
+            vip,
+            _servers: servers,
+        })
+    }
+
+    fn state(&self) -> String {
+        let mut s = format!(
+            "services:\n  - name: web\n    vip: {}\n    port: 80\n    backends:\n",
+            self.vip.ip()
+        );
+        for b in &self.backends {
+            s.push_str(&format!("      - {{ ip: {}, port: 8080 }}\n", b.ip));
+        }
+        s
+    }
+
+    fn interfaces(&self) -> Vec<&str> {
+        std::iter::once(&self.client)
+            .chain(&self.backends)
+            .map(|p| p.host_ifname.as_str())
+            .collect()
+    }
+}
+
+fn round(name: &str, started: Instant, load: Value, extra: Value) -> Value {
+    let mut r = json!({"scenario": name, "seconds": started.elapsed().as_secs_f64()});
+    for v in [load, extra] {
+        if let Value::Object(m) = v {
+            r.as_object_mut().unwrap().extend(m);
+        }
+    }
+    eprintln!("{r}");
+    r
+}
+
+fn kill9(s: &Setup, d: &mut Daemon, rate: u64, secs: u64) -> Result<Value> {
+    let t = Instant::now();
+    let load = Load::start(&s.client, s.vip, rate)?;
+    let mut kills = 0;
+    while t.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_secs(3));
+        d.kill9()?;
+        kills += 1;
+        // A moment with no daemon at all: the pinned datapath carries on alone.
+        std::thread::sleep(Duration::from_millis(300));
+        d.restart()?;
+    }
+    Ok(round("kill9", t, load.stop(), json!({ "kills": kills })))
+}
+
+fn broken_state_file(s: &Setup, d: &mut Daemon, rate: u64, secs: u64) -> Result<Value> {
+    let t = Instant::now();
+    let load = Load::start(&s.client, s.vip, rate)?;
+    std::thread::sleep(Duration::from_secs(secs / 3));
+    std::fs::write(&d.state_file, "services: [ {{ this is not yaml\n")?;
+    let reported = d
+        .wait_status(Duration::from_secs(10), |st| st.last_error.is_some())
+        .is_ok();
+    std::thread::sleep(Duration::from_secs(secs / 3));
+    d.write_state(&s.state())?;
+    let cleared = d
+        .wait_status(Duration::from_secs(10), |st| st.last_error.is_none())
+        .is_ok();
+    std::thread::sleep(Duration::from_secs(secs / 3));
+    Ok(round(
+        "broken_state_file",
+        t,
+        load.stop(),
+        json!({"error_reported": reported, "recovered": cleared}),
+    ))
+}
+
+fn conntrack_pressure(s: &Setup, d: &Daemon, rate: u64, secs: u64) -> Result<Value> {
+    use tapestry_common::MAX_CONNTRACK;
+    let t = Instant::now();
+    let load = Load::start(&s.client, s.vip, rate)?;
+    std::thread::sleep(Duration::from_secs(1));
+    // Established-looking flows from addresses no pod has: the table full of others' entries.
+    let inserted = d.fill_conntrack(MAX_CONNTRACK, *s.vip.ip(), s.backends[0].ip)?;
+    let maps = tapestry_node_daemon::datapath::Maps::open(&d.bpffs_dir)?;
+    std::thread::sleep(Duration::from_secs(secs.saturating_sub(1)));
+    let (tcp, _) = maps.conntrack.counts();
+    let load = load.stop();
+    let opened = load["connections_attempted"].as_u64().unwrap_or(0);
+    Ok(round(
+        "conntrack_pressure",
+        t,
+        load,
+        json!({
+            "table_capacity": MAX_CONNTRACK,
+            "entries_inserted": inserted,
+            "entries_at_end": tcp,
+            // Every insert past capacity, the load's own two entries per connection included,
+            // evicted the least recently used entry.
+            "evicted": (inserted + 2 * opened).saturating_sub(tcp as u64),
+        }),
+    ))
+}
+
+/// What a VM pod's ADD/DEL may leave behind, as seen from the daemon and the host.
+fn leftovers(d: &Daemon, before_links: &BTreeSet<String>, ipam: &Path) -> Result<Value> {
+    let c = d.client();
+    let endpoints = c.endpoints()?.len();
+    let guests = c.guests()?.len();
+    let links = host_links()?;
+    let new_links: Vec<_> = links.difference(before_links).cloned().collect();
+    let guest_pins = std::fs::read_dir(d.bpffs_dir.join("links"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("guest-"))
+                .count()
+        })
+        .unwrap_or(0);
+    let addresses = std::fs::read_dir(ipam)
+        .map(|rd| {
+            rd.flatten()
+                .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
+                .filter(|f| {
+                    let n = f.file_name().to_string_lossy().into_owned();
+                    n.parse::<std::net::Ipv4Addr>().is_ok()
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    Ok(json!({
+        "endpoints": endpoints,
+        "guests": guests,
+        "host_links": new_links,
+        "guest_link_pins": guest_pins,
+        "ipam_addresses": addresses,
+    }))
+}
+
+fn leaks_in(v: &Value) -> u64 {
+    ["endpoints", "guests", "guest_link_pins", "ipam_addresses"]
+        .iter()
+        .map(|k| v[k].as_u64().unwrap_or(0))
+        .sum::<u64>()
+        + v["host_links"].as_array().map_or(0, |a| a.len() as u64)
+}
+
+fn host_links() -> Result<BTreeSet<String>> {
+    Ok(std::fs::read_dir("/sys/class/net")?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect())
+}
+
+struct Chain {
+    rt: Runtime,
+    list: NetworkConfigList,
+    ipam: PathBuf,
+}
+
+impl Chain {
+    fn new(s: &Setup, d: &Daemon) -> Result<Chain> {
+        let ipam = d.dir.join("ipam");
+        let list = NetworkConfigList::from_value(&vm_conflist(&s.lab, &d.socket, &ipam))?;
+        let rt = Runtime::new(["/usr/lib/cni".into(), bin_dir()], d.dir.join("cni-cache"));
+        Ok(Chain { rt, list, ipam })
+    }
+
+    fn netns(&self, s: &Setup, i: usize) -> Result<(String, RuntimeConf)> {
+        let name = format!("{}-c{i}", s.lab.prefix());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()?
+            .success();
+        if !ok {
+            bail!("ip netns add {name}");
+        }
+        let conf = RuntimeConf::new(
+            &format!("cycle-{i}"),
+            PathBuf::from("/run/netns").join(&name),
+            "eth0",
+        )
+        .arg("IgnoreUnknown", "1")
+        .arg("K8S_POD_NAMESPACE", "default")
+        .arg("K8S_POD_NAME", &format!("vm-{i}"));
+        Ok((name, conf))
+    }
+}
+
+fn netns_del(name: &str) {
+    let _ = Command::new("ip").args(["netns", "del", name]).status();
+}
+
+fn cni_add_while_down(s: &Setup, d: &mut Daemon) -> Result<Value> {
+    let t = Instant::now();
+    let chain = Chain::new(s, d)?;
+    let before = host_links()?;
+    let (ns, conf) = chain.netns(s, 9999)?;
+    d.kill9()?;
+    let add = chain.rt.add(&chain.list, &conf);
+    let code = match &add {
+        Err(e) => e.code(),
+        Ok(_) => None,
+    };
+    // What a runtime does after a failed ADD.
+    let del = chain.rt.del(&chain.list, &conf);
+    netns_del(&ns);
+    d.restart()?;
+    let left = leftovers(d, &before, &chain.ipam)?;
+    Ok(round(
+        "cni_add_while_down",
+        t,
+        json!({}),
+        json!({
+            "add_error_code": code,
+            "del_ok": del.is_ok(),
+            "leftovers": left,
+            "leaks": leaks_in(&left),
+        }),
+    ))
+}
+
+fn add_del_cycles(s: &Setup, d: &mut Daemon, cycles: usize) -> Result<Value> {
+    let t = Instant::now();
+    let chain = Chain::new(s, d)?;
+    let before = host_links()?;
+    let mut failures = Vec::new();
+    for i in 0..cycles {
+        if i == cycles / 2 {
+            d.restart()?;
+        }
+        let (ns, conf) = chain.netns(s, i)?;
+        if let Err(e) = chain.rt.add(&chain.list, &conf) {
+            failures.push(format!("ADD {i}: {e}"));
+        }
+        if let Err(e) = chain.rt.del(&chain.list, &conf) {
+            failures.push(format!("DEL {i}: {e}"));
+        }
+        netns_del(&ns);
+    }
+    let left = leftovers(d, &before, &chain.ipam)?;
+    Ok(round(
+        "add_del_cycles",
+        t,
+        json!({}),
+        json!({
+            "cycles": cycles,
+            "restarts": 1,
+            "failures": failures,
+            "leftovers": left,
+            "leaks": leaks_in(&left),
+        }),
+    ))
+}
+
+/// The in-kernel tests' `RELIABILITY {...}` lines, merged into one object.
+fn test_lines(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = serde_json::Map::new();
+    for line in text.lines() {
+        if let Some(j) = line.trim().strip_prefix("RELIABILITY ")
+            && let Ok(Value::Object(m)) = serde_json::from_str::<Value>(j)
+        {
+            out.extend(m);
+        }
+    }
+    Ok(Value::Object(out))
+}
+
+fn table(report: &Value) -> String {
+    let mut md = String::from("# Reliability (`make reliability`)\n\n");
+    md.push_str(
+        "## Fuzzing\n\n| target | seconds | executions | crashes |\n|---|---:|---:|---:|\n",
+    );
+    if let Some(targets) = report["fuzz"]["targets"].as_array() {
+        for t in targets {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                t["target"].as_str().unwrap_or("?"),
+                t["seconds"],
+                t["executions"],
+                t["crashes"]
+            ));
+        }
+    }
+    md.push_str("\n## In-kernel checks\n\n| check | figures |\n|---|---|\n");
+    if let Some(m) = report["checks"].as_object() {
+        for (k, v) in m {
+            md.push_str(&format!("| {k} | `{v}` |\n"));
+        }
+    }
+    md.push_str(
+        "\n## Faults under load\n\n| scenario | seconds | connections attempted | failed | long-lived failed | leaks | details |\n|---|---:|---:|---:|---:|---:|---|\n",
+    );
+    if let Some(rounds) = report["faults"].as_array() {
+        for r in rounds {
+            let mut details = r.clone();
+            for k in [
+                "scenario",
+                "seconds",
+                "connections_attempted",
+                "connections_failed",
+                "long_lived_failed",
+                "leaks",
+            ] {
+                details.as_object_mut().map(|m| m.remove(k));
+            }
+            md.push_str(&format!(
+                "| {} | {:.1} | {} | {} | {} | {} | `{}` |\n",
+                r["scenario"].as_str().unwrap_or("?"),
+                r["seconds"].as_f64().unwrap_or(0.0),
+                r["connections_attempted"],
+                r["connections_failed"],
+                r["long_lived_failed"],
+                r["leaks"],
+                details
+            ));
+        }
+    }
+    md
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let (secs, cycles) = if cli.quick { (9, 20) } else { (60, 200) };
+    let s = Setup::new()?;
+    let mut d = Daemon::start("reliab", &s.state(), &s.interfaces())?;
+    let mut faults = vec![kill9(&s, &mut d, cli.rate, secs)?];
+    faults.push(broken_state_file(&s, &mut d, cli.rate, secs.min(15))?);
+    faults.push(conntrack_pressure(&s, &d, cli.rate, secs.min(10))?);
+    faults.push(cni_add_while_down(&s, &mut d)?);
+    faults.push(add_del_cycles(&s, &mut d, cycles)?);
+    drop(d);
+    s.lab.destroy()?;
+
+    let fuzz_file = cli.report.join("fuzz.json");
+    let fuzz = std::fs::read_to_string(&fuzz_file)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .unwrap_or(Value::Null);
+    let checks = match &cli.test_lines {
+        Some(p) => test_lines(p)?,
+        None => json!({}),
+    };
+    let failed_connections: u64 = faults
+        .iter()
+        .map(|r| {
+            r["connections_failed"].as_u64().unwrap_or(0)
+                + r["long_lived_failed"].as_u64().unwrap_or(0)
+        })
+        .sum();
+    let leaks: u64 = faults
+        .iter()
+        .map(|r| r["leaks"].as_u64().unwrap_or(0))
+        .sum();
+    let report = json!({
+        "quick": cli.quick,
+        "fuzz": fuzz,
+        "checks": checks,
+        "faults": faults,
+        "failed_connections": failed_connections,
+        "leaks": leaks,
+    });
+    std::fs::create_dir_all(&cli.report)?;
+    std::fs::write(
+        cli.report.join("reliability.json"),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
+    std::fs::write(cli.report.join("reliability.md"), table(&report))?;
+    println!(
+        "reliability: {failed_connections} failed connections, {leaks} leaks; {}",
+        cli.report.join("reliability.md").display()
+    );
+    Ok(())
+}
