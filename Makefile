@@ -51,14 +51,16 @@ bench: setup
 ## committed seed corpus (fuzz-targets/corpus/); executions and crashes per target in
 ## bench/results/fuzz.json; fails on any crash (scripts/fuzz.sh).
 FUZZ_SECONDS ?= 30
-fuzz: setup
+fuzz:
+	@bash scripts/setup.sh --with-fuzz
 	FUZZ_SECONDS=$(FUZZ_SECONDS) bash scripts/fuzz.sh
 
 ## Reliability under bad input and faults (issue 13): make fuzz, the differential tests of every
 ## tc program, the hostile guest, then faults under load (kill -9 loop, a broken state file,
 ## conntrack pressure, CNI ADD with the daemon down, ADD/DEL cycles across a restart); writes
 ## bench/results/reliability.json and reliability.md. RELIABILITY_ARGS=--quick: short rounds.
-reliability: setup
+reliability:
+	@bash scripts/setup.sh --with-fuzz
 	FUZZ_SECONDS=$(FUZZ_SECONDS) RELIABILITY_ARGS="$(RELIABILITY_ARGS)" bash bench/reliability.sh
 
 ## Removes the pinned datapath (detaching it from every interface).

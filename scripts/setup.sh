@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One idempotent set-up for a fresh machine: Debian packages, the nightly toolchain with
-# rust-src, bpf-linker built against that nightly's own LLVM, cargo-fuzz, bpffs. Run by
-# `make demo`, `make test`, `make bench` and `make fuzz` (through `make setup`). Everything built
+# rust-src, bpf-linker built against that nightly's own LLVM, bpffs, and the test parts. Run by
+# `make demo`, `make test` and `make bench` (through `make setup`); `--with-fuzz` adds cargo-fuzz
+# (`make fuzz`, `make reliability`). Everything built
 # from the registries is cached outside the checkout under $TAPESTRY_CACHE, keyed by version.
 set -euo pipefail
 
@@ -111,7 +112,11 @@ need_root
 install_packages
 install_rust
 install_bpf_linker
-install_cargo_fuzz
+# cargo-fuzz only for `make fuzz` / `make reliability` (`setup.sh --with-fuzz`): 2-3 minutes a
+# fresh `make demo` or `make test` does not need (make test replays the corpora without it).
+if [ "${1:-}" = "--with-fuzz" ]; then
+  install_cargo_fuzz
+fi
 mount_bpffs
 # Test parts built from the registries, each cached by version under $CACHE: CNI reference
 # plugins that speak 1.1.0 (STATUS, GC), the QEMU guest's kernel + initramfs, Kubernetes.
