@@ -55,6 +55,9 @@ struct Cli {
     /// stderr of the in-kernel tests, whose `RELIABILITY {...}` lines join the report.
     #[arg(long)]
     test_lines: Option<PathBuf>,
+    /// Only write reliability.md again from the reliability.json there (and fuzz.json).
+    #[arg(long)]
+    render_only: bool,
 }
 
 const T: Duration = Duration::from_secs(2);
@@ -427,14 +430,11 @@ fn table(report: &Value) -> String {
     md.push_str(
         "## Fuzzing\n\n| target | seconds | executions | crashes |\n|---|---:|---:|---:|\n",
     );
-    if let Some(targets) = report["fuzz"]["targets"].as_array() {
-        for t in targets {
+    if let Some(targets) = report["fuzz"]["targets"].as_object() {
+        for (name, t) in targets {
             md.push_str(&format!(
-                "| {} | {} | {} | {} |\n",
-                t["target"].as_str().unwrap_or("?"),
-                t["seconds"],
-                t["executions"],
-                t["crashes"]
+                "| {name} | {} | {} | {} |\n",
+                t["seconds"], t["executions"], t["crashes"]
             ));
         }
     }
@@ -460,14 +460,18 @@ fn table(report: &Value) -> String {
             ] {
                 details.as_object_mut().map(|m| m.remove(k));
             }
+            let cell = |k: &str| match &r[k] {
+                Value::Null => "-".to_string(),
+                v => v.to_string(),
+            };
             md.push_str(&format!(
                 "| {} | {:.1} | {} | {} | {} | {} | `{}` |\n",
                 r["scenario"].as_str().unwrap_or("?"),
                 r["seconds"].as_f64().unwrap_or(0.0),
-                r["connections_attempted"],
-                r["connections_failed"],
-                r["long_lived_failed"],
-                r["leaks"],
+                cell("connections_attempted"),
+                cell("connections_failed"),
+                cell("long_lived_failed"),
+                cell("leaks"),
                 details
             ));
         }
@@ -475,8 +479,26 @@ fn table(report: &Value) -> String {
     md
 }
 
+/// `make fuzz`'s figures (fuzz.json in `dir`), if there are any.
+fn read_fuzz(dir: &Path) -> Option<Value> {
+    let text = std::fs::read_to_string(dir.join("fuzz.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if cli.render_only {
+        let path = cli.report.join("reliability.json");
+        let mut report: Value = serde_json::from_str(
+            &std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )?;
+        if let Some(f) = read_fuzz(&cli.report) {
+            report["fuzz"] = f;
+        }
+        std::fs::write(cli.report.join("reliability.md"), table(&report))?;
+        return Ok(());
+    }
     let (secs, cycles) = if cli.quick { (9, 20) } else { (60, 200) };
     let s = Setup::new()?;
     let mut d = Daemon::start("reliab", &s.state(), &s.interfaces())?;
@@ -488,11 +510,7 @@ fn main() -> Result<()> {
     drop(d);
     s.lab.destroy()?;
 
-    let fuzz_file = cli.report.join("fuzz.json");
-    let fuzz = std::fs::read_to_string(&fuzz_file)
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .unwrap_or(Value::Null);
+    let fuzz = read_fuzz(&cli.report).unwrap_or(Value::Null);
     let checks = match &cli.test_lines {
         Some(p) => test_lines(p)?,
         None => json!({}),
