@@ -33,8 +33,11 @@ pub mod labels {
     pub const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
     /// The Service an EndpointSlice belongs to.
     pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
-    /// On the EndpointSlices of a headless Service (kube-proxy ignores those).
+    /// On the EndpointSlices of a headless Service, or on a Service: kube-proxy (and tapestryd)
+    /// leave such a Service alone.
     pub const HEADLESS: &str = "service.kubernetes.io/headless";
+    /// On a Service that another proxy serves: kube-proxy (and tapestryd) leave it alone.
+    pub const SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
     /// A Node's zone, copied to its endpoints.
     pub const ZONE: &str = "topology.kubernetes.io/zone";
 }

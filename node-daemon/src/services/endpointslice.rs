@@ -341,6 +341,14 @@ fn service_specs(
     if spec.type_.as_deref() == Some("ExternalName") {
         return Vec::new();
     }
+    // As kube-proxy: a Service another proxy serves, or marked headless, is not ours (upstream's
+    // "should implement service.kubernetes.io/service-proxy-name" and ".../headless" specs).
+    let labels = svc.labels();
+    if labels.contains_key(names::labels::SERVICE_PROXY_NAME)
+        || labels.contains_key(names::labels::HEADLESS)
+    {
+        return Vec::new();
+    }
     let mut ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
     if ips.is_empty() {
         ips.extend(spec.cluster_ip.as_ref());
@@ -816,6 +824,32 @@ mod tests {
         ];
         let (state, _) = desired_state(&services, &[], &no_nodes(), "a");
         assert!(state.services.is_empty(), "{:?}", state.services);
+    }
+
+    /// kube-proxy's two labels: a Service another proxy serves, or labelled headless although
+    /// it has a cluster IP, is left alone; the same Service without them is served.
+    #[test]
+    fn services_labelled_for_another_proxy_or_headless_are_left_alone() {
+        let with = |labels: serde_json::Value| {
+            service(
+                json!({"metadata": {"name": "web", "namespace": "default", "labels": labels},
+                "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                         "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}}),
+            )
+        };
+        let slices = [pod_slice(
+            "web-1",
+            json!([{"addresses": ["10.22.0.5"], "conditions": {"ready": true}}]),
+        )];
+        for labels in [
+            json!({"service.kubernetes.io/service-proxy-name": "foo-bar"}),
+            json!({"service.kubernetes.io/headless": ""}),
+        ] {
+            let (state, _) = desired_state(&[with(labels.clone())], &slices, &no_nodes(), "a");
+            assert!(state.services.is_empty(), "{labels}: {:?}", state.services);
+        }
+        let (state, _) = desired_state(&[with(json!({"app": "web"}))], &slices, &no_nodes(), "a");
+        assert_eq!(state.services.len(), 1);
     }
 
     #[test]
