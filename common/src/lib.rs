@@ -26,6 +26,9 @@ macro_rules! map_name {
     (CONNTRACK_ANY) => {
         "TAPESTRY_CT_ANY"
     };
+    (CT_CLIENTS) => {
+        "TAPESTRY_CT_CLIENTS"
+    };
     (AFFINITY) => {
         "TAPESTRY_AFFINITY"
     };
@@ -71,6 +74,8 @@ pub mod map_names {
     /// Every other protocol's flows (UDP): a table of its own, so a flood of datagrams with
     /// random ports evicts datagram flows, never a TCP connection.
     pub const CONNTRACK_ANY: &str = map_name!(CONNTRACK_ANY);
+    /// Live flows per client address (the conntrack share, `--conntrack-share-per-endpoint`).
+    pub const CT_CLIENTS: &str = map_name!(CT_CLIENTS);
     pub const AFFINITY: &str = map_name!(AFFINITY);
     pub const FRAGMENTS: &str = map_name!(FRAGMENTS);
     pub const CONFIG: &str = map_name!(CONFIG);
@@ -87,12 +92,13 @@ pub mod map_names {
     /// Each guest's DHCP rate limiter state (guest programs).
     pub const DHCP_RATE: &str = map_name!(DHCP_RATE);
     /// Every map of the load balancer's object (`tapestry-lb`).
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKENDS,
         LB_TABLES,
         CONNTRACK,
         CONNTRACK_ANY,
+        CT_CLIENTS,
         AFFINITY,
         FRAGMENTS,
         CONFIG,
@@ -195,6 +201,12 @@ pub const MAX_BACKENDS: u32 = 131_072;
 pub const MAX_CONNTRACK: u32 = 262_144;
 /// Capacity of the non-TCP conntrack table (entries, two per flow).
 pub const MAX_CONNTRACK_ANY: u32 = 131_072;
+/// Clients tracked for the conntrack share (LRU: the least recent client's count goes first).
+pub const MAX_CT_CLIENTS: u32 = 65_536;
+/// The default conntrack share: live flows one client address may hold, half the TCP table.
+pub const DEFAULT_CT_SHARE: u32 = MAX_CONNTRACK / 4;
+/// The load balancer's `.rodata` constant holding the share (0: no limit).
+pub const CT_SHARE_GLOBAL: &str = "CT_SHARE_MAX";
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_FRAGMENTS: u32 = 8_192;
 /// Ring buffer for flow events, bytes (a power of two, a multiple of the page size).
@@ -487,11 +499,14 @@ named_u32_enum! {
         HairpinPortClash = 14 => "hairpin_port_clash",
         /// A frame from a guest longer than its MTU allows (and not a GSO super-frame).
         Oversized = 15 => "oversized",
+        /// A new flow from a client that already holds its share of conntrack
+        /// (`tapestryd --conntrack-share-per-endpoint`).
+        ConntrackShare = 16 => "conntrack_share",
     }
 }
 
 /// Number of slots in the drops map.
-pub const DROP_REASONS: u32 = 16;
+pub const DROP_REASONS: u32 = 32;
 
 named_u32_enum! {
     /// Datapath event counters; index into the counters map.

@@ -13,6 +13,14 @@ pub mod nat;
 pub mod packet;
 pub mod reject;
 
+/// Reads a `.rodata` constant the loader rewrote per load (a guest's addresses, a limit): the
+/// volatile read keeps the compiler from folding in the initial value.
+#[inline(always)]
+pub fn constant<T: Copy>(v: &T) -> T {
+    // SAFETY: `v` is a reference, so valid, aligned and initialised.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
 /// Verdicts, as tc and TCX read them.
 pub mod verdict {
     /// Not ours: let the next program (or the stack) decide. With TCX this is TCX_NEXT, so a

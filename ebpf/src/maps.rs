@@ -36,8 +36,8 @@ pub mod definitions {
     pub use tapestry_common::{
         AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, DHCP_RING_BYTES, DROP_REASONS,
         EVENTS_RING_BYTES, FragmentKey, FragmentPorts, GuestStats, LbTable, MAX_AFFINITY,
-        MAX_BACKENDS, MAX_CONNTRACK, MAX_CONNTRACK_ANY, MAX_FRAGMENTS, MAX_GUESTS, MAX_SERVICES,
-        Service, ServiceKey, TrafficStats,
+        MAX_BACKENDS, MAX_CONNTRACK, MAX_CONNTRACK_ANY, MAX_CT_CLIENTS, MAX_FRAGMENTS, MAX_GUESTS,
+        MAX_SERVICES, Service, ServiceKey, TrafficStats,
     };
 }
 
@@ -89,6 +89,13 @@ macro_rules! __map {
         $crate::__pinned_map! {
             /// Flows of every protocol but TCP: an LRU of their own (see map_names).
             CONNTRACK_ANY: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(MAX_CONNTRACK_ANY, 0)
+        }
+    };
+    (CT_CLIENTS) => {
+        $crate::__pinned_map! {
+            /// Live flows per client IPv4 address: +1 per new flow, -1 when the flow closes
+            /// (FIN/RST), recounted exactly by the daemon's conntrack GC.
+            CT_CLIENTS: LruHashMap<u32, u32> = LruHashMap::pinned(MAX_CT_CLIENTS, 0)
         }
     };
     (AFFINITY) => {

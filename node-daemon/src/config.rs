@@ -3,7 +3,7 @@
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use tapestry_api::types;
-use tapestry_common::{DEFAULT_HAIRPIN_SNAT_IP, DhcpLimit};
+use tapestry_common::{DEFAULT_CT_SHARE, DEFAULT_HAIRPIN_SNAT_IP, DhcpLimit};
 
 /// Where the desired state comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +36,8 @@ pub struct Config {
     /// Source address for hairpin flows (a backend reaching its own service).
     pub hairpin_snat_ip: Ipv4Addr,
     pub conntrack_gc_interval: Duration,
+    /// Live flows one client address may hold in conntrack (0: no limit).
+    pub conntrack_share: u32,
     /// The daemon's own state (the endpoint registry), kept across restarts.
     pub state_dir: PathBuf,
     /// A group (gid) whose members may use the API socket besides root: the socket is then
@@ -57,6 +59,7 @@ impl Config {
             flow_events: false,
             hairpin_snat_ip: Ipv4Addr::from(DEFAULT_HAIRPIN_SNAT_IP),
             conntrack_gc_interval: Duration::from_secs(10),
+            conntrack_share: DEFAULT_CT_SHARE,
             state_dir: "/run/tapestry".into(),
             api_socket_group: None,
             dhcp_limit: DhcpLimit::DEFAULT,

@@ -91,7 +91,7 @@ pub fn uninstall(bpffs_dir: &Path) -> Result<()> {
 
 /// Runs the daemon until SIGINT or SIGTERM, or until a task fails.
 pub async fn run(config: Config) -> Result<()> {
-    let mut datapath = Datapath::load(&config.bpffs_dir)?;
+    let mut datapath = Datapath::load_with(&config.bpffs_dir, config.conntrack_share)?;
     datapath.set_config(DatapathConfig {
         flags: if config.flow_events {
             config_flags::FLOW_EVENTS

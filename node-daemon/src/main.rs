@@ -5,7 +5,7 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use tapestry_api::types;
-use tapestry_common::{DEFAULT_HAIRPIN_SNAT_IP, DhcpLimit};
+use tapestry_common::{DEFAULT_CT_SHARE, DEFAULT_HAIRPIN_SNAT_IP, DhcpLimit};
 use tapestry_node_daemon::{
     config::{Config, Source},
     daemon,
@@ -68,6 +68,11 @@ struct Args {
     /// Seconds between conntrack garbage collections.
     #[arg(long, default_value_t = 10)]
     conntrack_gc_interval: u64,
+    /// Live flows (conntrack) one client address may hold: its new flows past that are dropped
+    /// and counted (conntrack_share) until some of its flows close, so one endpoint cannot
+    /// evict everyone else's connections. The default is half the TCP table; 0: no limit.
+    #[arg(long, env = "TAPESTRY_CONNTRACK_SHARE_PER_ENDPOINT", default_value_t = DEFAULT_CT_SHARE)]
+    conntrack_share_per_endpoint: u32,
     /// The daemon's own state (the endpoint registry), kept across restarts.
     #[arg(long, env = "TAPESTRY_STATE_DIR", default_value = "/run/tapestry")]
     state_dir: PathBuf,
@@ -171,6 +176,7 @@ impl Args {
             flow_events: self.flow_events,
             hairpin_snat_ip: self.hairpin_snat_ip,
             conntrack_gc_interval: Duration::from_secs(self.conntrack_gc_interval),
+            conntrack_share: self.conntrack_share_per_endpoint,
             state_dir: self.state_dir,
             api_socket_group,
             dhcp_limit: DhcpLimit {

@@ -16,7 +16,7 @@ use etherparse::{
     Ethernet2Header, IpNumber, Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice,
 };
 use tapestry_api::state::{self, DesiredState};
-use tapestry_common::{Counter, DropReason, MAX_CONNTRACK, MAX_CONNTRACK_ANY};
+use tapestry_common::{Counter, DEFAULT_CT_SHARE, DropReason, MAX_CONNTRACK, MAX_CONNTRACK_ANY};
 use tapestry_node_daemon::{
     datapath::{Datapath, conntrack},
     services::reconcile::Reconciler,
@@ -44,6 +44,11 @@ struct Lb {
 
 impl Lb {
     fn new(yaml: &str) -> Option<Lb> {
+        Self::with_share(yaml, DEFAULT_CT_SHARE)
+    }
+
+    /// With a conntrack share of `share` live flows per client (0: none).
+    fn with_share(yaml: &str, share: u32) -> Option<Lb> {
         if !prerequisites() {
             return None;
         }
@@ -54,7 +59,7 @@ impl Lb {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = Datapath::unpin_all(&dir);
-        let datapath = Datapath::load(&dir).expect("datapath loads and verifies");
+        let datapath = Datapath::load_with(&dir, share).expect("datapath loads and verifies");
         let reconciler = Reconciler::restore(&datapath.maps).unwrap();
         let mut lb = Lb {
             datapath,
@@ -688,6 +693,52 @@ services:
     }
     assert_eq!(lb.counter(Counter::Hairpin), 2);
     assert_eq!(lb.drops(DropReason::HairpinPortClash), 0);
+}
+
+/// The conntrack share: a client holding its share of live flows has its next new flow dropped
+/// and counted, another client is not affected, a flow that closes (RST) gives its place back,
+/// and the daemon's recount (conntrack GC) makes the counts exact again.
+#[test]
+fn a_client_over_its_conntrack_share_opens_no_more_flows() {
+    let Some(mut lb) = Lb::with_share(ONE_BACKEND, 3) else {
+        return;
+    };
+    for sport in 40000..40003 {
+        let (v, _) = lb.run(&tcp_packet(CLIENT, sport, VIP, 80, true));
+        assert_eq!(v, OK, "flow {sport} within the share");
+    }
+    let (v, _) = lb.run(&tcp_packet(CLIENT, 40003, VIP, 80, true));
+    assert_eq!(v, DROP, "the fourth flow is over the share");
+    assert_eq!(lb.drops(DropReason::ConntrackShare), 1);
+    // Established flows of the client go on.
+    let (v, _) = lb.run(&tcp_packet(CLIENT, 40000, VIP, 80, false));
+    assert_eq!(v, OK);
+    // Another client has its own share.
+    let (v, _) = lb.run(&tcp_packet([10, 0, 0, 9], 40000, VIP, 80, true));
+    assert_eq!(v, OK);
+    // One of the client's flows closes (RST): its place is free again.
+    let mut rst = tcp_packet(CLIENT, 40001, VIP, 80, false);
+    rst[14 + 20 + 13] = 0x14; // RST|ACK
+    let (v, _) = lb.run(&rst);
+    assert_eq!(v, OK, "the RST itself is delivered");
+    let (v, _) = lb.run(&tcp_packet(CLIENT, 40003, VIP, 80, true));
+    assert_eq!(v, OK, "a closed flow gave its place back");
+    assert_eq!(lb.drops(DropReason::ConntrackShare), 1);
+    // The recount: three live flows (40000, 40002, 40003), so still full; once the table is
+    // flushed and recounted, the client may open flows again.
+    conntrack::collect_garbage(&mut lb.datapath.maps.conntrack);
+    let client = u32::from_ne_bytes(CLIENT);
+    assert_eq!(
+        lb.datapath.maps.conntrack.clients.get(&client, 0).unwrap(),
+        3
+    );
+    let (v, _) = lb.run(&tcp_packet(CLIENT, 40004, VIP, 80, true));
+    assert_eq!(v, DROP);
+    lb.flush_conntrack();
+    conntrack::collect_garbage(&mut lb.datapath.maps.conntrack);
+    assert!(lb.datapath.maps.conntrack.clients.get(&client, 0).is_err());
+    let (v, _) = lb.run(&tcp_packet(CLIENT, 40004, VIP, 80, true));
+    assert_eq!(v, OK);
 }
 
 /// A flood of datagrams with random ports, twice the size of every conntrack table, evicts

@@ -22,6 +22,7 @@ use tapestry_common::{
     DHCP_FRAME_MAX, DhcpFrame, DhcpLimit, DropReason, GuestStats, IPPROTO_UDP, mac_u64,
 };
 use tapestry_ebpf::{
+    constant,
     maps::increment,
     packet::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, read},
     verdict,
@@ -68,14 +69,6 @@ const DHCP_SERVER_PORT: u16 = 67;
 const DHCP_CLIENT_PORT: u16 = 68;
 /// Smallest frame that can hold a DHCP message's headers (Ethernet, IPv4, UDP).
 const DHCP_FRAME_MIN: u32 = (ETH_HLEN + 20 + 8) as u32;
-
-/// `.rodata` reads must not be folded by the compiler: the loader rewrites them.
-#[inline(always)]
-fn constant<T: Copy>(v: &T) -> T {
-    // SAFETY: `v` is a reference, so valid, aligned and initialised; the volatile read only
-    // keeps the compiler from using the initial value, which the loader replaces.
-    unsafe { core::ptr::read_volatile(v) }
-}
 
 /// Updates this guest's counters (this CPU's copy; userspace sums the CPUs).
 #[inline(always)]

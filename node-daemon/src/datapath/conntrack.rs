@@ -5,16 +5,18 @@
 //! anyone else waits on.
 
 use aya::maps::{HashMap, MapData, MapError};
-use tapestry_common::{CtEntry, CtKey, IPPROTO_TCP, ct_lifetime};
+use tapestry_common::{CtEntry, CtKey, IPPROTO_TCP, ct_direction, ct_flags, ct_lifetime};
 
 use super::monotonic_ns;
 
 pub type ConntrackMap = HashMap<MapData, CtKey, CtEntry>;
 
-/// The two conntrack tables: TCP, and every other protocol.
+/// The two conntrack tables: TCP, and every other protocol; and the live flows per client.
 pub struct Tables {
     pub tcp: ConntrackMap,
     pub any: ConntrackMap,
+    /// The conntrack share's counts, client IPv4 (network order) -> live flows.
+    pub clients: HashMap<MapData, u32, u32>,
 }
 
 impl Tables {
@@ -54,19 +56,40 @@ pub fn is_live(k: &CtKey, e: &CtEntry, now: u64) -> bool {
     now.saturating_sub(e.last_seen_ns) <= ct_lifetime::for_entry(k.proto, e.flags)
 }
 
-/// Deletes expired entries; returns how many.
+/// Deletes expired entries, then recounts each client's live flows for the conntrack share;
+/// returns how many entries went.
 pub fn collect_garbage(tables: &mut Tables) -> usize {
     let now = monotonic_ns();
-    let expired: Vec<CtKey> = entries(tables)
+    let (live, expired): (Vec<_>, Vec<_>) = entries(tables)
         .into_iter()
-        .filter(|(k, e)| !is_live(k, e, now))
-        .map(|(k, _)| k)
-        .collect();
+        .partition(|(k, e)| is_live(k, e, now));
     let n = expired.len();
-    for k in expired {
+    for (k, _) in expired {
         let _ = tables.remove(&k);
     }
+    recount_shares(tables, &live);
     n
+}
+
+/// The datapath adds one per new flow and takes one off when a flow closes, but never hears of
+/// an entry that expired or was evicted: the counts are made exact again from the entries
+/// `live` now (forward entries of open flows, by client).
+fn recount_shares(tables: &mut Tables, live: &[(CtKey, CtEntry)]) {
+    let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    for (k, e) in live {
+        if k.direction == ct_direction::FORWARD && e.flags & ct_flags::CLOSING == 0 {
+            *counts.entry(k.saddr).or_default() += 1;
+        }
+    }
+    let known: Vec<u32> = tables.clients.keys().filter_map(|k| k.ok()).collect();
+    for client in known {
+        if !counts.contains_key(&client) {
+            let _ = tables.clients.remove(&client);
+        }
+    }
+    for (client, n) in counts {
+        let _ = tables.clients.insert(client, n, 0);
+    }
 }
 
 /// Removes every entry: live flows are balanced anew on their next packet.

@@ -28,8 +28,8 @@ use aya::{
     programs::{SchedClassifier, TcAttachType},
 };
 use tapestry_common::{
-    AffinityEntry, AffinityKey, Backend, Config, GuestStats, LbTable, Service, ServiceKey,
-    TrafficStats, map_names, program_names,
+    AffinityEntry, AffinityKey, Backend, CT_SHARE_GLOBAL, Config, DEFAULT_CT_SHARE, GuestStats,
+    LbTable, Service, ServiceKey, TrafficStats, map_names, program_names,
 };
 use tracing::{debug, info, warn};
 
@@ -123,6 +123,7 @@ impl Maps {
             conntrack: conntrack::Tables {
                 tcp: open(pin_dir, map_names::CONNTRACK)?,
                 any: open(pin_dir, map_names::CONNTRACK_ANY)?,
+                clients: open(pin_dir, map_names::CT_CLIENTS)?,
             },
             affinity: open(pin_dir, map_names::AFFINITY)?,
             config: open(pin_dir, map_names::CONFIG)?,
@@ -181,6 +182,12 @@ impl Datapath {
     /// Loads the programs, reusing the maps pinned under `pin_dir` (creating and pinning them the
     /// first time), and pins the program.
     pub fn load(pin_dir: &Path) -> Result<Self> {
+        Self::load_with(pin_dir, DEFAULT_CT_SHARE)
+    }
+
+    /// [`Datapath::load`] with the conntrack share: live flows one client address may hold
+    /// (0: no limit; `tapestryd --conntrack-share-per-endpoint`).
+    pub fn load_with(pin_dir: &Path, ct_share: u32) -> Result<Self> {
         if OBJECT.is_empty() {
             bail!(
                 "this tapestryd was built with AYA_BUILD_SKIP=1 and carries no eBPF object; \
@@ -200,6 +207,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .btf(kernel_btf())
             .default_map_pin_directory(pin_dir)
+            .override_global(CT_SHARE_GLOBAL, &ct_share, true)
             .load(OBJECT)
             .context("loading the eBPF object")?;
         for (name, pin, _, _) in SERVICE_PROGRAMS {
@@ -234,6 +242,7 @@ impl Datapath {
             conntrack: conntrack::Tables {
                 tcp: take(&mut ebpf, map_names::CONNTRACK)?,
                 any: take(&mut ebpf, map_names::CONNTRACK_ANY)?,
+                clients: take(&mut ebpf, map_names::CT_CLIENTS)?,
             },
             affinity: take(&mut ebpf, map_names::AFFINITY)?,
             config: take(&mut ebpf, map_names::CONFIG)?,

@@ -6,7 +6,59 @@ use tapestry_common::{CtEntry, CtKey, IPPROTO_TCP, ct_direction, ct_flags, ct_li
 
 use tapestry_ebpf::packet::{Ipv4Packet, TCP_FIN, TCP_RST};
 
-use crate::maps::{CONNTRACK, CONNTRACK_ANY};
+use crate::maps::{CONNTRACK, CONNTRACK_ANY, CT_CLIENTS};
+
+// Live flows one client address may hold (`tapestry_common::CT_SHARE_GLOBAL`, set at load;
+// 0: no limit).
+// SAFETY: no other symbol in the object is named CT_SHARE_MAX.
+#[unsafe(no_mangle)]
+static CT_SHARE_MAX: u32 = 0;
+
+/// The conntrack share: whether `client` may open one more flow.
+#[inline(always)]
+pub fn share_admits(client: u32) -> bool {
+    let max = tapestry_ebpf::constant(&CT_SHARE_MAX);
+    if max == 0 {
+        return true;
+    }
+    // SAFETY: copied out at once from an RCU-protected value.
+    match unsafe { CT_CLIENTS.get(client) } {
+        Some(n) => *n < max,
+        None => true,
+    }
+}
+
+/// A new flow of `client` (counted only while a share is set).
+#[inline(always)]
+pub fn share_add(client: u32) {
+    if tapestry_ebpf::constant(&CT_SHARE_MAX) == 0 {
+        return;
+    }
+    match CT_CLIENTS.get_ptr_mut(client) {
+        // SAFETY: a successful lookup: a valid, aligned value for the rest of the run; a racing
+        // CPU can lose an update, which the daemon's recount corrects.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = CT_CLIENTS.insert(client, 1, 0);
+        }
+    }
+}
+
+/// A flow of `client` closing (its forward entry's first FIN or RST).
+#[inline(always)]
+pub fn share_sub(client: u32) {
+    if tapestry_ebpf::constant(&CT_SHARE_MAX) == 0 {
+        return;
+    }
+    if let Some(n) = CT_CLIENTS.get_ptr_mut(client) {
+        // SAFETY: as in share_add.
+        unsafe {
+            if *n > 0 {
+                *n -= 1;
+            }
+        }
+    }
+}
 
 /// TCP flows in one table, everything else in another: datagrams with random ports, however
 /// many, only ever evict datagram flows.

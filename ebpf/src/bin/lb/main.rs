@@ -55,6 +55,7 @@ tapestry_ebpf::maps!(
     LB_TABLES,
     CONNTRACK,
     CONNTRACK_ANY,
+    CT_CLIENTS,
     AFFINITY,
     FRAGMENTS,
     CONFIG,
@@ -272,8 +273,12 @@ fn lb4_forward(ctx: &TcContext, pkt: &Ipv4Packet, svc: &Service) -> Result<i32, 
             match lb4_lookup_backend(e.backend_id) {
                 // Same id and same address: the flow's backend still exists (active or draining).
                 Some(b) if b.ip == e.nat_addr && b.port == e.nat_port => {
+                    let add = conntrack::flags_from_tcp(pkt);
+                    if add & ct_flags::CLOSING != 0 && e.flags & ct_flags::CLOSING == 0 {
+                        conntrack::share_sub(pkt.saddr);
+                    }
                     // SAFETY: `entry` comes from the lookup above, in this run (touch's contract).
-                    unsafe { conntrack::touch(entry, conntrack::flags_from_tcp(pkt), now) };
+                    unsafe { conntrack::touch(entry, add, now) };
                     new_flow = false;
                     chosen = Some((
                         e.backend_id,
@@ -403,6 +408,9 @@ fn lb4_new_flow(
     fkey: &CtKey,
     reselect: bool,
 ) -> Result<(u32, Backend, u8, u16), DropReason> {
+    if !conntrack::share_admits(pkt.saddr) {
+        return Err(DropReason::ConntrackShare);
+    }
     let (backend_id, backend) = lb4_select_backend(svc, pkt, now)?;
     let hairpin = if backend.ip == pkt.saddr {
         ct_flags::HAIRPIN
@@ -453,6 +461,9 @@ fn lb4_new_flow(
     if conntrack::insert(fkey, &forward).is_err() {
         conntrack::remove(&rkey);
         return Err(DropReason::ConntrackFull);
+    }
+    if forward.flags & ct_flags::CLOSING == 0 {
+        conntrack::share_add(pkt.saddr);
     }
     count(Counter::NewFlows);
     if hairpin != 0 {
