@@ -577,7 +577,8 @@ pub struct GuestStats {
     pub tx_bytes: u64,
     /// DHCP messages handed to the daemon.
     pub dhcp: u64,
-    /// Drops by `DropReason` (indexes 6..=13 and 15 are the guest's).
+    /// Drops by `DropReason` (indexes 6..=13 and 15 are the guest's; a guest program never
+    /// drops for a reason past 15).
     pub drops: [u64; 16],
     /// Last time the guest used its own address (IPv4 source or ARP sender): readiness.
     pub seen_ns: u64,
@@ -683,6 +684,21 @@ mod tests {
         }
         assert_eq!(DropReason::from_u32(DROP_REASONS), None);
         assert_eq!(DropReason::NoBackend.name(), "no_backend");
+        // Every reason a guest program drops for has a slot in a guest's own counters.
+        let guest_slots = GuestStats::default().drops.len() as u32;
+        for r in [
+            DropReason::SpoofedMac,
+            DropReason::SpoofedIp,
+            DropReason::SpoofedArp,
+            DropReason::UnsupportedProtocol,
+            DropReason::DhcpQueueFull,
+            DropReason::VlanTagged,
+            DropReason::RogueDhcpServer,
+            DropReason::DhcpRateLimited,
+            DropReason::Oversized,
+        ] {
+            assert!((r as u32) < guest_slots, "{r:?}");
+        }
     }
 
     #[test]

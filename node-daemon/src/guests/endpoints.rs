@@ -879,10 +879,12 @@ impl Endpoints {
                 let vm = e.request.vm.as_ref()?;
                 let s = self.guest_stats(slot);
                 let (phase, reason) = readiness(bound, &s);
+                // A guest's counters hold the first 16 reasons (the guest's are among them).
                 let drops = DropReason::ALL
                     .iter()
-                    .filter(|r| s.drops[**r as usize] > 0)
-                    .map(|r| (r.name().to_owned(), s.drops[*r as usize]))
+                    .filter_map(|r| Some((r, *s.drops.get(*r as usize)?)))
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(r, n)| (r.name().to_owned(), n))
                     .collect();
                 Some(GuestInfo {
                     name: e
