@@ -505,6 +505,19 @@ named_u32_enum! {
     }
 }
 
+/// Every reason a guest program drops a guest's frame for (each has a slot in `GuestStats`).
+pub const GUEST_DROP_REASONS: [DropReason; 9] = [
+    DropReason::SpoofedMac,
+    DropReason::SpoofedIp,
+    DropReason::SpoofedArp,
+    DropReason::UnsupportedProtocol,
+    DropReason::DhcpQueueFull,
+    DropReason::VlanTagged,
+    DropReason::RogueDhcpServer,
+    DropReason::DhcpRateLimited,
+    DropReason::Oversized,
+];
+
 /// Number of slots in the drops map.
 pub const DROP_REASONS: u32 = 32;
 
@@ -686,17 +699,7 @@ mod tests {
         assert_eq!(DropReason::NoBackend.name(), "no_backend");
         // Every reason a guest program drops for has a slot in a guest's own counters.
         let guest_slots = GuestStats::default().drops.len() as u32;
-        for r in [
-            DropReason::SpoofedMac,
-            DropReason::SpoofedIp,
-            DropReason::SpoofedArp,
-            DropReason::UnsupportedProtocol,
-            DropReason::DhcpQueueFull,
-            DropReason::VlanTagged,
-            DropReason::RogueDhcpServer,
-            DropReason::DhcpRateLimited,
-            DropReason::Oversized,
-        ] {
+        for r in GUEST_DROP_REASONS {
             assert!((r as u32) < guest_slots, "{r:?}");
         }
     }

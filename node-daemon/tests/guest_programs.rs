@@ -33,8 +33,8 @@ use dhcproto::{
 };
 use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, PacketBuilder, VlanId};
 use tapestry_common::{
-    DHCP_FRAME_MAX, DHCP_RING_BYTES, DhcpFrame, DhcpLimit, DropReason, GuestStats, guest_globals,
-    map_names, program_names,
+    DHCP_FRAME_MAX, DHCP_RING_BYTES, DhcpFrame, DhcpLimit, DropReason, GUEST_DROP_REASONS,
+    GuestStats, guest_globals, map_names, program_names,
 };
 use tapestry_node_daemon::datapath::{guest, ifindex_of};
 
@@ -389,19 +389,6 @@ fn guest_to_pod_redirects_the_guests_own_frames() {
     assert_eq!(s, expected);
     assert!(g.node_drops().iter().all(|d| *d == 0));
 }
-
-/// Every reason the guest program drops for; `DhcpQueueFull` has its own test.
-const GUEST_DROP_REASONS: [DropReason; 9] = [
-    DropReason::SpoofedMac,
-    DropReason::SpoofedIp,
-    DropReason::SpoofedArp,
-    DropReason::UnsupportedProtocol,
-    DropReason::DhcpQueueFull,
-    DropReason::VlanTagged,
-    DropReason::RogueDhcpServer,
-    DropReason::DhcpRateLimited,
-    DropReason::Oversized,
-];
 
 /// Each drop verdict of guest_to_pod, with its counter in the guest's slot and in the node-wide
 /// drops map. One branch is not here: an IPv4 frame too short for an IPv4 header (SpoofedIp),
