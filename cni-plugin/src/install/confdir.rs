@@ -518,10 +518,21 @@ impl ConfDir {
             .iter()
             .filter(|f| self.is_symlink(f))
             .filter_map(|f| {
-                fs::canonicalize(self.dir.join(f))
-                    .ok()?
-                    .parent()
-                    .map(Into::into)
+                let link = self.dir.join(f);
+                if let Ok(target) = fs::canonicalize(&link) {
+                    return target.parent().map(Into::into);
+                }
+                // A dangling link (its target being replaced: removed, then created again):
+                // the directory it points into is still the one to watch, or the new file
+                // would never be seen.
+                let target = fs::read_link(&link).ok()?;
+                let target = if target.is_absolute() {
+                    target
+                } else {
+                    self.dir.join(target)
+                };
+                let parent = target.parent()?;
+                Some(fs::canonicalize(parent).unwrap_or_else(|_| parent.to_path_buf()))
             })
             .collect();
         dirs.sort();

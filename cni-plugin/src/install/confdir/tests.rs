@@ -356,6 +356,18 @@ fn is_symlink(p: &Path) -> bool {
     fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
 }
 
+/// A link whose target is being replaced (removed, then created again) still names the
+/// directory to watch, or the watching installer never sees the new file (a flake CI found:
+/// `watching_a_symlinked_primary_keeps_the_link_and_follows_its_target`, rewrite "Recreate").
+#[test]
+fn a_dangling_links_target_directory_is_still_watched() {
+    let d = Dir::new("dangling");
+    let elsewhere = Dir::new("dangling-target");
+    std::os::unix::fs::symlink(elsewhere.0.join("gone"), d.0.join("10-calico.conflist")).unwrap();
+    let target_dir = fs::canonicalize(&elsewhere.0).unwrap();
+    assert_eq!(d.conf().link_target_dirs(), vec![target_dir]);
+}
+
 #[test]
 fn a_symlinked_primary_stays_a_link_and_its_chained_copy_follows_the_target() {
     for primary in PRIMARIES {
