@@ -62,6 +62,9 @@ macro_rules! map_name {
     (DHCP_RATE) => {
         "TAPESTRY_DHCP_RATE"
     };
+    (HOST_REVERSE) => {
+        "TAPESTRY_HOST_REV"
+    };
 }
 
 /// Names of the pinned maps, as declared in the eBPF objects (also their file names in bpffs).
@@ -91,8 +94,12 @@ pub mod map_names {
     pub const DHCP: &str = map_name!(DHCP);
     /// Each guest's DHCP rate limiter state (guest programs).
     pub const DHCP_RATE: &str = map_name!(DHCP_RATE);
+    /// The node's own sockets (host-network pods, node processes) that a frontend was
+    /// translated for: (socket, backend) -> frontend, so what they receive and their peer's
+    /// name show the frontend again.
+    pub const HOST_REVERSE: &str = map_name!(HOST_REVERSE);
     /// Every map of the load balancer's object (`tapestry-lb`).
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         BACKENDS,
         LB_TABLES,
@@ -107,6 +114,7 @@ pub mod map_names {
         DROPS,
         COUNTERS,
         EVENTS,
+        HOST_REVERSE,
     ];
     /// Every map of the guest programs' object (`tapestry-guest`). `DROPS` is the load
     /// balancer's, shared through its pin, so one map counts every drop on the node.
@@ -125,6 +133,16 @@ pub mod program_names {
     /// VM pods, in the pod's netns: the tap's ingress (what the guest sends), checked for
     /// spoofing, then out of the pod interface.
     pub const GUEST_TO_POD: &str = "tapestry_guest_to_pod";
+    /// The node's own sockets (cgroup `connect4`): a connection to a frontend goes to a
+    /// backend chosen at connect time; nothing is done per packet.
+    pub const HOST_CONNECT4: &str = "tapestry_host_connect4";
+    /// The node's own datagrams sent to a frontend without `connect` (cgroup `sendmsg4`).
+    pub const HOST_SENDMSG4: &str = "tapestry_host_sendmsg4";
+    /// What the node's own sockets receive from a backend shows the frontend (cgroup
+    /// `recvmsg4`).
+    pub const HOST_RECVMSG4: &str = "tapestry_host_recvmsg4";
+    /// A connected socket's peer shows the frontend (cgroup `getpeername4`).
+    pub const HOST_GETPEERNAME4: &str = "tapestry_host_getpeername4";
 }
 
 /// Per-attachment constants of the guest programs, set at load time (`.rodata`), so the fast
@@ -207,6 +225,12 @@ pub const MAX_CT_CLIENTS: u32 = 65_536;
 pub const DEFAULT_CT_SHARE: u32 = MAX_CONNTRACK / 4;
 /// The load balancer's `.rodata` constant holding the share (0: no limit).
 pub const CT_SHARE_GLOBAL: &str = "CT_SHARE_MAX";
+/// The load balancer's global (`.rodata`, set at load) holding the cookie of the network
+/// namespace whose sockets are the node's own: only they are translated by the host programs
+/// (pods' sockets go through the per-packet path on their interfaces). 0: none.
+pub const HOST_NETNS_COOKIE_GLOBAL: &str = "HOST_NETNS_COOKIE";
+/// Entries of the host sockets' reverse map (LRU).
+pub const MAX_HOST_REVERSE: u32 = 65_536;
 pub const MAX_AFFINITY: u32 = 65_536;
 pub const MAX_FRAGMENTS: u32 = 8_192;
 /// Ring buffer for flow events, bytes (a power of two, a multiple of the page size).
@@ -395,6 +419,28 @@ pub struct AffinityEntry {
     pub last_used_ns: u64,
 }
 
+/// A node's own socket and the backend it was sent to (`map_names::HOST_REVERSE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct HostReverseKey {
+    /// `bpf_get_socket_cookie`: unique per socket for the kernel's lifetime.
+    pub cookie: u64,
+    /// The backend, network byte order.
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The frontend a node's socket asked for (`map_names::HOST_REVERSE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HostReverse {
+    /// The frontend, network byte order.
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
 /// Non-first IPv4 fragments carry no ports: the first fragment records them here.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -540,6 +586,9 @@ named_u32_enum! {
         EventsLost = 6 => "events_lost",
         /// Packets passed through untouched (not IPv4, not for a frontend, unparsable).
         Passed = 7 => "passed",
+        /// Connections and datagrams of the node's own sockets translated to a backend
+        /// (host-network pods and node processes reaching a frontend).
+        HostTranslated = 8 => "host_translated",
     }
 }
 
@@ -634,6 +683,8 @@ mod pod {
         AffinityEntry,
         FragmentKey,
         FragmentPorts,
+        HostReverseKey,
+        HostReverse,
         Config,
         TrafficStats,
         FlowEvent,
@@ -659,6 +710,8 @@ mod tests {
         assert_eq!(size_of::<AffinityEntry>(), 16);
         assert_eq!(size_of::<FragmentKey>(), 12);
         assert_eq!(size_of::<FragmentPorts>(), 4);
+        assert_eq!(size_of::<HostReverseKey>(), 16);
+        assert_eq!(size_of::<HostReverse>(), 8);
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<TrafficStats>(), 24);
         assert_eq!(size_of::<FlowEvent>(), 48);

@@ -35,9 +35,10 @@ pub mod definitions {
     };
     pub use tapestry_common::{
         AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, DHCP_RING_BYTES, DROP_REASONS,
-        EVENTS_RING_BYTES, FragmentKey, FragmentPorts, GuestStats, LbTable, MAX_AFFINITY,
-        MAX_BACKENDS, MAX_CONNTRACK, MAX_CONNTRACK_ANY, MAX_CT_CLIENTS, MAX_FRAGMENTS, MAX_GUESTS,
-        MAX_SERVICES, Service, ServiceKey, TrafficStats,
+        EVENTS_RING_BYTES, FragmentKey, FragmentPorts, GuestStats, HostReverse, HostReverseKey,
+        LbTable, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CONNTRACK_ANY, MAX_CT_CLIENTS,
+        MAX_FRAGMENTS, MAX_GUESTS, MAX_HOST_REVERSE, MAX_SERVICES, Service, ServiceKey,
+        TrafficStats,
     };
 }
 
@@ -107,6 +108,13 @@ macro_rules! __map {
         $crate::__pinned_map! {
             FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
                 LruHashMap::pinned(MAX_FRAGMENTS, 0)
+        }
+    };
+    (HOST_REVERSE) => {
+        $crate::__pinned_map! {
+            /// (node socket, backend) -> the frontend it asked for.
+            HOST_REVERSE: LruHashMap<HostReverseKey, HostReverse> =
+                LruHashMap::pinned(MAX_HOST_REVERSE, 0)
         }
     };
     (CONFIG) => {

@@ -45,6 +45,16 @@ pub struct Config {
     pub api_socket_group: Option<u32>,
     /// How much DHCP each guest may send to the daemon (enforced in the guest program).
     pub dhcp_limit: DhcpLimit,
+    /// Frontends for the node's own sockets (None: only pods and guests reach them).
+    pub host_services: Option<HostServices>,
+}
+
+/// `tapestryd --host-services`: the cgroup programs that let the node's own sockets reach
+/// frontends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostServices {
+    /// The cgroup v2 root to attach to (None: found at start).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl Config {
@@ -63,6 +73,7 @@ impl Config {
             state_dir: "/run/tapestry".into(),
             api_socket_group: None,
             dhcp_limit: DhcpLimit::DEFAULT,
+            host_services: Some(HostServices::default()),
         }
     }
 }

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use crate::{
     api,
     config::{Config, Source},
-    datapath::{Datapath, Maps, Pins, conntrack},
+    datapath::{Datapath, LoadOptions, Maps, Pins, conntrack, host},
     flows::{self, FlowLog},
     guests::{self, Endpoints, discover, endpoints, publish},
     services::{
@@ -91,7 +91,27 @@ pub fn uninstall(bpffs_dir: &Path) -> Result<()> {
 
 /// Runs the daemon until SIGINT or SIGTERM, or until a task fails.
 pub async fn run(config: Config) -> Result<()> {
-    let mut datapath = Datapath::load_with(&config.bpffs_dir, config.conntrack_share)?;
+    // The node's own sockets reach frontends where this daemon programs Services (not with
+    // `--kube-proxy-replacement=false`, where kube-proxy serves them).
+    let host_services = config.host_services.as_ref().filter(|_| {
+        !matches!(
+            config.source,
+            Source::Kubernetes {
+                kube_proxy_replacement: false,
+                ..
+            }
+        )
+    });
+    let mut datapath = Datapath::load_with(
+        &config.bpffs_dir,
+        LoadOptions {
+            ct_share: config.conntrack_share,
+            host_netns_cookie: match host_services {
+                Some(_) => host::netns_cookie()?,
+                None => 0,
+            },
+        },
+    )?;
     datapath.set_config(DatapathConfig {
         flags: if config.flow_events {
             config_flags::FLOW_EVENTS
@@ -100,6 +120,14 @@ pub async fn run(config: Config) -> Result<()> {
         },
         hairpin_snat_ip: u32::from_ne_bytes(config.hairpin_snat_ip.octets()),
     })?;
+    match host_services {
+        Some(h) => datapath.attach_host(&host::cgroup2_root(h.cgroup_root.as_deref())?)?,
+        None => {
+            if datapath.detach_host()? {
+                info!("host services off: the node's sockets no longer reach frontends");
+            }
+        }
+    }
     let pins = datapath.pins().clone();
     let reconciler = Reconciler::restore(&datapath.maps)?;
     let adopted = pins.adopt_links()?;

@@ -7,7 +7,7 @@ use clap::Parser;
 use tapestry_api::types;
 use tapestry_common::{DEFAULT_CT_SHARE, DEFAULT_HAIRPIN_SNAT_IP, DhcpLimit};
 use tapestry_node_daemon::{
-    config::{Config, Source},
+    config::{Config, HostServices, Source},
     daemon,
 };
 use tracing::error;
@@ -89,6 +89,16 @@ struct Args {
     /// DHCP messages a guest may send back to back before its rate applies.
     #[arg(long, env = "TAPESTRY_DHCP_BURST_PER_GUEST", default_value_t = DhcpLimit::DEFAULT.burst, value_parser = clap::value_parser!(u32).range(1..))]
     dhcp_burst_per_guest: u32,
+    /// Let the node's own sockets (host-network pods, the node's processes) reach every
+    /// frontend, as kube-proxy's OUTPUT rules do: cgroup programs on the cgroup v2 root choose
+    /// the backend at connect/sendmsg time. Only this network namespace's sockets are
+    /// translated.
+    #[arg(long, env = "TAPESTRY_HOST_SERVICES", default_value_t = true, action = clap::ArgAction::Set)]
+    host_services: bool,
+    /// The root of the cgroup v2 hierarchy for `--host-services` (default: /sys/fs/cgroup when
+    /// it is cgroup v2, else /sys/fs/cgroup/unified).
+    #[arg(long, env = "TAPESTRY_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
     /// Remove every pin (datapath detached from every interface, maps gone) and exit.
     #[arg(long)]
     uninstall: bool,
@@ -179,6 +189,9 @@ impl Args {
             conntrack_share: self.conntrack_share_per_endpoint,
             state_dir: self.state_dir,
             api_socket_group,
+            host_services: self.host_services.then_some(HostServices {
+                cgroup_root: self.cgroup_root,
+            }),
             dhcp_limit: DhcpLimit {
                 rate_per_sec: self.dhcp_rate_per_guest,
                 burst: self.dhcp_burst_per_guest,

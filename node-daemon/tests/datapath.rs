@@ -18,7 +18,7 @@ use etherparse::{
 use tapestry_api::state::{self, DesiredState};
 use tapestry_common::{Counter, DEFAULT_CT_SHARE, DropReason, MAX_CONNTRACK, MAX_CONNTRACK_ANY};
 use tapestry_node_daemon::{
-    datapath::{Datapath, conntrack},
+    datapath::{Datapath, LoadOptions, conntrack},
     services::reconcile::Reconciler,
 };
 
@@ -59,7 +59,14 @@ impl Lb {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = Datapath::unpin_all(&dir);
-        let datapath = Datapath::load_with(&dir, share).expect("datapath loads and verifies");
+        let datapath = Datapath::load_with(
+            &dir,
+            LoadOptions {
+                ct_share: share,
+                ..LoadOptions::default()
+            },
+        )
+        .expect("datapath loads and verifies");
         let reconciler = Reconciler::restore(&datapath.maps).unwrap();
         let mut lb = Lb {
             datapath,

@@ -82,6 +82,8 @@ impl Daemon {
         extra_args: &[&str],
     ) -> Result<Daemon> {
         static N: AtomicU32 = AtomicU32::new(0);
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(sweep_stale_pins);
         let id = format!(
             "{name}-{}-{}",
             std::process::id(),
@@ -234,6 +236,11 @@ impl Daemon {
         self.wait_generation(1, Duration::from_secs(20))
     }
 
+    /// The flags the next [`Daemon::restart`] starts it with, besides the lab's own.
+    pub fn set_extra_args(&mut self, args: &[&str]) {
+        self.extra_args = args.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Starts the daemon again without waiting for a desired state (its source may be
     /// unreachable): returns once the API answers.
     pub fn restart_unsynced(&mut self) -> Result<Status> {
@@ -297,6 +304,36 @@ impl Daemon {
     /// Starts since creation (1 + restarts).
     pub fn starts(&self) -> u32 {
         self.starts
+    }
+}
+
+/// Removes the bpffs directories of test daemons whose test process is gone
+/// (`/sys/fs/bpf/tapestry-<name>-<pid>-<n>`; a run killed before its `Drop`s). Their interface
+/// links went with the lab's interfaces, but their host programs stay on the root cgroup as
+/// long as the pins do, and would still translate this namespace's sockets to a dead lab's
+/// frontends, which a later lab reuses.
+fn sweep_stale_pins() {
+    let Ok(entries) = fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("tapestry-") else {
+            continue;
+        };
+        let mut parts = rest.rsplitn(3, '-');
+        let (Some(n), Some(pid), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if n.parse::<u32>().is_err() {
+            continue;
+        }
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     io::ErrorKind,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -261,4 +261,112 @@ fn restart_and_kill9_drop_no_flow_and_fail_no_connection() {
         "{}",
         d.log()
     );
+}
+
+/// `tapestry_datapath_events{event="host_translated"}`: connections and datagrams of the node's
+/// own sockets sent to a backend.
+fn host_translated(d: &Daemon) -> u64 {
+    let metrics = d.client().metrics().unwrap();
+    metrics
+        .lines()
+        .find(|l| l.starts_with("tapestry_datapath_events") && l.contains("\"host_translated\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no host_translated counter in\n{metrics}"))
+}
+
+/// The node itself reaches frontends (here the node is this test process, in the namespace the
+/// daemon runs in, as a host-network pod or a node process would be): TCP connections spread
+/// over the backends, UDP sent with and without `connect`, each answer and each peer's name
+/// showing the frontend; a frontend without backends refuses at once. Pods' sockets stay with
+/// their interface's program, and `--host-services=false` takes the host programs off.
+#[test]
+fn the_node_itself_reaches_frontends_and_sees_them_as_its_peers() {
+    require_lab!();
+    let s = setup("lb-host", 2);
+    let all: Vec<&Pod> = s.backends.iter().collect();
+    let empty = s.lab.service_ip(1);
+    let state = format!(
+        "{}\n  - name: empty\n    vip: {empty}\n    port: 80\n    backends: []\n",
+        s.state(&all, "").trim_end()
+    );
+    let mut d = Daemon::start("lb-host", &state, &s.interfaces()).unwrap();
+    let names: Vec<String> = s.backends.iter().map(|b| b.name.clone()).collect();
+    let web = SocketAddrV4::new(s.vip, 80);
+    let dns = SocketAddrV4::new(s.vip, 53);
+
+    let mut seen = BTreeMap::new();
+    for i in 0..40 {
+        let mut stream = tapestry_tests::tcp_connect(web, T)
+            .unwrap_or_else(|e| panic!("the node -> {web} (connection {i}): {e}"));
+        assert_eq!(
+            stream.peer_addr().unwrap(),
+            SocketAddr::V4(web),
+            "peer name"
+        );
+        let name = tapestry_tests::stream_request(&mut stream, b"hello\n").unwrap();
+        *seen.entry(name).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        names,
+        "new connections spread over both backends: {seen:?}"
+    );
+
+    // Without connect: every datagram's source is the frontend, and one socket is one flow.
+    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+    sock.set_read_timeout(Some(T)).unwrap();
+    let mut answered = BTreeMap::new();
+    for _ in 0..5 {
+        sock.send_to(b"q\n", dns).unwrap();
+        let mut buf = [0u8; 256];
+        let (n, from) = sock
+            .recv_from(&mut buf)
+            .expect("an answer through the frontend");
+        assert_eq!(from, SocketAddr::V4(dns), "the answer's source");
+        let name = String::from_utf8_lossy(&buf[..n]).trim_end().to_owned();
+        *answered.entry(name).or_insert(0) += 1;
+    }
+    assert_eq!(answered.len(), 1, "one socket, one backend: {answered:?}");
+    assert!(names.contains(answered.keys().next().unwrap()));
+    // Connected: only answers from the frontend are accepted (tapestry_tests::udp_request).
+    let name = tapestry_tests::udp_request(dns, b"q\n", T).expect("connected UDP");
+    assert!(names.contains(&name), "{name}");
+
+    let started = Instant::now();
+    let err = tapestry_tests::tcp_request(SocketAddrV4::new(empty, 80), b"x\n", T)
+        .expect_err("a frontend without backends");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused, not timed out"
+    );
+
+    // 40 connections, 5 datagrams, 1 connected socket: counted as the node's.
+    let before = host_translated(&d);
+    assert!(before >= 46, "host_translated {before}");
+    // A pod's connection goes through its interface's program, not the host programs.
+    assert!(names.contains(&s.tcp().unwrap()));
+    assert_eq!(
+        host_translated(&d),
+        before,
+        "a pod's socket is not the node's"
+    );
+
+    d.set_extra_args(&["--host-services=false"]);
+    d.restart().unwrap();
+    let links: Vec<String> = std::fs::read_dir(d.bpffs_dir.join("links"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !links.iter().any(|l| l.starts_with("host-")),
+        "host links left: {links:?}"
+    );
+    match tapestry_tests::tcp_request(web, b"hello\n", Duration::from_secs(1)) {
+        Ok(reply) => assert!(!names.contains(&reply), "still reached {reply}"),
+        Err(_) => {}
+    }
+    // Pods are served as before.
+    assert!(names.contains(&s.tcp().unwrap()));
 }

@@ -11,6 +11,7 @@
 
 pub mod conntrack;
 pub mod guest;
+pub mod host;
 pub mod iface;
 pub mod link;
 
@@ -25,11 +26,11 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
-    programs::{SchedClassifier, TcAttachType},
+    programs::{CgroupSockAddr, SchedClassifier, TcAttachType},
 };
 use tapestry_common::{
     AffinityEntry, AffinityKey, Backend, CT_SHARE_GLOBAL, Config, DEFAULT_CT_SHARE, GuestStats,
-    LbTable, Service, ServiceKey, TrafficStats, map_names, program_names,
+    HOST_NETNS_COOKIE_GLOBAL, LbTable, Service, ServiceKey, TrafficStats, map_names, program_names,
 };
 use tracing::{debug, info, warn};
 
@@ -171,6 +172,26 @@ pub struct Datapath {
     dhcp: Option<RingBuf<MapData>>,
 }
 
+/// Settings fixed when the programs are loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Live flows one client address may hold (0: no limit;
+    /// `tapestryd --conntrack-share-per-endpoint`).
+    pub ct_share: u32,
+    /// The network namespace whose sockets the host programs translate ([`host::netns_cookie`];
+    /// 0: none).
+    pub host_netns_cookie: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            ct_share: DEFAULT_CT_SHARE,
+            host_netns_cookie: 0,
+        }
+    }
+}
+
 /// An interface the datapath is attached to.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Attachment {
@@ -182,12 +203,11 @@ impl Datapath {
     /// Loads the programs, reusing the maps pinned under `pin_dir` (creating and pinning them the
     /// first time), and pins the program.
     pub fn load(pin_dir: &Path) -> Result<Self> {
-        Self::load_with(pin_dir, DEFAULT_CT_SHARE)
+        Self::load_with(pin_dir, LoadOptions::default())
     }
 
-    /// [`Datapath::load`] with the conntrack share: live flows one client address may hold
-    /// (0: no limit; `tapestryd --conntrack-share-per-endpoint`).
-    pub fn load_with(pin_dir: &Path, ct_share: u32) -> Result<Self> {
+    /// [`Datapath::load`] with the settings fixed at load time.
+    pub fn load_with(pin_dir: &Path, options: LoadOptions) -> Result<Self> {
         if OBJECT.is_empty() {
             bail!(
                 "this tapestryd was built with AYA_BUILD_SKIP=1 and carries no eBPF object; \
@@ -207,7 +227,8 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .btf(kernel_btf())
             .default_map_pin_directory(pin_dir)
-            .override_global(CT_SHARE_GLOBAL, &ct_share, true)
+            .override_global(CT_SHARE_GLOBAL, &options.ct_share, true)
+            .override_global(HOST_NETNS_COOKIE_GLOBAL, &options.host_netns_cookie, true)
             .load(OBJECT)
             .context("loading the eBPF object")?;
         for (name, pin, _, _) in SERVICE_PROGRAMS {
@@ -221,6 +242,16 @@ impl Datapath {
             let _ = fs::remove_file(&prog_pin);
             prog.pin(&prog_pin)
                 .with_context(|| format!("pinning the program at {}", prog_pin.display()))?;
+        }
+        // The host programs are attached by the daemon (`attach_host`); loaded here, so every
+        // load verifies them.
+        for (name, _) in host::HOST_PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("the kernel rejected {name}"))?;
         }
         info!(
             pin_dir = %pin_dir.display(),

@@ -21,8 +21,9 @@ pub fn count_drop(reason: DropReason) {
 fn add(stats: Option<*mut TrafficStats>, bytes: u32, new_flow: bool) {
     if let Some(s) = stats {
         // SAFETY: `s` comes from a successful per-CPU array lookup: valid and aligned for the
-        // whole run, and no other program run on this CPU writes its copy meanwhile (tc programs
-        // run with bottom halves disabled).
+        // whole run. tc programs run with bottom halves disabled, so nothing else on this CPU
+        // writes its copy meanwhile; a host socket's program (process context, migration
+        // disabled) can be interrupted by one, which at worst loses one count.
         unsafe {
             (*s).packets += 1;
             (*s).bytes += bytes as u64;
@@ -68,23 +69,36 @@ impl Decision {
 /// the event is dropped and counted.
 #[inline(always)]
 pub fn emit(ctx: &TcContext, pkt: &Ipv4Packet, d: &Decision) {
+    emit_flow(
+        tapestry_ebpf::packet::ifindex(ctx),
+        (pkt.saddr, pkt.sport),
+        (pkt.daddr, pkt.dport),
+        pkt.proto,
+        d,
+    );
+}
+
+/// [`emit`] for a flow that is not a packet: a node socket's connection (interface 0, and the
+/// source the socket has so far, often none).
+#[inline(always)]
+pub fn emit_flow(ifindex: u32, src: (u32, u16), dst: (u32, u16), proto: u8, d: &Decision) {
     if config().flags & config_flags::FLOW_EVENTS == 0 {
         return;
     }
     let event = FlowEvent {
         // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        ifindex: tapestry_ebpf::packet::ifindex(ctx),
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
+        ifindex,
+        saddr: src.0,
+        daddr: dst.0,
         nat_addr: d.nat_addr,
         service_id: d.service_id,
         backend_id: d.backend_id,
-        sport: pkt.sport,
-        dport: pkt.dport,
+        sport: src.1,
+        dport: dst.1,
         nat_port: d.nat_port,
         kind: d.kind,
-        proto: pkt.proto,
+        proto,
         reason: d.reason,
         _pad: 0,
     };

@@ -17,6 +17,9 @@
 //! chain ends only where the packet does not go on: a drop, an ICMP reject sent back, a hairpin
 //! packet redirected back out of the interface it came in on.
 //!
+//! The node's own sockets (host-network pods, node processes) reach frontends through the
+//! cgroup programs of `host.rs`, which translate at connect time instead of per packet.
+//!
 //! The steps that use the load balancer's maps live here, with the maps (`maps!` below), so that
 //! only this object carries them; the map-free steps are tapestry-ebpf's library.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -24,6 +27,7 @@
 
 mod conntrack;
 mod events;
+mod host;
 mod service;
 
 use aya_ebpf::{
@@ -45,7 +49,7 @@ use tapestry_ebpf::{
 use crate::{
     events::{Decision, account, count, count_drop, emit},
     maps::{CONFIG, FRAGMENTS},
-    service::{lb4_lookup_backend, lb4_lookup_service, lb4_select_backend},
+    service::{lb4_lookup_backend, lb4_lookup_service, lb4_select_backend, packet_slot_hash},
 };
 
 // Exactly `tapestry_common::map_names::ALL` (node-daemon/tests/map_names.rs checks).
@@ -64,6 +68,7 @@ tapestry_ebpf::maps!(
     DROPS,
     COUNTERS,
     EVENTS,
+    HOST_REVERSE,
 );
 
 /// The daemon's runtime configuration; all defaults until it writes one.
@@ -411,7 +416,8 @@ fn lb4_new_flow(
     if !conntrack::share_admits(pkt.saddr) {
         return Err(DropReason::ConntrackShare);
     }
-    let (backend_id, backend) = lb4_select_backend(svc, pkt, now)?;
+    let (backend_id, backend) =
+        lb4_select_backend(svc, pkt.saddr, || packet_slot_hash(svc, pkt), now)?;
     let hairpin = if backend.ip == pkt.saddr {
         ct_flags::HAIRPIN
     } else {

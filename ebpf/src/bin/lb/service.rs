@@ -34,11 +34,28 @@ pub fn lb4_lookup_backend(id: u32) -> Option<Backend> {
 #[inline(always)]
 pub fn hash_tuple(pkt: &Ipv4Packet) -> u32 {
     let ports = ((pkt.sport as u32) << 16) | pkt.dport as u32;
-    let mut h = pkt.saddr.wrapping_mul(0x9e37_79b1)
+    let h = pkt.saddr.wrapping_mul(0x9e37_79b1)
         ^ pkt.daddr.rotate_left(13)
         ^ ports.wrapping_mul(0x85eb_ca77)
         ^ pkt.proto as u32;
-    // murmur3 finaliser: spreads every input bit over the result.
+    mix(h)
+}
+
+/// Where a new flow of the per-packet path lands in the selection table: the 5-tuple's hash
+/// for Maglev, a random draw otherwise.
+#[inline(always)]
+pub fn packet_slot_hash(svc: &Service, pkt: &Ipv4Packet) -> u32 {
+    match svc.algorithm {
+        algorithm::MAGLEV => hash_tuple(pkt),
+        algorithm::FIRST => 0,
+        // SAFETY: bpf_get_prandom_u32 takes no arguments and cannot fail.
+        _ => unsafe { bpf_get_prandom_u32() },
+    }
+}
+
+/// murmur3's finaliser: spreads every input bit over the result.
+#[inline(always)]
+pub fn mix(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
@@ -48,13 +65,7 @@ pub fn hash_tuple(pkt: &Ipv4Packet) -> u32 {
 }
 
 #[inline(always)]
-fn lb4_select_from_table(svc: &Service, pkt: &Ipv4Packet) -> Result<u32, DropReason> {
-    let hash = match svc.algorithm {
-        algorithm::MAGLEV => hash_tuple(pkt),
-        algorithm::FIRST => 0,
-        // SAFETY: bpf_get_prandom_u32 takes no arguments and cannot fail.
-        _ => unsafe { bpf_get_prandom_u32() },
-    };
+fn lb4_select_from_table(svc: &Service, hash: u32) -> Result<u32, DropReason> {
     // Lemire's multiply-shift instead of `%`: the verifier cannot bound a modulo, but it can
     // bound (u32 * N) >> 32 below N, so the table index is provably in range.
     let slot = ((hash as u64 * LB_TABLE_SIZE as u64) >> 32) as usize;
@@ -68,17 +79,18 @@ fn lb4_select_from_table(svc: &Service, pkt: &Ipv4Packet) -> Result<u32, DropRea
 }
 
 /// Chooses the backend of a new flow: the client's affine backend while it is fresh and still
-/// active, else a table slot (random or Maglev).
+/// active, else the table slot `hash` picks (see [`packet_slot_hash`]).
 #[inline(always)]
 pub fn lb4_select_backend(
     svc: &Service,
-    pkt: &Ipv4Packet,
+    client_ip: u32,
+    hash: impl FnOnce() -> u32,
     now: u64,
 ) -> Result<(u32, Backend), DropReason> {
     let affinity = svc.flags & service_flags::AFFINITY_CLIENT_IP != 0;
     let akey = AffinityKey {
         service_id: svc.id,
-        client_ip: pkt.saddr,
+        client_ip,
     };
     if affinity {
         // SAFETY: as in `lb4_lookup_service`: copied out at once, from an RCU-protected value.
@@ -99,7 +111,7 @@ pub fn lb4_select_backend(
             return Ok((a.backend_id, b));
         }
     }
-    let id = lb4_select_from_table(svc, pkt)?;
+    let id = lb4_select_from_table(svc, hash())?;
     let backend = lb4_lookup_backend(id).ok_or(DropReason::BackendMissing)?;
     if affinity {
         // Best effort: a lost affinity entry costs stickiness, never the packet.
