@@ -95,8 +95,9 @@ struct Args {
     /// translated.
     #[arg(long, env = "TAPESTRY_HOST_SERVICES", default_value_t = true, action = clap::ArgAction::Set)]
     host_services: bool,
-    /// The root of the cgroup v2 hierarchy for `--host-services` (default: /sys/fs/cgroup when
-    /// it is cgroup v2, else /sys/fs/cgroup/unified).
+    /// Where the cgroup v2 hierarchy is for `--host-services`: this directory when it is cgroup
+    /// v2, else its `unified` subdirectory (systemd's hybrid layout). Default /sys/fs/cgroup;
+    /// in a container, the host's /sys/fs/cgroup mounted in.
     #[arg(long, env = "TAPESTRY_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
     /// Remove every pin (datapath detached from every interface, maps gone) and exit.

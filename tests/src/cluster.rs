@@ -72,6 +72,41 @@ pub struct Node {
     runtime: Runtime,
 }
 
+impl Node {
+    /// One request on a fresh TCP connection from the node itself (its own network namespace:
+    /// what a host-network pod or a node process does); see [`crate::net::tcp_request`].
+    pub fn tcp_request(
+        &self,
+        addr: SocketAddrV4,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> std::io::Result<String> {
+        tapestry_netns::run_in(&self.netns_path, || {
+            crate::net::tcp_request(addr, payload, timeout)
+        })
+        .map_err(std::io::Error::other)?
+    }
+
+    /// One UDP request (connected socket) from the node itself; see
+    /// [`crate::net::udp_request`].
+    pub fn udp_request(
+        &self,
+        addr: SocketAddrV4,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> std::io::Result<String> {
+        tapestry_netns::run_in(&self.netns_path, || {
+            crate::net::udp_request(addr, payload, timeout)
+        })
+        .map_err(std::io::Error::other)?
+    }
+
+    /// Runs `cmd` on the node itself (in its network namespace).
+    pub fn run(&self, cmd: &mut std::process::Command) -> std::io::Result<std::process::Output> {
+        tapestry_netns::command_in(cmd, &self.netns_path)?.output()
+    }
+}
+
 /// How a pod's sandbox is plumbed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plumbing {

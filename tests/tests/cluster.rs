@@ -91,6 +91,31 @@ fn services_reach_backends_on_every_node_and_off_the_pod_network() {
         }
     }
 
+    // The nodes themselves (host network: node processes, host-network pods) reach every
+    // node's backend through the ClusterIP, TCP and UDP, with the frontend as the UDP answer's
+    // source (udp_request only accepts that), and new connections spread over all three.
+    for node in &c.nodes {
+        for (n, vip) in per_node.iter().enumerate() {
+            let want = format!("web{n}");
+            let got = node
+                .tcp_request(SocketAddrV4::new(*vip, 80), b"hi\n", T)
+                .unwrap_or_else(|e| panic!("TCP {} -> web-n{n} ({vip}): {e}", node.name));
+            assert_eq!(got, want, "TCP {} -> web-n{n}", node.name);
+            let got = node
+                .udp_request(SocketAddrV4::new(*vip, 80), b"hi\n", T)
+                .unwrap_or_else(|e| panic!("UDP {} -> web-n{n} ({vip}): {e}", node.name));
+            assert_eq!(got, want, "UDP {} -> web-n{n}", node.name);
+        }
+        let mut seen = BTreeMap::new();
+        for i in 0..60 {
+            let name = node
+                .tcp_request(SocketAddrV4::new(web, 80), b"hi\n", T)
+                .unwrap_or_else(|e| panic!("{} -> web (request {i}): {e}", node.name));
+            *seen.entry(name).or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), 3, "{} reached {seen:?}", node.name);
+    }
+
     // Even spread over backends on three nodes, from every node.
     for client in &clients {
         let seen = tcp_answers(client, web, 150);
@@ -166,6 +191,23 @@ fn services_reach_backends_on_every_node_and_off_the_pod_network() {
         })
         .unwrap();
         assert_eq!(out.trim(), "ok", "{} -> kubernetes /readyz", client.name);
+    }
+    // And from every node itself, as a host-network controller's in-cluster config would.
+    for node in &c.nodes {
+        let out = node
+            .run(std::process::Command::new("curl").args([
+                "-sk",
+                "--max-time",
+                "5",
+                "https://10.96.0.1/readyz",
+            ]))
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "ok",
+            "{} -> kubernetes /readyz: {out:?}",
+            node.name
+        );
     }
 
     // A backend node's pods deleted: their endpoints leave every node's maps within 1 s.

@@ -712,6 +712,22 @@ fn tapestryd_image_runs_with_the_charts_capabilities() -> Result<()> {
         .and_then(|ms| ms.iter().find(|m| m["mountPath"] == "/sys/fs/bpf"))
         .context("no /sys/fs/bpf mount")?;
     assert_eq!(bpffs_mount["mountPropagation"], "HostToContainer");
+    // The host's cgroup hierarchy, where the chart mounts it (the host services' programs go
+    // on its v2 root).
+    let cgroup_mount = d["volumeMounts"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == "cgroup"))
+        .context("no cgroup mount")?;
+    let cgroup_at = cgroup_mount["mountPath"]
+        .as_str()
+        .context("cgroup mountPath")?;
+    assert_eq!(cgroup_mount["readOnly"], true);
+    let cgroup_arg = format!("--cgroup-root={cgroup_at}");
+    assert!(
+        strings(&d["args"]).contains(&cgroup_arg),
+        "the daemon is not given {cgroup_arg}: {}",
+        d["args"]
+    );
 
     let mut lab = tapestry_tests::Lab::new("images-daemon")?;
     let client = lab.add_pod("client")?;
@@ -745,6 +761,7 @@ fn tapestryd_image_runs_with_the_charts_capabilities() -> Result<()> {
             "--volume=/sys/fs/bpf:/sys/fs/bpf:rslave".into(),
             format!("--volume={}:/run/tapestry", dir.join("run").display()),
             format!("--volume={}:/etc/tapestry:ro", dir.join("etc").display()),
+            format!("--volume=/sys/fs/cgroup:{cgroup_at}:ro"),
         ];
         a.extend(ulimits());
         a.extend(security.iter().cloned());
@@ -763,6 +780,7 @@ fn tapestryd_image_runs_with_the_charts_capabilities() -> Result<()> {
         "--socket=/run/tapestry/tapestryd.sock".into(),
         "--state-dir=/run/tapestry".into(),
         format!("--metrics-addr=127.0.0.1:{port}"),
+        cgroup_arg.clone(),
     ];
     for p in lab.pods() {
         run_args.push(format!("--attach={}", p.host_ifname));
@@ -800,6 +818,15 @@ fn tapestryd_image_runs_with_the_charts_capabilities() -> Result<()> {
     .with_context(logs)?;
     let seen = through_vip().with_context(logs)?;
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["be0", "be1"], "{seen:?}");
+    // The host network (this test, like the daemon's container) reaches the VIP too: the
+    // chart's capabilities and cgroup mount are enough for the host services.
+    let from_host = tapestry_tests::tcp_request(
+        std::net::SocketAddrV4::new(vip, 80),
+        b"hi\n",
+        Duration::from_secs(2),
+    )
+    .with_context(logs)?;
+    assert!(["be0", "be1"].contains(&from_host.as_str()), "{from_host}");
     for f in ["TAPESTRY_SERVICES", "TAPESTRY_CT"] {
         assert!(
             pins.0.join(f).exists(),

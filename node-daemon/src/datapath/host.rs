@@ -69,27 +69,20 @@ fn is_cgroup2(path: &Path) -> bool {
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC }
 }
 
-/// The root of the cgroup v2 hierarchy: `explicit` (`--cgroup-root`) when given, else
-/// /sys/fs/cgroup (unified layout) or /sys/fs/cgroup/unified (systemd's hybrid layout).
-pub fn cgroup2_root(explicit: Option<&Path>) -> Result<PathBuf> {
-    if let Some(p) = explicit {
-        if !is_cgroup2(p) {
-            bail!(
-                "--cgroup-root {}: not a cgroup v2 filesystem (mount one there, or pass \
-                 --host-services=false)",
-                p.display()
-            );
-        }
-        return Ok(p.to_owned());
-    }
-    for p in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
-        if is_cgroup2(Path::new(p)) {
-            return Ok(p.into());
+/// The root of the cgroup v2 hierarchy under `base` (`--cgroup-root`, default /sys/fs/cgroup):
+/// `base` itself when it is cgroup v2 (the unified layout), else `base`/unified (systemd's
+/// hybrid layout, as on this project's test machine).
+pub fn cgroup2_root(base: Option<&Path>) -> Result<PathBuf> {
+    let base = base.unwrap_or(Path::new("/sys/fs/cgroup"));
+    for p in [base.to_owned(), base.join("unified")] {
+        if is_cgroup2(&p) {
+            return Ok(p);
         }
     }
     bail!(
-        "no cgroup v2 hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified: the node's own \
-         sockets cannot reach frontends without one (pass --cgroup-root, or --host-services=false)"
+        "no cgroup v2 hierarchy at {0} or {0}/unified: the node's own sockets cannot reach \
+         frontends without one (pass --cgroup-root, or --host-services=false)",
+        base.display()
     )
 }
 
