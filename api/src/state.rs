@@ -59,6 +59,8 @@ pub struct DesiredState {
 pub struct ServiceSpec {
     /// Unique; `[a-z0-9]([-a-z0-9./]*[a-z0-9])?`, so `namespace/name` fits.
     pub name: String,
+    /// The frontend's address; `0.0.0.0` is a node port: `port` on every address of the node
+    /// (within `tapestryd --nodeport-range`), as a NodePort Service's.
     #[serde(deserialize_with = "de_vip")]
     pub vip: Ipv4Addr,
     #[serde(deserialize_with = "de_port")]
@@ -223,6 +225,11 @@ impl ServiceSpec {
 
     pub fn frontend(&self) -> (Ipv4Addr, u16, Protocol) {
         (self.vip, self.port, self.protocol)
+    }
+
+    /// A node port (`vip: 0.0.0.0`): `port` on every address of the node.
+    pub fn is_node_port(&self) -> bool {
+        self.vip.is_unspecified()
     }
 }
 
@@ -516,7 +523,10 @@ fn validate_service(at: &str, svc: &ServiceSpec) -> Result<(), StateError> {
             format!("invalid name {:?}: {why}", svc.name),
         ));
     }
-    check_unicast(svc.vip).map_err(|m| StateError::invalid(format!("{at}.vip"), m))?;
+    // 0.0.0.0: a node port.
+    if !svc.is_node_port() {
+        check_unicast(svc.vip).map_err(|m| StateError::invalid(format!("{at}.vip"), m))?;
+    }
     if !svc.protocol.in_datapath() {
         return Err(StateError::invalid(
             format!("{at}.protocol"),
@@ -988,11 +998,23 @@ services:
 
     #[test]
     fn unusable_addresses_are_rejected() {
-        let msg = yaml_err(&one_service("").replace("10.96.0.10", "0.0.0.0"));
+        let msg = yaml_err(&one_service("").replace("10.96.0.10", "255.255.255.255"));
         assert!(
             msg.starts_with("services[0].vip: must be a unicast address"),
             "{msg}"
         );
+        let msg = yaml_err(&one_service("").replace("10.96.0.10", "127.0.0.1"));
+        assert!(
+            msg.starts_with("services[0].vip: must be a unicast address"),
+            "{msg}"
+        );
+        // 0.0.0.0 is a node port.
+        let state = parse(
+            &one_service("").replace("10.96.0.10", "0.0.0.0"),
+            Some(Format::Yaml),
+        )
+        .unwrap();
+        assert!(state.services[0].is_node_port());
         let msg = yaml_err(&one_service("    backends:\n      - ip: 127.0.0.1\n"));
         assert!(
             msg.starts_with("services[0].backends[0].ip: must be a unicast address"),

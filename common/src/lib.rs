@@ -65,6 +65,9 @@ macro_rules! map_name {
     (HOST_REVERSE) => {
         "TAPESTRY_HOST_REV"
     };
+    (NODE_ADDRS) => {
+        "TAPESTRY_NODE_ADDRS"
+    };
 }
 
 /// Names of the pinned maps, as declared in the eBPF objects (also their file names in bpffs).
@@ -98,8 +101,10 @@ pub mod map_names {
     /// translated for: (socket, backend) -> frontend, so what they receive and their peer's
     /// name show the frontend again.
     pub const HOST_REVERSE: &str = map_name!(HOST_REVERSE);
+    /// The node's own IPv4 addresses (kept by the daemon): where node ports answer.
+    pub const NODE_ADDRS: &str = map_name!(NODE_ADDRS);
     /// Every map of the load balancer's object (`tapestry-lb`).
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         SERVICES,
         BACKENDS,
         LB_TABLES,
@@ -115,6 +120,7 @@ pub mod map_names {
         COUNTERS,
         EVENTS,
         HOST_REVERSE,
+        NODE_ADDRS,
     ];
     /// Every map of the guest programs' object (`tapestry-guest`). `DROPS` is the load
     /// balancer's, shared through its pin, so one map counts every drop on the node.
@@ -229,6 +235,15 @@ pub const CT_SHARE_GLOBAL: &str = "CT_SHARE_MAX";
 /// namespace whose sockets are the node's own: only they are translated by the host programs
 /// (pods' sockets go through the per-packet path on their interfaces). 0: none.
 pub const HOST_NETNS_COOKIE_GLOBAL: &str = "HOST_NETNS_COOKIE";
+/// The load balancer's globals (`.rodata`, set at load) bounding the node port range (host
+/// byte order, inclusive; `tapestryd --nodeport-range`): only a destination port in it is
+/// looked up as a node port, so other traffic to the node pays two compares.
+pub const NODEPORT_MIN_GLOBAL: &str = "NODEPORT_MIN";
+pub const NODEPORT_MAX_GLOBAL: &str = "NODEPORT_MAX";
+/// Kubernetes' default `--service-node-port-range`.
+pub const DEFAULT_NODEPORT_RANGE: (u16, u16) = (30000, 32767);
+/// Addresses the node may have in `map_names::NODE_ADDRS`.
+pub const MAX_NODE_ADDRS: u32 = 256;
 /// Entries of the host sockets' reverse map (LRU).
 pub const MAX_HOST_REVERSE: u32 = 65_536;
 pub const MAX_AFFINITY: u32 = 65_536;

@@ -3,7 +3,9 @@
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use tapestry_api::types;
-use tapestry_common::{DEFAULT_CT_SHARE, DEFAULT_HAIRPIN_SNAT_IP, DhcpLimit};
+use tapestry_common::{
+    DEFAULT_CT_SHARE, DEFAULT_HAIRPIN_SNAT_IP, DEFAULT_NODEPORT_RANGE, DhcpLimit,
+};
 
 /// Where the desired state comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +49,8 @@ pub struct Config {
     pub dhcp_limit: DhcpLimit,
     /// Frontends for the node's own sockets (None: only pods and guests reach them).
     pub host_services: Option<HostServices>,
+    /// Ports that may be node ports (inclusive; the apiserver's --service-node-port-range).
+    pub nodeport_range: (u16, u16),
 }
 
 /// `tapestryd --host-services`: the cgroup programs that let the node's own sockets reach
@@ -74,6 +78,7 @@ impl Config {
             api_socket_group: None,
             dhcp_limit: DhcpLimit::DEFAULT,
             host_services: Some(HostServices::default()),
+            nodeport_range: DEFAULT_NODEPORT_RANGE,
         }
     }
 }

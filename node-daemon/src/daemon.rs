@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use crate::{
     api,
     config::{Config, Source},
-    datapath::{Datapath, LoadOptions, Maps, Pins, conntrack, host},
+    datapath::{Datapath, LoadOptions, Maps, Pins, conntrack, host, node_addrs},
     flows::{self, FlowLog},
     guests::{self, Endpoints, discover, endpoints, publish},
     services::{
@@ -110,6 +110,7 @@ pub async fn run(config: Config) -> Result<()> {
                 Some(_) => host::netns_cookie()?,
                 None => 0,
             },
+            nodeport_range: config.nodeport_range,
         },
     )?;
     datapath.set_config(DatapathConfig {
@@ -129,7 +130,8 @@ pub async fn run(config: Config) -> Result<()> {
         }
     }
     let pins = datapath.pins().clone();
-    let reconciler = Reconciler::restore(&datapath.maps)?;
+    let reconciler =
+        Reconciler::restore(&datapath.maps)?.with_nodeport_range(config.nodeport_range);
     let adopted = pins.adopt_links()?;
     if !adopted.is_empty() {
         info!(
@@ -236,6 +238,11 @@ pub async fn run(config: Config) -> Result<()> {
     if let Some(ring) = dhcp_ring {
         tasks.spawn(guests::serve_dhcp(ring, endpoints.clone()));
     }
+    {
+        let mut addrs = Maps::open(pins.dir())?.node_addrs;
+        node_addrs::sync(&mut addrs).context("the node's addresses")?;
+        tasks.spawn(keep_node_addrs(addrs));
+    }
     tasks.spawn(collect_conntrack_garbage(
         Maps::open(pins.dir())?.conntrack,
         config.conntrack_gc_interval,
@@ -258,6 +265,21 @@ pub async fn run(config: Config) -> Result<()> {
     }
     info!("stopped; the datapath stays in place");
     result
+}
+
+/// How often the node's addresses are read again for the node ports.
+const NODE_ADDRS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps `TAPESTRY_NODE_ADDRS` equal to the namespace's addresses (node ports answer on them).
+async fn keep_node_addrs(mut map: aya::maps::HashMap<aya::maps::MapData, u32, u8>) -> Result<()> {
+    let mut tick = tokio::time::interval(NODE_ADDRS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = node_addrs::sync(&mut map) {
+            warn!(error = %format!("{e:#}"), "reading the node's addresses");
+        }
+    }
 }
 
 /// Writes the guests' DHCP binding changes to the registry file at most once per

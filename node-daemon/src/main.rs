@@ -100,6 +100,11 @@ struct Args {
     /// in a container, the host's /sys/fs/cgroup mounted in.
     #[arg(long, env = "TAPESTRY_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
+    /// Destination ports that may be node ports (`vip: 0.0.0.0` frontends, NodePort Services),
+    /// `MIN-MAX`: the apiserver's `--service-node-port-range`. A node port outside it is
+    /// refused with the desired state that has it.
+    #[arg(long, env = "TAPESTRY_NODEPORT_RANGE", default_value = "30000-32767", value_parser = parse_port_range)]
+    nodeport_range: (u16, u16),
     /// Remove every pin (datapath detached from every interface, maps gone) and exit.
     #[arg(long)]
     uninstall: bool,
@@ -126,6 +131,25 @@ async fn main() {
         error!("{e:#}");
         std::process::exit(1);
     }
+}
+
+/// `MIN-MAX`, both ports, MIN <= MAX.
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected MIN-MAX, e.g. 30000-32767"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
+    };
+    let (min, max) = (port(a)?, port(b)?);
+    if min > max {
+        return Err(format!("{s:?}: {min} is above {max}"));
+    }
+    Ok((min, max))
 }
 
 /// The gid of `group`: a number as it is, else a name looked up in the group database.
@@ -190,6 +214,7 @@ impl Args {
             conntrack_share: self.conntrack_share_per_endpoint,
             state_dir: self.state_dir,
             api_socket_group,
+            nodeport_range: self.nodeport_range,
             host_services: self.host_services.then_some(HostServices {
                 cgroup_root: self.cgroup_root,
             }),
@@ -204,6 +229,17 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_nodeport_range_is_two_ports_in_order() {
+        assert_eq!(parse_port_range("30000-32767"), Ok((30000, 32767)));
+        assert_eq!(parse_port_range("80-80"), Ok((80, 80)));
+        for bad in ["30000", "0-10", "10-5", "a-b", "1-70000"] {
+            assert!(parse_port_range(bad).is_err(), "{bad}");
+        }
+        let args = Args::parse_from(["tapestryd"]);
+        assert_eq!(args.into_config().unwrap().nodeport_range, (30000, 32767));
+    }
 
     #[test]
     fn the_api_socket_group_is_a_gid_or_a_group_name() {

@@ -129,6 +129,62 @@ fn services_reach_backends_on_every_node_and_off_the_pod_network() {
         }
     }
 
+    // `web` as a NodePort: from every node's pods to their node's address, and from every
+    // node itself (its address and loopback), TCP spread over all three nodes' backends, UDP
+    // answered from the node's own address and port.
+    c.cp.kubectl_ok([
+        "patch",
+        "svc",
+        "web",
+        "-p",
+        r#"{"spec":{"type":"NodePort"}}"#,
+    ])
+    .unwrap();
+    let node_port = |proto: &str| -> u16 {
+        c.cp.kubectl_ok([
+            "get",
+            "svc",
+            "web",
+            "-o",
+            &format!("jsonpath={{.spec.ports[?(@.name==\"{proto}\")].nodePort}}"),
+        ])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    let (np_tcp, np_udp) = (node_port("tcp"), node_port("udp"));
+    for (client, node) in clients.iter().zip(&c.nodes) {
+        let at = SocketAddrV4::new(node.underlay_ip, np_tcp);
+        poll(T * 4, &format!("{} -> {at}", client.name), || {
+            Ok(client.tcp_request(at, b"hi\n", T).ok())
+        })
+        .unwrap();
+        let mut seen = BTreeMap::new();
+        for i in 0..60 {
+            let name = client
+                .tcp_request(at, b"hi\n", T)
+                .unwrap_or_else(|e| panic!("{} -> {at} (request {i}): {e}", client.name));
+            *seen.entry(name).or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), 3, "{} -> {at}: {seen:?}", client.name);
+        let udp_at = SocketAddrV4::new(node.underlay_ip, np_udp);
+        let got = client
+            .udp_request(udp_at, b"hi\n", T)
+            .unwrap_or_else(|e| panic!("UDP {} -> {udp_at}: {e}", client.name));
+        assert!(
+            got.starts_with("web"),
+            "UDP {} -> {udp_at}: {got}",
+            client.name
+        );
+        for addr in [at, SocketAddrV4::new(Ipv4Addr::LOCALHOST, np_tcp)] {
+            let got = node
+                .tcp_request(addr, b"hi\n", T)
+                .unwrap_or_else(|e| panic!("{} -> {addr}: {e}", node.name));
+            assert!(got.starts_with("web"), "{} -> {addr}: {got}", node.name);
+        }
+    }
+
     // A host-network endpoint: a server on node 1's own address, in a hand-written slice.
     let node1 = &c.nodes[1];
     let _host_server = c

@@ -370,3 +370,80 @@ fn the_node_itself_reaches_frontends_and_sees_them_as_its_peers() {
     // Pods are served as before.
     assert!(names.contains(&s.tcp().unwrap()));
 }
+
+/// A node port (`vip: 0.0.0.0`) answers on every address of the node, TCP and UDP: for a pod
+/// sending to the node's address (reverse NAT restores the node's address and port), and for the
+/// node itself on its address and on loopback. Another port of the node is no frontend, and a
+/// node port outside `--nodeport-range` is refused with its state, the last good one serving on.
+#[test]
+fn a_node_port_answers_on_the_nodes_addresses_for_pods_and_the_node() {
+    require_lab!();
+    let s = setup("lb-nodeport", 2);
+    // One port per lab (its slot), so concurrent labs' daemons never share one.
+    let o = s.vip.octets();
+    let np = 30000 + (u16::from(o[1] - 240) << 8) + u16::from(o[2]);
+    let all: Vec<&Pod> = s.backends.iter().collect();
+    let nodeport = |port: u16| {
+        let list: String = all
+            .iter()
+            .map(|b| format!("      - {{ ip: {}, name: {} }}\n", b.ip, b.name))
+            .collect();
+        format!(
+            "  - name: web-np\n    vip: 0.0.0.0\n    port: {port}\n    backends:\n{}\
+             \n  - name: dns-np\n    vip: 0.0.0.0\n    port: {port}\n    protocol: UDP\n    backends:\n{}",
+            list.replace("}\n", ", port: 8080 }\n"),
+            list.replace("}\n", ", port: 5353 }\n"),
+        )
+        .replace("\n\n", "\n")
+    };
+    let state = |port: u16| format!("{}\n{}", s.state(&all, "").trim_end(), nodeport(port));
+    let mut d = Daemon::start("lb-nodeport", &state(np), &s.interfaces()).unwrap();
+    let names: Vec<String> = s.backends.iter().map(|b| b.name.clone()).collect();
+    // Not a lab's (10.240.0.0/13): another test's fabric may go away meanwhile.
+    let node_ip = tapestry_node_daemon::datapath::node_addrs::local_ipv4()
+        .unwrap()
+        .into_iter()
+        .find(|ip| !(ip.octets()[0] == 10 && (240..248).contains(&ip.octets()[1])))
+        .expect("the node has an address of its own");
+    let at_node = SocketAddrV4::new(node_ip, np);
+
+    let mut seen = BTreeMap::new();
+    for i in 0..30 {
+        let name = s
+            .client
+            .tcp_request(at_node, b"hi\n", T)
+            .unwrap_or_else(|e| panic!("pod -> {at_node} (request {i}): {e}"));
+        *seen.entry(name).or_insert(0) += 1;
+    }
+    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), names, "{seen:?}");
+    // Connected UDP: only an answer from the node's address and port is accepted.
+    let name = s
+        .client
+        .udp_request(at_node, b"q\n", T)
+        .expect("UDP node port");
+    assert!(names.contains(&name), "{name}");
+    for addr in [at_node, SocketAddrV4::new(Ipv4Addr::LOCALHOST, np)] {
+        let name = tapestry_tests::tcp_request(addr, b"hi\n", T)
+            .unwrap_or_else(|e| panic!("the node -> {addr}: {e}"));
+        assert!(names.contains(&name), "the node -> {addr}: {name}");
+    }
+    if let Ok(reply) = s
+        .client
+        .tcp_request(SocketAddrV4::new(node_ip, np + 1), b"hi\n", T)
+    {
+        assert!(!names.contains(&reply), "port {} answered {reply}", np + 1);
+    }
+
+    d.write_state(&state(8080)).unwrap();
+    let st = d.wait_status(T, |st| st.last_error.is_some()).unwrap();
+    let err = st.last_error.unwrap();
+    assert!(
+        err.contains("node port 8080 is outside --nodeport-range 30000-32767"),
+        "{err}"
+    );
+    let name = s.client.tcp_request(at_node, b"hi\n", T).unwrap();
+    assert!(
+        names.contains(&name),
+        "the last good state serves on: {name}"
+    );
+}

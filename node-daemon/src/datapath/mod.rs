@@ -14,6 +14,7 @@ pub mod guest;
 pub mod host;
 pub mod iface;
 pub mod link;
+pub mod node_addrs;
 
 use std::{
     collections::BTreeMap,
@@ -29,8 +30,9 @@ use aya::{
     programs::{CgroupSockAddr, SchedClassifier, TcAttachType},
 };
 use tapestry_common::{
-    AffinityEntry, AffinityKey, Backend, CT_SHARE_GLOBAL, Config, DEFAULT_CT_SHARE, GuestStats,
-    HOST_NETNS_COOKIE_GLOBAL, LbTable, Service, ServiceKey, TrafficStats, map_names, program_names,
+    AffinityEntry, AffinityKey, Backend, CT_SHARE_GLOBAL, Config, DEFAULT_CT_SHARE,
+    DEFAULT_NODEPORT_RANGE, GuestStats, HOST_NETNS_COOKIE_GLOBAL, LbTable, NODEPORT_MAX_GLOBAL,
+    NODEPORT_MIN_GLOBAL, Service, ServiceKey, TrafficStats, map_names, program_names,
 };
 use tracing::{debug, info, warn};
 
@@ -89,6 +91,8 @@ pub struct Maps {
     pub drops: PerCpuArray<MapData, u64>,
     pub counters: PerCpuArray<MapData, u64>,
     pub guest_stats: PerCpuArray<MapData, GuestStats>,
+    /// The node's own addresses, where node ports answer (`node_addrs::sync`).
+    pub node_addrs: HashMap<MapData, u32, u8>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
@@ -133,6 +137,7 @@ impl Maps {
             drops: open(pin_dir, map_names::DROPS)?,
             counters: open(pin_dir, map_names::COUNTERS)?,
             guest_stats: open(pin_dir, map_names::GUEST_STATS)?,
+            node_addrs: open(pin_dir, map_names::NODE_ADDRS)?,
         })
     }
 }
@@ -181,6 +186,8 @@ pub struct LoadOptions {
     /// The network namespace whose sockets the host programs translate ([`host::netns_cookie`];
     /// 0: none).
     pub host_netns_cookie: u64,
+    /// Destination ports looked up as node ports (inclusive; `tapestryd --nodeport-range`).
+    pub nodeport_range: (u16, u16),
 }
 
 impl Default for LoadOptions {
@@ -188,6 +195,7 @@ impl Default for LoadOptions {
         LoadOptions {
             ct_share: DEFAULT_CT_SHARE,
             host_netns_cookie: 0,
+            nodeport_range: DEFAULT_NODEPORT_RANGE,
         }
     }
 }
@@ -229,6 +237,8 @@ impl Datapath {
             .default_map_pin_directory(pin_dir)
             .override_global(CT_SHARE_GLOBAL, &options.ct_share, true)
             .override_global(HOST_NETNS_COOKIE_GLOBAL, &options.host_netns_cookie, true)
+            .override_global(NODEPORT_MIN_GLOBAL, &options.nodeport_range.0, true)
+            .override_global(NODEPORT_MAX_GLOBAL, &options.nodeport_range.1, true)
             .load(OBJECT)
             .context("loading the eBPF object")?;
         for (name, pin, _, _) in SERVICE_PROGRAMS {
@@ -282,6 +292,7 @@ impl Datapath {
             drops: take(&mut ebpf, map_names::DROPS)?,
             counters: take(&mut ebpf, map_names::COUNTERS)?,
             guest_stats: take(&mut guest_maps, map_names::GUEST_STATS)?,
+            node_addrs: take(&mut ebpf, map_names::NODE_ADDRS)?,
         };
         let events = Some(take(&mut ebpf, map_names::EVENTS)?);
         let dhcp = Some(take(&mut guest_maps, map_names::DHCP)?);

@@ -322,6 +322,27 @@ pub fn desired_state(
         }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
+    // An external IP is anyone's to write: two Services may claim the same address and port.
+    // The first by name keeps it; the other is reported (ClusterIPs and node ports are unique
+    // by allocation).
+    let mut taken = HashMap::new();
+    out.retain(|spec| match taken.entry(spec.frontend()) {
+        std::collections::hash_map::Entry::Vacant(v) => {
+            v.insert(spec.name.clone());
+            true
+        }
+        std::collections::hash_map::Entry::Occupied(o) => {
+            problems.push(format!(
+                "service {} left out: {}:{}/{} is already {}'s",
+                spec.name,
+                spec.vip,
+                spec.port,
+                spec.protocol,
+                o.get()
+            ));
+            false
+        }
+    });
     (DesiredState { services: out }, problems)
 }
 
@@ -383,6 +404,7 @@ fn service_specs(
     let apiserver = (ns.as_str(), name.as_str()) == APISERVER_SERVICE;
     let place = Placement { nodes, apiserver };
     let ports = spec.ports.as_deref().unwrap_or_default();
+    let external = external_ips(svc, &vips);
     let mut out = Vec::new();
     for port in ports {
         let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
@@ -395,29 +417,95 @@ fn service_specs(
         };
         let port_name = port.name.as_deref().unwrap_or_default();
         let backends = backends_for(slices, port_name, protocol, local_only, node_name, &place);
-        for (i, vip) in vips.iter().enumerate() {
-            let mut label = format!("{ns}/{name}");
-            if ports.len() > 1 {
-                label.push('/');
-                if port_name.is_empty() {
-                    label.push_str(&number.to_string());
-                } else {
-                    label.push_str(port_name);
-                }
+        let mut label = format!("{ns}/{name}");
+        if ports.len() > 1 {
+            label.push('/');
+            if port_name.is_empty() {
+                label.push_str(&number.to_string());
+            } else {
+                label.push_str(port_name);
             }
-            if i > 0 {
-                label.push_str(&format!("/{vip}"));
-            }
-            out.push(ServiceSpec {
-                name: label,
-                vip: *vip,
-                port: number,
+        }
+        let spec_for =
+            |name: String, vip: Ipv4Addr, port: u16, backends: Vec<BackendSpec>| ServiceSpec {
+                name,
+                vip,
+                port,
                 protocol,
                 algorithm,
                 session_affinity,
                 session_affinity_timeout_seconds: timeout,
-                backends: backends.clone(),
-            });
+                backends,
+            };
+        for (i, vip) in vips.iter().enumerate() {
+            let name = match i {
+                0 => label.clone(),
+                _ => format!("{label}/{vip}"),
+            };
+            out.push(spec_for(name, *vip, number, backends.clone()));
+        }
+        // The frontends outside the ClusterIP: the node port on every node address, and the
+        // external IPs. From pods and from the node itself these go to every endpoint whatever
+        // the traffic policies, as kube-proxy short-circuits them to the Service's own chain.
+        let node_port = port
+            .node_port
+            .filter(|_| matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")))
+            .and_then(|p| u16::try_from(p).ok());
+        if node_port.is_none() && external.is_empty() {
+            continue;
+        }
+        let everywhere = if local_only {
+            backends_for(slices, port_name, protocol, false, node_name, &place)
+        } else {
+            backends.clone()
+        };
+        if let Some(np) = node_port {
+            out.push(spec_for(
+                format!("{label}/nodeport"),
+                Ipv4Addr::UNSPECIFIED,
+                np,
+                everywhere.clone(),
+            ));
+        }
+        for ip in &external {
+            out.push(spec_for(
+                format!("{label}/external/{ip}"),
+                *ip,
+                number,
+                everywhere.clone(),
+            ));
+        }
+    }
+    out
+}
+
+/// A Service's addresses besides its ClusterIPs: `spec.externalIPs` and the load balancer's
+/// `status.loadBalancer.ingress[].ip` (as MetalLB or a cloud writes it), IPv4, each once, none
+/// that is also a ClusterIP.
+fn external_ips(svc: &Service, vips: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+    let spec_ips = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.external_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .cloned();
+    let lb_ips = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.clone());
+    let mut out: Vec<Ipv4Addr> = Vec::new();
+    for ip in spec_ips.chain(lb_ips) {
+        if let Ok(ip) = ip.parse::<Ipv4Addr>()
+            && !ip.is_unspecified()
+            && !vips.contains(&ip)
+            && !out.contains(&ip)
+        {
+            out.push(ip);
         }
     }
     out
@@ -593,6 +681,94 @@ mod tests {
             "ports": [{"port": 8080, "protocol": "TCP", "name": ""}],
             "endpoints": eps
         }))
+    }
+
+    #[test]
+    fn node_ports_and_external_ips_are_frontends_of_every_endpoint() {
+        let svc = service(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                     "clusterIPs": ["10.96.0.10"], "externalIPs": ["192.0.2.7", "10.96.0.10"],
+                     "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local",
+                     "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP",
+                                "nodePort": 30080}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.4"}, {"ip": "192.0.2.7"},
+                                                    {"hostname": "lb.example.com"}]}}
+        }));
+        let slices = vec![pod_slice(
+            "web-1",
+            json!([
+                {"addresses": ["10.244.0.5"], "nodeName": "node-a", "conditions": {"ready": true}},
+                {"addresses": ["10.244.1.5"], "nodeName": "node-b", "conditions": {"ready": true}}
+            ]),
+        )];
+        let (state, problems) = desired_state(&[svc], &slices, &no_nodes(), "node-a");
+        assert!(problems.is_empty(), "{problems:?}");
+        let got: Vec<(String, Ipv4Addr, u16, usize)> = state
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.vip, s.port, s.backends.len()))
+            .collect();
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            got,
+            vec![
+                // internalTrafficPolicy: Local keeps the ClusterIP to this node's endpoint.
+                ("default/web".into(), ip("10.96.0.10"), 80, 1),
+                (
+                    "default/web/external/192.0.2.7".into(),
+                    ip("192.0.2.7"),
+                    80,
+                    2
+                ),
+                (
+                    "default/web/external/198.51.100.4".into(),
+                    ip("198.51.100.4"),
+                    80,
+                    2
+                ),
+                (
+                    "default/web/nodeport".into(),
+                    Ipv4Addr::UNSPECIFIED,
+                    30080,
+                    2
+                ),
+            ]
+        );
+        assert!(state.services[3].is_node_port());
+        for s in &state.services {
+            s.validate(&s.name).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_clusterip_service_has_no_node_port_and_a_claimed_external_ip_stays_claimed() {
+        let one = |name: &str, kind: &str| {
+            service(json!({
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"type": kind, "clusterIP": format!("10.96.0.{}", name.len()),
+                         "externalIPs": ["192.0.2.7"],
+                         "ports": [{"port": 80, "protocol": "TCP", "nodePort": 30080}]}
+            }))
+        };
+        // A ClusterIP Service's stale nodePort field is not a node port.
+        let (state, problems) = desired_state(
+            &[one("a", "ClusterIP"), one("bb", "ClusterIP")],
+            &[],
+            &no_nodes(),
+            "node-a",
+        );
+        let names: Vec<&str> = state.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["default/a", "default/a/external/192.0.2.7", "default/bb"]
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("default/bb/external/192.0.2.7")
+                && problems[0].contains("default/a/external/192.0.2.7"),
+            "{problems:?}"
+        );
     }
 
     #[test]

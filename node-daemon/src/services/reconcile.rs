@@ -23,8 +23,8 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{MapError, PerCpuValues};
 use tapestry_api::state::{Algorithm, DesiredState, ServiceSpec, SessionAffinity};
 use tapestry_common::{
-    AffinityKey, Backend, LB_TABLE_SIZE, LbTable, MAX_BACKENDS, MAX_SERVICES, Service, ServiceKey,
-    TrafficStats, algorithm, backend_state, service_flags,
+    AffinityKey, Backend, DEFAULT_NODEPORT_RANGE, LB_TABLE_SIZE, LbTable, MAX_BACKENDS,
+    MAX_SERVICES, Service, ServiceKey, TrafficStats, algorithm, backend_state, service_flags,
 };
 use tracing::{debug, info};
 
@@ -170,6 +170,8 @@ pub struct Reconciler {
     service_ids: IdPool,
     backends: HashMap<BackendAddr, ProgrammedBackend>,
     backend_ids: IdPool,
+    /// Ports a node port may have (the datapath looks up no other as one).
+    nodeport_range: (u16, u16),
 }
 
 fn digest(table: &LbTable) -> u64 {
@@ -194,6 +196,7 @@ impl Reconciler {
             service_ids: IdPool::new(MAX_SERVICES),
             backends: HashMap::new(),
             backend_ids: IdPool::new(MAX_BACKENDS),
+            nodeport_range: DEFAULT_NODEPORT_RANGE,
         };
         for item in maps.backends.iter() {
             let (id, b) = item.context("reading the backends map")?;
@@ -254,6 +257,14 @@ impl Reconciler {
     }
 
     /// Makes the maps equal to `desired`, in the four steps of the module's doc.
+    /// The node port range the datapath was loaded with (`tapestryd --nodeport-range`): a
+    /// desired state with a node port outside it is refused, as the datapath would never
+    /// answer it.
+    pub fn with_nodeport_range(mut self, range: (u16, u16)) -> Self {
+        self.nodeport_range = range;
+        self
+    }
+
     pub fn apply(&mut self, maps: &mut Maps, desired: &Arc<DesiredState>) -> Result<ApplyStats> {
         let started = Instant::now();
         let mut stats = ApplyStats::default();
@@ -261,6 +272,7 @@ impl Reconciler {
             .map_err(|(_, e)| e)
             .context("counting CPUs")?;
         check_capacity(desired)?;
+        check_node_ports(desired, self.nodeport_range)?;
 
         let wanted = self.write_backends(maps, desired, &mut stats)?;
         let desired_keys = self.write_services(maps, desired, &mut stats)?;
@@ -543,6 +555,19 @@ impl Programmed {
 
 /// A selection table has `LB_TABLE_SIZE` slots: every active backend needs at least one. Checked
 /// before any write, so a state that cannot be programmed changes nothing.
+fn check_node_ports(desired: &DesiredState, (min, max): (u16, u16)) -> Result<()> {
+    for (i, svc) in desired.services.iter().enumerate() {
+        if svc.is_node_port() && !(min..=max).contains(&svc.port) {
+            bail!(
+                "services[{i}] ({}): node port {} is outside --nodeport-range {min}-{max}",
+                svc.name,
+                svc.port
+            );
+        }
+    }
+    Ok(())
+}
+
 fn check_capacity(desired: &DesiredState) -> Result<()> {
     for (i, svc) in desired.services.iter().enumerate() {
         let active = svc.backends.iter().filter(|b| !b.terminating);

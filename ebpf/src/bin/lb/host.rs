@@ -26,7 +26,7 @@ use tapestry_common::{
 use crate::{
     events::{Decision, account, count, count_drop, emit_flow},
     maps::HOST_REVERSE,
-    service::{lb4_lookup_service, lb4_select_backend, mix},
+    service::{lb4_lookup_frontend, lb4_select_backend, mix},
 };
 
 // The cookie of the node's network namespace (`tapestry_common::HOST_NETNS_COOKIE_GLOBAL`, set
@@ -103,7 +103,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     // bits).
     let (vip, port, proto) =
         unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
-    let Some(svc) = lb4_lookup_service(vip, port, proto) else {
+    let Some(svc) = lb4_lookup_frontend(vip, port, proto) else {
         return PROCEED;
     };
     if svc.backend_count == 0 {

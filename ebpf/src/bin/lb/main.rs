@@ -49,7 +49,10 @@ use tapestry_ebpf::{
 use crate::{
     events::{Decision, account, count, count_drop, emit},
     maps::{CONFIG, FRAGMENTS},
-    service::{lb4_lookup_backend, lb4_lookup_service, lb4_select_backend, packet_slot_hash},
+    service::{
+        lb4_lookup_backend, lb4_lookup_frontend, lb4_lookup_service, lb4_select_backend,
+        packet_slot_hash,
+    },
 };
 
 // Exactly `tapestry_common::map_names::ALL` (node-daemon/tests/map_names.rs checks).
@@ -69,6 +72,7 @@ tapestry_ebpf::maps!(
     COUNTERS,
     EVENTS,
     HOST_REVERSE,
+    NODE_ADDRS,
 );
 
 /// The daemon's runtime configuration; all defaults until it writes one.
@@ -161,7 +165,7 @@ fn from_endpoint(ctx: &TcContext) -> i32 {
     if !fragment_ports(&mut pkt) {
         return pass();
     }
-    if let Some(svc) = lb4_lookup_service(pkt.daddr, pkt.dport, pkt.proto) {
+    if let Some(svc) = lb4_lookup_frontend(pkt.daddr, pkt.dport, pkt.proto) {
         return match lb4_forward(ctx, &pkt, &svc) {
             Ok(v) => v,
             Err(reason) => drop(ctx, &pkt, reason, svc.id),

@@ -23,6 +23,41 @@ pub fn lb4_lookup_service(daddr: u32, dport: u16, proto: u8) -> Option<Service> 
     unsafe { SERVICES.get(key) }.copied()
 }
 
+// The node port range (`tapestry_common::NODEPORT_MIN_GLOBAL`/`NODEPORT_MAX_GLOBAL`, host byte
+// order, set at load; 0..0: no node ports).
+// SAFETY: no other symbols in the object have these names.
+#[unsafe(no_mangle)]
+static NODEPORT_MIN: u16 = 0;
+#[unsafe(no_mangle)]
+static NODEPORT_MAX: u16 = 0;
+
+/// A frontend: a ClusterIP (or external IP), else a node port on one of the node's own
+/// addresses (or loopback, for the node's own sockets).
+#[inline(always)]
+pub fn lb4_lookup_frontend(daddr: u32, dport: u16, proto: u8) -> Option<Service> {
+    match lb4_lookup_service(daddr, dport, proto) {
+        Some(svc) => Some(svc),
+        None => lb4_lookup_node_port(daddr, dport, proto),
+    }
+}
+
+#[inline(always)]
+fn lb4_lookup_node_port(daddr: u32, dport: u16, proto: u8) -> Option<Service> {
+    let port = u16::from_be(dport);
+    if port < tapestry_ebpf::constant(&NODEPORT_MIN)
+        || port > tapestry_ebpf::constant(&NODEPORT_MAX)
+    {
+        return None;
+    }
+    // 127.0.0.0/8: the first octet is the lowest byte of the address as loaded.
+    let loopback = daddr & 0xff == 127;
+    // SAFETY: only tested for presence.
+    if !loopback && unsafe { NODE_ADDRS.get(daddr) }.is_none() {
+        return None;
+    }
+    lb4_lookup_service(0, dport, proto)
+}
+
 #[inline(always)]
 pub fn lb4_lookup_backend(id: u32) -> Option<Backend> {
     // SAFETY: as in `lb4_lookup_service`: copied out at once, from an RCU-protected value.
