@@ -876,15 +876,17 @@ fn tapestryd_image_runs_with_the_charts_capabilities() -> Result<()> {
         "{} still exists after --uninstall",
         pins.0.display()
     );
-    assert!(
-        client
-            .tcp_request(
-                std::net::SocketAddrV4::new(vip, 80),
-                b"hi\n",
-                Duration::from_millis(500)
-            )
-            .is_err(),
-        "the VIP still answers with the datapath removed"
-    );
+    // Without the datapath the VIP is an address like any other: its packets go out of the
+    // host's default route, where whatever the network has may answer, but no backend does.
+    if let Ok(reply) = client.tcp_request(
+        std::net::SocketAddrV4::new(vip, 80),
+        b"hi\n",
+        Duration::from_millis(500),
+    ) {
+        assert!(
+            !["be0", "be1"].contains(&reply.as_str()),
+            "the VIP still reaches {reply} with the datapath removed"
+        );
+    }
     Ok(())
 }
