@@ -139,6 +139,9 @@ pub mod program_names {
     /// VM pods, in the pod's netns: the tap's ingress (what the guest sends), checked for
     /// spoofing, then out of the pod interface.
     pub const GUEST_TO_POD: &str = "tapestry_guest_to_pod";
+    /// On the ingress of the node's external interfaces (`tapestryd --nodeport-interface`):
+    /// clients outside the node reaching node ports and external IPs, and their replies.
+    pub const FROM_NETWORK: &str = "tapestry_from_network";
     /// The node's own sockets (cgroup `connect4`): a connection to a frontend goes to a
     /// backend chosen at connect time; nothing is done per packet.
     pub const HOST_CONNECT4: &str = "tapestry_host_connect4";
@@ -392,6 +395,10 @@ pub mod ct_flags {
     pub const HAIRPIN: u8 = 1 << 1;
     /// A reply was seen (the flow is established in both directions).
     pub const SEEN_REPLY: u8 = 1 << 2;
+    /// A client outside the node reached a node port (or an external IP): its source was
+    /// rewritten to the node's address towards the backend, so replies come back through this
+    /// node, which routes both directions itself.
+    pub const SNAT: u8 = 1 << 3;
 }
 
 #[repr(C)]
@@ -563,6 +570,8 @@ named_u32_enum! {
         /// A new flow from a client that already holds its share of conntrack
         /// (`tapestryd --conntrack-share-per-endpoint`).
         ConntrackShare = 16 => "conntrack_share",
+        /// A packet the node had to route itself (a node port flow from outside) had no route.
+        NoRoute = 17 => "no_route",
     }
 }
 

@@ -8,6 +8,7 @@
 //! (src/bin/lb/), since a map static in this library would land in every object (`maps`).
 #![no_std]
 
+pub mod fib;
 pub mod maps;
 pub mod nat;
 pub mod packet;

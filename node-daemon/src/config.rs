@@ -51,6 +51,9 @@ pub struct Config {
     pub host_services: Option<HostServices>,
     /// Ports that may be node ports (inclusive; the apiserver's --service-node-port-range).
     pub nodeport_range: (u16, u16),
+    /// The node's external interfaces: clients outside the node reach node ports and external
+    /// IPs through them.
+    pub nodeport_interfaces: Vec<String>,
 }
 
 /// `tapestryd --host-services`: the cgroup programs that let the node's own sockets reach
@@ -79,6 +82,7 @@ impl Config {
             dhcp_limit: DhcpLimit::DEFAULT,
             host_services: Some(HostServices::default()),
             nodeport_range: DEFAULT_NODEPORT_RANGE,
+            nodeport_interfaces: Vec::new(),
         }
     }
 }

@@ -139,6 +139,13 @@ pub async fn run(config: Config) -> Result<()> {
             "re-attached to the interfaces of the previous run"
         );
     }
+    let external = pins.attach_network(&config.nodeport_interfaces)?;
+    if !external.is_empty() {
+        info!(
+            interfaces = ?config.nodeport_interfaces,
+            "clients outside the node reach node ports through these"
+        );
+    }
     for ifname in &config.attach {
         pins.attach(ifname)
             .with_context(|| format!("--attach {ifname}"))?;

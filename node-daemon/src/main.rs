@@ -105,6 +105,16 @@ struct Args {
     /// refused with the desired state that has it.
     #[arg(long, env = "TAPESTRY_NODEPORT_RANGE", default_value = "30000-32767", value_parser = parse_port_range)]
     nodeport_range: (u16, u16),
+    /// The node's external interfaces (repeat, or comma-separate): clients outside the node
+    /// reach node ports and external IPs through them (their source translated to the node, so
+    /// replies return through it). None: only pods and the node itself reach them.
+    #[arg(
+        long = "nodeport-interface",
+        env = "TAPESTRY_NODEPORT_INTERFACES",
+        value_name = "IFNAME",
+        value_delimiter = ','
+    )]
+    nodeport_interfaces: Vec<String>,
     /// Remove every pin (datapath detached from every interface, maps gone) and exit.
     #[arg(long)]
     uninstall: bool,
@@ -215,6 +225,7 @@ impl Args {
             state_dir: self.state_dir,
             api_socket_group,
             nodeport_range: self.nodeport_range,
+            nodeport_interfaces: self.nodeport_interfaces,
             host_services: self.host_services.then_some(HostServices {
                 cgroup_root: self.cgroup_root,
             }),

@@ -81,10 +81,7 @@ impl Node {
         payload: &[u8],
         timeout: Duration,
     ) -> std::io::Result<String> {
-        tapestry_netns::run_in(&self.netns_path, || {
-            crate::net::tcp_request(addr, payload, timeout)
-        })
-        .map_err(std::io::Error::other)?
+        crate::net::tcp_request_in(&self.netns_path, addr, payload, timeout)
     }
 
     /// One UDP request (connected socket) from the node itself; see
@@ -95,10 +92,7 @@ impl Node {
         payload: &[u8],
         timeout: Duration,
     ) -> std::io::Result<String> {
-        tapestry_netns::run_in(&self.netns_path, || {
-            crate::net::udp_request(addr, payload, timeout)
-        })
-        .map_err(std::io::Error::other)?
+        crate::net::udp_request_in(&self.netns_path, addr, payload, timeout)
     }
 
     /// Runs `cmd` on the node itself (in its network namespace).
@@ -275,6 +269,9 @@ impl Cluster {
                 &name,
                 "--kubeconfig",
                 kubeconfig.to_str().context("kubeconfig path")?,
+                // The fabric: clients outside the cluster reach node ports through it.
+                "--nodeport-interface",
+                "eth0",
             ],
         )?;
         let plugins = reference_plugin_dir()?;
@@ -473,6 +470,39 @@ impl Cluster {
             ])?
             .trim()
             .parse()?)
+    }
+
+    /// A client outside the cluster: a network namespace of its own on the fabric (like a
+    /// machine on the nodes' network), at the fabric's `.60 + n`. Returns its namespace's path
+    /// and address; the lab removes it with the rest.
+    pub fn add_outside_client(&self, n: u8) -> Result<(PathBuf, Ipv4Addr)> {
+        let prefix = self.lab.prefix();
+        let ns = format!("{prefix}-out{n}");
+        let veth = format!("{prefix}-o{n}");
+        let s = self.lab.subnet().octets();
+        let addr = Ipv4Addr::new(s[0], s[1], s[2], 60 + n);
+        ip(&["netns", "add", &ns])?;
+        ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "eth0", "netns", &ns,
+        ])?;
+        ip(&[
+            "link",
+            "set",
+            &veth,
+            "master",
+            &format!("{prefix}-fab"),
+            "up",
+        ])?;
+        for args in [
+            vec!["link", "set", "lo", "up"],
+            vec!["addr", "add", &format!("{addr}/26"), "dev", "eth0"],
+            vec!["link", "set", "eth0", "up"],
+        ] {
+            let mut full = vec!["-n", &ns];
+            full.extend(args);
+            ip(&full)?;
+        }
+        Ok((PathBuf::from("/run/netns").join(&ns), addr))
     }
 
     /// Node of pod `name`.

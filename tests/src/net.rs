@@ -430,6 +430,28 @@ pub fn tcp_request(addr: SocketAddrV4, payload: &[u8], timeout: Duration) -> io:
     Ok(reply)
 }
 
+/// [`tcp_request`] from the network namespace at `netns` (a lab node's, a client outside).
+pub fn tcp_request_in(
+    netns: &std::path::Path,
+    addr: SocketAddrV4,
+    payload: &[u8],
+    timeout: Duration,
+) -> io::Result<String> {
+    tapestry_netns::run_in(netns, || tcp_request(addr, payload, timeout))
+        .map_err(io::Error::other)?
+}
+
+/// [`udp_request`] from the network namespace at `netns`.
+pub fn udp_request_in(
+    netns: &std::path::Path,
+    addr: SocketAddrV4,
+    payload: &[u8],
+    timeout: Duration,
+) -> io::Result<String> {
+    tapestry_netns::run_in(netns, || udp_request(addr, payload, timeout))
+        .map_err(io::Error::other)?
+}
+
 /// One UDP request from the calling thread's namespace: a socket on an ephemeral port,
 /// *connected* to `addr`, so only a reply whose source is `addr` is accepted (a load balancer
 /// must reverse its NAT). Returns the reply without a trailing `\n`; an ICMP port-unreachable

@@ -185,6 +185,31 @@ fn services_reach_backends_on_every_node_and_off_the_pod_network() {
         }
     }
 
+    // A client outside the cluster (a machine on the nodes' network) reaches the node port on
+    // every node: its source translated to the node, so the replies of backends on other nodes
+    // come back through the node it asked, which restores the node port as their source (UDP
+    // only accepts that). And a pod reaches another node's node port the same way.
+    let (outside, outside_ip) = c.add_outside_client(0).unwrap();
+    for node in &c.nodes {
+        let at = SocketAddrV4::new(node.underlay_ip, np_tcp);
+        let mut seen = BTreeMap::new();
+        for i in 0..60 {
+            let name = tapestry_tests::net::tcp_request_in(&outside, at, b"hi\n", T)
+                .unwrap_or_else(|e| panic!("outside ({outside_ip}) -> {at} (request {i}): {e}"));
+            *seen.entry(name).or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), 3, "outside -> {at}: {seen:?}");
+        let udp_at = SocketAddrV4::new(node.underlay_ip, np_udp);
+        let got = tapestry_tests::net::udp_request_in(&outside, udp_at, b"hi\n", T)
+            .unwrap_or_else(|e| panic!("UDP outside -> {udp_at}: {e}"));
+        assert!(got.starts_with("web"), "UDP outside -> {udp_at}: {got}");
+    }
+    let across = SocketAddrV4::new(c.nodes[1].underlay_ip, np_tcp);
+    let got = clients[0]
+        .tcp_request(across, b"hi\n", T)
+        .unwrap_or_else(|e| panic!("client0 -> node-1's node port {across}: {e}"));
+    assert!(got.starts_with("web"), "client0 -> {across}: {got}");
+
     // A host-network endpoint: a server on node 1's own address, in a hand-written slice.
     let node1 = &c.nodes[1];
     let _host_server = c

@@ -58,6 +58,10 @@ const SERVICE_PROGRAMS: [(&str, &str, Hook, &str); 2] = [
         "egress-",
     ),
 ];
+/// The external interfaces' program (clients outside the node reaching node ports): name, pin,
+/// link pin prefix. On ingress only: what it sends back out, it routes itself.
+const NETWORK_PROGRAM: (&str, &str, &str) =
+    (program_names::FROM_NETWORK, "prog_from_network", "network-");
 const LINKS_DIR: &str = "links";
 const INGRESS_PREFIX: &str = "ingress-";
 
@@ -241,7 +245,13 @@ impl Datapath {
             .override_global(NODEPORT_MAX_GLOBAL, &options.nodeport_range.1, true)
             .load(OBJECT)
             .context("loading the eBPF object")?;
-        for (name, pin, _, _) in SERVICE_PROGRAMS {
+        let network = (
+            NETWORK_PROGRAM.0,
+            NETWORK_PROGRAM.1,
+            Hook::Ingress,
+            NETWORK_PROGRAM.2,
+        );
+        for (name, pin, _, _) in SERVICE_PROGRAMS.into_iter().chain([network]) {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?
@@ -466,6 +476,49 @@ impl Pins {
             }
         }
         Ok(adopted)
+    }
+
+    /// Puts the external interfaces' program on the ingress of exactly `ifnames` (clients
+    /// outside the node reaching node ports): attaches (or switches) each, and takes it off the
+    /// interfaces of an earlier run that are no longer listed.
+    pub fn attach_network(&self, ifnames: &[String]) -> Result<Vec<Attachment>> {
+        let (_, pin, prefix) = NETWORK_PROGRAM;
+        let prog_pin = self.dir.join(pin);
+        let mut keep = Vec::new();
+        for ifname in ifnames {
+            let ifindex =
+                ifindex_of(ifname).with_context(|| format!("--nodeport-interface {ifname}"))?;
+            let mut prog = SchedClassifier::from_pin(&prog_pin)
+                .with_context(|| format!("opening the pinned program {}", prog_pin.display()))?;
+            let how = link::attach(
+                &mut prog,
+                ifname,
+                TcAttachType::Ingress,
+                &self.link_pin(prefix, ifindex),
+            )?;
+            debug!(ifname, ifindex, ?how, "external interface attached");
+            keep.push(Attachment {
+                ifindex,
+                ifname: ifname.clone(),
+            });
+        }
+        if let Ok(rd) = fs::read_dir(self.links_dir()) {
+            for entry in rd.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(idx) = name
+                    .strip_prefix(prefix)
+                    .and_then(|s| s.parse::<u32>().ok())
+                    && !keep.iter().any(|a| a.ifindex == idx)
+                {
+                    link::remove(&entry.path())?;
+                    info!(
+                        ifindex = idx,
+                        "external interface no longer listed: detached"
+                    );
+                }
+            }
+        }
+        Ok(keep)
     }
 
     /// Interfaces with a pinned link.

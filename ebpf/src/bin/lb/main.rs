@@ -40,6 +40,7 @@ use tapestry_common::{
     FragmentPorts, IPPROTO_TCP, Service, ct_direction, ct_flags, event_kind,
 };
 use tapestry_ebpf::{
+    fib,
     nat::{Side, rewrite_addr, rewrite_port, swap_macs},
     packet::{self, Ipv4Packet, Parsed, TCP_ACK, TCP_SYN, ifindex},
     reject::lb4_reject,
@@ -50,8 +51,8 @@ use crate::{
     events::{Decision, account, count, count_drop, emit},
     maps::{CONFIG, FRAGMENTS},
     service::{
-        lb4_lookup_backend, lb4_lookup_frontend, lb4_lookup_service, lb4_select_backend,
-        packet_slot_hash,
+        is_node_addr, lb4_lookup_backend, lb4_lookup_node_port, lb4_lookup_service,
+        lb4_select_backend, packet_slot_hash,
     },
 };
 
@@ -96,6 +97,11 @@ pub fn tapestry_from_endpoint(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tapestry_to_endpoint(ctx: TcContext) -> i32 {
     to_endpoint(&ctx)
+}
+
+#[classifier]
+pub fn tapestry_from_network(ctx: TcContext) -> i32 {
+    from_network(&ctx)
 }
 
 /// Headers in a paged fragment are pulled into the linear area once; failure only means the
@@ -165,23 +171,65 @@ fn from_endpoint(ctx: &TcContext) -> i32 {
     if !fragment_ports(&mut pkt) {
         return pass();
     }
-    if let Some(svc) = lb4_lookup_frontend(pkt.daddr, pkt.dport, pkt.proto) {
-        return match lb4_forward(ctx, &pkt, &svc) {
-            Ok(v) => v,
-            Err(reason) => drop(ctx, &pkt, reason, svc.id),
-        };
+    if let Some(svc) = lb4_lookup_service(pkt.daddr, pkt.dport, pkt.proto) {
+        return forward(ctx, &pkt, &svc, false);
     }
-    if pkt.daddr != hairpin_snat_ip() {
-        if is_syn(&pkt) {
-            forget_reply_entry(&pkt);
+    let to_node = is_node_addr(pkt.daddr);
+    if to_node || pkt.daddr == hairpin_snat_ip() {
+        // A backend answering a flow it started itself through the frontend (hairpin), or a
+        // client outside the node that reached a node port (source translated to the node).
+        match lb4_reply(ctx, &pkt) {
+            Ok(Some(v)) => return v,
+            Ok(None) => {}
+            Err(reason) => return drop(ctx, &pkt, reason, 0),
         }
-        return pass();
     }
-    // A backend answering a flow it started itself through the frontend (hairpin).
-    match lb4_reply(ctx, &pkt) {
-        Ok(Some(v)) => v,
-        Ok(None) => pass(),
-        Err(reason) => drop(ctx, &pkt, reason, 0),
+    if to_node && let Some(svc) = lb4_lookup_node_port(pkt.dport, pkt.proto) {
+        return forward(ctx, &pkt, &svc, false);
+    }
+    if is_syn(&pkt) {
+        forget_reply_entry(&pkt);
+    }
+    pass()
+}
+
+/// What the node's external interfaces receive: clients outside the node reaching a node port
+/// (or an external IP, or a ClusterIP routed to the node), and the replies of those flows from
+/// backends on other nodes. Everything else goes on untouched.
+#[inline(always)]
+fn from_network(ctx: &TcContext) -> i32 {
+    pull_headers(ctx);
+    let mut pkt = match packet::parse(ctx) {
+        Parsed::Packet(p) => p,
+        Parsed::NotOurs | Parsed::Truncated { .. } => return verdict::NEXT,
+    };
+    if !fragment_ports(&mut pkt) {
+        return verdict::NEXT;
+    }
+    let to_node = is_node_addr(pkt.daddr);
+    if to_node {
+        match lb4_reply(ctx, &pkt) {
+            Ok(Some(v)) => return v,
+            Ok(None) => {}
+            Err(reason) => return drop(ctx, &pkt, reason, 0),
+        }
+    }
+    let svc = if to_node {
+        lb4_lookup_node_port(pkt.dport, pkt.proto)
+    } else {
+        lb4_lookup_service(pkt.daddr, pkt.dport, pkt.proto)
+    };
+    match svc {
+        Some(svc) => forward(ctx, &pkt, &svc, true),
+        None => verdict::NEXT,
+    }
+}
+
+#[inline(always)]
+fn forward(ctx: &TcContext, pkt: &Ipv4Packet, svc: &Service, from_network: bool) -> i32 {
+    match lb4_forward(ctx, pkt, svc, from_network) {
+        Ok(v) => v,
+        Err(reason) => drop(ctx, pkt, reason, svc.id),
     }
 }
 
@@ -261,15 +309,28 @@ fn is_syn(pkt: &Ipv4Packet) -> bool {
     pkt.proto == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
-/// Client -> frontend.
+/// How a flow's source is translated: `HAIRPIN` or `SNAT` (of `ct_flags`), or 0.
+const SOURCE_XLATE: u8 = ct_flags::HAIRPIN | ct_flags::SNAT;
+
+/// A flow's backend and source translation: (backend id, backend, `SOURCE_XLATE` flags, source
+/// address written, source port written or 0 for the client's own).
+type Chosen = (u32, Backend, u8, u32, u16);
+
+/// Client -> frontend. `from_network`: the client is outside the node (the external
+/// interfaces' program): its source is translated to the node and the node routes the packet.
 #[inline(always)]
-fn lb4_forward(ctx: &TcContext, pkt: &Ipv4Packet, svc: &Service) -> Result<i32, DropReason> {
+fn lb4_forward(
+    ctx: &TcContext,
+    pkt: &Ipv4Packet,
+    svc: &Service,
+    from_network: bool,
+) -> Result<i32, DropReason> {
     count(Counter::ServicePackets);
     let now = now();
     let fkey = conntrack::forward_key(pkt);
     let mut new_flow = true;
     let mut reselect = false;
-    let mut chosen: Option<(u32, Backend, u8, u16)> = None;
+    let mut chosen: Option<Chosen> = None;
 
     if let Some(entry) = conntrack::lookup(&fkey) {
         // SAFETY: `entry` comes from a successful lookup: a valid, aligned entry for the rest of
@@ -292,7 +353,8 @@ fn lb4_forward(ctx: &TcContext, pkt: &Ipv4Packet, svc: &Service) -> Result<i32, 
                     chosen = Some((
                         e.backend_id,
                         b,
-                        e.flags & ct_flags::HAIRPIN,
+                        e.flags & SOURCE_XLATE,
+                        e.nat_peer_addr,
                         u16::from_ne_bytes(e.nat_peer_port),
                     ));
                 }
@@ -304,19 +366,25 @@ fn lb4_forward(ctx: &TcContext, pkt: &Ipv4Packet, svc: &Service) -> Result<i32, 
         }
     }
 
-    let (backend_id, backend, hairpin, snat_port) = match chosen {
+    let (backend_id, backend, xlate, snat, snat_port) = match chosen {
         Some(c) => c,
         None => {
+            // From outside, only a connection's first packet starts a flow: a TCP segment
+            // without an entry is someone else's (the node's own connection whose local port
+            // happens to be a node port's), and goes on untouched.
+            if from_network && pkt.proto == IPPROTO_TCP && !is_syn(pkt) {
+                return Ok(verdict::NEXT);
+            }
             if svc.backend_count == 0 {
                 return lb4_no_backend(ctx, pkt, svc, reselect);
             }
-            lb4_new_flow(ctx, pkt, svc, now, &fkey, reselect)?
+            lb4_new_flow(ctx, pkt, svc, now, &fkey, reselect, from_network)?
         }
     };
 
     remember_fragment(pkt);
-    if hairpin != 0 {
-        rewrite_addr(ctx, pkt, Side::Source, pkt.saddr, hairpin_snat_ip())?;
+    if xlate != 0 {
+        rewrite_addr(ctx, pkt, Side::Source, pkt.saddr, snat)?;
         if snat_port != 0 {
             rewrite_port(ctx, pkt, Side::Source, pkt.sport, snat_port)?;
         }
@@ -324,12 +392,16 @@ fn lb4_forward(ctx: &TcContext, pkt: &Ipv4Packet, svc: &Service) -> Result<i32, 
     rewrite_addr(ctx, pkt, Side::Destination, pkt.daddr, backend.ip)?;
     rewrite_port(ctx, pkt, Side::Destination, pkt.dport, backend.port)?;
     account(svc.id, backend_id, pkt.len, new_flow);
-    if hairpin != 0 {
+    if xlate & ct_flags::HAIRPIN != 0 {
         // Client and backend are the same endpoint: send the packet straight back out of the
         // interface it came from, as the gateway would.
         swap_macs(ctx)?;
         // SAFETY: bpf_redirect takes plain integers and only records the target.
         return Ok(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32);
+    }
+    if xlate & ct_flags::SNAT != 0 {
+        // From the node's own address now: the stack would take it for a martian.
+        return fib::redirect(ctx, &fib::route(ctx, pkt.proto, backend.ip)?);
     }
     // On along the chain: a primary's program after ours sees the packet to the backend.
     Ok(verdict::NEXT)
@@ -356,13 +428,14 @@ fn lb4_no_backend(
 /// Source ports a new hairpin flow tries at its backend before it gives up.
 const HAIRPIN_PORT_TRIES: u32 = 8;
 
-/// The source port a new hairpin flow gets at its backend, network byte order, 0 for the
-/// client's own. Every hairpin flow has the same source address there (the hairpin address), so
-/// two of them from one client port to two frontends with the same backend port would share a
-/// reply entry, and one would take the other's replies. The client's port is kept unless a live
-/// flow of another frontend holds it; then random ports of the ephemeral range are tried.
+/// The source port a new source-translated flow (hairpin, or node port SNAT) gets at its
+/// backend, network byte order, 0 for the client's own. Every such flow has the same source
+/// address there (the hairpin address, the node's), so two of them from one client port (or two
+/// clients' same port) to frontends with the same backend port would share a reply entry, and
+/// one would take the other's replies. The client's port is kept unless a live flow of another
+/// client or frontend holds it; then random ports of the ephemeral range are tried.
 #[inline(always)]
-fn hairpin_source_port(
+fn source_port(
     pkt: &Ipv4Packet,
     backend: &Backend,
     snat: u32,
@@ -416,27 +489,30 @@ fn lb4_new_flow(
     now: u64,
     fkey: &CtKey,
     reselect: bool,
-) -> Result<(u32, Backend, u8, u16), DropReason> {
+    from_network: bool,
+) -> Result<Chosen, DropReason> {
     if !conntrack::share_admits(pkt.saddr) {
         return Err(DropReason::ConntrackShare);
     }
     let (backend_id, backend) =
         lb4_select_backend(svc, pkt.saddr, || packet_slot_hash(svc, pkt), now)?;
-    let hairpin = if backend.ip == pkt.saddr {
-        ct_flags::HAIRPIN
+    let (xlate, snat) = if from_network {
+        // The node's address towards the backend: replies come back through this node.
+        (ct_flags::SNAT, fib::route(ctx, pkt.proto, backend.ip)?.src)
+    } else if backend.ip == pkt.saddr {
+        (ct_flags::HAIRPIN, hairpin_snat_ip())
+    } else {
+        (0, 0)
+    };
+    let snat_port = if xlate != 0 {
+        source_port(pkt, &backend, snat, now)?
     } else {
         0
     };
-    let snat = if hairpin != 0 { hairpin_snat_ip() } else { 0 };
-    let snat_port = if hairpin != 0 {
-        hairpin_source_port(pkt, &backend, snat, now)?
-    } else {
-        0
-    };
-    let flags = hairpin | conntrack::flags_from_tcp(pkt);
+    let flags = xlate | conntrack::flags_from_tcp(pkt);
     let rkey = CtKey {
         saddr: backend.ip,
-        daddr: if hairpin != 0 { snat } else { pkt.saddr },
+        daddr: if xlate != 0 { snat } else { pkt.saddr },
         sport: backend.port,
         dport: if snat_port != 0 { snat_port } else { pkt.sport },
         proto: pkt.proto,
@@ -445,13 +521,13 @@ fn lb4_new_flow(
     };
     let reply = CtEntry {
         nat_addr: pkt.daddr,
-        nat_peer_addr: if hairpin != 0 { pkt.saddr } else { 0 },
+        nat_peer_addr: if xlate != 0 { pkt.saddr } else { 0 },
         backend_id,
         service_id: svc.id,
         created_ns: now,
         last_seen_ns: now,
         nat_port: pkt.dport,
-        flags: hairpin,
+        flags: xlate,
         nat_peer_port: if snat_port != 0 {
             pkt.sport.to_ne_bytes()
         } else {
@@ -476,7 +552,7 @@ fn lb4_new_flow(
         conntrack::share_add(pkt.saddr);
     }
     count(Counter::NewFlows);
-    if hairpin != 0 {
+    if xlate & ct_flags::HAIRPIN != 0 {
         count(Counter::Hairpin);
     }
     let kind = if reselect {
@@ -497,11 +573,11 @@ fn lb4_new_flow(
             nat_port: backend.port,
         },
     );
-    Ok((backend_id, backend, hairpin, snat_port))
+    Ok((backend_id, backend, xlate, snat, snat_port))
 }
 
-/// Backend -> client: restore the frontend as the source (and, for a hairpin flow, the client's
-/// own address as the destination).
+/// Backend -> client: restore the frontend as the source (and, for a source-translated flow, the
+/// client's own address as the destination).
 #[inline(always)]
 fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Option<i32>, DropReason> {
     let rkey = conntrack::reply_key(pkt);
@@ -523,8 +599,8 @@ fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Option<i32>, DropReaso
             now,
         )
     };
-    let hairpin = e.flags & ct_flags::HAIRPIN != 0;
-    // The client's own port, where a hairpin flow's was translated.
+    let xlate = e.flags & SOURCE_XLATE;
+    // The client's own port, where a source-translated flow's was.
     let client_port = match u16::from_ne_bytes(e.nat_peer_port) {
         0 => pkt.dport,
         p => p,
@@ -532,7 +608,11 @@ fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Option<i32>, DropReaso
     if e.flags & ct_flags::SEEN_REPLY == 0 {
         // First reply: the forward entry moves from the SYN lifetime to the established one.
         let fkey = CtKey {
-            saddr: if hairpin { e.nat_peer_addr } else { pkt.daddr },
+            saddr: if xlate != 0 {
+                e.nat_peer_addr
+            } else {
+                pkt.daddr
+            },
             daddr: e.nat_addr,
             sport: client_port,
             dport: e.nat_port,
@@ -549,14 +629,21 @@ fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Option<i32>, DropReaso
     rewrite_addr(ctx, pkt, Side::Source, pkt.saddr, e.nat_addr)?;
     rewrite_port(ctx, pkt, Side::Source, pkt.sport, e.nat_port)?;
     count(Counter::ReverseNat);
-    if hairpin {
-        rewrite_addr(ctx, pkt, Side::Destination, pkt.daddr, e.nat_peer_addr)?;
-        rewrite_port(ctx, pkt, Side::Destination, pkt.dport, client_port)?;
+    if xlate == 0 {
+        return Ok(Some(verdict::NEXT));
+    }
+    rewrite_addr(ctx, pkt, Side::Destination, pkt.daddr, e.nat_peer_addr)?;
+    rewrite_port(ctx, pkt, Side::Destination, pkt.dport, client_port)?;
+    if xlate & ct_flags::HAIRPIN != 0 {
         swap_macs(ctx)?;
         // SAFETY: bpf_redirect takes plain integers and only records the target.
         return Ok(Some(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32));
     }
-    Ok(Some(verdict::NEXT))
+    // From the node port (the node's address) to the client outside: routed here.
+    Ok(Some(fib::redirect(
+        ctx,
+        &fib::route(ctx, pkt.proto, e.nat_peer_addr)?,
+    )?))
 }
 
 #[cfg(target_arch = "bpf")]

@@ -37,22 +37,26 @@ static NODEPORT_MAX: u16 = 0;
 pub fn lb4_lookup_frontend(daddr: u32, dport: u16, proto: u8) -> Option<Service> {
     match lb4_lookup_service(daddr, dport, proto) {
         Some(svc) => Some(svc),
-        None => lb4_lookup_node_port(daddr, dport, proto),
+        None if is_node_addr(daddr) => lb4_lookup_node_port(dport, proto),
+        None => None,
     }
 }
 
+/// One of the node's own addresses (`NODE_ADDRS`, kept by the daemon), or loopback.
 #[inline(always)]
-fn lb4_lookup_node_port(daddr: u32, dport: u16, proto: u8) -> Option<Service> {
+pub fn is_node_addr(daddr: u32) -> bool {
+    // 127.0.0.0/8: the first octet is the lowest byte of the address as loaded.
+    // SAFETY: only tested for presence.
+    daddr & 0xff == 127 || unsafe { NODE_ADDRS.get(daddr) }.is_some()
+}
+
+/// The node port service on `dport`, for a packet addressed to one of the node's addresses.
+#[inline(always)]
+pub fn lb4_lookup_node_port(dport: u16, proto: u8) -> Option<Service> {
     let port = u16::from_be(dport);
     if port < tapestry_ebpf::constant(&NODEPORT_MIN)
         || port > tapestry_ebpf::constant(&NODEPORT_MAX)
     {
-        return None;
-    }
-    // 127.0.0.0/8: the first octet is the lowest byte of the address as loaded.
-    let loopback = daddr & 0xff == 127;
-    // SAFETY: only tested for presence.
-    if !loopback && unsafe { NODE_ADDRS.get(daddr) }.is_none() {
         return None;
     }
     lb4_lookup_service(0, dport, proto)
