@@ -1,13 +1,25 @@
 # Tapestry: the two commands a fresh machine needs are `make demo` and `make test`.
-# Both run `make setup` first (idempotent; installs what is missing, see scripts/setup.sh).
+# `make test` (and bench, demo-cluster, demo-node, images) runs `make setup` first: everything;
+# `make demo` runs `make setup-demo`: only what the demo uses. Both are idempotent and install
+# what is missing (scripts/setup.sh).
 
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: reliability setup build release lint test test-unit test-integration demo demo-cluster demo-node bench clean-lab uninstall manifests images fuzz
+.PHONY: reliability setup setup-demo build release lint test test-unit test-integration demo demo-cluster demo-node bench clean-lab uninstall manifests images fuzz
 
 setup:
 	@bash scripts/setup.sh
+
+## The demo's share of `make setup`: Debian packages, the nightly with rust-src, bpf-linker, bpffs,
+## the QEMU guest. No Go, no CNI reference plugins, no Kubernetes, no images.
+setup-demo:
+	@bash scripts/setup.sh --demo
+
+## The binaries tapestry-demo runs: itself, tapestryd, and tapestry-cni (the VM pod's CNI chain).
+## `--workspace` with `--bin`s builds only those (and what they depend on) but resolves features
+## as `make release` does, so a later `make release` reuses every crate built here.
+DEMO_BINS := --bin tapestry-demo --bin tapestryd --bin tapestry-cni
 
 build: setup
 	$(CARGO) build --workspace --bins
@@ -26,7 +38,8 @@ test: lint build images
 
 ## A single-host lab in standalone mode: pods behind a Service VIP, one request at a time.
 ## `make demo DEMO_ARGS=--keep` leaves the lab up.
-demo: release
+demo: setup-demo
+	$(CARGO) build --workspace $(DEMO_BINS) --release
 	./target/release/tapestry-demo $(DEMO_ARGS)
 
 ## Three Kubernetes nodes on this host (network namespaces on one fabric, a real apiserver, a
@@ -64,7 +77,8 @@ reliability:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) RELIABILITY_ARGS="$(RELIABILITY_ARGS)" bash bench/reliability.sh
 
 ## Removes the pinned datapath (detaching it from every interface).
-uninstall: release
+uninstall: setup-demo
+	$(CARGO) build --workspace --bin tapestryd --release
 	./target/release/tapestryd --uninstall
 
 ## The Guest CRD (printed by tapestry-controller) into the Helm chart, and the chart rendered

@@ -1,14 +1,43 @@
 #!/usr/bin/env bash
-# One idempotent set-up for a fresh machine: Debian packages, the nightly toolchain with
-# rust-src, bpf-linker built against that nightly's own LLVM, bpffs, and the test parts. Run by
-# `make demo`, `make test` and `make bench` (through `make setup`); `--with-fuzz` adds cargo-fuzz
-# (`make fuzz`, `make reliability`). Everything built
-# from the registries is cached outside the checkout under $TAPESTRY_CACHE, keyed by version.
+# One idempotent set-up for a fresh machine, in two sizes. Everything built from the registries
+# is cached outside the checkout under $TAPESTRY_CACHE (default ~/.cache/tapestry), keyed by
+# version.
+#
+#   scripts/setup.sh --demo       `make demo` (make setup-demo): what tapestry-demo uses and
+#                                 nothing else: the Debian packages of DEMO_PACKAGES, the nightly
+#                                 toolchain with rust-src, bpf-linker built against that nightly's
+#                                 own LLVM, bpffs, the QEMU guest's kernel + initramfs.
+#   scripts/setup.sh              everything (make setup: make test, make bench, make demo-cluster,
+#                                 make demo-node, make images): the above, and the rest of the
+#                                 Debian packages, clippy, rustfmt, the musl target (images), the
+#                                 CNI reference plugins, the Kubernetes binaries and helm, the real
+#                                 node's images.
+#   scripts/setup.sh --with-fuzz  everything and cargo-fuzz (make fuzz, make reliability).
 set -euo pipefail
 
 CACHE="${TAPESTRY_CACHE:-$HOME/.cache/tapestry}"
 BPF_LINKER_VERSION="0.13.0"
 CARGO_FUZZ_VERSION="0.13.2"
+DEMO_ONLY=false
+WITH_FUZZ=false
+for arg in "$@"; do
+  case "$arg" in
+    --demo) DEMO_ONLY=true ;;
+    --with-fuzz) WITH_FUZZ=true ;;
+    -h | --help)
+      sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+      exit 0
+      ;;
+    *)
+      echo "setup: unknown argument '$arg' (--demo, --with-fuzz)" >&2
+      exit 2
+      ;;
+  esac
+done
+if [ "$DEMO_ONLY" = true ] && [ "$WITH_FUZZ" = true ]; then
+  echo "setup: --with-fuzz sets up everything; it does not go with --demo" >&2
+  exit 2
+fi
 mkdir -p "$CACHE"
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
@@ -20,22 +49,30 @@ need_root() {
 }
 
 # --- Debian packages -----------------------------------------------------------------------
-DEB_PACKAGES=(
-  iproute2 iptables nftables ethtool bpftool procps psmisc util-linux openssl
+# What tapestry-demo runs (tests/src/bin/demo.rs): the lab and the daemon need `ip` and mount;
+# the VM pod's CNI chain is Debian's ptp + host-local from /usr/lib/cni (CNI 1.0.0 is enough);
+# the guest is QEMU with a busybox initramfs (scripts/build-guest.sh: cpio, and musl-gcc for its
+# static UDP server, so the initramfs `make setup` would build is the same one).
+DEMO_PACKAGES=(
+  iproute2 util-linux
+  containernetworking-plugins
+  qemu-system-x86 busybox-static cpio musl-tools
+)
+# The rest, for make test, make bench, make demo-cluster, make demo-node and make images.
+TEST_PACKAGES=(
+  iptables nftables ethtool bpftool procps psmisc openssl
   # the lab's pods ask the apiserver's /readyz through the kubernetes ClusterIP (tests/tests/cluster.rs)
   curl
-  # CNI and runtimes (containerd: the real node of tests/src/node.rs)
-  containernetworking-plugins podman runc containerd
-  # guests under software emulation (CNI issue)
-  qemu-system-x86 busybox-static cpio
+  # runtimes (containerd: the real node of tests/src/node.rs; podman: the images)
+  podman runc containerd
   # plots for `make bench`
   gnuplot-nox
-  # static (musl) binaries for FROM scratch images (`file` checks they are static)
-  musl-tools file
+  # `file` checks the images' musl binaries are static
+  file
 )
-install_packages() {
+install_packages() { # $@ = packages
   local missing=()
-  for p in "${DEB_PACKAGES[@]}"; do
+  for p in "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
   done
   if [ "${#missing[@]}" -gt 0 ]; then
@@ -47,7 +84,8 @@ install_packages() {
 }
 
 # --- Rust toolchains -----------------------------------------------------------------------
-install_rust() {
+# The nightly with rust-src builds the eBPF programs (node-daemon's build.rs, -Z build-std=core).
+install_rust_nightly() {
   if ! rustup toolchain list | grep -q '^nightly'; then
     log "installing the nightly toolchain"
     rustup toolchain install nightly --profile minimal
@@ -56,6 +94,9 @@ install_rust() {
     log "adding rust-src to nightly"
     rustup component add rust-src --toolchain nightly
   fi
+}
+# make lint (clippy, rustfmt) and make images (the musl target).
+install_rust_tools() {
   rustup component list --installed | grep -q '^clippy' || rustup component add clippy
   rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
   rustup target list --installed | grep -q x86_64-unknown-linux-musl \
@@ -79,8 +120,8 @@ install_bpf_linker() {
       --version "$BPF_LINKER_VERSION" --no-default-features --features "llvm-$llvm_major" \
       --root "$prefix" -q
   fi
-  mkdir -p "$HOME/.cargo/bin"
-  ln -sf "$bin" "$HOME/.cargo/bin/bpf-linker"
+  mkdir -p "${CARGO_HOME:-$HOME/.cargo}/bin"
+  ln -sf "$bin" "${CARGO_HOME:-$HOME/.cargo}/bin/bpf-linker"
 }
 
 # --- cargo-fuzz (`make fuzz`) --------------------------------------------------------------
@@ -91,8 +132,8 @@ install_cargo_fuzz() {
     log "building cargo-fuzz $CARGO_FUZZ_VERSION (2-3 min)"
     cargo +stable install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION" --root "$prefix" -q
   fi
-  mkdir -p "$HOME/.cargo/bin"
-  ln -sf "$bin" "$HOME/.cargo/bin/cargo-fuzz"
+  mkdir -p "${CARGO_HOME:-$HOME/.cargo}/bin"
+  ln -sf "$bin" "${CARGO_HOME:-$HOME/.cargo}/bin/cargo-fuzz"
 }
 
 # --- bpffs ---------------------------------------------------------------------------------
@@ -104,24 +145,37 @@ mount_bpffs() {
 }
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+need_root
+
+# --- what make demo needs ------------------------------------------------------------------
+if [ "$DEMO_ONLY" = true ]; then
+  install_packages "${DEMO_PACKAGES[@]}"
+else
+  install_packages "${DEMO_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
+fi
+install_rust_nightly
+install_bpf_linker
+mount_bpffs
+# The QEMU guest's kernel + initramfs (the demo's VM pod and the tests' guests).
+"$ROOT/scripts/build-guest.sh" >/dev/null
+if [ "$DEMO_ONLY" = true ]; then
+  log "ready for make demo"
+  exit 0
+fi
+
+# --- the rest: make test, make bench, make demo-cluster, make demo-node, make images --------
+install_rust_tools
+# cargo-fuzz only for `make fuzz` / `make reliability` (`setup.sh --with-fuzz`): 2-3 minutes a
+# fresh `make demo` or `make test` does not need (make test replays the corpora without it).
+if [ "$WITH_FUZZ" = true ]; then
+  install_cargo_fuzz
+fi
 # Go comes with the machine image (Debian's golang-go is too old for the modules built here).
 command -v go >/dev/null || export PATH="$PATH:/usr/local/go/bin"
 command -v go >/dev/null || { echo "setup: Go >= 1.24 is needed (the image has it in /usr/local/go)" >&2; exit 1; }
-
-need_root
-install_packages
-install_rust
-install_bpf_linker
-# cargo-fuzz only for `make fuzz` / `make reliability` (`setup.sh --with-fuzz`): 2-3 minutes a
-# fresh `make demo` or `make test` does not need (make test replays the corpora without it).
-if [ "${1:-}" = "--with-fuzz" ]; then
-  install_cargo_fuzz
-fi
-mount_bpffs
 # Test parts built from the registries, each cached by version under $CACHE: CNI reference
-# plugins that speak 1.1.0 (STATUS, GC), the QEMU guest's kernel + initramfs, Kubernetes.
+# plugins that speak 1.1.0 (STATUS, GC), Kubernetes.
 "$ROOT/scripts/install-cni-plugins.sh" >/dev/null
-"$ROOT/scripts/build-guest.sh" >/dev/null
 # A real kube-apiserver, etcd, kubectl and kube-controller-manager for the Kubernetes tests,
 # built from the Go module proxy by the committed module in tests/k8s.
 "$ROOT/scripts/build-k8s.sh" >/dev/null
