@@ -30,6 +30,23 @@ fn tcp_answers(client: &Pod, vip: Ipv4Addr, n: usize) -> BTreeMap<String, usize>
     seen
 }
 
+/// `who` reaches node n's backend (`web<n>`) through `per_node[n]`:80, by TCP and by UDP.
+fn each_nodes_backend(
+    who: &str,
+    per_node: &[Ipv4Addr],
+    tcp: impl Fn(SocketAddrV4) -> std::io::Result<String>,
+    udp: impl Fn(SocketAddrV4) -> std::io::Result<String>,
+) {
+    for (n, vip) in per_node.iter().enumerate() {
+        let want = format!("web{n}");
+        let at = SocketAddrV4::new(*vip, 80);
+        let got = tcp(at).unwrap_or_else(|e| panic!("TCP {who} -> web-n{n} ({vip}): {e}"));
+        assert_eq!(got, want, "TCP {who} -> web-n{n}");
+        let got = udp(at).unwrap_or_else(|e| panic!("UDP {who} -> web-n{n} ({vip}): {e}"));
+        assert_eq!(got, want, "UDP {who} -> web-n{n}");
+    }
+}
+
 #[test]
 fn services_reach_backends_on_every_node_and_off_the_pod_network() {
     tapestry_tests::require_lab!();
@@ -78,34 +95,24 @@ fn services_reach_backends_on_every_node_and_off_the_pod_network() {
 
     // Every ordered pair of nodes (and each node to itself), TCP and UDP, through one VIP.
     for client in &clients {
-        for (n, vip) in per_node.iter().enumerate() {
-            let want = format!("web{n}");
-            let got = client
-                .tcp_request(SocketAddrV4::new(*vip, 80), b"hi\n", T)
-                .unwrap_or_else(|e| panic!("TCP {} -> web-n{n} ({vip}): {e}", client.name));
-            assert_eq!(got, want, "TCP {} -> web-n{n}", client.name);
-            let got = client
-                .udp_request(SocketAddrV4::new(*vip, 80), b"hi\n", T)
-                .unwrap_or_else(|e| panic!("UDP {} -> web-n{n} ({vip}): {e}", client.name));
-            assert_eq!(got, want, "UDP {} -> web-n{n}", client.name);
-        }
+        each_nodes_backend(
+            &client.name,
+            &per_node,
+            |a| client.tcp_request(a, b"hi\n", T),
+            |a| client.udp_request(a, b"hi\n", T),
+        );
     }
 
     // The nodes themselves (host network: node processes, host-network pods) reach every
     // node's backend through the ClusterIP, TCP and UDP, with the frontend as the UDP answer's
     // source (udp_request only accepts that), and new connections spread over all three.
     for node in &c.nodes {
-        for (n, vip) in per_node.iter().enumerate() {
-            let want = format!("web{n}");
-            let got = node
-                .tcp_request(SocketAddrV4::new(*vip, 80), b"hi\n", T)
-                .unwrap_or_else(|e| panic!("TCP {} -> web-n{n} ({vip}): {e}", node.name));
-            assert_eq!(got, want, "TCP {} -> web-n{n}", node.name);
-            let got = node
-                .udp_request(SocketAddrV4::new(*vip, 80), b"hi\n", T)
-                .unwrap_or_else(|e| panic!("UDP {} -> web-n{n} ({vip}): {e}", node.name));
-            assert_eq!(got, want, "UDP {} -> web-n{n}", node.name);
-        }
+        each_nodes_backend(
+            &node.name,
+            &per_node,
+            |a| node.tcp_request(a, b"hi\n", T),
+            |a| node.udp_request(a, b"hi\n", T),
+        );
         let mut seen = BTreeMap::new();
         for i in 0..60 {
             let name = node

@@ -329,6 +329,21 @@ fn service_with_pods_and_vm(node: &Node) -> Result<()> {
         Duration::from_secs(60),
     )?;
     eprintln!("through ClusterIP {vip}:80 the client reached {seen:?}");
+    // The node itself (its host network: the kubelet, host-network pods; this test runs there)
+    // reaches the ClusterIP too, through the chart's host services (cgroup programs on the
+    // host's cgroup root, mounted into the daemon).
+    let mut from_node = BTreeSet::new();
+    for _ in 0..12 {
+        let name =
+            tapestry_tests::tcp_request(SocketAddrV4::new(vip, 80), b"hi\n", REQUEST_TIMEOUT)
+                .with_context(|| format!("TCP {vip}:80 from the node itself"))?;
+        assert!(
+            ["web-a", "web-b", "vm-a"].contains(&name.as_str()),
+            "ClusterIP {vip} answered the node {name:?}"
+        );
+        from_node.insert(name);
+    }
+    eprintln!("from the node itself, ClusterIP {vip}:80 reached {from_node:?}");
     // The pod that was there before `helm install`: its veth got the datapath by discovery
     // (behind the primary's bridge: neighbour entry + forwarding database).
     let early = node.pod_netns("default", "early")?;

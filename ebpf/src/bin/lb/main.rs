@@ -132,17 +132,24 @@ fn fragment_ports(pkt: &mut Ipv4Packet) -> bool {
     }
 }
 
-/// What is delivered to the endpoint: replies of the flows this node balanced.
+/// A whole IPv4 TCP/UDP packet with its ports (a later fragment's from its first), or None for
+/// anything else: what the programs without a frontend check pass on untouched.
 #[inline(always)]
-fn to_endpoint(ctx: &TcContext) -> i32 {
+fn whole_packet(ctx: &TcContext) -> Option<Ipv4Packet> {
     pull_headers(ctx);
     let mut pkt = match packet::parse(ctx) {
         Parsed::Packet(p) => p,
-        Parsed::NotOurs | Parsed::Truncated { .. } => return verdict::NEXT,
+        Parsed::NotOurs | Parsed::Truncated { .. } => return None,
     };
-    if !fragment_ports(&mut pkt) {
+    fragment_ports(&mut pkt).then_some(pkt)
+}
+
+/// What is delivered to the endpoint: replies of the flows this node balanced.
+#[inline(always)]
+fn to_endpoint(ctx: &TcContext) -> i32 {
+    let Some(pkt) = whole_packet(ctx) else {
         return verdict::NEXT;
-    }
+    };
     match lb4_reply(ctx, &pkt) {
         Ok(Some(v)) => v,
         Ok(None) => verdict::NEXT,
@@ -198,14 +205,9 @@ fn from_endpoint(ctx: &TcContext) -> i32 {
 /// backends on other nodes. Everything else goes on untouched.
 #[inline(always)]
 fn from_network(ctx: &TcContext) -> i32 {
-    pull_headers(ctx);
-    let mut pkt = match packet::parse(ctx) {
-        Parsed::Packet(p) => p,
-        Parsed::NotOurs | Parsed::Truncated { .. } => return verdict::NEXT,
-    };
-    if !fragment_ports(&mut pkt) {
+    let Some(pkt) = whole_packet(ctx) else {
         return verdict::NEXT;
-    }
+    };
     let to_node = is_node_addr(pkt.daddr);
     if to_node {
         match lb4_reply(ctx, &pkt) {
