@@ -19,6 +19,11 @@ if [[ " $* " != *" --no-tapestry "* ]]; then
 fi
 "$target_dir/release/tapestry-bench" "${args[@]}"
 if [[ " $* " != *" --no-tapestry "* ]]; then
+  # A client outside the node to a NodePort: Tapestry vs kube-proxy-style iptables with 10,000
+  # ClusterIP Services besides it, and the direct path (issue 16's nodeport_crr_ratio_iptables_10000).
+  TAPESTRY_BIN_DIR="$target_dir/release" "$target_dir/release/tapestry-bench-nodeport"
+fi
+if [[ " $* " != *" --no-tapestry "* ]]; then
   # The VM pod's costs: CNI ADD latency and the tap path (bench/VM.md).
   cargo build --release -p tapestry-cni-plugin
   "$target_dir/release/tapestry-bench-vm" --bin-dir "$target_dir/release"

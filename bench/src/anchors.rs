@@ -227,6 +227,50 @@ pub fn iptables_scripts(
     out
 }
 
+/// kube-proxy's NodePort path for the tested (last) service on top of [`iptables_scripts`]:
+/// the services chain ends with the `addrtype LOCAL` jump to the node ports chain (so a node
+/// port packet first walks every ClusterIP rule, as in kube-proxy), the node port's `EXT` chain
+/// marks for masquerade and goes to the service's chain, and `POSTROUTING` masquerades what is
+/// marked. `PREROUTING` jumps only for `node_ip:node_port`, so no other traffic crossing the
+/// node pays for it. One `iptables-restore --noflush` transaction, after the services'.
+pub fn iptables_nodeport_script(services: &[Service], node_ip: Ipv4Addr, node_port: u16) -> String {
+    let tested = services.len() - 1;
+    let name = &services[tested].name;
+    let nodeports = format!("{IPT_PREFIX}NODEPORTS");
+    let ext = format!("{IPT_PREFIX}EXT-{tested:05}");
+    let post = format!("{IPT_PREFIX}POSTROUTING");
+    let mut s = String::from("*nat\n");
+    for c in [&nodeports, &ext, &post] {
+        let _ = writeln!(s, ":{c} - [0:0]");
+    }
+    let _ = writeln!(
+        s,
+        "-A {IPT_SERVICES} -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j {nodeports}"
+    );
+    let _ = writeln!(
+        s,
+        "-A {nodeports} -p tcp -m comment --comment \"bench/{name}:http\" -m tcp --dport {node_port} -j {ext}"
+    );
+    let _ = writeln!(
+        s,
+        "-A {ext} -m comment --comment \"masquerade traffic for bench/{name}:http external destinations\" -j {IPT_MARK_MASQ}"
+    );
+    let _ = writeln!(s, "-A {ext} -j {}", ipt_svc_chain(tested));
+    let _ = writeln!(s, "-A {post} -m mark ! --mark {MASQ_MARK} -j RETURN");
+    let _ = writeln!(s, "-A {post} -j MARK --set-xmark 0x4000/0x0");
+    let _ = writeln!(
+        s,
+        "-A {post} -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
+    );
+    let _ = writeln!(
+        s,
+        "-I PREROUTING 1 -d {node_ip}/32 -p tcp -m tcp --dport {node_port} -m comment --comment \"tapestry-bench node port\" -j {IPT_SERVICES}"
+    );
+    let _ = writeln!(s, "-I POSTROUTING 1 -j {post}");
+    s.push_str("COMMIT\n");
+    s
+}
+
 fn nft_service_chain(i: usize) -> String {
     format!("service-{i:05}-bench-svc-{i}-http")
 }
@@ -680,6 +724,33 @@ mod tests {
 
     fn sample() -> Vec<Service> {
         services(3, 2, Ipv4Addr::new(10, 240, 0, 3), &[8080, 8081]).unwrap()
+    }
+
+    #[test]
+    fn the_node_port_path_walks_every_service_then_reaches_the_tested_one() {
+        let svcs = sample();
+        let s = iptables_nodeport_script(&svcs, Ipv4Addr::new(192, 0, 2, 2), 30080);
+        let lines: Vec<&str> = s.lines().collect();
+        // Appended to the services chain: after every ClusterIP rule of the earlier scripts.
+        assert!(lines.iter().any(|l| l.starts_with("-A TAPBENCH-SERVICES ")
+            && l.ends_with("--dst-type LOCAL -j TAPBENCH-NODEPORTS")));
+        assert!(lines.contains(&"-A TAPBENCH-EXT-00002 -j TAPBENCH-SVC-00002"));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("-A TAPBENCH-NODEPORTS -p tcp")
+                    && l.contains("--dport 30080 -j TAPBENCH-EXT-00002"))
+        );
+        // Built-in chains only ever jump to our chains (what `remove` finds and deletes).
+        for l in lines
+            .iter()
+            .filter(|l| l.contains("PREROUTING 1") || l.contains("POSTROUTING 1"))
+        {
+            assert!(l.contains("-j TAPBENCH-"), "{l}");
+        }
+        assert!(s.contains("-d 192.0.2.2/32 -p tcp -m tcp --dport 30080"));
+        assert_eq!(lines.first(), Some(&"*nat"));
+        assert_eq!(lines.last(), Some(&"COMMIT"));
     }
 
     #[test]

@@ -715,6 +715,45 @@ pub fn run_client(opts: &ClientOptions, cpu: Option<usize>) -> ClientReport {
     }
 }
 
+/// One run of the `tapestry-load` client binary `load` inside `pod` (its network namespace),
+/// pinned to `cpu`: its report.
+pub fn client_in(
+    load: &std::path::Path,
+    pod: &tapestry_tests::Pod,
+    mode: Mode,
+    target: SocketAddrV4,
+    seconds: f64,
+    cpu: usize,
+) -> Result<ClientReport> {
+    use std::io::Read as _;
+    use std::process::{Command, Stdio};
+    let mut child = pod.spawn(
+        Command::new(load)
+            .arg(mode.as_str())
+            .args(["--target", &target.to_string()])
+            .args(["--seconds", &seconds.to_string()])
+            .args(["--warmup", "0.5"])
+            .args(["--cpu", &cpu.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )?;
+    let status = child.wait()?;
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .context("stdout")?
+        .read_to_string(&mut out)?;
+    if !status.success() {
+        let mut err = String::new();
+        let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+        bail!("load client failed ({status}): {}", err.trim());
+    }
+    let line = out.lines().last().context("load client printed nothing")?;
+    serde_json::from_str(line).with_context(|| format!("parsing {line:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,6 @@
 
 use std::{
     fmt::Write as _,
-    io::Read,
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     process::{Command, Stdio},
@@ -27,11 +26,10 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use serde_json::{Map, Value, json};
 use tapestry_bench::{
-    load::{ClientReport, Mode},
+    load::{self, Mode},
     report::{median, merge_summary, write_atomic},
 };
 use tapestry_tests::{
-    Pod,
     cluster::{Cluster, NAMESPACE, active_backends},
     daemon::binary,
 };
@@ -99,7 +97,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let mut tps = [0.0; 2];
             for (path, target) in order {
-                let r = client_run(&load, &client, mode, target, cli.seconds, cli.cpu)?;
+                let r = load::client_in(&load, &client, mode, target, cli.seconds, cli.cpu)?;
                 eprintln!(
                     "  [{}] {} {path}: {:.0}/s p50 {:.0} us{}",
                     round + 1,
@@ -160,42 +158,6 @@ fn run(cli: Cli) -> Result<()> {
         q(0.99)
     );
     Ok(())
-}
-
-/// One load-client run inside `client`.
-fn client_run(
-    load: &std::path::Path,
-    client: &Pod,
-    mode: Mode,
-    target: SocketAddrV4,
-    seconds: f64,
-    cpu: usize,
-) -> Result<ClientReport> {
-    let mut child = client.spawn(
-        Command::new(load)
-            .arg(mode.as_str())
-            .args(["--target", &target.to_string()])
-            .args(["--seconds", &seconds.to_string()])
-            .args(["--warmup", "0.5"])
-            .args(["--cpu", &cpu.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    )?;
-    let status = child.wait()?;
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .context("stdout")?
-        .read_to_string(&mut out)?;
-    if !status.success() {
-        let mut err = String::new();
-        let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
-        bail!("load client failed ({status}): {}", err.trim());
-    }
-    let line = out.lines().last().context("load client printed nothing")?;
-    serde_json::from_str(line).with_context(|| format!("parsing {line:?}"))
 }
 
 /// `services` selectorless Services, each with a hand-written slice of one address; then
