@@ -54,6 +54,8 @@ need_root() {
 # the guest is QEMU with a busybox initramfs (scripts/build-guest.sh: cpio, and musl-gcc for its
 # static UDP server, so the initramfs `make setup` would build is the same one).
 DEMO_PACKAGES=(
+  # the linker and C runtime every Rust build links with (and ring's C parts)
+  gcc libc6-dev
   iproute2 util-linux
   containernetworking-plugins
   qemu-system-x86 busybox-static cpio musl-tools
