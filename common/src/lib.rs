@@ -485,6 +485,10 @@ pub struct FragmentPorts {
 pub mod config_flags {
     /// Emit flow events (new flow, NAT decision, drop) to the ring buffer.
     pub const FLOW_EVENTS: u32 = 1 << 0;
+    /// The node's own addresses matter to what pods send: a node port exists, or external
+    /// interfaces are configured (their flows' replies are addressed to the node). Without it
+    /// a pod's packet to no frontend costs no `NODE_ADDRS` lookup. Kept by the reconciler.
+    pub const NODE_ADDRS: u32 = 1 << 1;
 }
 
 /// Runtime configuration, one entry in an array map, written by the daemon.

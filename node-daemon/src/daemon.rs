@@ -113,14 +113,7 @@ pub async fn run(config: Config) -> Result<()> {
             nodeport_range: config.nodeport_range,
         },
     )?;
-    datapath.set_config(DatapathConfig {
-        flags: if config.flow_events {
-            config_flags::FLOW_EVENTS
-        } else {
-            0
-        },
-        hairpin_snat_ip: u32::from_ne_bytes(config.hairpin_snat_ip.octets()),
-    })?;
+
     match host_services {
         Some(h) => datapath.attach_host(&host::cgroup2_root(h.cgroup_root.as_deref())?)?,
         None => {
@@ -130,8 +123,21 @@ pub async fn run(config: Config) -> Result<()> {
         }
     }
     let pins = datapath.pins().clone();
-    let reconciler =
-        Reconciler::restore(&datapath.maps)?.with_nodeport_range(config.nodeport_range);
+    let reconciler = Reconciler::restore(&datapath.maps)?
+        .with_nodeport_range(config.nodeport_range)
+        .with_external_interfaces(!config.nodeport_interfaces.is_empty());
+    // The adopted datapath keeps serving its node ports until the first desired state.
+    let mut flags = 0;
+    if config.flow_events {
+        flags |= config_flags::FLOW_EVENTS;
+    }
+    if reconciler.wants_node_addrs() {
+        flags |= config_flags::NODE_ADDRS;
+    }
+    datapath.set_config(DatapathConfig {
+        flags,
+        hairpin_snat_ip: u32::from_ne_bytes(config.hairpin_snat_ip.octets()),
+    })?;
     let adopted = pins.adopt_links()?;
     if !adopted.is_empty() {
         info!(

@@ -16,7 +16,9 @@ use etherparse::{
     Ethernet2Header, IpNumber, Ipv4Header, NetSlice, PacketBuilder, SlicedPacket, TransportSlice,
 };
 use tapestry_api::state::{self, DesiredState};
-use tapestry_common::{Counter, DEFAULT_CT_SHARE, DropReason, MAX_CONNTRACK, MAX_CONNTRACK_ANY};
+use tapestry_common::{
+    Counter, DEFAULT_CT_SHARE, DropReason, MAX_CONNTRACK, MAX_CONNTRACK_ANY, config_flags,
+};
 use tapestry_node_daemon::{
     datapath::{Datapath, LoadOptions, conntrack},
     services::reconcile::Reconciler,
@@ -1643,4 +1645,55 @@ fn generated_packets_match_the_model_of_both_service_programs() {
         );
     }
     assert!(checked >= 74_000, "{checked} checked, {refused} refused");
+}
+
+/// A node port answers a pod on one of the node's addresses only while one is programmed: the
+/// reconciler turns `config_flags::NODE_ADDRS` on with the first node port and off after the
+/// last, so pods' packets to no frontend look at the node's addresses only when that matters.
+#[test]
+fn a_node_port_answers_pods_on_the_nodes_addresses_while_one_is_programmed() {
+    let node_port = "
+services:
+  - name: web-np
+    vip: 0.0.0.0
+    port: 30080
+    backends:
+      - { ip: 10.0.0.9, port: 8080 }
+";
+    let Some(mut lb) = Lb::new(node_port) else {
+        return;
+    };
+    let node = [192, 0, 2, 77];
+    lb.datapath
+        .maps
+        .node_addrs
+        .insert(u32::from_ne_bytes(node), 1, 0)
+        .unwrap();
+    let flags = |lb: &Lb| lb.datapath.maps.config.get(&0, 0).unwrap().flags;
+    assert_ne!(
+        flags(&lb) & config_flags::NODE_ADDRS,
+        0,
+        "on with a node port"
+    );
+    let (v, out) = lb.run(&tcp_packet(CLIENT, 40000, node, 30080, true));
+    assert_eq!(v, OK);
+    let s = inspect(&out);
+    assert_eq!((s.dst, s.dport), (Ipv4Addr::new(10, 0, 0, 9), 8080));
+    // The reply restores the node's address and the node port.
+    let (_, out) = lb.run_reply(&tcp_packet([10, 0, 0, 9], 8080, CLIENT, 40000, false));
+    let s = inspect(&out);
+    assert_eq!((s.src, s.sport), (ip(node), 30080));
+    // Another port of the node, and the node port on an address that is not the node's.
+    for (dst, port) in [(node, 30081), ([192, 0, 2, 78], 30080)] {
+        let (v, out) = lb.run(&tcp_packet(CLIENT, 40001, dst, port, true));
+        assert_eq!(v, NEXT);
+        assert_eq!(inspect(&out).dst, ip(dst), "untouched");
+    }
+
+    lb.apply(ONE_BACKEND);
+    assert_eq!(flags(&lb) & config_flags::NODE_ADDRS, 0, "off without one");
+    lb.flush_conntrack();
+    let (v, out) = lb.run(&tcp_packet(CLIENT, 40002, node, 30080, true));
+    assert_eq!(v, NEXT);
+    assert_eq!(inspect(&out).dport, 30080, "no node port any more");
 }

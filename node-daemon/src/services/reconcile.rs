@@ -24,7 +24,8 @@ use aya::maps::{MapError, PerCpuValues};
 use tapestry_api::state::{Algorithm, DesiredState, ServiceSpec, SessionAffinity};
 use tapestry_common::{
     AffinityKey, Backend, DEFAULT_NODEPORT_RANGE, LB_TABLE_SIZE, LbTable, MAX_BACKENDS,
-    MAX_SERVICES, Service, ServiceKey, TrafficStats, algorithm, backend_state, service_flags,
+    MAX_SERVICES, Service, ServiceKey, TrafficStats, algorithm, backend_state, config_flags,
+    service_flags,
 };
 use tracing::{debug, info};
 
@@ -172,6 +173,8 @@ pub struct Reconciler {
     backend_ids: IdPool,
     /// Ports a node port may have (the datapath looks up no other as one).
     nodeport_range: (u16, u16),
+    /// `tapestryd --nodeport-interface` was given (see `with_external_interfaces`).
+    external_interfaces: bool,
 }
 
 fn digest(table: &LbTable) -> u64 {
@@ -197,6 +200,7 @@ impl Reconciler {
             backends: HashMap::new(),
             backend_ids: IdPool::new(MAX_BACKENDS),
             nodeport_range: DEFAULT_NODEPORT_RANGE,
+            external_interfaces: false,
         };
         for item in maps.backends.iter() {
             let (id, b) = item.context("reading the backends map")?;
@@ -256,7 +260,6 @@ impl Reconciler {
         self.backends.len()
     }
 
-    /// Makes the maps equal to `desired`, in the four steps of the module's doc.
     /// The node port range the datapath was loaded with (`tapestryd --nodeport-range`): a
     /// desired state with a node port outside it is refused, as the datapath would never
     /// answer it.
@@ -265,6 +268,21 @@ impl Reconciler {
         self
     }
 
+    /// External interfaces are configured (`tapestryd --nodeport-interface`): the node's
+    /// addresses matter to the datapath whether or not a node port exists (the replies of the
+    /// flows from outside are addressed to them).
+    pub fn with_external_interfaces(mut self, configured: bool) -> Self {
+        self.external_interfaces = configured;
+        self
+    }
+
+    /// Whether the datapath must look at the node's addresses (`config_flags::NODE_ADDRS`): a
+    /// node port is programmed, or external interfaces are configured.
+    pub fn wants_node_addrs(&self) -> bool {
+        self.external_interfaces || self.services.keys().any(|k| k.vip == 0)
+    }
+
+    /// Makes the maps equal to `desired`, in the four steps of the module's doc.
     pub fn apply(&mut self, maps: &mut Maps, desired: &Arc<DesiredState>) -> Result<ApplyStats> {
         let started = Instant::now();
         let mut stats = ApplyStats::default();
@@ -274,10 +292,17 @@ impl Reconciler {
         check_capacity(desired)?;
         check_node_ports(desired, self.nodeport_range)?;
 
+        // The flag goes on before a node port appears and off after the last one went.
+        if self.external_interfaces || desired.services.iter().any(|s| s.is_node_port()) {
+            set_node_addrs_flag(maps, true, &mut stats)?;
+        }
         let wanted = self.write_backends(maps, desired, &mut stats)?;
         let desired_keys = self.write_services(maps, desired, &mut stats)?;
         self.remove_services(maps, &desired_keys, ncpus, &mut stats)?;
         self.remove_unused_backends(maps, &wanted, ncpus, &mut stats)?;
+        if !self.wants_node_addrs() {
+            set_node_addrs_flag(maps, false, &mut stats)?;
+        }
 
         self.desired = desired.clone();
         let elapsed = started.elapsed();
@@ -555,6 +580,23 @@ impl Programmed {
 
 /// A selection table has `LB_TABLE_SIZE` slots: every active backend needs at least one. Checked
 /// before any write, so a state that cannot be programmed changes nothing.
+/// Sets or clears `config_flags::NODE_ADDRS` in the datapath's config, writing only a change.
+fn set_node_addrs_flag(maps: &mut Maps, on: bool, stats: &mut ApplyStats) -> Result<()> {
+    let mut cfg = maps
+        .config
+        .get(&0, 0)
+        .context("reading the datapath config")?;
+    if (cfg.flags & config_flags::NODE_ADDRS != 0) == on {
+        return Ok(());
+    }
+    cfg.flags ^= config_flags::NODE_ADDRS;
+    maps.config
+        .set(0, cfg, 0)
+        .context("writing the datapath config")?;
+    stats.map_writes += 1;
+    Ok(())
+}
+
 fn check_node_ports(desired: &DesiredState, (min, max): (u16, u16)) -> Result<()> {
     for (i, svc) in desired.services.iter().enumerate() {
         if svc.is_node_port() && !(min..=max).contains(&svc.port) {

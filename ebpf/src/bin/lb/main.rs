@@ -37,7 +37,7 @@ use aya_ebpf::{
 };
 use tapestry_common::{
     Backend, Config, Counter, CtEntry, CtKey, DEFAULT_HAIRPIN_SNAT_IP, DropReason, FragmentKey,
-    FragmentPorts, IPPROTO_TCP, Service, ct_direction, ct_flags, event_kind,
+    FragmentPorts, IPPROTO_TCP, Service, config_flags, ct_direction, ct_flags, event_kind,
 };
 use tapestry_ebpf::{
     fib,
@@ -181,8 +181,9 @@ fn from_endpoint(ctx: &TcContext) -> i32 {
     if let Some(svc) = lb4_lookup_service(pkt.daddr, pkt.dport, pkt.proto) {
         return forward(ctx, &pkt, &svc, false);
     }
-    let to_node = is_node_addr(pkt.daddr);
-    if to_node || pkt.daddr == hairpin_snat_ip() {
+    let cfg = config();
+    let to_node = cfg.flags & config_flags::NODE_ADDRS != 0 && is_node_addr(pkt.daddr);
+    if to_node || pkt.daddr == hairpin_snat_ip_of(&cfg) {
         // A backend answering a flow it started itself through the frontend (hairpin), or a
         // client outside the node that reached a node port (source translated to the node).
         match lb4_reply(ctx, &pkt) {
@@ -299,7 +300,12 @@ fn remember_fragment(pkt: &Ipv4Packet) {
 
 #[inline(always)]
 fn hairpin_snat_ip() -> u32 {
-    match config().hairpin_snat_ip {
+    hairpin_snat_ip_of(&config())
+}
+
+#[inline(always)]
+fn hairpin_snat_ip_of(cfg: &Config) -> u32 {
+    match cfg.hairpin_snat_ip {
         0 => u32::from_ne_bytes(DEFAULT_HAIRPIN_SNAT_IP),
         ip => ip,
     }
