@@ -138,6 +138,10 @@ pub async fn run(config: Config) -> Result<()> {
         flags,
         hairpin_snat_ip: u32::from_ne_bytes(config.hairpin_snat_ip.octets()),
     })?;
+    // The node's addresses before any desired state is programmed: a node port must answer as
+    // soon as the state that has it is reported programmed.
+    let mut node_addrs_map = Maps::open(datapath.pin_dir())?.node_addrs;
+    node_addrs::sync(&mut node_addrs_map).context("the node's addresses")?;
     let adopted = pins.adopt_links()?;
     if !adopted.is_empty() {
         info!(
@@ -251,11 +255,7 @@ pub async fn run(config: Config) -> Result<()> {
     if let Some(ring) = dhcp_ring {
         tasks.spawn(guests::serve_dhcp(ring, endpoints.clone()));
     }
-    {
-        let mut addrs = Maps::open(pins.dir())?.node_addrs;
-        node_addrs::sync(&mut addrs).context("the node's addresses")?;
-        tasks.spawn(keep_node_addrs(addrs));
-    }
+    tasks.spawn(keep_node_addrs(node_addrs_map));
     tasks.spawn(collect_conntrack_garbage(
         Maps::open(pins.dir())?.conntrack,
         config.conntrack_gc_interval,
