@@ -6,7 +6,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: reliability setup setup-demo build release lint test test-unit test-integration demo demo-cluster demo-node bench clean-lab uninstall manifests images fuzz
+.PHONY: conformance reliability setup setup-demo build release lint test test-unit test-integration demo demo-cluster demo-node bench clean-lab uninstall manifests images fuzz
 
 setup:
 	@bash scripts/setup.sh
@@ -57,6 +57,14 @@ demo-cluster: release
 ## `DEMO_ARGS=--cleanup` removes a node left by a killed run.
 demo-node: release images
 	./target/release/tapestry-demo-node $(DEMO_ARGS)
+
+## Upstream Kubernetes' sig-network Service e2e specs (every one a single node can run: the
+## focus and skips are in tests/src/conformance.rs) against the real node of `make demo-node`,
+## with Tapestry installed by its chart as the only service proxy and CoreDNS as the cluster DNS;
+## writes bench/results/conformance.json and conformance.md. `make test` runs the
+## `[Conformance]` subset (tests/tests/conformance.rs). CONFORMANCE_ARGS: see --help.
+conformance: release images
+	./target/release/tapestry-conformance $(CONFORMANCE_ARGS)
 
 ## Side-by-side benchmarks (the datapath, then the CNI step and the VM tap path);
 ## results in bench/results/.

@@ -83,6 +83,8 @@ pub const CONTROLLER_MANAGER: &str = "controller-manager";
 pub const NODE_NAME: &str = "tapestry-node";
 /// `--service-cluster-ip-range` of every control plane.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The ClusterIP of `default/kubernetes`: the first address of [`SERVICE_CIDR`].
+pub const APISERVER_CLUSTER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 1);
 /// `--service-account-issuer` of every control plane.
 pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 /// Controllers [`ControlPlane::start_controller_manager`] runs.

@@ -65,6 +65,7 @@
 pub mod cluster;
 pub mod cmd;
 pub mod cni;
+pub mod conformance;
 pub mod daemon;
 pub mod guest;
 pub mod k8s;

@@ -470,3 +470,74 @@ pub fn udp_request(addr: SocketAddrV4, payload: &[u8], timeout: Duration) -> io:
     }
     Ok(String::from_utf8_lossy(reply).into_owned())
 }
+
+/// One DNS query for the A records of `name` from the calling thread's namespace, over UDP to
+/// `server` (a connected socket: only an answer from `server` counts). Returns the addresses of
+/// the answer section (empty for NXDOMAIN or no records); an error for a timeout, a malformed
+/// answer, or an rcode other than NOERROR and NXDOMAIN.
+pub fn dns_query_a(
+    server: SocketAddrV4,
+    name: &str,
+    timeout: Duration,
+) -> io::Result<Vec<Ipv4Addr>> {
+    let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{name}: {why}"));
+    let id = (std::process::id() as u16) ^ 0x5a5a;
+    // Header: id, flags RD, one question.
+    let mut q = Vec::with_capacity(64);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(bad("not a DNS name"));
+        }
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
+    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+    sock.connect(server)?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.send(&q)?;
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf)?;
+    let r = &buf[..n];
+    if n < 12 || r[..2] != id.to_be_bytes() || r[2] & 0x80 == 0 {
+        return Err(bad("not an answer to the query"));
+    }
+    match r[3] & 0x0f {
+        0 => {}
+        3 => return Ok(Vec::new()),
+        rcode => return Err(bad(&format!("rcode {rcode}"))),
+    }
+    let count = |i: usize| u16::from_be_bytes([r[i], r[i + 1]]) as usize;
+    let (questions, answers) = (count(4), count(6));
+    // Skips a possibly compressed name at `at`, returning the offset after it.
+    let skip_name = |mut at: usize| -> Option<usize> {
+        loop {
+            let len = *r.get(at)? as usize;
+            match len {
+                0 => return Some(at + 1),
+                l if l & 0xc0 == 0xc0 => return Some(at + 2),
+                l => at += 1 + l,
+            }
+        }
+    };
+    let mut at = 12;
+    for _ in 0..questions {
+        at = skip_name(at).ok_or_else(|| bad("truncated question"))? + 4;
+    }
+    let mut ips = Vec::new();
+    for _ in 0..answers {
+        at = skip_name(at).ok_or_else(|| bad("truncated answer"))?;
+        let rr = r.get(at..at + 10).ok_or_else(|| bad("truncated answer"))?;
+        let (rtype, len) = (u16::from_be_bytes([rr[0], rr[1]]), count(at + 8));
+        let data = r
+            .get(at + 10..at + 10 + len)
+            .ok_or_else(|| bad("truncated data"))?;
+        if rtype == 1 && len == 4 {
+            ips.push(Ipv4Addr::new(data[0], data[1], data[2], data[3]));
+        }
+        at += 10 + len;
+    }
+    Ok(ips)
+}

@@ -88,6 +88,12 @@ use crate::k8s::{
 pub const REGISTRY_DIR: &str = "/run/tapestry-node";
 /// The node's bridge: the primary CNI's, and the home of [`NODE_IP`].
 pub const BRIDGE: &str = "tpnode0";
+/// The kubelet's `clusterDNS`: the ClusterIP of `kube-system/kube-dns` (kubeadm's choice, the
+/// tenth address of [`k8s::SERVICE_CIDR`]).
+pub const CLUSTER_DNS_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The kubelet's `clusterDomain`.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+const CLUSTER_DNS_MANIFEST: &str = include_str!("../node/cluster-dns.yaml");
 /// The node's InternalIP, the pods' gateway, and the apiserver's address.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
 /// The pods' subnet (host-local range of the primary CNI). Clear of the lab's 10.240.0.0/13,
@@ -884,6 +890,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "podLogsDir": self.dir().join("pod-logs").display().to_string(),
             "serializeImagePulls": false,
             "resolvConf": "/etc/resolv.conf",
+            // Pods with dnsPolicy ClusterFirst resolve through the cluster DNS
+            // (`Node::deploy_cluster_dns`); until it runs, their names do not resolve.
+            "clusterDNS": [CLUSTER_DNS_IP.to_string()],
+            "clusterDomain": CLUSTER_DOMAIN,
             "nodeStatusUpdateFrequency": "4s",
             "maxPods": 110,
         });
@@ -1283,6 +1293,51 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 "pods:\n{pods}\nevents in {TAPESTRY_NAMESPACE}:\n{events}"
             ))
         })
+    }
+
+    /// Deploys the cluster DNS (`tests/node/cluster-dns.yaml`: CoreDNS from `image`, already
+    /// imported, behind `kube-system/kube-dns` at [`CLUSTER_DNS_IP`]) and waits until it answers
+    /// through that ClusterIP: from a pod (`kubernetes.default.svc.cluster.local`) and from the
+    /// node itself. So Tapestry must be installed first: there is no kube-proxy.
+    pub fn deploy_cluster_dns(&self, image: &str, timeout: Duration) -> Result<()> {
+        let manifest = CLUSTER_DNS_MANIFEST
+            .replace("@IMAGE@", image)
+            .replace("@CLUSTER_DNS_IP@", &CLUSTER_DNS_IP.to_string());
+        self.apply(&manifest)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ready = self
+                .kubectl_ok([
+                    "get",
+                    "deployment",
+                    "-n",
+                    "kube-system",
+                    "coredns",
+                    "-o",
+                    "jsonpath={.status.readyReplicas}",
+                ])
+                .unwrap_or_default();
+            let last = if ready.trim() == "1" {
+                match crate::net::dns_query_a(
+                    SocketAddrV4::new(CLUSTER_DNS_IP, 53),
+                    "kubernetes.default.svc.cluster.local",
+                    Duration::from_secs(2),
+                ) {
+                    Ok(ips) if ips.contains(&k8s::APISERVER_CLUSTER_IP) => return Ok(()),
+                    Ok(ips) => format!("kubernetes.default resolved to {ips:?}"),
+                    Err(e) => format!("{e:#}"),
+                }
+            } else {
+                format!("coredns has {ready:?} ready replicas")
+            };
+            if Instant::now() > deadline {
+                let pods = self
+                    .kubectl_ok(["get", "pods", "-n", "kube-system", "-o", "wide"])
+                    .unwrap_or_default();
+                bail!("the cluster DNS is not answering after {timeout:?}: {last}\n{pods}");
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// `helm uninstall` (waits for the pods to go: the installer's preStop hook takes tapestry-cni
