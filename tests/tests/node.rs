@@ -47,6 +47,7 @@ fn steps(node: &Node) -> Result<()> {
     let primary = std::fs::read(node.primary_conflist_path())?;
     tapestry_chained_in(node, &primary)?;
     apiserver_through_cluster_ip(node)?;
+    cluster_dns_through_tapestry(node)?;
     service_with_pods_and_vm(node)?;
     uninstall_restores_primary(node, &primary)
 }
@@ -150,6 +151,57 @@ fn tapestry_chained_in(node: &Node, primary: &[u8]) -> Result<()> {
 /// the apiserver's `/version` over HTTPS; the controller, to which the chart gives no override
 /// (`k8sServiceHost` is the host-network daemon's alone), holds and renews its leader Lease
 /// through the same ClusterIP.
+/// The cluster DNS (CoreDNS from scripts/build-e2e.sh behind `kube-system/kube-dns`), reached
+/// through Tapestry's ClusterIP: a pod's resolv.conf names it (the kubelet's clusterDNS), and
+/// from the pod it resolves Services and answers NXDOMAIN for what does not exist.
+fn cluster_dns_through_tapestry(node: &Node) -> Result<()> {
+    let e2e = tapestry_tests::conformance::E2e::build()?;
+    let coredns = e2e.coredns()?.to_string();
+    for (name, archive) in &e2e.images {
+        if *name == coredns {
+            node.import_image(archive)?;
+        }
+    }
+    // From the node itself first (deploy_cluster_dns waits for that), then from a pod.
+    node.deploy_cluster_dns(&coredns, Duration::from_secs(120))?;
+    node.apply(&node.client_pod("dns-client"))?;
+    node.wait_pod_running("default", "dns-client", POD_TIMEOUT)?;
+    let resolv = node.exec("default", "dns-client", &["cat", "/etc/resolv.conf"])?;
+    assert!(
+        resolv.contains(&format!("nameserver {}", node::CLUSTER_DNS_IP))
+            && resolv.contains("search default.svc.cluster.local svc.cluster.local"),
+        "the pod's resolv.conf:\n{resolv}"
+    );
+    let server = SocketAddrV4::new(node::CLUSTER_DNS_IP, 53);
+    let answers = node.in_pod("default", "dns-client", || {
+        let t = Duration::from_secs(3);
+        (
+            tapestry_tests::net::dns_query_a(server, "kubernetes.default.svc.cluster.local", t),
+            tapestry_tests::net::dns_query_a(server, "kube-dns.kube-system.svc.cluster.local", t),
+            tapestry_tests::net::dns_query_a(
+                server,
+                "no-such-service.default.svc.cluster.local",
+                t,
+            ),
+        )
+    })?;
+    assert_eq!(answers.0?, vec![k8s::APISERVER_CLUSTER_IP]);
+    assert_eq!(answers.1?, vec![node::CLUSTER_DNS_IP]);
+    assert_eq!(
+        answers.2?,
+        Vec::<Ipv4Addr>::new(),
+        "a Service that does not exist"
+    );
+    node.kubectl_ok([
+        "delete",
+        "pod",
+        "dns-client",
+        "--grace-period=1",
+        "--wait=false",
+    ])?;
+    Ok(())
+}
+
 fn apiserver_through_cluster_ip(node: &Node) -> Result<()> {
     let vip = node.cluster_ip("kubernetes")?;
     let port: u16 = node

@@ -108,6 +108,23 @@ fn run(args: Args) -> Result<()> {
     );
     check_interrupt()?;
 
+    heading(&format!(
+        "2b. The cluster DNS: CoreDNS behind kube-system/kube-dns ({}), through Tapestry",
+        node::CLUSTER_DNS_IP
+    ));
+    let e2e = tapestry_tests::conformance::E2e::build()?;
+    let coredns = e2e.coredns()?.to_string();
+    if let Some((_, archive)) = e2e.images.iter().find(|(n, _)| *n == coredns) {
+        node.import_image(archive)?;
+    }
+    let t = Instant::now();
+    node.deploy_cluster_dns(&coredns, Duration::from_secs(120))?;
+    println!(
+        "CoreDNS ({coredns}) answers through the ClusterIP in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    check_interrupt()?;
+
     heading("3. Two pods and a VM pod behind `kubectl expose`");
     let web = [("app", "web")];
     node.apply(&node.server_pod("web-a", &web))?;
@@ -149,6 +166,15 @@ fn run(args: Args) -> Result<()> {
 
     heading(&format!("4. The client pod -> ClusterIP {vip}:80"));
     let client = node.pod_netns("default", "client")?;
+    let name = "web.default.svc.cluster.local";
+    let resolved = tapestry_netns::run_in(&client, || {
+        tapestry_tests::net::dns_query_a(
+            SocketAddrV4::new(node::CLUSTER_DNS_IP, 53),
+            name,
+            Duration::from_secs(3),
+        )
+    })??;
+    println!("the client resolves {name} to {resolved:?}");
     rounds(&client, vip, args.requests)?;
     check_interrupt()?;
 
