@@ -186,4 +186,6 @@ command -v go >/dev/null || { echo "setup: Go >= 1.24 is needed (the image has i
 "$ROOT/scripts/build-k8s.sh" kubelet kube-scheduler helm >/dev/null
 # The real node's own images (pause, busybox, the VM pod's QEMU), cached by input hash.
 "$ROOT/tests/node/build-images.sh" >/dev/null
+# Upstream's sig-network e2e binary, ginkgo, CoreDNS and the images of its Service specs.
+"$ROOT/scripts/build-e2e.sh" >/dev/null
 log "ready"
