@@ -1317,6 +1317,36 @@ services:
     }
 
     #[test]
+    fn external_traffic_policy_defaults_to_cluster_and_local_is_for_outside_frontends() {
+        let st = parse(&one_service(""), None).unwrap();
+        assert_eq!(
+            st.services[0].external_traffic_policy,
+            TrafficPolicy::Cluster
+        );
+        // Cluster is not written out: a state without the field reads back the same.
+        assert!(!st.to_yaml().contains("externalTrafficPolicy"));
+        let node_port = "services:\n  - name: np\n    vip: 0.0.0.0\n    port: 30080\n    \
+                         externalTrafficPolicy: local\n";
+        let st = parse(node_port, None).unwrap();
+        assert_eq!(st.services[0].external_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(parse(&st.to_yaml(), None).unwrap(), st);
+        let st = parse(&one_service("    externalTrafficPolicy: Local\n"), None).unwrap();
+        assert_eq!(st.services[0].external_traffic_policy, TrafficPolicy::Local);
+        let err = yaml_err(&one_service("    externalTrafficPolicy: Nearby\n"));
+        assert!(err.contains("services[0].externalTrafficPolicy"), "{err}");
+        assert!(err.contains("Cluster") && err.contains("Local"), "{err}");
+        let link_local = "services:\n  - name: ll\n    vip: 169.254.10.1\n    port: 80\n    \
+                          externalTrafficPolicy: Local\n";
+        let err = parse(link_local, None).unwrap_err().to_string();
+        assert!(
+            err.starts_with("services[0].externalTrafficPolicy: Local applies to node ports"),
+            "{err}"
+        );
+        // The same address is a fine VIP under Cluster.
+        parse(&link_local.replace("Local", "Cluster"), None).unwrap();
+    }
+
+    #[test]
     fn validate_checks_states_built_in_code() {
         let mut state = example();
         assert!(state.validate().is_ok());

@@ -835,6 +835,123 @@ mod tests {
     }
 
     #[test]
+    fn external_traffic_policy_local_is_on_the_node_port_and_external_frontends_only() {
+        let svc = |policy: &str| {
+            service(json!({
+                "metadata": {"name": "web", "namespace": "default"},
+                "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                         "externalIPs": ["192.0.2.7"], "externalTrafficPolicy": policy,
+                         "healthCheckNodePort": 32100,
+                         "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]},
+                "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.4"}]}}
+            }))
+        };
+        let slices = vec![pod_slice(
+            "web-1",
+            json!([
+                {"addresses": ["10.244.0.5"], "nodeName": "node-a", "conditions": {"ready": true}},
+                {"addresses": ["10.244.0.6"], "nodeName": "node-a", "conditions": {"ready": false}},
+                {"addresses": ["10.244.1.5"], "nodeName": "node-b", "conditions": {"ready": true}}
+            ]),
+        )];
+        let (state, problems) = desired_state(&[svc("Local")], &slices, &no_nodes(), "node-a");
+        assert!(problems.is_empty(), "{problems:?}");
+        let policies: Vec<(&str, TrafficPolicy)> = state
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s.external_traffic_policy))
+            .collect();
+        assert_eq!(
+            policies,
+            vec![
+                ("default/web", TrafficPolicy::Cluster),
+                ("default/web/external/192.0.2.7", TrafficPolicy::Local),
+                ("default/web/external/198.51.100.4", TrafficPolicy::Local),
+                ("default/web/nodeport", TrafficPolicy::Local),
+            ]
+        );
+        // Every endpoint stays (pods and the node reach them all); each says its node, which
+        // is what the reconciler's local set is made of.
+        let np = &state.services[3];
+        let nodes: Vec<(String, Option<&str>, bool)> = np
+            .backends
+            .iter()
+            .map(|b| (b.ip.to_string(), b.node.as_deref(), b.terminating))
+            .collect();
+        assert_eq!(
+            nodes,
+            vec![
+                ("10.244.0.5".into(), Some("node-a"), false),
+                ("10.244.1.5".into(), Some("node-b"), false),
+            ]
+        );
+        let local = super::super::reconcile::local_backends(np, Some("node-a"));
+        assert_eq!(
+            local.iter().map(|b| b.ip.to_string()).collect::<Vec<_>>(),
+            ["10.244.0.5"]
+        );
+        let (cluster, _) = desired_state(&[svc("Cluster")], &slices, &no_nodes(), "node-a");
+        assert!(
+            cluster
+                .services
+                .iter()
+                .all(|s| s.external_traffic_policy == TrafficPolicy::Cluster)
+        );
+
+        // The health check: ready endpoints on this node, per node.
+        let checks = |node: &str| health_checks(&[svc("Local")], &slices, node);
+        assert_eq!(
+            checks("node-a"),
+            vec![HealthCheck {
+                namespace: "default".into(),
+                name: "web".into(),
+                port: 32100,
+                local_endpoints: 1
+            }]
+        );
+        assert_eq!(checks("node-b")[0].local_endpoints, 1);
+        assert_eq!(checks("node-c")[0].local_endpoints, 0);
+        // Cluster policy, or not a LoadBalancer: no health check.
+        assert!(health_checks(&[svc("Cluster")], &slices, "node-a").is_empty());
+        let np_only = service(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.10",
+                     "externalTrafficPolicy": "Local", "healthCheckNodePort": 32100,
+                     "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]}
+        }));
+        assert!(health_checks(&[np_only], &slices, "node-a").is_empty());
+    }
+
+    #[test]
+    fn a_health_check_counts_each_local_ready_address_once() {
+        let svc = service(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                     "externalTrafficPolicy": "Local", "healthCheckNodePort": 32100,
+                     "ports": [{"name": "a", "port": 80, "nodePort": 30080},
+                               {"name": "b", "port": 81, "nodePort": 30081}]}
+        }));
+        // The same address in two slices (two ports): one endpoint, as kube-proxy counts it.
+        let slices = vec![
+            pod_slice(
+                "web-a",
+                json!([{"addresses": ["10.244.0.5"], "nodeName": "node-a"},
+                       {"addresses": ["10.244.0.7"], "nodeName": "node-a",
+                        "conditions": {"ready": false, "serving": true, "terminating": true}}]),
+            ),
+            pod_slice(
+                "web-b",
+                json!([{"addresses": ["10.244.0.5"], "nodeName": "node-a",
+                        "conditions": {"ready": true}}]),
+            ),
+        ];
+        assert_eq!(
+            health_checks(&[svc], &slices, "node-a")[0].local_endpoints,
+            1
+        );
+    }
+
+    #[test]
     fn a_clusterip_service_has_no_node_port_and_a_claimed_external_ip_stays_claimed() {
         let one = |name: &str, kind: &str| {
             service(json!({

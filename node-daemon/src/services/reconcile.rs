@@ -788,3 +788,54 @@ fn purge_affinity(maps: &mut Maps, service_id: u32) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use tapestry_api::state::{BackendSpec, ServiceSpec, TrafficPolicy};
+
+    use super::local_backends;
+
+    fn backend(last: u8, node: Option<&str>, terminating: bool) -> BackendSpec {
+        BackendSpec {
+            node: node.map(str::to_owned),
+            terminating,
+            ..BackendSpec::new(Ipv4Addr::new(10, 0, 0, last))
+        }
+    }
+
+    fn local_of(backends: Vec<BackendSpec>, node: Option<&str>) -> Vec<u8> {
+        let svc = ServiceSpec {
+            external_traffic_policy: TrafficPolicy::Local,
+            backends,
+            ..ServiceSpec::new("web", Ipv4Addr::UNSPECIFIED, 30080)
+        };
+        local_backends(&svc, node)
+            .iter()
+            .map(|b| b.ip.octets()[3])
+            .collect()
+    }
+
+    #[test]
+    fn the_local_set_is_this_nodes_ready_backends_else_its_terminating_ones() {
+        let me = Some("node-a");
+        // Ready ones of this node only; another node's and unnamed ones are never local.
+        let mixed = vec![
+            backend(1, me, false),
+            backend(2, me, true),
+            backend(3, Some("node-b"), false),
+            backend(4, None, false),
+        ];
+        assert_eq!(local_of(mixed, me), [1]);
+        // None of this node's ready: its terminating ones (kube-proxy's fallback for the local
+        // set alone, though node-b has a ready one).
+        let draining = vec![backend(2, me, true), backend(3, Some("node-b"), false)];
+        assert_eq!(local_of(draining, me), [2]);
+        // Nothing here: empty, so outside clients are dropped.
+        let elsewhere = vec![backend(3, Some("node-b"), false)];
+        assert!(local_of(elsewhere, me).is_empty());
+        // A daemon that knows no node name has no local backend.
+        assert!(local_of(vec![backend(1, me, false)], None).is_empty());
+    }
+}
