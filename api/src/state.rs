@@ -77,6 +77,13 @@ pub struct ServiceSpec {
         deserialize_with = "de_affinity_timeout"
     )]
     pub session_affinity_timeout_seconds: u32,
+    /// As Kubernetes' `spec.externalTrafficPolicy`, for node ports and external addresses:
+    /// `Local` sends clients outside the node (those arriving on `tapestryd
+    /// --nodeport-interface`) only to the backends on this node (`node` equal to this node's
+    /// name), their source address kept, and drops them while this node has none; pods and
+    /// the node itself still reach every backend.
+    #[serde(default, skip_serializing_if = "TrafficPolicy::is_cluster")]
+    pub external_traffic_policy: TrafficPolicy,
     /// May be empty: the datapath then rejects new connections (ICMP port unreachable).
     #[serde(default, deserialize_with = "null_as_empty")]
     pub backends: Vec<BackendSpec>,
@@ -149,6 +156,22 @@ keyword_enum! {
 }
 
 keyword_enum! {
+    /// As Kubernetes' `Service.spec.externalTrafficPolicy`.
+    TrafficPolicy (default Cluster) {
+        /// Every backend; a client outside the node has its source translated to the node.
+        Cluster => "Cluster",
+        /// This node's backends only, the client's source kept.
+        Local => "Local",
+    }
+}
+
+impl TrafficPolicy {
+    pub fn is_cluster(&self) -> bool {
+        *self == TrafficPolicy::Cluster
+    }
+}
+
+keyword_enum! {
     /// What runs behind a backend address (for display and policy; the datapath treats them all
     /// alike).
     EndpointKind (default Pod) {
@@ -213,6 +236,7 @@ impl ServiceSpec {
             algorithm: Algorithm::default(),
             session_affinity: SessionAffinity::default(),
             session_affinity_timeout_seconds: DEFAULT_AFFINITY_TIMEOUT_SECONDS,
+            external_traffic_policy: TrafficPolicy::default(),
             backends: Vec::new(),
         }
     }
@@ -527,6 +551,10 @@ fn validate_service(at: &str, svc: &ServiceSpec) -> Result<(), StateError> {
     if !svc.is_node_port() {
         check_unicast(svc.vip).map_err(|m| StateError::invalid(format!("{at}.vip"), m))?;
     }
+    if svc.external_traffic_policy == TrafficPolicy::Local && !svc.is_node_port() {
+        check_external(svc.vip)
+            .map_err(|m| StateError::invalid(format!("{at}.externalTrafficPolicy"), m))?;
+    }
     if !svc.protocol.in_datapath() {
         return Err(StateError::invalid(
             format!("{at}.protocol"),
@@ -576,6 +604,20 @@ fn validate_service(at: &str, svc: &ServiceSpec) -> Result<(), StateError> {
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+/// `externalTrafficPolicy: Local` is for what clients outside the cluster reach: a node port
+/// or an external address. An address no client outside can reach (link-local, loopback and
+/// the like are already refused as VIPs) gets no traffic from outside, so the policy there is a
+/// mistake, named as one.
+fn check_external(vip: Ipv4Addr) -> Result<(), String> {
+    if vip.is_link_local() {
+        return Err(format!(
+            "Local applies to node ports (vip 0.0.0.0) and external addresses; {vip} is \
+             link-local, which no client outside the node reaches"
+        ));
     }
     Ok(())
 }
@@ -1272,6 +1314,36 @@ services:
             ),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn external_traffic_policy_defaults_to_cluster_and_local_is_for_outside_frontends() {
+        let st = parse(&one_service(""), None).unwrap();
+        assert_eq!(
+            st.services[0].external_traffic_policy,
+            TrafficPolicy::Cluster
+        );
+        // Cluster is not written out: a state without the field reads back the same.
+        assert!(!st.to_yaml().contains("externalTrafficPolicy"));
+        let node_port = "services:\n  - name: np\n    vip: 0.0.0.0\n    port: 30080\n    \
+                         externalTrafficPolicy: local\n";
+        let st = parse(node_port, None).unwrap();
+        assert_eq!(st.services[0].external_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(parse(&st.to_yaml(), None).unwrap(), st);
+        let st = parse(&one_service("    externalTrafficPolicy: Local\n"), None).unwrap();
+        assert_eq!(st.services[0].external_traffic_policy, TrafficPolicy::Local);
+        let err = yaml_err(&one_service("    externalTrafficPolicy: Nearby\n"));
+        assert!(err.contains("services[0].externalTrafficPolicy"), "{err}");
+        assert!(err.contains("Cluster") && err.contains("Local"), "{err}");
+        let link_local = "services:\n  - name: ll\n    vip: 169.254.10.1\n    port: 80\n    \
+                          externalTrafficPolicy: Local\n";
+        let err = parse(link_local, None).unwrap_err().to_string();
+        assert!(
+            err.starts_with("services[0].externalTrafficPolicy: Local applies to node ports"),
+            "{err}"
+        );
+        // The same address is a fine VIP under Cluster.
+        parse(&link_local.replace("Local", "Cluster"), None).unwrap();
     }
 
     #[test]

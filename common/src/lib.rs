@@ -287,7 +287,18 @@ pub mod algorithm {
 pub mod service_flags {
     /// ClientIP session affinity: a client keeps its backend for `affinity_timeout_s`.
     pub const AFFINITY_CLIENT_IP: u8 = 1 << 0;
+    /// `externalTrafficPolicy: Local`: a client outside the node (the external interfaces'
+    /// program) gets only this node's backends, its source kept: a new flow chooses among
+    /// `Service::local_backend_count` in the selection table (and affinity) of
+    /// `id | LOCAL_SCOPE`, and is dropped (`no_local_backend`) when there are none while the
+    /// service has backends elsewhere. Pods and the node itself still use the whole table.
+    pub const EXTERNAL_LOCAL: u8 = 1 << 1;
 }
+
+/// Or'ed into a service id: the key of its local-only selection table in
+/// `map_names::LB_TABLES` and of its outside clients' entries in `map_names::AFFINITY`
+/// (`service_flags::EXTERNAL_LOCAL`). Service ids stay below `MAX_SERVICES`.
+pub const LOCAL_SCOPE: u32 = 1 << 31;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -299,7 +310,10 @@ pub struct Service {
     pub affinity_timeout_s: u32,
     pub algorithm: u8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// With `service_flags::EXTERNAL_LOCAL`: the backends of this node that new flows from
+    /// outside may choose (the slots of the `id | LOCAL_SCOPE` table). Where an older daemon
+    /// had padding (zero), so pinned entries keep their meaning.
+    pub local_backend_count: u16,
 }
 
 /// `Backend::state`.
@@ -399,6 +413,11 @@ pub mod ct_flags {
     /// rewritten to the node's address towards the backend, so replies come back through this
     /// node, which routes both directions itself.
     pub const SNAT: u8 = 1 << 3;
+    /// A client outside the node reached a frontend with `externalTrafficPolicy: Local`: a
+    /// backend of this node, the client's source kept. The backend replies to the client's own
+    /// address, so its reply is translated as it leaves the backend's interface (see
+    /// `config_flags::LOCAL_REPLIES`) and routed by this node.
+    pub const LOCAL: u8 = 1 << 4;
 }
 
 #[repr(C)]
@@ -489,6 +508,10 @@ pub mod config_flags {
     /// interfaces are configured (their flows' replies are addressed to the node). Without it
     /// a pod's packet to no frontend costs no `NODE_ADDRS` lookup. Kept by the reconciler.
     pub const NODE_ADDRS: u32 = 1 << 1;
+    /// A frontend with `externalTrafficPolicy: Local` is programmed: what an endpoint sends to
+    /// an address that is no frontend and not the node's is looked up as the reply of a flow
+    /// from outside (`ct_flags::LOCAL`). Without it that costs nothing. Kept by the reconciler.
+    pub const LOCAL_REPLIES: u32 = 1 << 2;
 }
 
 /// Runtime configuration, one entry in an array map, written by the daemon.
@@ -576,6 +599,10 @@ named_u32_enum! {
         ConntrackShare = 16 => "conntrack_share",
         /// A packet the node had to route itself (a node port flow from outside) had no route.
         NoRoute = 17 => "no_route",
+        /// A new flow from outside the node to a frontend with `externalTrafficPolicy: Local`
+        /// while this node has none of its backends (the service has some elsewhere): dropped,
+        /// as kube-proxy drops it.
+        NoLocalBackend = 18 => "no_local_backend",
     }
 }
 
@@ -753,6 +780,7 @@ mod tests {
         assert_eq!(offset_of!(ServiceKey, proto), 6);
         assert_eq!(offset_of!(Service, backend_count), 4);
         assert_eq!(offset_of!(Service, algorithm), 12);
+        assert_eq!(offset_of!(Service, local_backend_count), 14);
         assert_eq!(offset_of!(CtKey, sport), 8);
         assert_eq!(offset_of!(CtKey, proto), 12);
         assert_eq!(offset_of!(CtKey, direction), 13);

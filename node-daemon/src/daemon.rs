@@ -36,7 +36,7 @@ use crate::{
         reconcile::Reconciler,
         source::{SourceStatus, StandaloneFile, StateSource},
     },
-    views::Views,
+    views::{self, Views},
 };
 
 /// What the API's handlers share. Cloning copies `Arc`s; nothing here is behind one lock.
@@ -123,9 +123,14 @@ pub async fn run(config: Config) -> Result<()> {
         }
     }
     let pins = datapath.pins().clone();
+    let node_name = match &config.source {
+        Source::Kubernetes { node_name, .. } => Some(node_name.clone()),
+        Source::File(_) => views::hostname(),
+    };
     let reconciler = Reconciler::restore(&datapath.maps)?
         .with_nodeport_range(config.nodeport_range)
-        .with_external_interfaces(!config.nodeport_interfaces.is_empty());
+        .with_external_interfaces(!config.nodeport_interfaces.is_empty())
+        .with_node_name(node_name);
     // The adopted datapath keeps serving its node ports until the first desired state.
     let mut flags = 0;
     if config.flow_events {
@@ -133,6 +138,9 @@ pub async fn run(config: Config) -> Result<()> {
     }
     if reconciler.wants_node_addrs() {
         flags |= config_flags::NODE_ADDRS;
+    }
+    if reconciler.wants_local_replies() {
+        flags |= config_flags::LOCAL_REPLIES;
     }
     datapath.set_config(DatapathConfig {
         flags,
@@ -169,6 +177,7 @@ pub async fn run(config: Config) -> Result<()> {
     let dhcp_ring = datapath.take_dhcp();
     let flows = Arc::new(FlowLog::default());
 
+    let mut health_checks = None;
     let (kube, source) = match &config.source {
         Source::File(path) => (None, StateSourceKind::File(StandaloneFile::new(path))),
         Source::Kubernetes {
@@ -178,7 +187,11 @@ pub async fn run(config: Config) -> Result<()> {
         } => {
             let client = tapestry_k8s::client(kubeconfig.as_deref()).await?;
             let source = if *kube_proxy_replacement {
-                StateSourceKind::Kubernetes(KubernetesSource::new(client.clone(), node_name))
+                let (tx, rx) = watch::channel(Vec::new());
+                health_checks = Some(rx);
+                StateSourceKind::Kubernetes(
+                    KubernetesSource::new(client.clone(), node_name).with_health_checks(tx),
+                )
             } else {
                 StateSourceKind::None
             };
@@ -216,6 +229,13 @@ pub async fn run(config: Config) -> Result<()> {
     });
     // The reconciler's own map handles: it is their only writer.
     let reconciler_maps = Maps::open(pins.dir())?;
+    if let Some(rx) = health_checks {
+        let services = services.clone();
+        tasks.spawn(async move {
+            services::health::serve(services, rx).await;
+            Ok(())
+        });
+    }
     tasks.spawn(services::run_reconciler(
         services,
         reconciler,

@@ -105,7 +105,7 @@ impl Whereabouts {
 }
 
 /// This machine's hostname (the node's name when the source names none).
-fn hostname() -> Option<String> {
+pub(crate) fn hostname() -> Option<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
     let name = name.trim();
     (!name.is_empty()).then(|| name.to_owned())
@@ -196,7 +196,8 @@ impl Views {
             last_error: st
                 .apply_error
                 .clone()
-                .or_else(|| st.source.last_error.clone()),
+                .or_else(|| st.source.last_error.clone())
+                .or_else(|| st.health_check_error.clone()),
             bpffs_dir: dir.display().to_string(),
             program_pinned: self.pins.program_pinned(),
             attachments: self.attachments(),

@@ -441,6 +441,37 @@ pub fn tcp_request_in(
         .map_err(io::Error::other)?
 }
 
+/// `GET path` over HTTP/1.1 from the network namespace at `netns`: the status code, the
+/// header block (lowercased) and the body, read until the server closes.
+pub fn http_get_in(
+    netns: &std::path::Path,
+    addr: SocketAddrV4,
+    path: &str,
+    timeout: Duration,
+) -> io::Result<(u16, String, String)> {
+    let get = || -> io::Result<(u16, String, String)> {
+        let mut stream = TcpStream::connect_timeout(&addr.into(), timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw)?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("not HTTP: {text:?}"));
+        let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(bad)?;
+        Ok((status, head.to_ascii_lowercase(), body.to_owned()))
+    };
+    tapestry_netns::run_in(netns, get).map_err(io::Error::other)?
+}
+
 /// [`udp_request`] from the network namespace at `netns`.
 pub fn udp_request_in(
     netns: &std::path::Path,

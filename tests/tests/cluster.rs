@@ -482,3 +482,114 @@ fn vms_reach_and_are_reached_across_nodes() {
         assert_eq!(out.trim(), want, "vm0 -> {vip}");
     }
 }
+
+/// `externalTrafficPolicy: Local` on a LoadBalancer Service whose endpoints are on nodes 0 and
+/// 1: a client outside the cluster reaching the node port of node 0 or 1 gets that node's own
+/// endpoint, which sees the client's address; node 2, with none, drops it (while a pod of node
+/// 2 still reaches the Service through its node's node port). The `healthCheckNodePort` the
+/// apiserver allocated answers 200 with `localEndpoints: 1` on nodes 0 and 1, 503 with 0 on
+/// node 2, as kube-proxy's does.
+#[test]
+fn external_traffic_policy_local_and_health_check_node_port() {
+    tapestry_tests::require_lab!();
+    tapestry_tests::require_k8s!();
+    let mut c = Cluster::start("cluster-etp", 3).unwrap();
+    let mut servers = Vec::new();
+    for n in 0..2 {
+        let be = c
+            .add_pod(n, &format!("lb{n}"), json!({"app": "lb"}))
+            .unwrap();
+        servers.push((be.ip, be.serve_tcp_name(8080).unwrap()));
+    }
+    let client2 = c.add_pod(2, "client2", json!({"app": "client"})).unwrap();
+    c.cp.apply(
+        &json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "lb", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                     "selector": {"app": "lb"},
+                     "ports": [{"name": "tcp", "protocol": "TCP", "port": 80, "targetPort": 8080}]}})
+        .to_string(),
+    )
+    .unwrap();
+    let field = |path: &str| -> u16 {
+        c.cp.kubectl_ok(["get", "svc", "lb", "-o", &format!("jsonpath={{{path}}}")])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    let (np, hc) = (
+        field(".spec.ports[0].nodePort"),
+        field(".spec.healthCheckNodePort"),
+    );
+    let want: Vec<SocketAddrV4> = servers
+        .iter()
+        .map(|(ip, _)| SocketAddrV4::new(*ip, 8080))
+        .collect();
+    c.wait_backends("lb", &want, Duration::from_secs(20))
+        .unwrap();
+
+    let (outside, outside_ip) = c.add_outside_client(0).unwrap();
+    for (n, node) in c.nodes.iter().enumerate().take(2) {
+        let at = SocketAddrV4::new(node.underlay_ip, np);
+        for i in 0..20 {
+            let got = tapestry_tests::net::tcp_request_in(&outside, at, b"hi\n", T)
+                .unwrap_or_else(|e| panic!("outside -> {} {at} (request {i}): {e}", node.name));
+            assert_eq!(
+                got,
+                format!("lb{n}"),
+                "outside -> {} stays on it",
+                node.name
+            );
+        }
+        let seen: Vec<Ipv4Addr> = servers[n]
+            .1
+            .client_ips()
+            .keys()
+            .map(|ip| match ip {
+                std::net::IpAddr::V4(v4) => *v4,
+                other => panic!("{other}"),
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![outside_ip],
+            "lb{n} sees the client's own address"
+        );
+    }
+    let node2 = &c.nodes[2];
+    let at2 = SocketAddrV4::new(node2.underlay_ip, np);
+    let err = tapestry_tests::net::tcp_request_in(&outside, at2, b"hi\n", Duration::from_secs(1))
+        .expect_err("node-2 has no endpoint of lb: outside traffic is dropped");
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+        ),
+        "dropped, not refused: {err}"
+    );
+    let got = client2
+        .tcp_request(at2, b"hi\n", T)
+        .unwrap_or_else(|e| panic!("client2 -> its node's node port {at2}: {e}"));
+    assert!(got == "lb0" || got == "lb1", "{got}");
+
+    for (n, node) in c.nodes.iter().enumerate() {
+        let at = SocketAddrV4::new(node.underlay_ip, hc);
+        let (want_status, want_count) = if n < 2 { (200, 1) } else { (503, 0) };
+        let (status, head, body) = poll(T * 4, &format!("{} health check {at}", node.name), || {
+            Ok(tapestry_tests::net::http_get_in(&outside, at, "/healthz", T).ok())
+        })
+        .unwrap();
+        assert_eq!(status, want_status, "{}: {head}\n{body}", node.name);
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v,
+            json!({"service": {"namespace": "default", "name": "lb"},
+                   "localEndpoints": want_count, "serviceProxyHealthy": true}),
+            "{}",
+            node.name
+        );
+    }
+}

@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     io::ErrorKind,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -445,4 +445,137 @@ fn a_node_port_answers_on_the_nodes_addresses_for_pods_and_the_node() {
         names.contains(&name),
         "the last good state serves on: {name}"
     );
+}
+
+/// `externalTrafficPolicy: Local` on a node port: a client outside the node (on an interface
+/// given as `--nodeport-interface`) reaches only the backend on this node (`node` is this
+/// node's name: the hostname in standalone mode), which sees the client's own address, and the
+/// replies come back from the node's address and port (the TCP handshake and the connected UDP
+/// socket accept nothing else). With no backend on this node the outside client gets no answer
+/// (dropped, counted as `no_local_backend`) while a pod's request to the same node port still
+/// reaches every backend; back to `Cluster`, the outside client's source is translated again.
+#[test]
+fn external_traffic_policy_local_keeps_outside_clients_on_this_nodes_backends() {
+    require_lab!();
+    let mut s = setup("lb-etp-local", 2);
+    let outside = s.lab.add_pod("outside").unwrap();
+    let o = s.vip.octets();
+    let np = 30000 + (u16::from(o[1] - 240) << 8) + u16::from(o[2]);
+    let me = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_owned();
+    // be0 is this node's, be1 another's (both are pods of this lab: only `node` tells them
+    // apart, so every difference below is the policy's).
+    let state = |policy: &str, nodes: [&str; 2]| {
+        let list = |port: u16| -> String {
+            s.backends
+                .iter()
+                .zip(nodes)
+                .map(|(b, node)| {
+                    format!(
+                        "      - {{ ip: {}, port: {port}, name: {}, node: {node} }}\n",
+                        b.ip, b.name
+                    )
+                })
+                .collect()
+        };
+        format!(
+            "services:\n  - name: web-np\n    vip: 0.0.0.0\n    port: {np}\n    \
+             externalTrafficPolicy: {policy}\n    backends:\n{}  - name: dns-np\n    \
+             vip: 0.0.0.0\n    port: {np}\n    protocol: UDP\n    externalTrafficPolicy: \
+             {policy}\n    backends:\n{}",
+            list(8080),
+            list(5353)
+        )
+    };
+    let attach: Vec<&str> = s
+        .backends
+        .iter()
+        .chain([&s.client])
+        .map(|p| p.host_ifname.as_str())
+        .collect();
+    let mut d = Daemon::start_with(
+        "lb-etp-local",
+        &state("Local", [&me, "node-elsewhere"]),
+        &attach,
+        &["--nodeport-interface", &outside.host_ifname],
+    )
+    .unwrap();
+    let node_ip = tapestry_node_daemon::datapath::node_addrs::local_ipv4()
+        .unwrap()
+        .into_iter()
+        .find(|ip| !(ip.octets()[0] == 10 && (240..248).contains(&ip.octets()[1])))
+        .expect("the node has an address of its own");
+    let at_node = SocketAddrV4::new(node_ip, np);
+    let (be0_tcp, be0_udp) = (&s._servers[0], &s._servers[1]);
+    let outside_ip = IpAddr::V4(outside.ip);
+
+    for i in 0..20 {
+        let name = outside
+            .tcp_request(at_node, b"hi\n", T)
+            .unwrap_or_else(|e| panic!("outside -> {at_node} (request {i}): {e}"));
+        assert_eq!(name, "be0", "outside request {i} left this node");
+    }
+    let peer = be0_tcp.last_peer().expect("be0 saw the outside client");
+    assert_eq!(peer.ip(), outside_ip, "the client's source is kept");
+    assert_eq!(
+        be0_tcp.client_ips().keys().copied().collect::<Vec<_>>(),
+        vec![outside_ip],
+        "every outside connection came with the client's own address"
+    );
+    let name = outside
+        .udp_request(SocketAddrV4::new(node_ip, np), b"q\n", T)
+        .expect("UDP from outside, answered from the node port");
+    assert_eq!(name, "be0");
+    assert_eq!(be0_udp.last_peer().map(|p| p.ip()), Some(outside_ip));
+    // Pods still reach every backend through the same node port.
+    let mut seen = BTreeMap::new();
+    for _ in 0..30 {
+        *seen
+            .entry(s.client.tcp_request(at_node, b"hi\n", T).unwrap())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "pod -> {at_node}: {seen:?}");
+
+    // No backend on this node: outside clients are dropped, pods still served.
+    d.write_state(&state("Local", ["node-elsewhere", "node-other"]))
+        .unwrap();
+    d.wait_generation(2, T).unwrap();
+    let dropped = |d: &Daemon| {
+        d.status()
+            .unwrap()
+            .drops
+            .get("no_local_backend")
+            .copied()
+            .unwrap_or(0)
+    };
+    let before = dropped(&d);
+    let err = outside
+        .tcp_request(at_node, b"hi\n", Duration::from_secs(1))
+        .expect_err("no backend on this node: no answer from outside");
+    assert!(
+        matches!(err.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock),
+        "dropped, not refused: {err}"
+    );
+    assert!(dropped(&d) > before, "counted as no_local_backend");
+    let name = s.client.tcp_request(at_node, b"hi\n", T).unwrap();
+    assert!(["be0", "be1"].contains(&name.as_str()), "{name}");
+
+    // Cluster: every backend again, the outside client's source translated to the node.
+    d.write_state(&state("Cluster", ["node-elsewhere", "node-other"]))
+        .unwrap();
+    d.wait_generation(3, T).unwrap();
+    let mut seen = BTreeMap::new();
+    for i in 0..30 {
+        let name = outside
+            .tcp_request(at_node, b"hi\n", T)
+            .unwrap_or_else(|e| panic!("outside -> {at_node} under Cluster (request {i}): {e}"));
+        *seen.entry(name).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "outside -> {at_node}: {seen:?}");
+    let peer = s._servers[2]
+        .last_peer()
+        .expect("be1 saw the outside client");
+    assert_ne!(peer.ip(), outside_ip, "Cluster translates the source");
 }

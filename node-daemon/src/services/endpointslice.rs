@@ -7,7 +7,11 @@
 //!
 //! What it takes from a Service, as kube-proxy does: every IPv4 cluster IP, each TCP/UDP port
 //! (SCTP and IPv6 are not in the datapath), `sessionAffinity: ClientIP` with its timeout,
-//! `internalTrafficPolicy: Local`; headless and ExternalName Services are left out. The
+//! `internalTrafficPolicy: Local`, `externalTrafficPolicy: Local` on the node port and external
+//! frontends (the reconciler keeps their local-only backends, those whose `nodeName` is this
+//! node, for clients outside) and, for a LoadBalancer Service with it, the `healthCheckNodePort`
+//! (see [`health_checks`], served by `health`); headless and ExternalName Services are left
+//! out. The
 //! `tapestry.dev/lb-algorithm` annotation (`random`, `maglev`) chooses the selection. Endpoints
 //! are ready ones; when a port has none, serving-and-terminating ones take new flows (kube-proxy's
 //! fallback); other terminating ones keep their flows and get no new ones. When two slices list
@@ -47,12 +51,16 @@ use kube::{
 };
 use tapestry_api::state::{
     Algorithm, BackendSpec, DesiredState, EndpointKind, Protocol, ServiceSpec, SessionAffinity,
+    TrafficPolicy,
 };
 use tapestry_k8s::names;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::source::{Publisher, SourceStatus, StateSource};
+use super::{
+    health::HealthCheck,
+    source::{Publisher, SourceStatus, StateSource},
+};
 
 /// Service annotation choosing the backend selection (`random` or `maglev`).
 pub const LB_ALGORITHM_ANNOTATION: &str = "tapestry.dev/lb-algorithm";
@@ -67,6 +75,7 @@ const COALESCE: Duration = Duration::from_millis(20);
 pub struct KubernetesSource {
     client: Client,
     node_name: String,
+    health_checks: Option<watch::Sender<Vec<HealthCheck>>>,
 }
 
 impl KubernetesSource {
@@ -74,7 +83,14 @@ impl KubernetesSource {
         KubernetesSource {
             client,
             node_name: node_name.into(),
+            health_checks: None,
         }
+    }
+
+    /// Also publish the Services' health checks (`healthCheckNodePort`) with each state.
+    pub fn with_health_checks(mut self, tx: watch::Sender<Vec<HealthCheck>>) -> Self {
+        self.health_checks = Some(tx);
+        self
     }
 }
 
@@ -274,6 +290,14 @@ impl StateSource for KubernetesSource {
                     }
                 }
                 publisher.publish(state);
+                if let Some(tx) = &self.health_checks {
+                    let checks = health_checks(&services.state(), &slices.state(), &self.node_name);
+                    tx.send_if_modified(|old| {
+                        let changed = *old != checks;
+                        *old = checks;
+                        changed
+                    });
+                }
             }
             let loaded = error.is_none().then(SystemTime::now);
             publisher.set_status(both(error), loaded);
@@ -289,22 +313,7 @@ pub fn desired_state(
     nodes: &NodeAddresses,
     node_name: &str,
 ) -> (DesiredState, Vec<String>) {
-    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-    for slice in slices {
-        if slice.address_type != "IPv4" {
-            continue;
-        }
-        let (Some(ns), Some(svc)) = (
-            slice.metadata.namespace.as_deref(),
-            slice.labels().get(names::labels::SERVICE_NAME),
-        ) else {
-            continue;
-        };
-        by_service
-            .entry((ns, svc.as_str()))
-            .or_default()
-            .push(slice);
-    }
+    let by_service = slices_by_service(slices);
     let mut out = Vec::new();
     let mut problems = Vec::new();
     for svc in services {
@@ -344,6 +353,83 @@ pub fn desired_state(
         }
     });
     (DesiredState { services: out }, problems)
+}
+
+/// The IPv4 slices of each Service, by (namespace, name).
+fn slices_by_service(slices: &[Arc<EndpointSlice>]) -> HashMap<(&str, &str), Vec<&EndpointSlice>> {
+    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let (Some(ns), Some(svc)) = (
+            slice.metadata.namespace.as_deref(),
+            slice.labels().get(names::labels::SERVICE_NAME),
+        ) else {
+            continue;
+        };
+        by_service
+            .entry((ns, svc.as_str()))
+            .or_default()
+            .push(slice);
+    }
+    by_service
+}
+
+/// The health checks this node serves: one per LoadBalancer Service with
+/// `externalTrafficPolicy: Local` and a `healthCheckNodePort` (kube-proxy's `NeedsHealthCheck`),
+/// counting the Service's ready endpoints on this node, each address once whatever its ports
+/// (kube-proxy's `LocalReadyEndpoints`). Services this proxy leaves alone have none.
+pub fn health_checks(
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    node_name: &str,
+) -> Vec<HealthCheck> {
+    let by_service = slices_by_service(slices);
+    let mut out = Vec::new();
+    for svc in services {
+        let Some(spec) = svc.spec.as_ref() else {
+            continue;
+        };
+        let labels = svc.labels();
+        if spec.type_.as_deref() != Some("LoadBalancer")
+            || spec.external_traffic_policy.as_deref() != Some("Local")
+            || labels.contains_key(names::labels::SERVICE_PROXY_NAME)
+            || labels.contains_key(names::labels::HEADLESS)
+        {
+            continue;
+        }
+        let Some(port) = spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        else {
+            continue;
+        };
+        let namespace = svc.namespace().unwrap_or_default();
+        let name = svc.name_any();
+        let mut local: HashSet<&str> = HashSet::new();
+        for slice in by_service
+            .get(&(namespace.as_str(), name.as_str()))
+            .into_iter()
+            .flatten()
+        {
+            for ep in &slice.endpoints {
+                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                if ready && ep.node_name.as_deref() == Some(node_name) {
+                    local.extend(ep.addresses.iter().map(String::as_str));
+                }
+            }
+        }
+        out.push(HealthCheck {
+            local_endpoints: local.len(),
+            namespace,
+            name,
+            port,
+        });
+    }
+    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out
 }
 
 /// One [`ServiceSpec`] per cluster IP and port of `svc`.
@@ -401,6 +487,12 @@ fn service_specs(
         _ => (SessionAffinity::None, DEFAULT_AFFINITY_TIMEOUT),
     };
     let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+    // Only what is reached from outside has an external policy: the node port and external
+    // frontends below, never the ClusterIPs.
+    let external_policy = match spec.external_traffic_policy.as_deref() {
+        Some("Local") => TrafficPolicy::Local,
+        _ => TrafficPolicy::Cluster,
+    };
     let apiserver = (ns.as_str(), name.as_str()) == APISERVER_SERVICE;
     let place = Placement { nodes, apiserver };
     let ports = spec.ports.as_deref().unwrap_or_default();
@@ -435,6 +527,7 @@ fn service_specs(
                 algorithm,
                 session_affinity,
                 session_affinity_timeout_seconds: timeout,
+                external_traffic_policy: TrafficPolicy::Cluster,
                 backends,
             };
         for (i, vip) in vips.iter().enumerate() {
@@ -446,7 +539,9 @@ fn service_specs(
         }
         // The frontends outside the ClusterIP: the node port on every node address, and the
         // external IPs. From pods and from the node itself these go to every endpoint whatever
-        // the traffic policies, as kube-proxy short-circuits them to the Service's own chain.
+        // the traffic policies, as kube-proxy short-circuits them to the Service's own chain;
+        // with externalTrafficPolicy: Local, clients outside reach only this node's endpoints
+        // (the reconciler's local table, from these backends' nodes).
         let node_port = port
             .node_port
             .filter(|_| matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer")))
@@ -459,21 +554,19 @@ fn service_specs(
         } else {
             backends.clone()
         };
+        let external_spec = |name: String, vip: Ipv4Addr, port: u16| ServiceSpec {
+            external_traffic_policy: external_policy,
+            ..spec_for(name, vip, port, everywhere.clone())
+        };
         if let Some(np) = node_port {
-            out.push(spec_for(
+            out.push(external_spec(
                 format!("{label}/nodeport"),
                 Ipv4Addr::UNSPECIFIED,
                 np,
-                everywhere.clone(),
             ));
         }
         for ip in &external {
-            out.push(spec_for(
-                format!("{label}/external/{ip}"),
-                *ip,
-                number,
-                everywhere.clone(),
-            ));
+            out.push(external_spec(format!("{label}/external/{ip}"), *ip, number));
         }
     }
     out
@@ -739,6 +832,123 @@ mod tests {
         for s in &state.services {
             s.validate(&s.name).unwrap();
         }
+    }
+
+    #[test]
+    fn external_traffic_policy_local_is_on_the_node_port_and_external_frontends_only() {
+        let svc = |policy: &str| {
+            service(json!({
+                "metadata": {"name": "web", "namespace": "default"},
+                "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                         "externalIPs": ["192.0.2.7"], "externalTrafficPolicy": policy,
+                         "healthCheckNodePort": 32100,
+                         "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]},
+                "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.4"}]}}
+            }))
+        };
+        let slices = vec![pod_slice(
+            "web-1",
+            json!([
+                {"addresses": ["10.244.0.5"], "nodeName": "node-a", "conditions": {"ready": true}},
+                {"addresses": ["10.244.0.6"], "nodeName": "node-a", "conditions": {"ready": false}},
+                {"addresses": ["10.244.1.5"], "nodeName": "node-b", "conditions": {"ready": true}}
+            ]),
+        )];
+        let (state, problems) = desired_state(&[svc("Local")], &slices, &no_nodes(), "node-a");
+        assert!(problems.is_empty(), "{problems:?}");
+        let policies: Vec<(&str, TrafficPolicy)> = state
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s.external_traffic_policy))
+            .collect();
+        assert_eq!(
+            policies,
+            vec![
+                ("default/web", TrafficPolicy::Cluster),
+                ("default/web/external/192.0.2.7", TrafficPolicy::Local),
+                ("default/web/external/198.51.100.4", TrafficPolicy::Local),
+                ("default/web/nodeport", TrafficPolicy::Local),
+            ]
+        );
+        // Every endpoint stays (pods and the node reach them all); each says its node, which
+        // is what the reconciler's local set is made of.
+        let np = &state.services[3];
+        let nodes: Vec<(String, Option<&str>, bool)> = np
+            .backends
+            .iter()
+            .map(|b| (b.ip.to_string(), b.node.as_deref(), b.terminating))
+            .collect();
+        assert_eq!(
+            nodes,
+            vec![
+                ("10.244.0.5".into(), Some("node-a"), false),
+                ("10.244.1.5".into(), Some("node-b"), false),
+            ]
+        );
+        let local = super::super::reconcile::local_backends(np, Some("node-a"));
+        assert_eq!(
+            local.iter().map(|b| b.ip.to_string()).collect::<Vec<_>>(),
+            ["10.244.0.5"]
+        );
+        let (cluster, _) = desired_state(&[svc("Cluster")], &slices, &no_nodes(), "node-a");
+        assert!(
+            cluster
+                .services
+                .iter()
+                .all(|s| s.external_traffic_policy == TrafficPolicy::Cluster)
+        );
+
+        // The health check: ready endpoints on this node, per node.
+        let checks = |node: &str| health_checks(&[svc("Local")], &slices, node);
+        assert_eq!(
+            checks("node-a"),
+            vec![HealthCheck {
+                namespace: "default".into(),
+                name: "web".into(),
+                port: 32100,
+                local_endpoints: 1
+            }]
+        );
+        assert_eq!(checks("node-b")[0].local_endpoints, 1);
+        assert_eq!(checks("node-c")[0].local_endpoints, 0);
+        // Cluster policy, or not a LoadBalancer: no health check.
+        assert!(health_checks(&[svc("Cluster")], &slices, "node-a").is_empty());
+        let np_only = service(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.10",
+                     "externalTrafficPolicy": "Local", "healthCheckNodePort": 32100,
+                     "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]}
+        }));
+        assert!(health_checks(&[np_only], &slices, "node-a").is_empty());
+    }
+
+    #[test]
+    fn a_health_check_counts_each_local_ready_address_once() {
+        let svc = service(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10",
+                     "externalTrafficPolicy": "Local", "healthCheckNodePort": 32100,
+                     "ports": [{"name": "a", "port": 80, "nodePort": 30080},
+                               {"name": "b", "port": 81, "nodePort": 30081}]}
+        }));
+        // The same address in two slices (two ports): one endpoint, as kube-proxy counts it.
+        let slices = vec![
+            pod_slice(
+                "web-a",
+                json!([{"addresses": ["10.244.0.5"], "nodeName": "node-a"},
+                       {"addresses": ["10.244.0.7"], "nodeName": "node-a",
+                        "conditions": {"ready": false, "serving": true, "terminating": true}}]),
+            ),
+            pod_slice(
+                "web-b",
+                json!([{"addresses": ["10.244.0.5"], "nodeName": "node-a",
+                        "conditions": {"ready": true}}]),
+            ),
+        ];
+        assert_eq!(
+            health_checks(&[svc], &slices, "node-a")[0].local_endpoints,
+            1
+        );
     }
 
     #[test]

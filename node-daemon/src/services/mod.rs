@@ -11,6 +11,7 @@
 //! for it. Readers take the last [`Programmed`] snapshot, which is swapped in after each apply.
 
 pub mod endpointslice;
+pub mod health;
 pub mod maglev;
 pub mod reconcile;
 pub mod source;
@@ -34,6 +35,8 @@ pub struct ServiceStatus {
     pub source: SourceStatus,
     /// The last desired state the reconciler could not program, and why.
     pub apply_error: Option<String>,
+    /// Health check ports (`healthCheckNodePort`) that could not be opened, and why.
+    pub health_check_error: Option<String>,
 }
 
 /// The Service side as the rest of the daemon sees it: what is programmed and how it went.
@@ -78,6 +81,10 @@ impl Services {
     pub fn healthy(&self) -> bool {
         let s = self.status();
         s.generation > 0 || s.source.generation == 0
+    }
+
+    pub fn set_health_check_error(&self, error: Option<String>) {
+        self.update_status(|s| s.health_check_error = error);
     }
 
     fn update_status(&self, f: impl FnOnce(&mut ServiceStatus)) {

@@ -11,6 +11,17 @@
 //!
 //! Ids are restored from the pinned maps at start, so a restarted daemon given the same desired
 //! state writes nothing at all.
+//!
+//! `externalTrafficPolicy: Local` (node ports and external addresses): one frontend entry, one
+//! id, two selection tables. The entry's `service_flags::EXTERNAL_LOCAL` and
+//! `local_backend_count` tell the external interfaces' program to choose from the second table,
+//! keyed `id | LOCAL_SCOPE` in the same map (and to key outside clients' affinity the same
+//! way), which holds only this node's backends: those whose `node` is this node's name, ready
+//! ones, else the terminating ones (kube-proxy's serving-and-terminating fallback, applied to
+//! the local ones alone). What pods and the node send uses the first table, every backend. So
+//! a packet costs one frontend lookup and one table lookup whatever the policy, and no
+//! backend is stored twice. The local table is written before the entry that points at it
+//! and removed after the entry stops pointing at it, like the first.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -21,11 +32,13 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use aya::maps::{MapError, PerCpuValues};
-use tapestry_api::state::{Algorithm, DesiredState, ServiceSpec, SessionAffinity};
+use tapestry_api::state::{
+    Algorithm, BackendSpec, DesiredState, ServiceSpec, SessionAffinity, TrafficPolicy,
+};
 use tapestry_common::{
-    AffinityKey, Backend, DEFAULT_NODEPORT_RANGE, LB_TABLE_SIZE, LbTable, MAX_BACKENDS,
-    MAX_SERVICES, Service, ServiceKey, TrafficStats, algorithm, backend_state, config_flags,
-    service_flags,
+    AffinityKey, Backend, DEFAULT_NODEPORT_RANGE, LB_TABLE_SIZE, LOCAL_SCOPE, LbTable,
+    MAX_BACKENDS, MAX_SERVICES, Service, ServiceKey, TrafficStats, algorithm, backend_state,
+    config_flags, service_flags,
 };
 use tracing::{debug, info};
 
@@ -132,6 +145,8 @@ pub struct ProgrammedService {
     pub id: u32,
     pub entry: Service,
     table_digest: u64,
+    /// Of the local-only table (`id | LOCAL_SCOPE`), when one is programmed.
+    local_digest: Option<u64>,
     /// Index of its spec in the desired state last applied (None for a service restored from
     /// the maps and not yet matched by a desired state).
     spec_index: Option<usize>,
@@ -175,6 +190,8 @@ pub struct Reconciler {
     nodeport_range: (u16, u16),
     /// `tapestryd --nodeport-interface` was given (see `with_external_interfaces`).
     external_interfaces: bool,
+    /// This node's name: backends whose `node` it is are local (`externalTrafficPolicy`).
+    node_name: Option<String>,
 }
 
 fn digest(table: &LbTable) -> u64 {
@@ -201,6 +218,7 @@ impl Reconciler {
             backend_ids: IdPool::new(MAX_BACKENDS),
             nodeport_range: DEFAULT_NODEPORT_RANGE,
             external_interfaces: false,
+            node_name: None,
         };
         for item in maps.backends.iter() {
             let (id, b) = item.context("reading the backends map")?;
@@ -213,17 +231,15 @@ impl Reconciler {
         for item in maps.services.iter() {
             let (key, svc) = item.context("reading the services map")?;
             r.service_ids.claim(svc.id);
-            let table_digest = match maps.lb_tables.get(&svc.id, 0) {
-                Ok(t) => digest(&t),
-                Err(MapError::KeyNotFound) => 0,
-                Err(e) => return Err(e).context("reading a selection table"),
-            };
+            let table_digest = table_digest_of(maps, svc.id)?.unwrap_or(0);
+            let local_digest = table_digest_of(maps, svc.id | LOCAL_SCOPE)?;
             r.services.insert(
                 key,
                 ProgrammedService {
                     id: svc.id,
                     entry: svc,
                     table_digest,
+                    local_digest,
                     spec_index: None,
                     backend_ids: Vec::new(),
                 },
@@ -276,10 +292,24 @@ impl Reconciler {
         self
     }
 
+    /// This node's name (`--node-name`, else the hostname): which backends are local.
+    pub fn with_node_name(mut self, name: Option<String>) -> Self {
+        self.node_name = name;
+        self
+    }
+
     /// Whether the datapath must look at the node's addresses (`config_flags::NODE_ADDRS`): a
     /// node port is programmed, or external interfaces are configured.
     pub fn wants_node_addrs(&self) -> bool {
         self.external_interfaces || self.services.keys().any(|k| k.vip == 0)
+    }
+
+    /// Whether endpoints' packets to addresses outside must be looked up as replies of flows
+    /// from outside (`config_flags::LOCAL_REPLIES`): a Local frontend is programmed.
+    pub fn wants_local_replies(&self) -> bool {
+        self.services
+            .values()
+            .any(|ps| ps.entry.flags & service_flags::EXTERNAL_LOCAL != 0)
     }
 
     /// Makes the maps equal to `desired`, in the four steps of the module's doc.
@@ -292,16 +322,22 @@ impl Reconciler {
         check_capacity(desired)?;
         check_node_ports(desired, self.nodeport_range)?;
 
-        // The flag goes on before a node port appears and off after the last one went.
+        // The flags go on before what needs them appears and off after the last of it went.
         if self.external_interfaces || desired.services.iter().any(|s| s.is_node_port()) {
-            set_node_addrs_flag(maps, true, &mut stats)?;
+            set_config_flag(maps, config_flags::NODE_ADDRS, true, &mut stats)?;
+        }
+        if desired.services.iter().any(is_local) {
+            set_config_flag(maps, config_flags::LOCAL_REPLIES, true, &mut stats)?;
         }
         let wanted = self.write_backends(maps, desired, &mut stats)?;
         let desired_keys = self.write_services(maps, desired, &mut stats)?;
         self.remove_services(maps, &desired_keys, ncpus, &mut stats)?;
         self.remove_unused_backends(maps, &wanted, ncpus, &mut stats)?;
         if !self.wants_node_addrs() {
-            set_node_addrs_flag(maps, false, &mut stats)?;
+            set_config_flag(maps, config_flags::NODE_ADDRS, false, &mut stats)?;
+        }
+        if !self.wants_local_replies() {
+            set_config_flag(maps, config_flags::LOCAL_REPLIES, false, &mut stats)?;
         }
 
         self.desired = desired.clone();
@@ -386,33 +422,25 @@ impl Reconciler {
             let proto = svc.protocol.ip_proto();
             let key = service_key(svc.vip, svc.port, proto);
             desired_keys.insert(key);
-            let mut table_backends = Vec::with_capacity(svc.backends.len());
-            let mut backend_ids = Vec::with_capacity(svc.backends.len());
-            for b in &svc.backends {
-                let addr = BackendAddr {
-                    ip: b.ip,
-                    port: b.target_port(svc),
-                    proto,
-                };
-                let id = self.backends[&addr].id;
-                backend_ids.push(id);
-                if !b.terminating {
-                    table_backends.push(TableBackend {
-                        id,
-                        weight: b.weight as u32,
-                        key: addr.key(),
-                    });
-                }
-            }
-            let (algo, table) = match svc.algorithm {
-                Algorithm::Random => (algorithm::RANDOM, random_table(&table_backends)),
-                Algorithm::Maglev => (algorithm::MAGLEV, maglev_table(&table_backends)),
-            };
+            let backend_ids: Vec<u32> = svc
+                .backends
+                .iter()
+                .map(|b| self.backends[&backend_addr(svc, b)].id)
+                .collect();
+            let active: Vec<&BackendSpec> =
+                svc.backends.iter().filter(|b| !b.terminating).collect();
+            let (algo, table) = self.table(svc, &active);
             let table_digest = digest(&table);
+            let local = is_local(svc).then(|| {
+                let backends = local_backends(svc, self.node_name.as_deref());
+                let count = backends.len() as u16;
+                let table = self.table(svc, &backends).1;
+                (count, digest(&table), table)
+            });
             let affinity = matches!(svc.session_affinity, SessionAffinity::ClientIP);
             let mut entry = Service {
                 id: 0,
-                backend_count: table_backends.len() as u32,
+                backend_count: active.len() as u32,
                 affinity_timeout_s: if affinity {
                     svc.session_affinity_timeout_seconds
                 } else {
@@ -424,12 +452,25 @@ impl Reconciler {
                 } else {
                     0
                 },
-                _pad: [0; 2],
+                local_backend_count: 0,
             };
+            if let Some((count, _, _)) = &local {
+                entry.flags |= service_flags::EXTERNAL_LOCAL;
+                entry.local_backend_count = *count;
+            }
             match self.services.get_mut(&key) {
                 Some(ps) => {
                     entry.id = ps.id;
                     let mut changed = false;
+                    if let Some((_, local_digest, local_table)) = &local
+                        && ps.local_digest != Some(*local_digest)
+                    {
+                        maps.lb_tables.insert(ps.id | LOCAL_SCOPE, local_table, 0)?;
+                        ps.local_digest = Some(*local_digest);
+                        stats.tables_written += 1;
+                        stats.map_writes += 1;
+                        changed = true;
+                    }
                     if ps.table_digest != table_digest {
                         maps.lb_tables.insert(ps.id, table, 0)?;
                         ps.table_digest = table_digest;
@@ -443,6 +484,13 @@ impl Reconciler {
                         stats.map_writes += 1;
                         changed = true;
                     }
+                    if local.is_none() && ps.local_digest.take().is_some() {
+                        // Local no more: the entry no longer points at the table.
+                        ignore_missing(maps.lb_tables.remove(&(ps.id | LOCAL_SCOPE)))?;
+                        purge_affinity(maps, ps.id | LOCAL_SCOPE)?;
+                        stats.map_writes += 1;
+                        changed = true;
+                    }
                     if changed {
                         stats.services_updated += 1;
                     }
@@ -453,6 +501,11 @@ impl Reconciler {
                     let id = self.service_ids.alloc("service")?;
                     entry.id = id;
                     maps.lb_tables.insert(id, table, 0)?;
+                    if let Some((_, _, local_table)) = &local {
+                        maps.lb_tables.insert(id | LOCAL_SCOPE, local_table, 0)?;
+                        stats.tables_written += 1;
+                        stats.map_writes += 1;
+                    }
                     maps.services.insert(key, entry, 0)?;
                     self.services.insert(
                         key,
@@ -460,6 +513,7 @@ impl Reconciler {
                             id,
                             entry,
                             table_digest,
+                            local_digest: local.as_ref().map(|(_, d, _)| *d),
                             spec_index: Some(index),
                             backend_ids,
                         },
@@ -471,6 +525,25 @@ impl Reconciler {
             }
         }
         Ok(desired_keys)
+    }
+
+    /// A selection table over `backends` with the service's algorithm.
+    fn table(&self, svc: &ServiceSpec, backends: &[&BackendSpec]) -> (u8, LbTable) {
+        let table_backends: Vec<TableBackend> = backends
+            .iter()
+            .map(|b| {
+                let addr = backend_addr(svc, b);
+                TableBackend {
+                    id: self.backends[&addr].id,
+                    weight: b.weight as u32,
+                    key: addr.key(),
+                }
+            })
+            .collect();
+        match svc.algorithm {
+            Algorithm::Random => (algorithm::RANDOM, random_table(&table_backends)),
+            Algorithm::Maglev => (algorithm::MAGLEV, maglev_table(&table_backends)),
+        }
     }
 
     /// Step 3: services the state no longer has (entry first, then table).
@@ -491,8 +564,13 @@ impl Reconciler {
             let ps = self.services.remove(&key).expect("listed above");
             ignore_missing(maps.services.remove(&key))?;
             ignore_missing(maps.lb_tables.remove(&ps.id))?;
+            if ps.local_digest.is_some() {
+                ignore_missing(maps.lb_tables.remove(&(ps.id | LOCAL_SCOPE)))?;
+                stats.map_writes += 1;
+            }
             if ps.entry.flags & service_flags::AFFINITY_CLIENT_IP != 0 {
                 purge_affinity(maps, ps.id)?;
+                purge_affinity(maps, ps.id | LOCAL_SCOPE)?;
             }
             // Counters are zeroed when an id is freed, not when it is handed out: a fresh id's
             // slot is already zero, so programming many new services costs no extra writes.
@@ -578,18 +656,55 @@ impl Programmed {
     }
 }
 
-/// A selection table has `LB_TABLE_SIZE` slots: every active backend needs at least one. Checked
-/// before any write, so a state that cannot be programmed changes nothing.
-/// Sets or clears `config_flags::NODE_ADDRS` in the datapath's config, writing only a change.
-fn set_node_addrs_flag(maps: &mut Maps, on: bool, stats: &mut ApplyStats) -> Result<()> {
+fn backend_addr(svc: &ServiceSpec, b: &BackendSpec) -> BackendAddr {
+    BackendAddr {
+        ip: b.ip,
+        port: b.target_port(svc),
+        proto: svc.protocol.ip_proto(),
+    }
+}
+
+fn is_local(svc: &ServiceSpec) -> bool {
+    svc.external_traffic_policy == TrafficPolicy::Local
+}
+
+/// The backends a Local frontend's outside clients may start flows to: this node's (`node` is
+/// `node_name`) that are active, else, when none is, this node's terminating ones, as
+/// kube-proxy falls back to serving-and-terminating endpoints for the local set on its own.
+pub fn local_backends<'a>(svc: &'a ServiceSpec, node_name: Option<&str>) -> Vec<&'a BackendSpec> {
+    let ours: Vec<&BackendSpec> = svc
+        .backends
+        .iter()
+        .filter(|b| node_name.is_some() && b.node.as_deref() == node_name)
+        .collect();
+    if ours.iter().any(|b| !b.terminating) {
+        ours.into_iter().filter(|b| !b.terminating).collect()
+    } else {
+        ours
+    }
+}
+
+fn table_digest_of(maps: &Maps, table_id: u32) -> Result<Option<u64>> {
+    match maps.lb_tables.get(&table_id, 0) {
+        Ok(t) => Ok(Some(digest(&t))),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(None)
+        }
+        Err(e) => Err(e).context("reading a selection table"),
+    }
+}
+
+/// Sets or clears one of `config_flags` in the datapath's config, writing only a change.
+fn set_config_flag(maps: &mut Maps, flag: u32, on: bool, stats: &mut ApplyStats) -> Result<()> {
     let mut cfg = maps
         .config
         .get(&0, 0)
         .context("reading the datapath config")?;
-    if (cfg.flags & config_flags::NODE_ADDRS != 0) == on {
+    if (cfg.flags & flag != 0) == on {
         return Ok(());
     }
-    cfg.flags ^= config_flags::NODE_ADDRS;
+    cfg.flags ^= flag;
     maps.config
         .set(0, cfg, 0)
         .context("writing the datapath config")?;
@@ -610,7 +725,19 @@ fn check_node_ports(desired: &DesiredState, (min, max): (u16, u16)) -> Result<()
     Ok(())
 }
 
+/// A selection table has `LB_TABLE_SIZE` slots: every active backend needs at least one; and
+/// the tables map holds `MAX_SERVICES` tables, a Local frontend's two included. Checked before
+/// any write, so a state that cannot be programmed changes nothing.
 fn check_capacity(desired: &DesiredState) -> Result<()> {
+    let tables = desired.services.len() + desired.services.iter().filter(|s| is_local(s)).count();
+    if tables > MAX_SERVICES as usize - 1 {
+        bail!(
+            "{} services ({tables} selection tables with those of externalTrafficPolicy: Local) \
+             are more than the {} tables the datapath holds",
+            desired.services.len(),
+            MAX_SERVICES - 1
+        );
+    }
     for (i, svc) in desired.services.iter().enumerate() {
         let active = svc.backends.iter().filter(|b| !b.terminating);
         let (count, weight) = active.fold((0usize, 0u64), |(c, w), b| (c + 1, w + b.weight as u64));
@@ -660,4 +787,55 @@ fn purge_affinity(maps: &mut Maps, service_id: u32) -> Result<()> {
         ignore_missing(maps.affinity.remove(&k))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use tapestry_api::state::{BackendSpec, ServiceSpec, TrafficPolicy};
+
+    use super::local_backends;
+
+    fn backend(last: u8, node: Option<&str>, terminating: bool) -> BackendSpec {
+        BackendSpec {
+            node: node.map(str::to_owned),
+            terminating,
+            ..BackendSpec::new(Ipv4Addr::new(10, 0, 0, last))
+        }
+    }
+
+    fn local_of(backends: Vec<BackendSpec>, node: Option<&str>) -> Vec<u8> {
+        let svc = ServiceSpec {
+            external_traffic_policy: TrafficPolicy::Local,
+            backends,
+            ..ServiceSpec::new("web", Ipv4Addr::UNSPECIFIED, 30080)
+        };
+        local_backends(&svc, node)
+            .iter()
+            .map(|b| b.ip.octets()[3])
+            .collect()
+    }
+
+    #[test]
+    fn the_local_set_is_this_nodes_ready_backends_else_its_terminating_ones() {
+        let me = Some("node-a");
+        // Ready ones of this node only; another node's and unnamed ones are never local.
+        let mixed = vec![
+            backend(1, me, false),
+            backend(2, me, true),
+            backend(3, Some("node-b"), false),
+            backend(4, None, false),
+        ];
+        assert_eq!(local_of(mixed, me), [1]);
+        // None of this node's ready: its terminating ones (kube-proxy's fallback for the local
+        // set alone, though node-b has a ready one).
+        let draining = vec![backend(2, me, true), backend(3, Some("node-b"), false)];
+        assert_eq!(local_of(draining, me), [2]);
+        // Nothing here: empty, so outside clients are dropped.
+        let elsewhere = vec![backend(3, Some("node-b"), false)];
+        assert!(local_of(elsewhere, me).is_empty());
+        // A daemon that knows no node name has no local backend.
+        assert!(local_of(vec![backend(1, me, false)], None).is_empty());
+    }
 }

@@ -124,7 +124,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
     // Every socket of the node is one client (kube-proxy sees them all from the node's address).
     let (backend_id, backend) =
-        match lb4_select_backend(&svc, 0, || socket_slot_hash(&svc, cookie), now) {
+        match lb4_select_backend(&svc, svc.id, 0, || socket_slot_hash(&svc, cookie), now) {
             Ok(chosen) => chosen,
             Err(reason) => {
                 count_drop(reason);

@@ -37,7 +37,8 @@ use aya_ebpf::{
 };
 use tapestry_common::{
     Backend, Config, Counter, CtEntry, CtKey, DEFAULT_HAIRPIN_SNAT_IP, DropReason, FragmentKey,
-    FragmentPorts, IPPROTO_TCP, Service, config_flags, ct_direction, ct_flags, event_kind,
+    FragmentPorts, IPPROTO_TCP, LOCAL_SCOPE, Service, config_flags, ct_direction, ct_flags,
+    event_kind, service_flags,
 };
 use tapestry_ebpf::{
     fib,
@@ -150,7 +151,7 @@ fn to_endpoint(ctx: &TcContext) -> i32 {
     let Some(pkt) = whole_packet(ctx) else {
         return verdict::NEXT;
     };
-    match lb4_reply(ctx, &pkt) {
+    match lb4_reply(ctx, &pkt, 0) {
         Ok(Some(v)) => v,
         Ok(None) => verdict::NEXT,
         Err(reason) => drop(ctx, &pkt, reason, 0),
@@ -183,10 +184,18 @@ fn from_endpoint(ctx: &TcContext) -> i32 {
     }
     let cfg = config();
     let to_node = cfg.flags & config_flags::NODE_ADDRS != 0 && is_node_addr(pkt.daddr);
-    if to_node || pkt.daddr == hairpin_snat_ip_of(&cfg) {
-        // A backend answering a flow it started itself through the frontend (hairpin), or a
-        // client outside the node that reached a node port (source translated to the node).
-        match lb4_reply(ctx, &pkt) {
+    // A backend answering a flow it started itself through the frontend (hairpin), or a
+    // client outside the node that reached a node port (source translated to the node); else,
+    // while a Local frontend exists, a client outside that reached it with its own source.
+    let reply_of = if to_node || pkt.daddr == hairpin_snat_ip_of(&cfg) {
+        Some(0)
+    } else if cfg.flags & config_flags::LOCAL_REPLIES != 0 {
+        Some(ct_flags::LOCAL)
+    } else {
+        None
+    };
+    if let Some(required) = reply_of {
+        match lb4_reply(ctx, &pkt, required) {
             Ok(Some(v)) => return v,
             Ok(None) => {}
             Err(reason) => return drop(ctx, &pkt, reason, 0),
@@ -211,7 +220,7 @@ fn from_network(ctx: &TcContext) -> i32 {
     };
     let to_node = is_node_addr(pkt.daddr);
     if to_node {
-        match lb4_reply(ctx, &pkt) {
+        match lb4_reply(ctx, &pkt, 0) {
             Ok(Some(v)) => return v,
             Ok(None) => {}
             Err(reason) => return drop(ctx, &pkt, reason, 0),
@@ -320,12 +329,18 @@ fn is_syn(pkt: &Ipv4Packet) -> bool {
 /// How a flow's source is translated: `HAIRPIN` or `SNAT` (of `ct_flags`), or 0.
 const SOURCE_XLATE: u8 = ct_flags::HAIRPIN | ct_flags::SNAT;
 
-/// A flow's backend and source translation: (backend id, backend, `SOURCE_XLATE` flags, source
-/// address written, source port written or 0 for the client's own).
+/// How a flow is sent on: its source translation, and `LOCAL` (routed by this node, source
+/// kept).
+const FLOW_PATH: u8 = SOURCE_XLATE | ct_flags::LOCAL;
+
+/// A flow's backend and path: (backend id, backend, `FLOW_PATH` flags, source address written,
+/// source port written or 0 for the client's own).
 type Chosen = (u32, Backend, u8, u32, u16);
 
 /// Client -> frontend. `from_network`: the client is outside the node (the external
-/// interfaces' program): its source is translated to the node and the node routes the packet.
+/// interfaces' program): its source is translated to the node and the node routes the packet;
+/// for a frontend with `externalTrafficPolicy: Local` (that has backends at all), the backend is
+/// one of this node's and the source is kept.
 #[inline(always)]
 fn lb4_forward(
     ctx: &TcContext,
@@ -334,6 +349,8 @@ fn lb4_forward(
     from_network: bool,
 ) -> Result<i32, DropReason> {
     count(Counter::ServicePackets);
+    let local =
+        from_network && svc.flags & service_flags::EXTERNAL_LOCAL != 0 && svc.backend_count != 0;
     let now = now();
     let fkey = conntrack::forward_key(pkt);
     let mut new_flow = true;
@@ -361,7 +378,7 @@ fn lb4_forward(
                     chosen = Some((
                         e.backend_id,
                         b,
-                        e.flags & SOURCE_XLATE,
+                        e.flags & FLOW_PATH,
                         e.nat_peer_addr,
                         u16::from_ne_bytes(e.nat_peer_port),
                     ));
@@ -383,15 +400,20 @@ fn lb4_forward(
             if from_network && pkt.proto == IPPROTO_TCP && !is_syn(pkt) {
                 return Ok(verdict::NEXT);
             }
+            if local && svc.local_backend_count == 0 {
+                // Backends elsewhere only: kube-proxy drops (a client retries another node),
+                // it does not refuse.
+                return Err(DropReason::NoLocalBackend);
+            }
             if svc.backend_count == 0 {
                 return lb4_no_backend(ctx, pkt, svc, reselect);
             }
-            lb4_new_flow(ctx, pkt, svc, now, &fkey, reselect, from_network)?
+            lb4_new_flow(ctx, pkt, svc, now, &fkey, reselect, from_network, local)?
         }
     };
 
     remember_fragment(pkt);
-    if xlate != 0 {
+    if xlate & SOURCE_XLATE != 0 {
         rewrite_addr(ctx, pkt, Side::Source, pkt.saddr, snat)?;
         if snat_port != 0 {
             rewrite_port(ctx, pkt, Side::Source, pkt.sport, snat_port)?;
@@ -407,8 +429,9 @@ fn lb4_forward(
         // SAFETY: bpf_redirect takes plain integers and only records the target.
         return Ok(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32);
     }
-    if xlate & ct_flags::SNAT != 0 {
-        // From the node's own address now: the stack would take it for a martian.
+    if xlate & (ct_flags::SNAT | ct_flags::LOCAL) != 0 {
+        // SNAT: from the node's own address now, the stack would take it for a martian. LOCAL:
+        // routed the same way, so both directions of a flow from outside bypass the stack.
         return fib::redirect(ctx, &fib::route(ctx, pkt.proto, backend.ip)?);
     }
     // On along the chain: a primary's program after ours sees the packet to the backend.
@@ -489,6 +512,7 @@ fn source_port(
 
 /// Chooses a backend and stores both conntrack entries. The reply entry goes in first, so a reply
 /// never arrives before it; if the forward entry then fails, the reply entry is taken back out.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn lb4_new_flow(
     ctx: &TcContext,
@@ -498,13 +522,19 @@ fn lb4_new_flow(
     fkey: &CtKey,
     reselect: bool,
     from_network: bool,
+    local: bool,
 ) -> Result<Chosen, DropReason> {
     if !conntrack::share_admits(pkt.saddr) {
         return Err(DropReason::ConntrackShare);
     }
+    let scope = if local { svc.id | LOCAL_SCOPE } else { svc.id };
     let (backend_id, backend) =
-        lb4_select_backend(svc, pkt.saddr, || packet_slot_hash(svc, pkt), now)?;
-    let (xlate, snat) = if from_network {
+        lb4_select_backend(svc, scope, pkt.saddr, || packet_slot_hash(svc, pkt), now)?;
+    let (xlate, snat) = if local {
+        // The client's own address reaches this node's backend; its replies are caught as
+        // they leave the backend (`from_endpoint`, `LOCAL_REPLIES`).
+        (0, 0)
+    } else if from_network {
         // The node's address towards the backend: replies come back through this node.
         (ct_flags::SNAT, fib::route(ctx, pkt.proto, backend.ip)?.src)
     } else if backend.ip == pkt.saddr {
@@ -517,7 +547,8 @@ fn lb4_new_flow(
     } else {
         0
     };
-    let flags = xlate | conntrack::flags_from_tcp(pkt);
+    let path = if local { ct_flags::LOCAL } else { xlate };
+    let flags = path | conntrack::flags_from_tcp(pkt);
     let rkey = CtKey {
         saddr: backend.ip,
         daddr: if xlate != 0 { snat } else { pkt.saddr },
@@ -535,7 +566,7 @@ fn lb4_new_flow(
         created_ns: now,
         last_seen_ns: now,
         nat_port: pkt.dport,
-        flags: xlate,
+        flags: path,
         nat_peer_port: if snat_port != 0 {
             pkt.sport.to_ne_bytes()
         } else {
@@ -581,13 +612,14 @@ fn lb4_new_flow(
             nat_port: backend.port,
         },
     );
-    Ok((backend_id, backend, xlate, snat, snat_port))
+    Ok((backend_id, backend, path, snat, snat_port))
 }
 
 /// Backend -> client: restore the frontend as the source (and, for a source-translated flow, the
-/// client's own address as the destination).
+/// client's own address as the destination). Only an entry with every flag of `required` is
+/// taken (the other entries are left alone, untouched).
 #[inline(always)]
-fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Option<i32>, DropReason> {
+fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet, required: u8) -> Result<Option<i32>, DropReason> {
     let rkey = conntrack::reply_key(pkt);
     let Some(entry) = conntrack::lookup(&rkey) else {
         return Ok(None);
@@ -595,6 +627,9 @@ fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Option<i32>, DropReaso
     // SAFETY: `entry` comes from a successful lookup: a valid, aligned entry for the rest of the
     // run; copied out at once.
     let e = unsafe { *entry };
+    if e.flags & required != required {
+        return Ok(None);
+    }
     let now = now();
     if conntrack::is_expired(&e, pkt.proto, now) {
         return Ok(None);
@@ -637,6 +672,13 @@ fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<Option<i32>, DropReaso
     rewrite_addr(ctx, pkt, Side::Source, pkt.saddr, e.nat_addr)?;
     rewrite_port(ctx, pkt, Side::Source, pkt.sport, e.nat_port)?;
     count(Counter::ReverseNat);
+    if e.flags & ct_flags::LOCAL != 0 {
+        // From the frontend (a node address: a martian to the stack) to the client outside.
+        return Ok(Some(fib::redirect(
+            ctx,
+            &fib::route(ctx, pkt.proto, pkt.daddr)?,
+        )?));
+    }
     if xlate == 0 {
         return Ok(Some(verdict::NEXT));
     }

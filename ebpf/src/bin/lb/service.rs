@@ -104,12 +104,12 @@ pub fn mix(mut h: u32) -> u32 {
 }
 
 #[inline(always)]
-fn lb4_select_from_table(svc: &Service, hash: u32) -> Result<u32, DropReason> {
+fn lb4_select_from_table(table_id: u32, hash: u32) -> Result<u32, DropReason> {
     // Lemire's multiply-shift instead of `%`: the verifier cannot bound a modulo, but it can
     // bound (u32 * N) >> 32 below N, so the table index is provably in range.
     let slot = ((hash as u64 * LB_TABLE_SIZE as u64) >> 32) as usize;
     let table = LB_TABLES
-        .get_ptr(svc.id)
+        .get_ptr(table_id)
         .ok_or(DropReason::BackendMissing)?;
     // SAFETY: `table` comes from a successful lookup, so it points at a whole, aligned LbTable
     // that stays valid for the run; `get` bounds-checks `slot`, and the id is copied out.
@@ -118,17 +118,21 @@ fn lb4_select_from_table(svc: &Service, hash: u32) -> Result<u32, DropReason> {
 }
 
 /// Chooses the backend of a new flow: the client's affine backend while it is fresh and still
-/// active, else the table slot `hash` picks (see [`packet_slot_hash`]).
+/// active, else the table slot `hash` picks (see [`packet_slot_hash`]). `scope` is the
+/// service's id, or `id | LOCAL_SCOPE` for its local-only backends (`EXTERNAL_LOCAL`): the key
+/// of both the table and the affinity entry, so an outside client's affinity never names a
+/// backend of another node.
 #[inline(always)]
 pub fn lb4_select_backend(
     svc: &Service,
+    scope: u32,
     client_ip: u32,
     hash: impl FnOnce() -> u32,
     now: u64,
 ) -> Result<(u32, Backend), DropReason> {
     let affinity = svc.flags & service_flags::AFFINITY_CLIENT_IP != 0;
     let akey = AffinityKey {
-        service_id: svc.id,
+        service_id: scope,
         client_ip,
     };
     if affinity {
@@ -150,7 +154,7 @@ pub fn lb4_select_backend(
             return Ok((a.backend_id, b));
         }
     }
-    let id = lb4_select_from_table(svc, hash())?;
+    let id = lb4_select_from_table(scope, hash())?;
     let backend = lb4_lookup_backend(id).ok_or(DropReason::BackendMissing)?;
     if affinity {
         // Best effort: a lost affinity entry costs stickiness, never the packet.
