@@ -154,7 +154,8 @@ pub fn run(node: &Node, e2e: &E2e, opts: &RunOptions) -> Result<Report> {
         .arg(format!("--timeout={}s", opts.timeout.as_secs()))
         .arg(format!("--focus={}", opts.focus))
         .arg(format!("--skip={}", opts.skip))
-        .arg(format!("--json-report={}", report.display()))
+        // Relative: ginkgo puts it under --output-dir.
+        .arg("--json-report=report.json")
         .arg(format!("--output-dir={}", opts.out_dir.display()))
         .arg(&e2e.e2e_test)
         .arg("--")

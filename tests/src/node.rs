@@ -18,7 +18,10 @@
 //! - The node's network: a Linux bridge [`BRIDGE`] holding [`NODE_IP`], the node's InternalIP and
 //!   the pods' gateway, created before the kubelet starts. The primary CNI is the reference
 //!   `bridge` plugin with `host-local` IPAM on [`POD_SUBNET`] (`tests/node/primary.conflist`),
-//!   without masquerading: nothing a pod sends leaves the machine through the node.
+//!   without masquerading: nothing a pod sends leaves the machine through the node. An
+//!   `unreachable` route for [`k8s::SERVICE_CIDR`]: an unserved ClusterIP fails at once, as it
+//!   would on a real network, instead of reaching this machine's gateway, which answers every
+//!   TCP connection.
 //! - The apiserver binds [`NODE_IP`] (so pods reach it through `default/kubernetes`'s ClusterIP,
 //!   and the kubelet's InternalIP is a real address) with ServiceAccount admission on; the
 //!   controller-manager runs the EndpointSlice, garbage-collector, namespace, service-account,
@@ -42,7 +45,7 @@
 //! chains `KUBE-FIREWALL`, `KUBE-KUBELET-CANARY`, `KUBE-IPTABLES-HINT` (IPv4 and IPv6), the
 //! sysctls `kernel.panic`, `kernel.panic_on_oops`, `vm.overcommit_memory` and
 //! `net.ipv4.ip_forward` (values saved in the record; forwarding stays on while a lab exists),
-//! the propagation of `/sys/fs/bpf` (made shared for the DaemonSet's HostToContainer mount), the bridge and any port left on it, the CNI result cache entries of the node's
+//! the propagation of `/sys/fs/bpf` (made shared for the DaemonSet's HostToContainer mount), the route for the Service CIDR, the bridge and any port left on it, the CNI result cache entries of the node's
 //! networks in `/var/lib/cni/results`, log links in `/var/log/containers`, `/run/containerd`
 //! when it did not exist before, the pins under [`Node::bpffs_dir`] and the directory. Every
 //! step is idempotent and runs even when an earlier one failed. After a panic the logs stay in
@@ -364,6 +367,9 @@ struct Record {
     /// `/sys/fs/bpf` was a private mount that the node made shared.
     #[serde(default)]
     bpffs_made_shared: bool,
+    /// The node added an `unreachable` route for [`k8s::SERVICE_CIDR`].
+    #[serde(default)]
+    service_route: bool,
 }
 
 fn registry() -> PathBuf {
@@ -486,6 +492,7 @@ impl Node {
             control_plane_dir: None,
             ip_forward: read_sysctl("net.ipv4.ip_forward"),
             bpffs_made_shared: false,
+            service_route: false,
         };
         write_record(&record)?;
         let mut node = Node {
@@ -559,6 +566,14 @@ impl Node {
             BRIDGE,
         ])?;
         ip(&["link", "set", BRIDGE, "up"])?;
+        // Nothing answers a ClusterIP that no proxy serves: in a real network the packets die
+        // at the gateway; this machine's gateway intercepts every outbound TCP connection and
+        // answers it (HTTP 404 from any address), which upstream's "service is down" checks
+        // from the host network would take for the Service. Translated traffic never meets
+        // the route (Tapestry rewrites the destination before routing).
+        self.record.service_route = true;
+        write_record(&self.record)?;
+        ip(&["route", "replace", "unreachable", k8s::SERVICE_CIDR])?;
         // Pods reach the node and each other through the bridge; the bridge plugin turns
         // forwarding on anyway (the value before is in the record).
         let _ = crate::cmd::write_sysctl("net.ipv4.ip_forward", "1");
@@ -1734,6 +1749,12 @@ fn cleanup_host(record: &Record, remove_dir: bool) -> Vec<String> {
         }
     }
     // The bridge and whatever is still attached to it.
+    if record.service_route
+        && let Err(e) = ip(&["route", "del", "unreachable", k8s::SERVICE_CIDR])
+        && !format!("{e:#}").contains("No such process")
+    {
+        errors.push(format!("deleting the route for {}: {e:#}", k8s::SERVICE_CIDR));
+    }
     if Path::new("/sys/class/net").join(BRIDGE).exists() {
         if let Ok(ports) = fs::read_dir(Path::new("/sys/class/net").join(BRIDGE).join("brif")) {
             for p in ports.flatten() {
