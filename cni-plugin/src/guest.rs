@@ -6,6 +6,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use tapestry_api::types::{DnsConfig, MacAddr, RouteSpec, VmAttachment};
 
 use crate::{
@@ -13,7 +15,10 @@ use crate::{
     config::NetConf,
     error::{CniError, Result},
     interface::PodRoute,
-    names::{KUBEVIRT_DOMAIN_ANNOTATION, VM_ANNOTATION, VM_ARG},
+    names::{
+        KUBEVIRT_BINDING_NAD, KUBEVIRT_DOMAIN_ANNOTATION, KUBEVIRT_NETWORK_NAME_ARG,
+        MULTUS_NETWORKS_ANNOTATION, VM_ANNOTATION, VM_ARG,
+    },
     version::{CniResult, IpConfig},
 };
 
@@ -26,8 +31,8 @@ pub enum VmSource {
     CniArgs,
     /// The pod annotation `tapestry.dev/vm: "true"`.
     Annotation,
-    /// A KubeVirt virt-launcher pod (`kubevirt.io/domain`).
-    KubeVirt,
+    /// A KubeVirt VMI whose pod-network interface uses the Tapestry network binding plugin.
+    KubeVirtBinding,
 }
 
 impl VmSource {
@@ -36,13 +41,18 @@ impl VmSource {
             VmSource::Network => "vm.enabled in the network config".into(),
             VmSource::CniArgs => format!("{VM_ARG}=true in CNI_ARGS"),
             VmSource::Annotation => format!("pod annotation {VM_ANNOTATION}"),
-            VmSource::KubeVirt => format!("pod annotation {KUBEVIRT_DOMAIN_ANNOTATION}"),
+            VmSource::KubeVirtBinding => format!(
+                "KubeVirt network binding {KUBEVIRT_BINDING_NAD} on the pod network \
+                 (pod annotation {MULTUS_NETWORKS_ANNOTATION})"
+            ),
         }
     }
 }
 
-/// Decides whether this pod is a VM pod. An explicit `tapestry.dev/vm: "false"` keeps a
-/// KubeVirt pod out (one that uses another binding), but not on a VM-only network.
+/// Decides whether this pod is a VM pod: only when something asked for it. A virt-launcher pod
+/// as such is not one (`kubevirt.io/domain` is on every one, also under masquerade or bridge
+/// binding, which need `eth0` as it is). An explicit `tapestry.dev/vm: "false"` keeps a pod out,
+/// but not on a VM-only network.
 pub fn select(conf: &NetConf, args: &CniArgs) -> Option<VmSource> {
     if conf.vm.enabled {
         return Some(VmSource::Network);
@@ -60,12 +70,56 @@ pub fn select(conf: &NetConf, args: &CniArgs) -> Option<VmSource> {
         _ => {}
     }
     annotations
-        .contains_key(KUBEVIRT_DOMAIN_ANNOTATION)
-        .then_some(VmSource::KubeVirt)
+        .get(MULTUS_NETWORKS_ANNOTATION)
+        .is_some_and(|v| binds_pod_network(v))
+        .then_some(VmSource::KubeVirtBinding)
 }
 
-/// The guest's hostname: KubeVirt names the guest after the VMI (the annotation's value), not
-/// after the virt-launcher pod; other VM pods use the pod name.
+/// One element of Multus's network selection annotation, as KubeVirt's virt-controller writes
+/// it (pkg/network/multus/annotation.go): a secondary network has `interface`, a binding
+/// plugin's NetworkAttachmentDefinition has `cni-args.logicNetworkName` instead.
+#[derive(Deserialize)]
+struct NetworkSelection {
+    name: String,
+    #[serde(default)]
+    interface: Option<String>,
+    #[serde(default, rename = "cni-args")]
+    cni_args: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Whether the annotation holds the Tapestry binding's element for the pod network. The element
+/// names the VMI network, not whether it is the pod network; a secondary network is listed in
+/// the same annotation with the pod interface KubeVirt names after its hash, so an element for
+/// a network listed that way is for a secondary interface, which this step does not serve.
+/// A value that is not KubeVirt's JSON list (Multus also takes `a,b` by hand) selects nothing.
+fn binds_pod_network(annotation: &str) -> bool {
+    let Ok(selections) = serde_json::from_str::<Vec<NetworkSelection>>(annotation) else {
+        return false;
+    };
+    let secondary: Vec<&str> = selections
+        .iter()
+        .filter_map(|s| s.interface.as_deref())
+        .collect();
+    selections.iter().any(|s| {
+        let network = s
+            .cni_args
+            .get(KUBEVIRT_NETWORK_NAME_ARG)
+            .and_then(|v| v.as_str());
+        s.name == KUBEVIRT_BINDING_NAD
+            && network.is_some_and(|n| !secondary.contains(&kubevirt_pod_interface(n).as_str()))
+    })
+}
+
+/// The pod interface KubeVirt gives a secondary network: `pod` and the first 11 hex digits of
+/// the SHA-256 of the VMI network's name (pkg/network/namescheme, GenerateHashedInterfaceName).
+fn kubevirt_pod_interface(network: &str) -> String {
+    let digest = Sha256::digest(network.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("pod{}", &hex[..11])
+}
+
+/// The guest's hostname: KubeVirt names the guest after the VMI (`kubevirt.io/domain`'s value),
+/// not after the virt-launcher pod; other VM pods use the pod name.
 pub fn hostname(conf: &NetConf, args: &CniArgs) -> Option<String> {
     conf.runtime_config
         .pod_annotations
@@ -217,11 +271,61 @@ mod tests {
         }))
     }
 
+    /// The annotations KubeVirt's virt-controller puts on a virt-launcher pod: the VMI's name and,
+    /// when the VMI has interfaces that need it, Multus's network selection (`networks`).
+    fn virt_launcher(networks: Option<serde_json::Value>, extra: serde_json::Value) -> NetConf {
+        let mut annotations = json!({
+            "kubevirt.io/domain": "vm1",
+            "kubectl.kubernetes.io/default-container": "compute",
+            "kubevirt.io/migrationTransportUnix": "true",
+        });
+        if let Some(n) = networks {
+            annotations["k8s.v1.cni.cncf.io/networks"] = json!(n.to_string());
+        }
+        for (k, v) in extra.as_object().unwrap() {
+            annotations[k] = v.clone();
+        }
+        annotated(annotations)
+    }
+
+    /// The element KubeVirt adds for an interface on VMI network `network` whose binding is
+    /// registered with `networkAttachmentDefinition: <nad>`.
+    fn binding(nad: &str, network: &str) -> serde_json::Value {
+        json!({"name": nad, "namespace": "vms", "cni-args": {"logicNetworkName": network}})
+    }
+
     #[test]
     fn plain_pods_are_not_vm_pods() {
         let c = conf(json!({"cniVersion": "1.0.0", "name": "k8s"}));
         assert_eq!(select(&c, &CniArgs::default()), None);
         let c = annotated(json!({"app": "web"}));
+        assert_eq!(select(&c, &CniArgs::default()), None);
+    }
+
+    #[test]
+    fn a_virt_launcher_pod_that_did_not_opt_in_is_not_a_vm_pod() {
+        // Masquerade or bridge binding: only the VMI's name.
+        let c = virt_launcher(None, json!({}));
+        assert_eq!(select(&c, &CniArgs::default()), None);
+        // Another binding plugin (passt's) on the pod network, and a secondary network.
+        let c = virt_launcher(
+            Some(json!([
+                binding("netbindingpasst", "default"),
+                {"name": "blue-nad", "namespace": "vms", "interface": "pod16477688c0e"}
+            ])),
+            json!({}),
+        );
+        assert_eq!(select(&c, &CniArgs::default()), None);
+        // A plain secondary network whose NetworkAttachmentDefinition happens to be `tapestry`.
+        let c = virt_launcher(
+            Some(json!([{"name": "tapestry", "namespace": "vms", "interface": "pod16477688c0e"}])),
+            json!({}),
+        );
+        assert_eq!(select(&c, &CniArgs::default()), None);
+        // Multus's comma form, which KubeVirt never writes.
+        let c = annotated(
+            json!({"kubevirt.io/domain": "vm1", "k8s.v1.cni.cncf.io/networks": "tapestry"}),
+        );
         assert_eq!(select(&c, &CniArgs::default()), None);
     }
 
@@ -238,14 +342,55 @@ mod tests {
         assert_eq!(select(&c, &CniArgs::default()), Some(VmSource::Annotation));
         let c = annotated(json!({"tapestry.dev/vm": "True"}));
         assert_eq!(select(&c, &CniArgs::default()), Some(VmSource::Annotation));
+        // On a VMI's template annotations, which KubeVirt copies to the pod.
+        let c = virt_launcher(None, json!({"tapestry.dev/vm": "true"}));
+        assert_eq!(select(&c, &CniArgs::default()), Some(VmSource::Annotation));
 
-        let c = annotated(json!({"kubevirt.io/domain": "fedora-vm", "other": "x"}));
-        assert_eq!(select(&c, &CniArgs::default()), Some(VmSource::KubeVirt));
+        // The Tapestry binding on the pod network, whatever the VMI calls that network, next
+        // to a secondary network with another binding.
+        for pod_network in ["default", "pod-net"] {
+            let c = virt_launcher(
+                Some(json!([
+                    binding("tapestry", pod_network),
+                    {"name": "blue-nad", "namespace": "vms", "interface": "pod16477688c0e"},
+                    binding("netbindingpasst", "blue")
+                ])),
+                json!({}),
+            );
+            assert_eq!(
+                select(&c, &CniArgs::default()),
+                Some(VmSource::KubeVirtBinding),
+                "{pod_network}"
+            );
+        }
     }
 
     #[test]
-    fn explicit_opt_out_beats_kubevirt_but_not_a_vm_network() {
-        let c = annotated(json!({"kubevirt.io/domain": "vm1", "tapestry.dev/vm": "false"}));
+    fn the_binding_on_a_secondary_network_only_is_not_the_pod_network() {
+        // VMI network `blue` is a secondary network (KubeVirt's pod interface pod16477688c0e).
+        let c = virt_launcher(
+            Some(json!([
+                {"name": "blue-nad", "namespace": "vms", "interface": "pod16477688c0e"},
+                binding("tapestry", "blue")
+            ])),
+            json!({}),
+        );
+        assert_eq!(select(&c, &CniArgs::default()), None);
+    }
+
+    #[test]
+    fn secondary_pod_interfaces_are_named_as_kubevirt_names_them() {
+        // From KubeVirt's pkg/network/multus/annotation_test.go.
+        assert_eq!(kubevirt_pod_interface("blue"), "pod16477688c0e");
+        assert_eq!(kubevirt_pod_interface("red"), "podb1f51a511f1");
+    }
+
+    #[test]
+    fn explicit_opt_out_beats_the_binding_but_not_a_vm_network() {
+        let c = virt_launcher(
+            Some(json!([binding("tapestry", "default")])),
+            json!({"tapestry.dev/vm": "false"}),
+        );
         assert_eq!(select(&c, &CniArgs::default()), None);
         let c = conf(json!({
             "cniVersion": "1.0.0", "name": "vms", "vm": {"enabled": true},

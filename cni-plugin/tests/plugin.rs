@@ -685,8 +685,12 @@ fn vm_pod_gets_a_tap_and_gives_its_address_to_the_guest() {
         ),
         (
             "1.1.0",
+            // What KubeVirt puts on a virt-launcher pod whose VMI binds the pod network with
+            // the Tapestry binding (registered with networkAttachmentDefinition: tapestry).
             json!({"runtimeConfig": {"io.kubernetes.cri.pod-annotations":
-                   {"kubevirt.io/domain": "fedora", "kubevirt.io/created-by": "x"}}}),
+                   {"kubevirt.io/domain": "fedora", "kubevirt.io/created-by": "x",
+                    "k8s.v1.cni.cncf.io/networks":
+                      r#"[{"name":"tapestry","namespace":"vms","cni-args":{"logicNetworkName":"default"}}]"#}}}),
             "IgnoreUnknown=1;K8S_POD_NAMESPACE=vms;K8S_POD_NAME=virt-launcher-fedora-x7k2p",
             "fedora",
         ),
@@ -789,6 +793,32 @@ fn vm_pod_gets_a_tap_and_gives_its_address_to_the_guest() {
             assert!(msg.contains("tap0") && msg.contains("missing"), "{msg}");
         }
     }
+}
+
+#[test]
+fn a_virt_launcher_pod_that_did_not_opt_in_keeps_its_pod_interface() {
+    if !root_or_skip("a_virt_launcher_pod_that_did_not_opt_in_keeps_its_pod_interface") {
+        return;
+    }
+    // A VMI with masquerade binding: KubeVirt's own bridge and DHCP need eth0 as it is.
+    let ns = PodNetns::new("masq");
+    let daemon = FakeDaemon::start("masq");
+    let netns = path_of(&ns);
+    let prev = bridge_result("1.0.0", &ns);
+    let call = Call {
+        command: "ADD",
+        container_id: "masq1",
+        netns: &netns,
+        args: "IgnoreUnknown=1;K8S_POD_NAMESPACE=vms;K8S_POD_NAME=virt-launcher-fedora-x7k2p",
+        socket: &daemon.socket,
+    };
+    let extra = json!({"runtimeConfig": {"io.kubernetes.cri.pod-annotations":
+        {"kubevirt.io/domain": "fedora", "kubevirt.io/created-by": "x"}}});
+    let out = plugin(&call, &conf("1.0.0", extra, Some(&prev))).success();
+    assert_eq!(out.json(), prev, "no tap in the result");
+    assert_eq!(ns.sys("tap0", "owner"), None, "no tap in the pod");
+    assert!(pod_ipv4(&ns).contains("inet "), "eth0 keeps its address");
+    assert_eq!(daemon.state().adds.last().unwrap().vm, None);
 }
 
 #[test]

@@ -1191,9 +1191,10 @@ fn tapestry_error_codes() {
 }
 
 /// What selects a VM pod besides `vm.enabled`: `TAPESTRY_VM=true` in CNI_ARGS, the pod
-/// annotation `tapestry.dev/vm` and KubeVirt's `kubevirt.io/domain`, the annotations arriving as
-/// containerd's `io.kubernetes.cri.pod-annotations` capability (only when the plugin declares
-/// it).
+/// annotation `tapestry.dev/vm` and KubeVirt's element for the Tapestry binding in
+/// `k8s.v1.cni.cncf.io/networks`, the annotations arriving as containerd's
+/// `io.kubernetes.cri.pod-annotations` capability (only when the plugin declares it). A
+/// virt-launcher pod that did not opt in (`kubevirt.io/domain` alone) is not one.
 #[test]
 fn tapestry_vm_selection() {
     require_lab!();
@@ -1205,6 +1206,9 @@ fn tapestry_vm_selection() {
     let daemon = start_daemon("cni-vmsel");
     let rt = Runtime::new([&dir, &bins], state.join("cache"));
     const ANN: &str = "io.kubernetes.cri.pod-annotations";
+    // What KubeVirt adds for a pod-network interface with the Tapestry binding.
+    const TAPESTRY_BINDING: &str =
+        r#"[{"name":"tapestry","namespace":"vms","cni-args":{"logicNetworkName":"default"}}]"#;
     let mut declared = tapestry_conf(&daemon.socket, false);
     declared["capabilities"] = json!({ ANN: true });
     let with_cap = list(
@@ -1253,17 +1257,25 @@ fn tapestry_vm_selection() {
             Some("pod-annotation"),
         ),
         case(
-            "kubevirt",
+            "kubevirt-masquerade",
             &with_cap,
             None,
-            json!({"kubevirt.io/domain": "vmi-a"}),
+            json!({"kubevirt.io/domain": "vmi-m"}),
+            None,
+        ),
+        case(
+            "kubevirt-binding",
+            &with_cap,
+            None,
+            json!({"kubevirt.io/domain": "vmi-a", "k8s.v1.cni.cncf.io/networks": TAPESTRY_BINDING}),
             Some("vmi-a"),
         ),
         case(
             "kubevirt-opt-out",
             &with_cap,
             None,
-            json!({"kubevirt.io/domain": "vmi-b", "tapestry.dev/vm": "false"}),
+            json!({"kubevirt.io/domain": "vmi-b", "k8s.v1.cni.cncf.io/networks": TAPESTRY_BINDING,
+                   "tapestry.dev/vm": "false"}),
             None,
         ),
         case(
