@@ -225,16 +225,20 @@ pub struct Report {
 #[serde(rename_all = "PascalCase")]
 struct GinkgoSuite {
     #[serde(default)]
-    spec_reports: Vec<GinkgoSpec>,
+    spec_reports: Option<Vec<GinkgoSpec>>,
+    /// Nanoseconds.
+    #[serde(default)]
+    run_time: i64,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct GinkgoSpec {
+    // Go writes a nil slice as null (suite-level nodes have no containers).
     #[serde(default)]
-    container_hierarchy_texts: Vec<String>,
+    container_hierarchy_texts: Option<Vec<String>>,
     #[serde(default)]
-    leaf_node_text: String,
+    leaf_node_text: Option<String>,
     #[serde(default)]
     leaf_node_type: String,
     state: String,
@@ -276,8 +280,12 @@ impl Report {
     /// See [`Report::read`].
     pub fn parse(json: &str) -> Result<Report> {
         let suites: Vec<GinkgoSuite> = serde_json::from_str(json)?;
+        let seconds = suites.iter().map(|s| s.run_time).max().unwrap_or(0) as f64 / 1e9;
         let mut specs = Vec::new();
-        for s in suites.into_iter().flat_map(|s| s.spec_reports) {
+        for s in suites
+            .into_iter()
+            .flat_map(|s| s.spec_reports.unwrap_or_default())
+        {
             let reason = s.failure.as_ref().map(|f| {
                 let mut m = f.message.trim().to_string();
                 if let Some(l) = f.location.as_ref().filter(|l| !l.file_name.is_empty()) {
@@ -300,12 +308,12 @@ impl Report {
             if s.leaf_node_type != "It" && outcome != Outcome::Failed {
                 continue;
             }
-            let mut name = s.container_hierarchy_texts.join(" ");
-            if !s.leaf_node_text.is_empty() {
+            let mut name = s.container_hierarchy_texts.unwrap_or_default().join(" ");
+            if let Some(leaf) = s.leaf_node_text.filter(|t| !t.is_empty()) {
                 if !name.is_empty() {
                     name.push(' ');
                 }
-                name.push_str(&s.leaf_node_text);
+                name.push_str(&leaf);
             }
             if name.is_empty() {
                 name = s.leaf_node_type.clone();
@@ -328,7 +336,7 @@ impl Report {
             passed: count(Outcome::Passed),
             failed: count(Outcome::Failed),
             skipped: count(Outcome::Skipped),
-            seconds: 0.0,
+            seconds,
             specs,
         })
     }
@@ -445,7 +453,7 @@ mod tests {
     #[test]
     fn a_failing_suite_node_counts_as_a_failure() {
         let json = r#"[{"SpecReports": [
-            {"LeafNodeType": "SynchronizedBeforeSuite", "State": "failed", "Failure": {"Message": "kube-system pods not ready"}}
+            {"ContainerHierarchyTexts": null, "LeafNodeType": "SynchronizedBeforeSuite", "State": "failed", "Failure": {"Message": "kube-system pods not ready"}}
         ]}]"#;
         let r = Report::parse(json).unwrap();
         assert_eq!((r.run, r.failed), (1, 1));

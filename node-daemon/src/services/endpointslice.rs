@@ -181,7 +181,7 @@ impl StateSource for KubernetesSource {
         .map(seen(SERVICES));
         let slice_events = watcher(
             Api::<EndpointSlice>::all(self.client.clone()),
-            watcher::Config::default().labels(names::labels::SERVICE_NAME),
+            watcher::Config::default().labels(&SLICE_SELECTOR),
         )
         .default_backoff()
         .reflect(slice_writer)
@@ -355,11 +355,29 @@ pub fn desired_state(
     (DesiredState { services: out }, problems)
 }
 
-/// The IPv4 slices of each Service, by (namespace, name).
+/// The slices the daemon watches, as kube-proxy selects them: those of a Service, except
+/// slices labelled headless or for another proxy (upstream's "should implement
+/// service.kubernetes.io/headless" labels the slice, not the Service). A slice that gains such a
+/// label leaves the watch.
+static SLICE_SELECTOR: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{},!{},!{}",
+        names::labels::SERVICE_NAME,
+        names::labels::HEADLESS,
+        names::labels::SERVICE_PROXY_NAME
+    )
+});
+
+/// The IPv4 slices of each Service, by (namespace, name), without those [`SLICE_SELECTOR`]
+/// leaves out.
 fn slices_by_service(slices: &[Arc<EndpointSlice>]) -> HashMap<(&str, &str), Vec<&EndpointSlice>> {
     let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
-        if slice.address_type != "IPv4" {
+        let labels = slice.labels();
+        if slice.address_type != "IPv4"
+            || labels.contains_key(names::labels::HEADLESS)
+            || labels.contains_key(names::labels::SERVICE_PROXY_NAME)
+        {
             continue;
         }
         let (Some(ns), Some(svc)) = (
@@ -1236,6 +1254,42 @@ mod tests {
         }
         let (state, _) = desired_state(&[with(json!({"app": "web"}))], &slices, &no_nodes(), "a");
         assert_eq!(state.services.len(), 1);
+    }
+
+    /// The same labels on a slice (as upstream's headless spec puts them): kube-proxy's informer
+    /// never sees that slice, so its endpoints are not the Service's; the other slices still are.
+    #[test]
+    fn slices_labelled_headless_or_for_another_proxy_are_not_endpoints() {
+        let svc = service(json!({"metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                     "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}}));
+        let labelled = |name: &str, ip: &str, label: &str| {
+            let s = pod_slice(
+                name,
+                json!([{"addresses": [ip], "conditions": {"ready": true}}]),
+            );
+            let mut s = (*s).clone();
+            s.metadata
+                .labels
+                .get_or_insert_default()
+                .insert(label.to_string(), String::new());
+            Arc::new(s)
+        };
+        let plain = pod_slice(
+            "web-1",
+            json!([{"addresses": ["10.22.0.5"], "conditions": {"ready": true}}]),
+        );
+        for label in [names::labels::HEADLESS, names::labels::SERVICE_PROXY_NAME] {
+            let slices = [plain.clone(), labelled("web-2", "10.22.0.6", label)];
+            let (state, _) = desired_state(std::slice::from_ref(&svc), &slices, &no_nodes(), "a");
+            let ips: Vec<Ipv4Addr> = state.services[0].backends.iter().map(|b| b.ip).collect();
+            assert_eq!(ips, vec![Ipv4Addr::new(10, 22, 0, 5)], "{label}");
+        }
+        assert_eq!(
+            *SLICE_SELECTOR,
+            "kubernetes.io/service-name,!service.kubernetes.io/headless,\
+             !service.kubernetes.io/service-proxy-name"
+        );
     }
 
     #[test]

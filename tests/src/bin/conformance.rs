@@ -36,6 +36,10 @@ struct Args {
     /// Keep the node's logs (and ginkgo's) even when every spec passed.
     #[arg(long)]
     keep_logs: bool,
+    /// Start nothing: read this ginkgo JSON report (a kept run's `e2e/report.json`) and write
+    /// the results from it.
+    #[arg(long)]
+    from_report: Option<PathBuf>,
 }
 
 fn main() {
@@ -51,6 +55,14 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<bool> {
+    if let Some(path) = &args.from_report {
+        let mut report = conformance::Report::read(path)?;
+        report.focus = args.focus.clone();
+        report.skip = args.skip.clone();
+        report.write(&args.out)?;
+        summarize(&report, &args);
+        return Ok(report.failed == 0 && report.run > 0);
+    }
     if let Err(why) = node::require_tapestry() {
         bail!("{why} (`make conformance` runs scripts/setup.sh and `make images` first)");
     }
@@ -66,7 +78,7 @@ fn run(args: Args) -> Result<bool> {
     let focus = if args.conformance_only {
         conformance::CONFORMANCE_FOCUS.to_string()
     } else {
-        args.focus
+        args.focus.clone()
     };
     let work = node.dir().join("e2e");
     println!(
@@ -93,6 +105,16 @@ fn run(args: Args) -> Result<bool> {
         }
     };
     report.write(&args.out)?;
+    summarize(&report, &args);
+    if report.failed > 0 || args.keep_logs {
+        node.keep_logs();
+        println!("logs kept in {}", node.dir().display());
+    }
+    node.stop()?;
+    Ok(report.failed == 0 && report.run > 0)
+}
+
+fn summarize(report: &conformance::Report, args: &Args) {
     println!(
         "{} specs run: {} passed, {} failed; {} skipped themselves; {:.1} min. Written to {}",
         report.run,
@@ -105,10 +127,4 @@ fn run(args: Args) -> Result<bool> {
     if report.failed > 0 {
         println!("failed:\n{}", report.failures());
     }
-    if report.failed > 0 || args.keep_logs {
-        node.keep_logs();
-        println!("logs kept in {}", node.dir().display());
-    }
-    node.stop()?;
-    Ok(report.failed == 0 && report.run > 0)
 }
