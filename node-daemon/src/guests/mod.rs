@@ -11,6 +11,7 @@
 pub mod dhcp;
 pub mod discover;
 pub mod endpoints;
+pub mod probe;
 pub mod publish;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
