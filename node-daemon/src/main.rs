@@ -121,13 +121,13 @@ struct Args {
     #[arg(long, env = "TAPESTRY_GUEST_PROBE_PERIOD", default_value = "1s", value_parser = duration::parse)]
     guest_probe_period: Duration,
     /// How long one probe waits for the guest's answer.
-    #[arg(long, env = "TAPESTRY_GUEST_PROBE_TIMEOUT", default_value = "1s", value_parser = duration::parse)]
+    #[arg(long, env = "TAPESTRY_GUEST_PROBE_TIMEOUT", default_value = "500ms", value_parser = duration::parse)]
     guest_probe_timeout: Duration,
     /// Probes that must pass in a row before a guest is ready.
     #[arg(long, env = "TAPESTRY_GUEST_PROBE_SUCCESS_THRESHOLD", default_value_t = ProbeConfig::DEFAULT.success_threshold, value_parser = clap::value_parser!(u32).range(1..))]
     guest_probe_success_threshold: u32,
     /// Probes that must fail in a row before a ready guest is not ready (with the default
-    /// period, a guest that stops answering is out within about 4 s).
+    /// period and timeout, a guest that stops answering is out within about 3.5 s).
     #[arg(long, env = "TAPESTRY_GUEST_PROBE_FAILURE_THRESHOLD", default_value_t = ProbeConfig::DEFAULT.failure_threshold, value_parser = clap::value_parser!(u32).range(1..))]
     guest_probe_failure_threshold: u32,
     /// Remove every pin (datapath detached from every interface, maps gone) and exit.
