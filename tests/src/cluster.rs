@@ -26,8 +26,11 @@
 //! a pod, the Pod object exists first (as the scheduler's binding leaves it: `spec.nodeName`
 //! set), then the sandbox is made by the CNI chain (`K8S_POD_*` CNI_ARGS, as containerd passes
 //! them), then the status subresource gets `phase: Running`, `podIP(s)`, `hostIP(s)` and the
-//! `PodScheduled` / `Initialized` / `ContainersReady` / `Ready` conditions. Deleting a pod is
-//! the reverse: CNI DEL, then the object goes.
+//! `PodScheduled` / `Initialized` / `ContainersReady` / `Ready` conditions, Ready computed as
+//! the kubelet computes it (containers ready and every readiness gate's condition True,
+//! [`kubelet_ready`]); [`Cluster::kubelet_readiness`] recomputes it when a gate's condition
+//! changes, as a kubelet does on the pod's update. Deleting a pod is the reverse: CNI DEL, then
+//! the object goes.
 
 use std::{
     collections::BTreeMap,

@@ -470,7 +470,11 @@ fn the_daemon_publishes_and_collects_its_nodes_guests() {
             .map(|c| c["status"].as_str().unwrap_or_default().to_owned())
             .unwrap_or_default()
     };
-    let g = poll(Duration::from_secs(15), "Guest vm1", || get("vm1")).unwrap();
+    // Spec and status are two writes: wait for both.
+    let g = poll(Duration::from_secs(15), "Guest vm1", || {
+        Ok(get("vm1")?.filter(|g| !condition(g, "Ready").is_empty()))
+    })
+    .unwrap();
     assert_eq!(g["spec"]["nodeName"], NODE);
     assert_eq!(g["spec"]["ips"], json!([vm.ip.to_string()]));
     assert_eq!(g["spec"]["tap"], "tap0");

@@ -413,14 +413,23 @@ impl Endpoints {
         self
     }
 
-    /// The guests to probe, with what their probes need.
+    /// The guests to probe, with what their probes need: those whose readiness ports are known
+    /// ([`Endpoints::set_probe_ports`], from their pods), so that no verdict is made without them.
     pub fn probe_targets(&self) -> Vec<super::probe::ProbeTarget> {
-        let ports = self.probe_ports.lock().unwrap_or_else(|p| p.into_inner());
-        self.lock()
+        let mut ports = self.probe_ports.lock().unwrap_or_else(|p| p.into_inner());
+        let registry = self.lock();
+        ports.retain(|c, _| {
+            registry
+                .entries
+                .values()
+                .any(|e| &e.request.container_id == c)
+        });
+        registry
             .entries
             .values()
             .filter_map(|e| {
                 let g = e.guest.as_ref()?;
+                let tcp_ports = ports.get(&e.request.container_id)?.clone();
                 Some(super::probe::ProbeTarget {
                     slot: g.slot,
                     container_id: e.request.container_id.clone(),
@@ -428,10 +437,7 @@ impl Endpoints {
                     mac: g.link.mac,
                     tap_mac: g.link.tap_mac,
                     arp: g.link.arp.clone(),
-                    tcp_ports: ports
-                        .get(&e.request.container_id)
-                        .cloned()
-                        .unwrap_or_default(),
+                    tcp_ports,
                 })
             })
             .collect()
@@ -460,15 +466,26 @@ impl Endpoints {
         }
     }
 
+    /// Whether the guest of `container_id` has a verdict to publish: always without live
+    /// readiness; with it, once its first probe finished (so a restarted daemon does not report
+    /// its ready guests not ready until it has looked).
+    pub fn probed(&self, container_id: &str) -> bool {
+        !self.live_readiness
+            || self
+                .probes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .any(|p| p.0 == container_id)
+    }
+
     /// The TCP ports the guest of `container_id` must accept to be ready (its pod's
     /// `tapestry.dev/readiness-tcp-ports`).
     pub fn set_probe_ports(&self, container_id: &str, ports: Vec<u16>) {
-        let mut all = self.probe_ports.lock().unwrap_or_else(|p| p.into_inner());
-        if ports.is_empty() {
-            all.remove(container_id);
-        } else {
-            all.insert(container_id.to_owned(), ports);
-        }
+        self.probe_ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(container_id.to_owned(), ports);
     }
 
     /// A guest's phase and why: from its probe with live readiness, else from what the datapath

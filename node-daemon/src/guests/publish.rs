@@ -160,6 +160,11 @@ async fn sync_guests(
         let reason = e.guest_ready_reason.clone().unwrap_or_default();
         let tcp_ports = readiness_tcp_ports(&pod);
         endpoints.set_probe_ports(&e.request.container_id, tcp_ports.clone());
+        if !endpoints.probed(&e.request.container_id) {
+            // Not looked at yet (a restarted daemon must not report its ready guests not
+            // ready): the first probe's verdict comes with a change notification.
+            continue;
+        }
         let spec = GuestSpec {
             node_name: node_name.to_owned(),
             pod_ref: Some(GuestPodRef {
