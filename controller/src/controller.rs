@@ -846,6 +846,7 @@ mod tests {
                 mac: "52:54:00:00:00:01".into(),
                 tap: "tap0".into(),
                 ports: vec![],
+                readiness_probe: None,
             },
         );
         guest.metadata.namespace = Some("default".into());

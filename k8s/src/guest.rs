@@ -60,6 +60,21 @@ pub struct GuestSpec {
     /// against a container's ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<GuestPort>,
+    /// How the node daemon decides that the guest is ready, besides its answering ARP for its
+    /// address (always probed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<GuestReadinessProbe>,
+}
+
+/// What the node daemon probes, besides ARP, for the guest to be ready.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestReadinessProbe {
+    /// TCP ports the guest must accept a connection on (from its pod's
+    /// `tapestry.dev/readiness-tcp-ports` annotation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(range(min = 1, max = 65535)))]
+    pub tcp_ports: Vec<i32>,
 }
 
 /// The pod a guest runs in.
@@ -142,7 +157,7 @@ impl Guest {
             .find(|c| c.type_ == type_)
     }
 
-    /// Ready=True: the datapath has seen the guest use its address.
+    /// Ready=True: the guest answers its readiness probe.
     pub fn is_ready(&self) -> bool {
         self.condition(GuestConditionType::Ready)
             .is_some_and(|c| c.status == ConditionStatus::True)
@@ -270,6 +285,7 @@ mod tests {
                 mac: "52:54:00:00:00:01".into(),
                 tap: "tap0".into(),
                 ports: vec![],
+                readiness_probe: None,
             },
         );
         assert!(!g.is_ready());

@@ -13,6 +13,6 @@ pub use client::{ClientError, client};
 pub use delete::delete_unless_replaced;
 
 pub use guest::{
-    ConditionStatus, Guest, GuestCondition, GuestConditionType, GuestPodRef, GuestPort, GuestSpec,
-    GuestStatus, Protocol, crd, crd_yaml,
+    ConditionStatus, Guest, GuestCondition, GuestConditionType, GuestPodRef, GuestPort,
+    GuestReadinessProbe, GuestSpec, GuestStatus, Protocol, crd, crd_yaml,
 };

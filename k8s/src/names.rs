@@ -51,6 +51,20 @@ pub mod conditions {
     pub const READY: &str = "Ready";
 }
 
+/// The pod condition (and readiness gate) that carries a VM pod's guest readiness: the node
+/// daemon writes it, the admission policy `tapestry-vm-readiness-gate` puts it in VM pods'
+/// `spec.readinessGates`, and the kubelet then counts it in the pod's Ready (so the built-in
+/// EndpointSlice controller publishes the guest's readiness).
+pub const GUEST_READY_CONDITION: &str = "tapestry.dev/guest-ready";
+
+/// Pod annotations that Tapestry reads.
+pub mod annotations {
+    /// `"true"` on a VM pod (what the CNI plugin and the admission policy look for).
+    pub const VM: &str = "tapestry.dev/vm";
+    /// TCP ports (comma-separated) the guest must accept a connection on to be ready.
+    pub const READINESS_TCP_PORTS: &str = "tapestry.dev/readiness-tcp-ports";
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

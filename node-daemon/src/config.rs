@@ -3,6 +3,8 @@
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use tapestry_api::types;
+
+pub use crate::guests::probe::ProbeConfig;
 use tapestry_common::{
     DEFAULT_CT_SHARE, DEFAULT_HAIRPIN_SNAT_IP, DEFAULT_NODEPORT_RANGE, DhcpLimit,
 };
@@ -54,6 +56,9 @@ pub struct Config {
     /// The node's external interfaces: clients outside the node reach node ports and external
     /// IPs through them.
     pub nodeport_interfaces: Vec<String>,
+    /// How guests are probed for readiness in Kubernetes mode (standalone mode does not probe:
+    /// a guest is Ready once it bound its address or sent traffic).
+    pub guest_probe: ProbeConfig,
 }
 
 /// `tapestryd --host-services`: the cgroup programs that let the node's own sockets reach
@@ -83,6 +88,7 @@ impl Config {
             host_services: Some(HostServices::default()),
             nodeport_range: DEFAULT_NODEPORT_RANGE,
             nodeport_interfaces: Vec::new(),
+            guest_probe: ProbeConfig::DEFAULT,
         }
     }
 }

@@ -169,9 +169,12 @@ pub async fn run(config: Config) -> Result<()> {
             .with_context(|| format!("--attach {ifname}"))?;
         info!(ifname, "attached");
     }
-    let endpoints = Arc::new(
-        Endpoints::new(&config.state_dir, pins.clone())?.with_dhcp_limit(config.dhcp_limit),
-    );
+    let mut registry =
+        Endpoints::new(&config.state_dir, pins.clone())?.with_dhcp_limit(config.dhcp_limit);
+    if matches!(config.source, Source::Kubernetes { .. }) {
+        registry = registry.with_live_readiness();
+    }
+    let endpoints = Arc::new(registry);
     endpoints.restore()?;
     let events = datapath.take_events();
     let dhcp_ring = datapath.take_dhcp();
@@ -253,6 +256,10 @@ pub async fn run(config: Config) -> Result<()> {
             client,
             node_name,
             endpoints.clone(),
+        ));
+        tasks.spawn(guests::probe::run_probes(
+            endpoints.clone(),
+            config.guest_probe,
         ));
     }
     tasks.spawn(guests::watch_readiness(endpoints.clone()));

@@ -6,8 +6,9 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 use clap::Parser;
 use tapestry_api::types;
 use tapestry_common::{DEFAULT_CT_SHARE, DEFAULT_HAIRPIN_SNAT_IP, DhcpLimit};
+use tapestry_k8s::duration;
 use tapestry_node_daemon::{
-    config::{Config, HostServices, Source},
+    config::{Config, HostServices, ProbeConfig, Source},
     daemon,
 };
 use tracing::error;
@@ -115,6 +116,20 @@ struct Args {
         value_delimiter = ','
     )]
     nodeport_interfaces: Vec<String>,
+    /// Kubernetes mode: how often each guest is probed for readiness (ARP on its tap, TCP on
+    /// its pod's `tapestry.dev/readiness-tcp-ports`), as a kubelet probe's periodSeconds.
+    #[arg(long, env = "TAPESTRY_GUEST_PROBE_PERIOD", default_value = "1s", value_parser = duration::parse)]
+    guest_probe_period: Duration,
+    /// How long one probe waits for the guest's answer.
+    #[arg(long, env = "TAPESTRY_GUEST_PROBE_TIMEOUT", default_value = "500ms", value_parser = duration::parse)]
+    guest_probe_timeout: Duration,
+    /// Probes that must pass in a row before a guest is ready.
+    #[arg(long, env = "TAPESTRY_GUEST_PROBE_SUCCESS_THRESHOLD", default_value_t = ProbeConfig::DEFAULT.success_threshold, value_parser = clap::value_parser!(u32).range(1..))]
+    guest_probe_success_threshold: u32,
+    /// Probes that must fail in a row before a ready guest is not ready (with the default
+    /// period and timeout, a guest that stops answering is out within about 3.5 s).
+    #[arg(long, env = "TAPESTRY_GUEST_PROBE_FAILURE_THRESHOLD", default_value_t = ProbeConfig::DEFAULT.failure_threshold, value_parser = clap::value_parser!(u32).range(1..))]
+    guest_probe_failure_threshold: u32,
     /// Remove every pin (datapath detached from every interface, maps gone) and exit.
     #[arg(long)]
     uninstall: bool,
@@ -233,6 +248,12 @@ impl Args {
                 rate_per_sec: self.dhcp_rate_per_guest,
                 burst: self.dhcp_burst_per_guest,
             },
+            guest_probe: ProbeConfig {
+                period: self.guest_probe_period,
+                timeout: self.guest_probe_timeout,
+                success_threshold: self.guest_probe_success_threshold,
+                failure_threshold: self.guest_probe_failure_threshold,
+            },
         })
     }
 }
@@ -265,6 +286,23 @@ mod tests {
         assert_eq!(args.into_config().unwrap().api_socket_group, Some(0));
         let args = Args::parse_from(["tapestryd"]);
         assert_eq!(args.into_config().unwrap().api_socket_group, None);
+    }
+
+    #[test]
+    fn the_guest_probe_is_the_default_or_what_the_flags_say() {
+        let config = Args::parse_from(["tapestryd"]).into_config().unwrap();
+        assert_eq!(config.guest_probe, ProbeConfig::DEFAULT);
+        let args = Args::parse_from([
+            "tapestryd",
+            "--guest-probe-period=500ms",
+            "--guest-probe-timeout=200ms",
+            "--guest-probe-failure-threshold=5",
+        ]);
+        let probe = args.into_config().unwrap().guest_probe;
+        assert_eq!(probe.period, Duration::from_millis(500));
+        assert_eq!(probe.timeout, Duration::from_millis(200));
+        assert_eq!((probe.success_threshold, probe.failure_threshold), (1, 5));
+        assert!(Args::try_parse_from(["tapestryd", "--guest-probe-failure-threshold=0"]).is_err());
     }
 
     #[test]

@@ -26,8 +26,11 @@
 //! a pod, the Pod object exists first (as the scheduler's binding leaves it: `spec.nodeName`
 //! set), then the sandbox is made by the CNI chain (`K8S_POD_*` CNI_ARGS, as containerd passes
 //! them), then the status subresource gets `phase: Running`, `podIP(s)`, `hostIP(s)` and the
-//! `PodScheduled` / `Initialized` / `ContainersReady` / `Ready` conditions. Deleting a pod is
-//! the reverse: CNI DEL, then the object goes.
+//! `PodScheduled` / `Initialized` / `ContainersReady` / `Ready` conditions, Ready computed as
+//! the kubelet computes it (containers ready and every readiness gate's condition True,
+//! [`kubelet_ready`]); [`Cluster::kubelet_readiness`] recomputes it when a gate's condition
+//! changes, as a kubelet does on the pod's update. Deleting a pod is the reverse: CNI DEL, then
+//! the object goes.
 
 use std::{
     collections::BTreeMap,
@@ -110,6 +113,9 @@ pub enum Plumbing {
     PrimaryOnly,
     /// The chain with tapestry-cni's VM mode: the pod's IP and MAC go to a guest on `tap0`.
     Vm,
+    /// [`Plumbing::Vm`] for a pod annotated `tapestry.dev/vm: "true"`, so that the chart's
+    /// admission policy ([`Cluster::install_readiness_gate`]) gives it the readiness gate.
+    AnnotatedVm,
 }
 
 pub struct Cluster {
@@ -341,9 +347,15 @@ impl Cluster {
         let netns = format!("{}-{name}", self.lab.prefix());
         ip(&["netns", "add", &netns])?;
         let netns_path = PathBuf::from("/run/netns").join(&netns);
+        let annotations = if plumbing == Plumbing::AnnotatedVm {
+            json!({"tapestry.dev/vm": "true"})
+        } else {
+            json!({})
+        };
         self.cp.apply(
             &json!({"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels},
+                "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels,
+                             "annotations": annotations},
                 "spec": {"nodeName": n.name,
                          "containers": [{"name": "app", "image": "lab/app",
                                          "ports": [{"name": "http", "containerPort": 8080}]}]}})
@@ -367,7 +379,7 @@ impl Cluster {
         match plumbing {
             Plumbing::Chain => {}
             Plumbing::PrimaryOnly => list.plugins.truncate(1),
-            Plumbing::Vm => {
+            Plumbing::Vm | Plumbing::AnnotatedVm => {
                 list.plugins[1].insert("vm".into(), json!({"enabled": true}));
             }
         }
@@ -391,18 +403,33 @@ impl Cluster {
             .adopt_pod(name, ip, (host, host_info.0, host_info.1))
     }
 
-    /// The kubelet's status update for a started, ready pod.
+    /// The kubelet's status update for a started pod whose containers are ready: Ready as the
+    /// kubelet computes it ([`kubelet_ready`]: containers and readiness gates). A strategic
+    /// merge (conditions merge by type), so a condition someone else wrote (the daemon's
+    /// `tapestry.dev/guest-ready`) stays, as the kubelet keeps conditions it does not own.
     fn set_running(&self, node: usize, name: &str, ip: Ipv4Addr) -> Result<()> {
         let host_ip = self.nodes[node].underlay_ip.to_string();
         let t = now();
+        let current: Value = serde_json::from_str(
+            &self
+                .cp
+                .kubectl_ok(["get", "pod", "-n", NAMESPACE, name, "-o", "json"])?,
+        )?;
+        let (ready, reason, message) = kubelet_ready(&current, true);
         let cond = |ty: &str| json!({"type": ty, "status": "True", "lastTransitionTime": t});
+        let mut ready_cond = json!({"type": "Ready", "status": if ready { "True" } else { "False" },
+                                    "lastTransitionTime": t});
+        if !ready {
+            ready_cond["reason"] = json!(reason);
+            ready_cond["message"] = json!(message);
+        }
         let status = json!({"status": {
             "phase": "Running",
             "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
             "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}],
             "startTime": t,
             "conditions": [cond("PodReadyToStartContainers"), cond("Initialized"),
-                           cond("ContainersReady"), cond("Ready"), cond("PodScheduled")],
+                           cond("ContainersReady"), ready_cond, cond("PodScheduled")],
             "containerStatuses": [{"name": "app", "image": "lab/app", "imageID": "",
                                    "ready": true, "restartCount": 0, "started": true,
                                    "state": {"running": {"startedAt": t}}}]}});
@@ -413,11 +440,148 @@ impl Cluster {
             NAMESPACE,
             name,
             "--subresource=status",
-            "--type=merge",
+            "--type=strategic",
             "-p",
             &status.to_string(),
         ])?;
         Ok(())
+    }
+
+    /// Installs the chart's MutatingAdmissionPolicy (`vm.readinessGate`), which gives VM pods
+    /// the readiness gate `tapestry.dev/guest-ready`, and waits until the apiserver applies it.
+    pub fn install_readiness_gate(&self) -> Result<()> {
+        let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/tapestry");
+        let out = std::process::Command::new(crate::k8s::binary("helm")?)
+            .args(["template", "tapestry"])
+            .arg(&chart)
+            .args([
+                "--namespace",
+                "tapestry",
+                "--show-only",
+                "templates/mutating-admission-policy.yaml",
+            ])
+            .output()
+            .context("helm template")?;
+        if !out.status.success() {
+            bail!("helm template: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        self.cp.apply(&String::from_utf8(out.stdout)?)?;
+        let probe = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "gate-probe", "namespace": NAMESPACE,
+                         "annotations": {"tapestry.dev/vm": "true"}},
+            "spec": {"containers": [{"name": "c", "image": "lab/app"}]}})
+        .to_string();
+        poll(
+            Duration::from_secs(30),
+            "the readiness-gate policy in effect",
+            || {
+                self.cp.apply(&probe)?;
+                let gates = self.cp.kubectl_ok([
+                    "get",
+                    "pod",
+                    "-n",
+                    NAMESPACE,
+                    "gate-probe",
+                    "-o",
+                    "jsonpath={.spec.readinessGates[*].conditionType}",
+                ])?;
+                // Never scheduled: no kubelet would delay its deletion.
+                self.cp.kubectl_ok([
+                    "delete",
+                    "pod",
+                    "-n",
+                    NAMESPACE,
+                    "gate-probe",
+                    "--grace-period=0",
+                    "--force",
+                    "--wait=true",
+                ])?;
+                Ok((gates.trim() == GUEST_READY_GATE).then_some(()))
+            },
+        )
+    }
+
+    /// Plays the kubelet's part in readiness gates until dropped: whenever a pod with readiness
+    /// gates changes, a kubelet recomputes its Ready from its containers and gates
+    /// ([`kubelet_ready`]) and writes it; this does the same every 200 ms for the pods of the
+    /// lab's namespace whose containers are ready.
+    pub fn kubelet_readiness(&self) -> Result<KubeletReadiness> {
+        let kubectl = crate::k8s::binary("kubectl")?;
+        let kubeconfig = self.cp.kubeconfig_path(ADMIN)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let run = move |args: &[&str]| -> Result<String> {
+            let out = std::process::Command::new(&kubectl)
+                .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                .args(args)
+                .output()?;
+            if !out.status.success() {
+                bail!("kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(String::from_utf8(out.stdout)?)
+        };
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let Ok(list) = run(&["get", "pods", "-n", NAMESPACE, "-o", "json"]) else {
+                    continue;
+                };
+                let Ok(list) = serde_json::from_str::<Value>(&list) else {
+                    continue;
+                };
+                for pod in list["items"].as_array().into_iter().flatten() {
+                    let gated = pod["spec"]["readinessGates"]
+                        .as_array()
+                        .is_some_and(|g| !g.is_empty());
+                    let conditions = pod["status"]["conditions"].as_array();
+                    let status_of = |t: &str| {
+                        conditions
+                            .into_iter()
+                            .flatten()
+                            .find(|c| c["type"] == t)
+                            .and_then(|c| c["status"].as_str())
+                            .map(str::to_owned)
+                    };
+                    let Some(containers) = status_of("ContainersReady") else {
+                        continue;
+                    };
+                    if !gated {
+                        continue;
+                    }
+                    let (ready, reason, message) = kubelet_ready(pod, containers == "True");
+                    let want = if ready { "True" } else { "False" };
+                    if status_of("Ready").as_deref() == Some(want) {
+                        continue;
+                    }
+                    let mut cond = json!({"type": "Ready", "status": want,
+                                          "lastTransitionTime": now()});
+                    if !ready {
+                        cond["reason"] = json!(reason);
+                        cond["message"] = json!(message);
+                    } else {
+                        cond["reason"] = Value::Null;
+                        cond["message"] = Value::Null;
+                    }
+                    let patch = json!({"status": {"conditions": [cond]}}).to_string();
+                    let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+                    let _ = run(&[
+                        "patch",
+                        "pod",
+                        "-n",
+                        NAMESPACE,
+                        name,
+                        "--subresource=status",
+                        "--type=strategic",
+                        "-p",
+                        &patch,
+                    ]);
+                }
+            }
+        });
+        Ok(KubeletReadiness {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Deletes a pod: CNI DEL on its node (the sandbox goes), then the object.
@@ -587,6 +751,67 @@ fn underlay_ip(lab: &Lab, i: usize) -> Ipv4Addr {
 fn pod_cidr(lab: &Lab, i: usize) -> (Ipv4Addr, u8) {
     let s = lab.subnet().octets();
     (Ipv4Addr::new(s[0], s[1], s[2], 64 + 16 * i as u8), 28)
+}
+
+/// The readiness gate the chart's admission policy gives VM pods.
+pub const GUEST_READY_GATE: &str = "tapestry.dev/guest-ready";
+
+/// [`Cluster::kubelet_readiness`]'s thread; stops when dropped.
+pub struct KubeletReadiness {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for KubeletReadiness {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A pod's Ready as the kubelet computes it (pkg/kubelet/status/generate.go,
+/// GeneratePodReadyCondition): not ready while its containers are not (`ContainersNotReady`);
+/// else not ready while a readiness gate's condition is missing or not True
+/// (`ReadinessGatesNotReady`, with the kubelet's messages); else ready. Returns (ready, reason,
+/// message).
+pub fn kubelet_ready(pod: &Value, containers_ready: bool) -> (bool, String, String) {
+    if !containers_ready {
+        return (
+            false,
+            "ContainersNotReady".into(),
+            "containers with unready status".into(),
+        );
+    }
+    let conditions = pod["status"]["conditions"].as_array();
+    let mut unready = Vec::new();
+    for gate in pod["spec"]["readinessGates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let t = gate["conditionType"].as_str().unwrap_or_default();
+        match conditions
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == t)
+            .and_then(|c| c["status"].as_str())
+        {
+            None => unready.push(format!(
+                "corresponding condition of pod readiness gate \"{t}\" does not exist."
+            )),
+            Some("True") => {}
+            Some(s) => unready.push(format!(
+                "the status of pod readiness gate \"{t}\" is not \"True\", but {s}"
+            )),
+        }
+    }
+    if unready.is_empty() {
+        (true, String::new(), String::new())
+    } else {
+        (false, "ReadinessGatesNotReady".into(), unready.join(", "))
+    }
 }
 
 fn now() -> String {

@@ -13,6 +13,7 @@ use serde_json::json;
 use tapestry_tests::{
     Pod,
     cluster::{Cluster, Plumbing},
+    guest::{Guest, GuestConfig},
     poll,
 };
 
@@ -592,4 +593,160 @@ fn external_traffic_policy_local_and_health_check_node_port() {
             node.name
         );
     }
+}
+
+/// `ready` of `ip`'s endpoint in the built-in controller's slices of Service `service`, or None
+/// while no such endpoint is published.
+fn builtin_slice_ready(c: &Cluster, service: &str, ip: Ipv4Addr) -> Option<bool> {
+    let out =
+        c.cp.kubectl_ok([
+            "get",
+            "endpointslices",
+            "-n",
+            tapestry_tests::cluster::NAMESPACE,
+            "-l",
+            &format!(
+                "kubernetes.io/service-name={service},\
+                 endpointslice.kubernetes.io/managed-by=endpointslice-controller.k8s.io"
+            ),
+            "-o",
+            "json",
+        ])
+        .ok()?;
+    let list: serde_json::Value = serde_json::from_str(&out).ok()?;
+    list["items"]
+        .as_array()?
+        .iter()
+        .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+        .find(|e| e["addresses"][0] == ip.to_string())
+        .map(|e| e["conditions"]["ready"] == true)
+}
+
+/// Guest readiness reaches the built-in EndpointSlice through the readiness gate: a VM pod
+/// (annotated, so the chart's MutatingAdmissionPolicy gives it the gate) whose guest has not
+/// booted is published not ready, though its containers are ready; it becomes ready when the
+/// real QEMU guest answers the daemon's probe; paused with QEMU's monitor `stop` it leaves the
+/// slice (and the daemons' backends) within 5 s, and comes back on `cont`. The lab plays the
+/// kubelet's part: Ready computed from containers and gates (`cluster::kubelet_ready`).
+#[test]
+fn a_vm_pods_readiness_is_its_guests() {
+    tapestry_tests::require_lab!();
+    tapestry_tests::require_k8s!();
+    if let Err(why) = tapestry_tests::guest::require_qemu() {
+        assert!(std::env::var_os("CI").is_none(), "CI needs QEMU: {why}");
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let mut c = Cluster::start("cluster-ready", 2).unwrap();
+    c.install_readiness_gate().unwrap();
+    let _kubelet = c.kubelet_readiness().unwrap();
+    let pod = c
+        .add_pod_with(0, "vmr", json!({"app": "vmr"}), Plumbing::AnnotatedVm)
+        .unwrap();
+    let gates =
+        c.cp.kubectl_ok([
+            "get",
+            "pod",
+            "vmr",
+            "-o",
+            "jsonpath={.spec.readinessGates[*].conditionType}",
+        ])
+        .unwrap();
+    assert_eq!(gates.trim(), tapestry_tests::cluster::GUEST_READY_GATE);
+    let client = c.add_pod(1, "client1", json!({"app": "client"})).unwrap();
+    let vip = c.add_service("vmr", json!({"app": "vmr"})).unwrap();
+
+    // Not booted: published, not ready, and it stays so.
+    let ready = poll(Duration::from_secs(30), "vmr in the built-in slice", || {
+        Ok(builtin_slice_ready(&c, "vmr", pod.ip))
+    })
+    .unwrap();
+    assert!(!ready, "a VM pod without a running guest is ready");
+    let since = Instant::now();
+    while since.elapsed() < Duration::from_secs(3) {
+        assert_eq!(builtin_slice_ready(&c, "vmr", pod.ip), Some(false));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let reason =
+        c.cp.kubectl_ok([
+            "get",
+            "pod",
+            "vmr",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}",
+        ])
+        .unwrap();
+    assert_eq!(reason.trim(), "ReadinessGatesNotReady");
+
+    // The guest boots and answers: ready, and reached through the Service.
+    let mut guest = Guest::boot_in(&pod.netns_path, GuestConfig::new("vmr", pod.mac)).unwrap();
+    guest.wait_ready(Duration::from_secs(180)).unwrap();
+    poll(Duration::from_secs(30), "vmr ready in the slice", || {
+        Ok(builtin_slice_ready(&c, "vmr", pod.ip)
+            .filter(|r| *r)
+            .map(|_| ()))
+    })
+    .unwrap();
+    c.wait_backends("vmr", &[pod.addr(8080)], Duration::from_secs(30))
+        .unwrap();
+    let got = client
+        .tcp_request(SocketAddrV4::new(vip, 80), b"hi\n", T)
+        .unwrap();
+    assert_eq!(got, "vmr");
+
+    // Paused (hung): out of the slice, and of every daemon's backends, within 5 s.
+    guest.monitor("stop", T).unwrap();
+    let paused = Instant::now();
+    poll(
+        Duration::from_secs(15),
+        "vmr not ready in the slice",
+        || {
+            Ok(builtin_slice_ready(&c, "vmr", pod.ip)
+                .filter(|r| !*r)
+                .map(|_| ()))
+        },
+    )
+    .unwrap();
+    let out = paused.elapsed();
+    c.wait_backends("vmr", &[], Duration::from_secs(5)).unwrap();
+    let gone = paused.elapsed();
+    eprintln!(
+        "paused guest: not ready in the slice after {out:?}, out of the backends after {gone:?}"
+    );
+    assert!(out < Duration::from_secs(5), "not ready only after {out:?}");
+    assert!(
+        gone < Duration::from_secs(5),
+        "out of the backends only after {gone:?}"
+    );
+    let guest_ready =
+        c.cp.kubectl_ok([
+            "get",
+            "guest",
+            "vmr",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ])
+        .unwrap();
+    assert_eq!(
+        guest_ready.trim(),
+        "False",
+        "the Guest's Ready was not cleared"
+    );
+
+    // Resumed: back.
+    guest.monitor("cont", T).unwrap();
+    let resumed = Instant::now();
+    poll(Duration::from_secs(15), "vmr ready again", || {
+        Ok(builtin_slice_ready(&c, "vmr", pod.ip)
+            .filter(|r| *r)
+            .map(|_| ()))
+    })
+    .unwrap();
+    c.wait_backends("vmr", &[pod.addr(8080)], Duration::from_secs(10))
+        .unwrap();
+    eprintln!("resumed guest: ready again after {:?}", resumed.elapsed());
+    let got = client
+        .tcp_request(SocketAddrV4::new(vip, 80), b"hi\n", T)
+        .unwrap();
+    assert_eq!(got, "vmr");
 }

@@ -267,6 +267,10 @@ fn chart_renders_the_agreed_objects() -> Result<()> {
         "PodDisruptionBudget/tapestry-controller",
         "ValidatingAdmissionPolicy/tapestry-node-guests",
         "ValidatingAdmissionPolicyBinding/tapestry-node-guests",
+        "ValidatingAdmissionPolicy/tapestry-node-pod-status",
+        "ValidatingAdmissionPolicyBinding/tapestry-node-pod-status",
+        "MutatingAdmissionPolicy/tapestry-vm-readiness-gate",
+        "MutatingAdmissionPolicyBinding/tapestry-vm-readiness-gate",
     ]
     .into_iter()
     .map(String::from)
@@ -275,9 +279,9 @@ fn chart_renders_the_agreed_objects() -> Result<()> {
     for o in &objs {
         let cluster_scoped = ["ClusterRole", "ClusterRoleBinding"]
             .contains(&o["kind"].as_str().unwrap_or(""))
-            || o["kind"]
-                .as_str()
-                .is_some_and(|k| k.starts_with("ValidatingAdmissionPolicy"));
+            || o["kind"].as_str().is_some_and(|k| {
+                k.ends_with("AdmissionPolicy") || k.ends_with("AdmissionPolicyBinding")
+            });
         if !cluster_scoped {
             assert_eq!(o["metadata"]["namespace"], NAMESPACE, "{o}");
         }
@@ -1054,5 +1058,158 @@ fn manifests_apply_to_a_real_apiserver() -> Result<()> {
         "",
     )?;
     assert!(ok, "node-a could not delete its own guest: {out}");
+    Ok(())
+}
+
+/// A Pod of `node` with `annotations` (JSON for `kubectl apply -f -`).
+fn pod(name: &str, node: &str, annotations: Value) -> String {
+    serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "annotations": annotations},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "lab/app"}]}})
+    .to_string()
+}
+
+fn readiness_gates(cp: &ControlPlane, name: &str) -> Result<Vec<String>> {
+    let out = cp.kubectl_ok([
+        "get",
+        "pod",
+        "-n",
+        "default",
+        name,
+        "-o",
+        "jsonpath={.spec.readinessGates[*].conditionType}",
+    ])?;
+    Ok(out.split_whitespace().map(String::from).collect())
+}
+
+/// The chart's admission policies on a real kube-apiserver (v1.37: MutatingAdmissionPolicy is
+/// GA and on by default, no flag): a VM pod, by either of the annotations the CNI plugin reads,
+/// gets the readiness gate tapestry.dev/guest-ready once (kept beside its own gates); a plain
+/// pod and an opted-out pod get none. The daemon's identity writes that condition on its own
+/// node's pods only, and nothing else of their status.
+#[test]
+fn vm_pods_get_the_readiness_gate_and_daemons_write_only_their_condition() -> Result<()> {
+    tapestry_tests::require_k8s!(Ok(()));
+    let cp = ControlPlane::start()?;
+    cp.kubectl_ok(["apply", "-f", crd_file().to_str().context("crd path")?])?;
+    cp.kubectl_ok([
+        "apply",
+        "-f",
+        manifests_file().to_str().context("manifests")?,
+    ])?;
+    const GATE: &str = "tapestry.dev/guest-ready";
+    let vm = serde_json::json!({"tapestry.dev/vm": "true"});
+    // The policy takes effect once the apiserver's informers have it.
+    poll(
+        Duration::from_secs(30),
+        "the readiness gate on a VM pod",
+        || {
+            // No kubelet: a pod goes at once only when forced.
+            let _ = cp.kubectl([
+                "delete",
+                "pod",
+                "-n",
+                "default",
+                "vm-probe",
+                "--grace-period=0",
+                "--force",
+            ]);
+            poll(Duration::from_secs(10), "vm-probe deleted", || {
+                let out = cp.kubectl(["get", "pod", "-n", "default", "vm-probe"])?;
+                Ok((!out.status.success()).then_some(()))
+            })?;
+            cp.apply(&pod("vm-probe", "node-a", vm.clone()))?;
+            Ok((readiness_gates(&cp, "vm-probe")? == [GATE]).then_some(()))
+        },
+    )?;
+    let kubevirt = serde_json::json!({"k8s.v1.cni.cncf.io/networks":
+        r#"[{"name":"tapestry","namespace":"vms","cni-args":{"logicNetworkName":"default"}}]"#});
+    cp.apply(&pod("vm-kubevirt", "node-a", kubevirt))?;
+    assert_eq!(readiness_gates(&cp, "vm-kubevirt")?, [GATE]);
+    // A pod that names the gate itself keeps one; other gates stay.
+    let mut own = serde_json::from_str::<Value>(&pod("vm-own", "node-a", vm.clone()))?;
+    own["spec"]["readinessGates"] =
+        serde_json::json!([{"conditionType": "example.com/other"}, {"conditionType": GATE}]);
+    cp.apply(&own.to_string())?;
+    assert_eq!(readiness_gates(&cp, "vm-own")?, ["example.com/other", GATE]);
+    let mut other = serde_json::from_str::<Value>(&pod("vm-other", "node-a", vm.clone()))?;
+    other["spec"]["readinessGates"] = serde_json::json!([{"conditionType": "example.com/other"}]);
+    cp.apply(&other.to_string())?;
+    assert_eq!(
+        readiness_gates(&cp, "vm-other")?,
+        ["example.com/other", GATE]
+    );
+    for (name, annotations) in [
+        ("plain", serde_json::json!({})),
+        ("not-vm", serde_json::json!({"tapestry.dev/vm": "false"})),
+        (
+            "opted-out-kubevirt",
+            serde_json::json!({"tapestry.dev/vm": "false", "k8s.v1.cni.cncf.io/networks":
+                r#"[{"name":"tapestry","cni-args":{"logicNetworkName":"default"}}]"#}),
+        ),
+        (
+            "secondary-net",
+            serde_json::json!({"k8s.v1.cni.cncf.io/networks": r#"[{"name":"other","interface":"pod1"}]"#}),
+        ),
+    ] {
+        cp.apply(&pod(name, "node-a", annotations))?;
+        assert!(readiness_gates(&cp, name)?.is_empty(), "{name} got a gate");
+    }
+
+    // The daemon of node-a writes the condition on its node's pod.
+    let condition = |status: &str| {
+        format!(
+            r#"{{"status":{{"conditions":[{{"type":"{GATE}","status":"{status}","reason":"GuestReady"}}]}}}}"#
+        )
+    };
+    let patch = |node: &str, pod: &str, body: &str| {
+        daemon_kubectl(
+            &cp,
+            Some(node),
+            &[
+                "patch",
+                "pod",
+                pod,
+                "-n",
+                "default",
+                "--subresource=status",
+                "--type=strategic",
+                "-p",
+                body,
+            ],
+            "",
+        )
+    };
+    let (ok, out) = patch("node-a", "vm-probe", &condition("True"))?;
+    assert!(ok, "node-a could not write its pod's condition: {out}");
+    let got = cp.kubectl_ok([
+        "get",
+        "pod",
+        "-n",
+        "default",
+        "vm-probe",
+        "-o",
+        &format!("jsonpath={{.status.conditions[?(@.type==\"{GATE}\")].status}}"),
+    ])?;
+    assert_eq!(got, "True");
+    // Not another node's pod, not another condition, not the phase.
+    let (ok, out) = patch("node-b", "vm-probe", &condition("False"))?;
+    assert!(!ok, "node-b wrote a pod of node-a");
+    assert!(
+        out.contains("may only write the status of pods on its own node"),
+        "{out}"
+    );
+    let (ok, out) = patch(
+        "node-a",
+        "vm-probe",
+        r#"{"status":{"conditions":[{"type":"Ready","status":"True"}]}}"#,
+    )?;
+    assert!(!ok, "node-a wrote the pod's Ready");
+    assert!(
+        out.contains("may only change a pod's tapestry.dev/guest-ready condition"),
+        "{out}"
+    );
+    let (ok, out) = patch("node-a", "vm-probe", r#"{"status":{"phase":"Failed"}}"#)?;
+    assert!(!ok, "node-a wrote the pod's phase: {out}");
     Ok(())
 }

@@ -8,7 +8,7 @@
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Result;
@@ -470,7 +470,11 @@ fn the_daemon_publishes_and_collects_its_nodes_guests() {
             .map(|c| c["status"].as_str().unwrap_or_default().to_owned())
             .unwrap_or_default()
     };
-    let g = poll(Duration::from_secs(15), "Guest vm1", || get("vm1")).unwrap();
+    // Spec and status are two writes: wait for both.
+    let g = poll(Duration::from_secs(15), "Guest vm1", || {
+        Ok(get("vm1")?.filter(|g| !condition(g, "Ready").is_empty()))
+    })
+    .unwrap();
     assert_eq!(g["spec"]["nodeName"], NODE);
     assert_eq!(g["spec"]["ips"], json!([vm.ip.to_string()]));
     assert_eq!(g["spec"]["tap"], "tap0");
@@ -497,9 +501,9 @@ fn the_daemon_publishes_and_collects_its_nodes_guests() {
         .collect();
     assert!(managers.iter().all(|m| *m == "tapestryd"), "{managers:?}");
 
-    // The guest speaks from its own address: Ready flips in the API.
+    // Traffic from the guest's address alone is no longer readiness: the daemon's probe (ARP
+    // for the guest's IP on its tap) must be answered.
     let mut tap = TapGuest::open(&vm.netns_path, "tap0").unwrap();
-    tap.answer_arp(vm.mac, vm.ip);
     let mut frame = Vec::new();
     etherparse::PacketBuilder::ethernet2(vm.mac, [0xff; 6])
         .ipv4(vm.ip.octets(), [10, 96, 0, 1], 64)
@@ -507,10 +511,50 @@ fn the_daemon_publishes_and_collects_its_nodes_guests() {
         .write(&mut frame, b"up\n")
         .unwrap();
     tap.send(&frame).unwrap();
+    let probes_unanswered = Instant::now();
+    while probes_unanswered.elapsed() < Duration::from_secs(3) {
+        tap.recv_matching(Duration::from_millis(200), |_| false);
+        assert_eq!(
+            condition(&get("vm1").unwrap().unwrap(), "Ready"),
+            "False",
+            "ready without answering its probe"
+        );
+    }
+    // The guest answers ARP: Ready flips in the API.
+    tap.answer_arp(vm.mac, vm.ip);
     poll(Duration::from_secs(10), "Guest vm1 Ready", || {
+        tap.recv_matching(Duration::from_millis(200), |_| false);
         Ok(get("vm1")?.filter(|g| condition(g, "Ready") == "True"))
     })
     .unwrap();
+    // The pod's tapestry.dev/guest-ready condition (its readiness gate) says the same,
+    // written by the daemon under its node-scoped identity.
+    let pod_condition = || -> Result<String> {
+        cp.kubectl_ok([
+            "get",
+            "pod",
+            "vm1",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"tapestry.dev/guest-ready\")].status}",
+        ])
+    };
+    poll(Duration::from_secs(10), "pod vm1 guest-ready True", || {
+        tap.recv_matching(Duration::from_millis(200), |_| false);
+        Ok((pod_condition()? == "True").then_some(()))
+    })
+    .unwrap();
+    // It stops answering (hung): Ready is cleared within the failure threshold (3 x 1 s).
+    let hung = Instant::now();
+    poll(Duration::from_secs(10), "Guest vm1 not Ready", || {
+        Ok(get("vm1")?.filter(|g| condition(g, "Ready") == "False"))
+    })
+    .unwrap();
+    assert!(
+        hung.elapsed() < Duration::from_secs(5),
+        "a hung guest stayed Ready for {:?}",
+        hung.elapsed()
+    );
+    assert_eq!(pod_condition().unwrap(), "False");
 
     // Labels follow the pod's (read when the guest is first published).
     // The stale Guest of this node is collected; another node's is left alone.

@@ -77,6 +77,7 @@ fn guest(name: &str, ips: &[&str], ready: bool) -> Guest {
             mac: "52:54:00:00:00:01".into(),
             tap: "tap0".into(),
             ports: vec![],
+            readiness_probe: None,
         },
     );
     g.metadata.namespace = Some(NS.into());

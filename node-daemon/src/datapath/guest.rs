@@ -44,6 +44,8 @@ pub struct Attached {
     pub tap_mac: [u8; 6],
     /// Send-only packet socket on the tap, for DHCP answers.
     pub socket: OwnedFd,
+    /// The readiness probe's socket on the tap: ARP probes out, the guest's ARP replies in.
+    pub arp: OwnedFd,
 }
 
 fn link_pins(pin_dir: &Path, slot: u32) -> [PathBuf; 2] {
@@ -96,11 +98,13 @@ pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
             link::attach(prog, ifname, TcAttachType::Ingress, pin)?;
         }
         let socket = iface::packet_socket(tap_ifindex)?;
+        let arp = iface::arp_socket(tap_ifindex)?;
         Ok(Attached {
             pod_ifindex,
             tap_ifindex,
             tap_mac,
             socket,
+            arp,
         })
     })
     .with_context(|| format!("entering the pod's namespace {}", w.netns.display()))?

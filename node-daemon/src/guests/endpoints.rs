@@ -26,7 +26,7 @@
 //! [`STALE_CHECK_INTERVAL`], and when an ADD needs the address or the interface they hold.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fs,
     io::{self, Write},
     net::Ipv4Addr,
@@ -84,6 +84,8 @@ pub struct GuestLink {
     pub lease: LeaseConfig,
     pub tap_mac: [u8; 6],
     socket: OwnedFd,
+    /// The readiness probe's socket (see probe.rs).
+    arp: Arc<OwnedFd>,
 }
 
 struct Guest {
@@ -298,6 +300,13 @@ pub struct Endpoints {
     changes: watch::Sender<u64>,
     /// Each guest's DHCP allowance, baked into its programs.
     dhcp_limit: DhcpLimit,
+    /// Live readiness (Kubernetes mode): a guest is Ready while its probe says so (probe.rs),
+    /// not once it was seen. Off (standalone): Ready once DHCP bound or traffic seen.
+    live_readiness: bool,
+    /// The probes' verdicts by guest slot: (container id, ready, why).
+    probes: Mutex<HashMap<u32, (String, bool, String)>>,
+    /// TCP ports each guest must accept for its probe to pass, by container id.
+    probe_ports: Mutex<HashMap<String, Vec<u16>>>,
 }
 
 /// A guest's MAC must be a station's (unicast) address: the anti-spoofing check compares every
@@ -392,7 +401,105 @@ impl Endpoints {
             recovery: Mutex::new(None),
             changes: watch::channel(0).0,
             dhcp_limit: DhcpLimit::DEFAULT,
+            live_readiness: false,
+            probes: Mutex::new(HashMap::new()),
+            probe_ports: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A guest is Ready while its probe passes (see [`super::probe`]), from none at start.
+    pub fn with_live_readiness(mut self) -> Self {
+        self.live_readiness = true;
+        self
+    }
+
+    /// The guests to probe, with what their probes need: those whose readiness ports are known
+    /// ([`Endpoints::set_probe_ports`], from their pods), so that no verdict is made without them.
+    pub fn probe_targets(&self) -> Vec<super::probe::ProbeTarget> {
+        let mut ports = self.probe_ports.lock().unwrap_or_else(|p| p.into_inner());
+        let registry = self.lock();
+        ports.retain(|c, _| {
+            registry
+                .entries
+                .values()
+                .any(|e| &e.request.container_id == c)
+        });
+        registry
+            .entries
+            .values()
+            .filter_map(|e| {
+                let g = e.guest.as_ref()?;
+                let tcp_ports = ports.get(&e.request.container_id)?.clone();
+                Some(super::probe::ProbeTarget {
+                    slot: g.slot,
+                    container_id: e.request.container_id.clone(),
+                    ip: g.link.lease.ip,
+                    mac: g.link.mac,
+                    tap_mac: g.link.tap_mac,
+                    arp: g.link.arp.clone(),
+                    tcp_ports,
+                })
+            })
+            .collect()
+    }
+
+    /// Records a probe's verdict for the guest in `slot`; subscribers hear of a change.
+    pub fn set_probe(&self, slot: u32, container_id: &str, ready: bool, why: &str) {
+        let live: HashSet<u32> = self
+            .lock()
+            .entries
+            .values()
+            .filter_map(|e| Some(e.guest.as_ref()?.slot))
+            .collect();
+        let changed = {
+            let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+            let next = (container_id.to_owned(), ready, why.to_owned());
+            let changed = probes
+                .get(&slot)
+                .is_none_or(|p| p.0 != container_id || p.1 != ready);
+            probes.insert(slot, next);
+            probes.retain(|s, _| live.contains(s));
+            changed
+        };
+        if changed {
+            self.changed();
+        }
+    }
+
+    /// Whether the guest of `container_id` has a verdict to publish: always without live
+    /// readiness; with it, once its first probe finished (so a restarted daemon does not report
+    /// its ready guests not ready until it has looked).
+    pub fn probed(&self, container_id: &str) -> bool {
+        !self.live_readiness
+            || self
+                .probes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .any(|p| p.0 == container_id)
+    }
+
+    /// The TCP ports the guest of `container_id` must accept to be ready (its pod's
+    /// `tapestry.dev/readiness-tcp-ports`).
+    pub fn set_probe_ports(&self, container_id: &str, ports: Vec<u16>) {
+        self.probe_ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(container_id.to_owned(), ports);
+    }
+
+    /// A guest's phase and why: from its probe with live readiness, else from what the datapath
+    /// saw.
+    fn phase(&self, slot: u32, container_id: &str, bound: bool) -> (GuestPhase, String) {
+        if !self.live_readiness {
+            return readiness(bound, &self.guest_stats(slot));
+        }
+        let probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        match probes.get(&slot).filter(|p| p.0 == container_id) {
+            Some((_, true, why)) => (GuestPhase::Ready, why.clone()),
+            Some((_, false, why)) => (GuestPhase::Attached, why.clone()),
+            None => (GuestPhase::Attached, "not probed yet".into()),
+        }
     }
 
     /// Guests attached from now on get `limit` (`tapestryd --dhcp-rate-per-guest`).
@@ -724,6 +831,7 @@ impl Endpoints {
                         lease: lease.clone(),
                         tap_mac: attached.tap_mac,
                         socket: attached.socket,
+                        arp: Arc::new(attached.arp),
                     }),
                     bound: false,
                 })
@@ -838,7 +946,7 @@ impl Endpoints {
     fn info(&self, e: &EndpointView) -> EndpointInfo {
         let (phase, reason) = match e.guest {
             Some((slot, _, bound)) => {
-                let (p, r) = readiness(bound, &self.guest_stats(slot));
+                let (p, r) = self.phase(slot, &e.request.container_id, bound);
                 (Some(p), Some(r))
             }
             None => (None, None),
@@ -859,7 +967,7 @@ impl Endpoints {
                 let (slot, _, bound) = v.guest?;
                 Some((
                     slot,
-                    readiness(bound, &self.guest_stats(slot)).0 == GuestPhase::Ready,
+                    self.phase(slot, &v.request.container_id, bound).0 == GuestPhase::Ready,
                 ))
             })
             .collect()
@@ -878,7 +986,7 @@ impl Endpoints {
                 let (slot, mac, bound) = e.guest?;
                 let vm = e.request.vm.as_ref()?;
                 let s = self.guest_stats(slot);
-                let (phase, reason) = readiness(bound, &s);
+                let (phase, reason) = self.phase(slot, &e.request.container_id, bound);
                 // A guest's counters hold the first 16 reasons (the guest's are among them).
                 let drops = DropReason::ALL
                     .iter()

@@ -3,14 +3,16 @@
 //! objects published for them.
 //!
 //! ```text
-//! CNI ADD/DEL --> Endpoints (registry) --changes--> publish (Guest objects)
+//! CNI ADD/DEL --> Endpoints (registry) --changes--> publish (Guest objects, pods' guest-ready)
 //! discover ------------^  ^            ^   (Kubernetes mode: this node's pods without one)
 //!   serve_dhcp ------+            +------ watch_readiness (first traffic seen by the datapath)
+//!                                 +------ probe::run_probes (Kubernetes mode: ARP, TCP)
 //! ```
 
 pub mod dhcp;
 pub mod discover;
 pub mod endpoints;
+pub mod probe;
 pub mod publish;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};

@@ -25,8 +25,8 @@ use kube::{
 use serde_json::json;
 use tapestry_api::types::{EndpointInfo, GuestPhase};
 use tapestry_k8s::{
-    ConditionStatus, Guest, GuestCondition, GuestConditionType, GuestPodRef, GuestPort, GuestSpec,
-    GuestStatus, names,
+    ConditionStatus, Guest, GuestCondition, GuestConditionType, GuestPodRef, GuestPort,
+    GuestReadinessProbe, GuestSpec, GuestStatus, names,
 };
 use tracing::{debug, info, warn};
 
@@ -76,6 +76,7 @@ pub async fn publish_guests(
         let collect_garbage = tokio::time::Instant::now() >= next_gc;
         let result = sync_guests(
             &client,
+            &endpoints,
             &node_name,
             &attached,
             &mut published,
@@ -116,6 +117,7 @@ pub async fn publish_guests(
 
 async fn sync_guests(
     client: &Client,
+    endpoints: &Endpoints,
     node_name: &str,
     attached: &[EndpointInfo],
     published: &mut HashMap<(String, String), Published>,
@@ -156,6 +158,13 @@ async fn sync_guests(
         };
         let ready = e.guest_phase == Some(GuestPhase::Ready);
         let reason = e.guest_ready_reason.clone().unwrap_or_default();
+        let tcp_ports = readiness_tcp_ports(&pod);
+        endpoints.set_probe_ports(&e.request.container_id, tcp_ports.clone());
+        if !endpoints.probed(&e.request.container_id) {
+            // Not looked at yet (a restarted daemon must not report its ready guests not
+            // ready): the first probe's verdict comes with a change notification.
+            continue;
+        }
         let spec = GuestSpec {
             node_name: node_name.to_owned(),
             pod_ref: Some(GuestPodRef {
@@ -166,6 +175,9 @@ async fn sync_guests(
             mac: vm.guest_mac.to_string(),
             tap: vm.tap.clone(),
             ports: declared_ports(&pod),
+            readiness_probe: (!tcp_ports.is_empty()).then(|| GuestReadinessProbe {
+                tcp_ports: tcp_ports.iter().map(|p| i32::from(*p)).collect(),
+            }),
         };
         let labels = pod.labels().clone();
         let owner_uid = pod.metadata.uid.clone();
@@ -186,6 +198,11 @@ async fn sync_guests(
             continue;
         }
         write_guest(client, &key.0, &key.1, &pod, &next).await?;
+        if previous.is_none_or(|p| {
+            (p.ready, &p.reason, &p.since) != (next.ready, &next.reason, &next.since)
+        }) {
+            write_pod_condition(client, &key.0, &key.1, &next).await?;
+        }
         debug!(guest = %format!("{}/{}", key.0, key.1), ready, "Guest written");
         published.insert(key, next);
     }
@@ -224,6 +241,58 @@ async fn delete_guest(client: &Client, key: &(String, String), uid: Option<Strin
     if deleted {
         info!(guest = %format!("{}/{}", key.0, key.1), "Guest deleted: no attachment on this node");
     }
+    Ok(())
+}
+
+/// The pod's `tapestry.dev/readiness-tcp-ports` (comma-separated ports; what does not parse as
+/// a port is left out).
+fn readiness_tcp_ports(pod: &Pod) -> Vec<u16> {
+    let mut ports: Vec<u16> = pod
+        .annotations()
+        .get(names::annotations::READINESS_TCP_PORTS)
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .filter_map(|p| p.trim().parse::<u16>().ok())
+        .filter(|p| *p != 0)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// The pod's `tapestry.dev/guest-ready` condition, as the guest's probe says: the readiness
+/// gate the admission policy put on a VM pod, so the kubelet's Ready (and the built-in
+/// EndpointSlice) follows the guest. Server-side apply on the status subresource owns only this
+/// condition (conditions are a map keyed by type); the kubelet keeps conditions it does not own.
+async fn write_pod_condition(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    p: &Published,
+) -> Result<()> {
+    let api = Api::<Pod>::namespaced(client.clone(), namespace);
+    let pp = PatchParams::apply(names::DAEMON_FIELD_MANAGER).force();
+    let body = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "status": {"conditions": [{
+            "type": names::GUEST_READY_CONDITION,
+            "status": if p.ready { "True" } else { "False" },
+            "reason": if p.ready { "GuestReady" } else { "GuestNotReady" },
+            "message": p.reason,
+            "lastTransitionTime": p.since,
+        }]},
+    });
+    api.patch_status(name, &pp, &Patch::Apply(&body))
+        .await
+        .with_context(|| {
+            format!(
+                "applying condition {} of pod {namespace}/{name}",
+                names::GUEST_READY_CONDITION
+            )
+        })?;
+    debug!(pod = %format!("{namespace}/{name}"), ready = p.ready, "guest-ready condition written");
     Ok(())
 }
 
@@ -334,6 +403,18 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn readiness_ports_come_from_the_annotation() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "vm", "annotations": {
+                "tapestry.dev/readiness-tcp-ports": " 8080, 22,x,0,22,70000"}}
+        }))
+        .unwrap();
+        assert_eq!(readiness_tcp_ports(&pod), [22, 8080]);
+        let plain: Pod = serde_json::from_value(json!({"metadata": {"name": "vm"}})).unwrap();
+        assert!(readiness_tcp_ports(&plain).is_empty());
+    }
 
     #[test]
     fn declared_ports_are_the_named_container_ports() {
