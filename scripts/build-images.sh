@@ -88,6 +88,15 @@ done
 log "building ${images[*]}: cargo build --release --target $TARGET ${packages[*]}"
 # tapestryd embeds its eBPF object at build time (node-daemon/build.rs): never skip that here.
 # No debug info: the images are stripped anyway, and it halves the build (make test builds these).
+# Run from a test (`cargo test` sets CARGO_MANIFEST_DIR, CARGO_PKG_*, OUT_DIR, ... for its test
+# processes), those variables would reach this cargo, and build scripts that declare them with
+# rerun-if-env-changed (ring's, through the cc crate) would see them changed from a run in a
+# shell: every crate above ring was rebuilt, twice per make test. Not this cargo's to see.
+for v in $(compgen -e); do
+  case "$v" in
+    CARGO_PKG_* | CARGO_MANIFEST_* | CARGO_CRATE_NAME | CARGO_BIN_* | CARGO_PRIMARY_PACKAGE | CARGO_TARGET_TMPDIR | OUT_DIR) unset "$v" ;;
+  esac
+done
 (cd "$ROOT" && env -u AYA_BUILD_SKIP CARGO_PROFILE_RELEASE_DEBUG=0 "$CARGO" build --release --target "$TARGET" "${packages[@]}" >&2)
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
