@@ -417,7 +417,7 @@ impl Context {
                     type_: EventType::Warning,
                     reason: names::GUEST_NOT_PUBLISHED.into(),
                     note: Some(format!("not published in any EndpointSlice: {r}")),
-                    action: "Publish".into(),
+                    action: r.action().into(),
                     secondary: None,
                 }
             }

@@ -81,6 +81,20 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The check that failed, as the Event's action. kube's event recorder folds an Event into
+    /// the previous one of the same action and reason (a series, keeping the first note), so a
+    /// Guest refused for another reason gets an Event of its own.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Refusal::AmbiguousPod(_) | Refusal::PodUidMissing { .. } => "CheckPodReference",
+            Refusal::PodMissing { .. } | Refusal::PodReplaced { .. } => "CheckPod",
+            Refusal::WrongNode { .. } => "CheckNode",
+            Refusal::PodHasNoIp { .. } | Refusal::AddressNotPods { .. } => "CheckAddresses",
+            Refusal::LabelNotPods { .. } => "CheckLabels",
+            Refusal::Unregistered | Refusal::RegisteredByNode { .. } => "CheckRegistrar",
+        }
+    }
+
     /// The `reason` label of `tapestry_controller_guests_not_published_total`.
     pub fn label(&self) -> &'static str {
         match self {
