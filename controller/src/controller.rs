@@ -11,7 +11,7 @@ use std::{
 
 use futures::{StreamExt, future};
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -20,13 +20,14 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::{self, Action},
+        events::{Event as KubeEvent, EventType, Recorder, Reporter},
         reflector::{self, ObjectRef, Store},
         watcher,
     },
 };
 use tapestry_k8s::{
     Guest, delete_unless_replaced,
-    names::{self, labels},
+    names::{self, annotations, labels},
 };
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, instrument, warn};
@@ -36,6 +37,7 @@ use crate::{
     error::{Error, Result, is_status},
     index::{Index, label_key, name_key},
     metrics::Metrics,
+    trust::{self, Refusal},
 };
 
 /// Tunables of [`run`].
@@ -46,6 +48,8 @@ pub struct Settings {
     pub resync: Duration,
     /// Services reconciled at once.
     pub concurrency: u16,
+    /// This replica's name, as the reporting instance of its Events.
+    pub instance: Option<String>,
 }
 
 impl Default for Settings {
@@ -53,6 +57,7 @@ impl Default for Settings {
         Settings {
             resync: Duration::from_secs(300),
             concurrency: 4,
+            instance: None,
         }
     }
 }
@@ -70,6 +75,10 @@ pub struct Caches {
     pub slices: Store<EndpointSlice>,
     /// Slices by their Service, and ours by the Guests they list ([`slice_keys`]).
     pub slices_by_owner: Index<EndpointSlice>,
+    /// Pods, slimmed to what [`trust::check`] reads.
+    pub pods: Store<Pod>,
+    /// Guests by the pods they claim ([`guest_pod_keys`]).
+    pub guests_by_pod: Index<Guest>,
 }
 
 /// A Service's index keys: the pairs of its selector, when it has endpoints of ours.
@@ -89,6 +98,20 @@ pub fn guest_keys(guest: &Guest) -> Vec<String> {
         .labels()
         .iter()
         .map(|(k, v)| label_key(ns, k, v))
+        .collect()
+}
+
+/// A Guest's pod index keys: every pod it names (owner references of kind Pod, `spec.podRef`),
+/// so that a pod's change reaches the Guest whichever name [`trust::check`] finds wrong.
+pub fn guest_pod_keys(guest: &Guest) -> Vec<String> {
+    let ns = guest.metadata.namespace.as_deref().unwrap_or_default();
+    guest
+        .owner_references()
+        .iter()
+        .filter(|o| o.kind == "Pod")
+        .map(|o| o.name.as_str())
+        .chain(guest.spec.pod_ref.as_ref().map(|r| r.name.as_str()))
+        .map(|pod| name_key(ns, pod))
         .collect()
 }
 
@@ -130,6 +153,7 @@ impl Caches {
         services: Store<Service>,
         guests: Store<Guest>,
         slices: Store<EndpointSlice>,
+        pods: Store<Pod>,
     ) -> Caches {
         Caches {
             services,
@@ -138,7 +162,19 @@ impl Caches {
             guests_by_label: Index::new(guest_keys),
             slices,
             slices_by_owner: Index::new(slice_keys),
+            pods,
+            guests_by_pod: Index::new(guest_pod_keys),
         }
+    }
+
+    /// The Guests that claim pod `namespace/name`.
+    pub fn guests_of_pod(&self, namespace: &str, name: &str) -> Vec<Arc<Guest>> {
+        self.guests_by_pod
+            .get(&name_key(namespace, name))
+            .into_iter()
+            .filter_map(|n| self.guests.get(&ObjectRef::new(&n.1).within(&n.0)))
+            .filter(|g| g.metadata.namespace.as_deref() == Some(namespace))
+            .collect()
     }
 
     /// Every slice of Service `namespace/name` (with its service-name label).
@@ -190,6 +226,10 @@ pub struct Context {
     needed: u8,
     /// The first pass over every Service, for `tapestry_controller_initial_sync_seconds`.
     initial_sync: Mutex<InitialSync>,
+    /// Guests not published and why, so that each refusal (and its end) is told once.
+    refused: Arc<Mutex<HashMap<ObjectRef<Guest>, Refusal>>>,
+    /// Events on Guests.
+    recorder: Recorder,
 }
 
 /// Progress of the first reconcile of every Service that existed when the caches filled.
@@ -216,6 +256,7 @@ mod cache {
     pub const GUESTS: u8 = 2;
     pub const SLICES: u8 = 4;
     pub const NODES: u8 = 8;
+    pub const PODS: u8 = 16;
 }
 
 /// Drops what no reconcile reads before an object is cached, so that 50,000 Guests fit in
@@ -231,13 +272,19 @@ fn slim<K: kube::Resource>(obj: &mut K) {
     meta.generation = None;
 }
 
-/// [`slim`], and the Guest's fields that no endpoint is made from: MAC, tap, pod reference, and
-/// its conditions' reasons, messages and times (their type and status make readiness).
+/// [`slim`], and the Guest's fields that no endpoint is made from: MAC, tap, and its
+/// conditions' reasons, messages and times (their type and status make readiness). The pod
+/// reference and the registrar annotation stay: [`trust::check`] reads them.
 fn slim_guest(guest: &mut Guest) {
+    let registrar = guest.annotations().get(annotations::REGISTERED_BY).cloned();
     slim(guest);
+    if let Some(r) = registrar {
+        guest
+            .annotations_mut()
+            .insert(annotations::REGISTERED_BY.into(), r);
+    }
     guest.spec.mac = String::new();
     guest.spec.tap = String::new();
-    guest.spec.pod_ref = None;
     for c in guest
         .status
         .iter_mut()
@@ -340,6 +387,61 @@ impl Context {
         }
     }
 
+    /// Whether `guest` may be published ([`trust::check`] against the Pod cache). A refusal,
+    /// and a Guest published again after one, is logged, counted and recorded as an Event on
+    /// the Guest, once per change (a Guest several Services select is checked by each).
+    async fn trusted(&self, guest: &Guest) -> bool {
+        let ns = guest.metadata.namespace.clone().unwrap_or_default();
+        let verdict = trust::check(guest, |pod| {
+            self.caches.pods.get(&ObjectRef::new(pod).within(&ns))
+        });
+        let key = ObjectRef::from_obj(guest);
+        let changed = {
+            let mut refused = self.refused.lock().unwrap();
+            let changed = match &verdict {
+                Err(r) => refused.insert(key, r.clone()).as_ref() != Some(r),
+                Ok(()) => refused.remove(&key).is_some(),
+            };
+            self.metrics.guests_refused.set(refused.len() as i64);
+            changed
+        };
+        if !changed {
+            return verdict.is_ok();
+        }
+        let name = guest.name_any();
+        let event = match &verdict {
+            Err(r) => {
+                self.metrics.not_published(r.label());
+                warn!(guest = %name, namespace = %ns, reason = r.label(), "not published: {r}");
+                KubeEvent {
+                    type_: EventType::Warning,
+                    reason: names::GUEST_NOT_PUBLISHED.into(),
+                    note: Some(format!("not published in any EndpointSlice: {r}")),
+                    action: r.action().into(),
+                    secondary: None,
+                }
+            }
+            Ok(()) => {
+                info!(guest = %name, namespace = %ns, "published again: what backs it agrees");
+                KubeEvent {
+                    type_: EventType::Normal,
+                    reason: names::GUEST_PUBLISHED.into(),
+                    note: Some("published: what backs it agrees with it".into()),
+                    action: "Publish".into(),
+                    secondary: None,
+                }
+            }
+        };
+        if let Err(e) = self
+            .recorder
+            .publish(&event, &kube::Resource::object_ref(guest, &()))
+            .await
+        {
+            warn!(guest = %name, namespace = %ns, error = %e, "recording an Event");
+        }
+        verdict.is_ok()
+    }
+
     fn zone_of(&self, node: &str) -> Option<String> {
         let nodes = self.nodes.as_ref()?;
         nodes
@@ -438,9 +540,15 @@ async fn reconcile_service(service: &Service, ctx: &Context) -> Result<Action> {
         .map(|s| &**s)
         .filter(|s| endpointslice::managed_by(s) == Some(names::MANAGED_BY))
         .collect();
-    let guests = endpointslice::service_selector(service)
+    let selected = endpointslice::service_selector(service)
         .map(|sel| ctx.caches.guests_selected(ns, sel))
         .unwrap_or_default();
+    let mut guests = Vec::with_capacity(selected.len());
+    for guest in selected {
+        if ctx.trusted(&guest).await {
+            guests.push(guest);
+        }
+    }
     let zone_of = |node: &str| ctx.zone_of(node);
     let desired = endpointslice::desired_slices(
         service,
@@ -611,7 +719,9 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) -> R
     let (svc_reader, svc_writer) = reflector::store::<Service>();
     let (guest_reader, guest_writer) = reflector::store::<Guest>();
     let (slice_reader, slice_writer) = reflector::store::<EndpointSlice>();
-    let caches = Caches::new(svc_reader.clone(), guest_reader, slice_reader);
+    let (pod_reader, pod_writer) = reflector::store::<Pod>();
+    let caches = Caches::new(svc_reader.clone(), guest_reader, slice_reader, pod_reader);
+    let refused: Arc<Mutex<HashMap<ObjectRef<Guest>, Refusal>>> = Arc::default();
     let (deleted_tx, deleted_rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = watch::channel(0u8);
 
@@ -640,7 +750,23 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) -> R
         .modify(slim_guest)
         .reflect(guest_writer)
         .inspect(caches.guests_by_label.feeder())
+        .inspect(caches.guests_by_pod.feeder())
         .inspect(mark_ready(&ready_tx, cache::GUESTS, "guests"))
+        .inspect({
+            let refused = refused.clone();
+            move |ev| {
+                if let Ok(watcher::Event::Delete(g)) = ev {
+                    refused.lock().unwrap().remove(&ObjectRef::from_obj(g));
+                }
+            }
+        })
+        .touched_objects();
+    // Pods: what backs a pod's Guest (trust.rs). A pod's change reaches its Guests' Services.
+    let pods = watcher(Api::<Pod>::all(client.clone()), config())
+        .default_backoff()
+        .modify(trust::slim_pod)
+        .reflect(pod_writer)
+        .inspect(mark_ready(&ready_tx, cache::PODS, "pods"))
         .touched_objects();
     let slices = watcher(
         Api::<EndpointSlice>::all(client.clone()),
@@ -654,7 +780,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) -> R
     .touched_objects();
 
     // Zones are optional: a controller that may not read Nodes writes endpoints without them.
-    let mut needed = cache::SERVICES | cache::GUESTS | cache::SLICES;
+    let mut needed = cache::SERVICES | cache::GUESTS | cache::SLICES | cache::PODS;
     let (nodes, node_stream) = match Api::<Node>::all(client.clone())
         .list_metadata(&ListParams::default().limit(1))
         .await
@@ -679,7 +805,16 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) -> R
         }
     };
 
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: names::CONTROLLER.into(),
+            instance: settings.instance.clone(),
+        },
+    );
     let ctx = Arc::new(Context {
+        refused,
+        recorder,
         client,
         caches: caches.clone(),
         nodes,
@@ -692,10 +827,20 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) -> R
             started: Instant::now(),
         }),
     });
+    let pod_caches = caches.clone();
     let mapper = move |guest: Guest| services_for_guest(&guest, &caches);
+    let pod_mapper = move |pod: Pod| {
+        let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let mut out = HashSet::new();
+        for guest in pod_caches.guests_of_pod(ns, &pod.name_any()) {
+            out.extend(services_for_guest(&guest, &pod_caches));
+        }
+        out
+    };
     let controller = Controller::for_stream(services, svc_reader)
         .owns_stream(slices)
         .watches_stream(guests, mapper)
+        .watches_stream(pods, pod_mapper)
         .with_config(controller::Config::default().concurrency(settings.concurrency))
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|res| {
@@ -824,6 +969,7 @@ mod tests {
 
     fn caches(services: Vec<Service>, guests: Vec<Guest>, slices: Vec<EndpointSlice>) -> Caches {
         let empty = Caches::new(
+            store(vec![], None),
             store(vec![], None),
             store(vec![], None),
             store(vec![], None),

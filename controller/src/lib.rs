@@ -12,5 +12,6 @@ pub mod error;
 pub mod index;
 pub mod leader;
 pub mod metrics;
+pub mod trust;
 
 pub use error::{Error, Result};

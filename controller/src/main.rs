@@ -93,6 +93,7 @@ async fn run(cli: Cli) -> Result<()> {
     let settings = Settings {
         resync: cli.resync,
         concurrency: cli.concurrency.max(1),
+        instance: cli.identity.clone(),
     };
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);

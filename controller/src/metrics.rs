@@ -26,6 +26,12 @@ pub struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// [`crate::trust::Refusal::label`].
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabels {
     /// `apply` or `delete`.
     pub op: &'static str,
@@ -41,6 +47,8 @@ pub struct Metrics {
     pub leader: Gauge,
     pub leader_transitions: Counter,
     pub initial_sync_seconds: Gauge<f64, AtomicU64>,
+    pub guests_not_published: Family<RefusalLabels, Counter>,
+    pub guests_refused: Gauge,
 }
 
 impl Default for Metrics {
@@ -90,8 +98,23 @@ impl Default for Metrics {
              Service; 0 until then",
             initial_sync_seconds.clone(),
         );
+        let guests_not_published = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "guests_not_published",
+            "Guests found not to agree with what backs them (trust.rs), by reason; counted once \
+             per Guest and change of reason",
+            guests_not_published.clone(),
+        );
+        let guests_refused = Gauge::default();
+        registry.register(
+            "guests_refused",
+            "Guests not published now, for a disagreement with what backs them",
+            guests_refused.clone(),
+        );
         Metrics {
             registry,
+            guests_not_published,
+            guests_refused,
             initial_sync_seconds,
             reconciliations,
             reconcile_errors,
@@ -114,6 +137,12 @@ impl Metrics {
             .get_or_create(&ErrorLabels {
                 error: error.metric_label(),
             })
+            .inc();
+    }
+
+    pub fn not_published(&self, reason: &'static str) {
+        self.guests_not_published
+            .get_or_create(&RefusalLabels { reason })
             .inc();
     }
 

@@ -63,7 +63,17 @@ pub mod annotations {
     pub const VM: &str = "tapestry.dev/vm";
     /// TCP ports (comma-separated) the guest must accept a connection on to be ready.
     pub const READINESS_TCP_PORTS: &str = "tapestry.dev/readiness-tcp-ports";
+    /// On a Guest no pod backs: who registered it (a user name). The chart's admission policy
+    /// `tapestry-guest-registrar` makes it the writer's own name whenever it is set or changed,
+    /// and never lets a node identity write it; the controller publishes a pod-less Guest only
+    /// with it.
+    pub const REGISTERED_BY: &str = "tapestry.dev/registered-by";
 }
+
+/// The reason of the Events the controller records on a Guest it does not publish.
+pub const GUEST_NOT_PUBLISHED: &str = "GuestNotPublished";
+/// The reason of the Event on a Guest published again after a refusal.
+pub const GUEST_PUBLISHED: &str = "GuestPublished";
 
 #[cfg(test)]
 mod tests {

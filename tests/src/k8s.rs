@@ -950,6 +950,83 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// The daemon's identity as the chart makes it, in namespace `tapestry`: the ServiceAccount,
+    /// its ClusterRole, and the admission policies that scope it to its node and to pods' Guests
+    /// (rendered by helm from the chart; helm from `scripts/build-k8s.sh helm`).
+    pub fn install_node_identity(&self) -> Result<()> {
+        let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/tapestry");
+        let out = Command::new(binary("helm")?)
+            .args(["template", "tapestry"])
+            .arg(&chart)
+            .args([
+                "--namespace",
+                "tapestry",
+                "--show-only",
+                "templates/serviceaccounts.yaml",
+                "--show-only",
+                "templates/rbac-node.yaml",
+                "--show-only",
+                "templates/admission-policy.yaml",
+            ])
+            .output()
+            .context("running helm template")?;
+        if !out.status.success() {
+            bail!("helm template: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let _ = self.kubectl(["create", "namespace", "tapestry"])?;
+        self.apply(&String::from_utf8(out.stdout)?)?;
+        Ok(())
+    }
+
+    /// A kubeconfig for the daemon of `node`: a token of the tapestry-node ServiceAccount
+    /// (from [`ControlPlane::install_node_identity`]) bound to a daemon Pod on that node, as the
+    /// kubelet would mount it, so it carries the node-name claim. Creates the Node if missing.
+    pub fn node_kubeconfig(&self, node: &str) -> Result<PathBuf> {
+        let pod = format!("tapestry-node-{node}");
+        let _ = self.apply(&format!(
+            "{{\"apiVersion\": \"v1\", \"kind\": \"Node\", \"metadata\": {{\"name\": \"{node}\"}}}}"
+        ));
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: tapestry}}\n\
+             spec: {{nodeName: {node}, serviceAccountName: tapestry-node, \
+             containers: [{{name: tapestryd, image: tapestryd}}]}}\n"
+        ))?;
+        let uid = self.kubectl_ok([
+            "get",
+            "pod",
+            "-n",
+            "tapestry",
+            &pod,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])?;
+        let token = self.kubectl_ok([
+            "create",
+            "token",
+            "tapestry-node",
+            "-n",
+            "tapestry",
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            &pod,
+            "--bound-object-uid",
+            uid.trim(),
+        ])?;
+        let path = self.dir().join(format!("kubeconfig-daemon-{node}.yaml"));
+        fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
+                 users:\n- name: u\n  user:\n    token: {}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n",
+                self.server_url(),
+                self.ca_path().display(),
+                token.trim()
+            ),
+        )?;
+        Ok(path)
+    }
+
     /// `kubectl apply -f -` as [`ADMIN`] with `manifest` (YAML or JSON) on stdin.
     pub fn apply(&self, manifest: &str) -> Result<String> {
         let mut cmd = self.kubectl_command(ADMIN)?;

@@ -27,8 +27,8 @@ const MANAGED_BY: &str = "tapestry-controller.tapestry.dev";
 const CONTROLLER_NS: &str = "tapestry-system";
 const CONTROLLER_ID: &str = "tapestry-controller";
 
-/// What the controller needs, and nothing more: read Services, Guests and Nodes, write
-/// EndpointSlices, hold its Lease.
+/// What the controller needs, and nothing more: read Services, Guests, Pods and Nodes, write
+/// EndpointSlices and Events, hold its Lease.
 const RBAC: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -41,9 +41,15 @@ rules:
 - apiGroups: [""]
   resources: [services, nodes]
   verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
 - apiGroups: [tapestry.dev]
   resources: [guests]
   verbs: [get, list, watch]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]
   verbs: [get, list, watch, create, update, patch, delete]
@@ -237,14 +243,15 @@ impl Drop for Controller {
     }
 }
 
+/// An operator's Guest (no pod backs it, registered by the admin: published without a pod).
 fn guest(name: &str, ips: &[&str], labels: Value, ports: Value) -> Value {
     json!({
         "apiVersion": "tapestry.dev/v1alpha1",
         "kind": "Guest",
-        "metadata": {"name": name, "namespace": "default", "labels": labels},
+        "metadata": {"name": name, "namespace": "default", "labels": labels,
+                     "annotations": {"tapestry.dev/registered-by": "admin"}},
         "spec": {
             "nodeName": "node-a",
-            "podRef": {"name": name},
             "ips": ips,
             "mac": "52:54:00:00:00:01",
             "tap": "tap0",
@@ -922,4 +929,326 @@ spec:
     })
     .unwrap();
     Ok(())
+}
+
+/// kubectl as the daemon of `node-a`, with the pod-bound token the chart's ServiceAccount gets
+/// (`kubeconfig` from [`ControlPlane::node_kubeconfig`]): (success, stdout + stderr).
+fn as_daemon(kubeconfig: &std::path::Path, args: &[&str], stdin: &str) -> Result<(bool, String)> {
+    let mut child = Command::new(tapestry_tests::k8s::binary("kubectl")?)
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("kubectl stdin")?
+        .write_all(stdin.as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// A Guest as the daemon writes one for pod `pod` (uid `uid`) in `ns`.
+fn pod_guest(ns: &str, pod: &str, uid: &str, ips: &[&str], labels: Value) -> Value {
+    json!({
+        "apiVersion": "tapestry.dev/v1alpha1",
+        "kind": "Guest",
+        "metadata": {"name": pod, "namespace": ns, "labels": labels,
+                     "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": pod, "uid": uid}]},
+        "spec": {"nodeName": "node-a", "podRef": {"name": pod, "uid": uid}, "ips": ips,
+                 "mac": "52:54:00:00:00:01", "tap": "tap0"}
+    })
+}
+
+/// A pod of node-a at `ip` (its status as the kubelet would report it); returns its uid.
+fn running_pod(cp: &ControlPlane, ns: &str, name: &str, labels: Value, ip: &str) -> Result<String> {
+    cp.apply(
+        &json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "vm", "image": "vm"}]}})
+        .to_string(),
+    )?;
+    let status = json!({"status": {"podIP": ip, "podIPs": [{"ip": ip}], "phase": "Running"}});
+    cp.kubectl_ok([
+        "patch",
+        "pod",
+        name,
+        "-n",
+        ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status.to_string(),
+    ])?;
+    Ok(cp
+        .kubectl_ok([
+            "get",
+            "pod",
+            name,
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])?
+        .trim()
+        .to_string())
+}
+
+/// The notes of the Events with `reason` about Guest `ns/name`.
+fn guest_events(cp: &ControlPlane, ns: &str, name: &str, reason: &str) -> Result<Vec<String>> {
+    let list = json(&cp.kubectl_ok(["get", "events.events.k8s.io", "-n", ns, "-o", "json"])?)?;
+    Ok(list["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .filter(|e| {
+            e["regarding"]["kind"] == "Guest"
+                && e["regarding"]["name"] == name
+                && e["reason"] == reason
+        })
+        .filter_map(|e| e["note"].as_str().map(String::from))
+        .collect())
+}
+
+/// Every EndpointSlice of Service `ns/service`, by name, with its endpoints.
+fn all_slices(cp: &ControlPlane, ns: &str, service: &str) -> Result<BTreeMap<String, Value>> {
+    let list = json(&cp.kubectl_ok([
+        "get",
+        "endpointslices",
+        "-n",
+        ns,
+        "-l",
+        &format!("kubernetes.io/service-name={service}"),
+        "-o",
+        "json",
+    ])?)?;
+    Ok(list["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .map(|s| {
+            (
+                s["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                s["endpoints"].clone(),
+            )
+        })
+        .collect())
+}
+
+/// Guests the cluster can trust (issue 12): with the chart's admission policies and the daemon's
+/// pod-bound node token, a node can neither register a pod-less Guest nor get a Guest published
+/// that its pod does not back (another namespace, another address, a kube-dns look-alike); each
+/// refusal by the controller is an Event on the Guest and a counted reason; an operator's
+/// pod-less Guest and a pod's own Guest are published, and a refused Guest set right is.
+#[test]
+fn only_guests_their_backing_agrees_with_are_published() -> Result<()> {
+    tapestry_tests::require_k8s!(Ok(()));
+    let cp = control_plane()?;
+    cp.install_node_identity()?;
+    let daemon = cp.node_kubeconfig("node-a")?;
+    cp.apply(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: other}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  selector: {app: web}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: other}
+spec:
+  selector: {app: web}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system}
+spec:
+  selector: {k8s-app: kube-dns}
+  ports: [{name: dns, port: 53, protocol: UDP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kube-dns-abcde
+  namespace: kube-system
+  labels:
+    kubernetes.io/service-name: kube-dns
+    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+addressType: IPv4
+ports: [{name: dns, port: 53, protocol: UDP}]
+endpoints: [{addresses: [10.22.0.53], conditions: {ready: true}}]
+"#,
+    )?;
+    let dns_before = all_slices(&cp, "kube-system", "kube-dns")?;
+    let vm1 = running_pod(&cp, "default", "vm-1", json!({"app": "web"}), "10.22.0.5")?;
+    let vm2 = running_pod(&cp, "default", "vm-2", json!({"app": "web"}), "10.22.0.6")?;
+    let ctl = Controller::start(&cp, "only")?;
+
+    let daemon_apply = |g: &Value| as_daemon(&daemon, &["apply", "-f", "-"], &g.to_string());
+    // The policy is in force once the apiserver's informers have it.
+    let loose = json!({"apiVersion": "tapestry.dev/v1alpha1", "kind": "Guest",
+        "metadata": {"name": "loose", "namespace": "default", "labels": {"app": "web"}},
+        "spec": {"nodeName": "node-a", "ips": ["10.22.0.77"], "mac": "52:54:00:00:00:07", "tap": "tap0"}});
+    let denied = poll(
+        Duration::from_secs(30),
+        "the policy to deny a pod-less Guest",
+        || {
+            let (ok, out) = daemon_apply(&loose)?;
+            if ok {
+                cp.kubectl_ok(["delete", "guest", "loose", "-n", "default"])?;
+                return Ok(None);
+            }
+            Ok(out.contains("ValidatingAdmissionPolicy").then_some(out))
+        },
+    )
+    .unwrap();
+    assert!(denied.contains("may only write a pod's Guest"), "{denied}");
+    // The kube-dns look-alike, pod-less with its own address: denied too.
+    let mut lookalike = loose.clone();
+    lookalike["metadata"] = json!({"name": "coredns-x", "namespace": "kube-system",
+                                   "labels": {"k8s-app": "kube-dns"}});
+    let (ok, out) = daemon_apply(&lookalike)?;
+    assert!(!ok && out.contains("may only write a pod's Guest"), "{out}");
+    // Nor may the node claim an operator's registration.
+    let mut registered = loose.clone();
+    registered["metadata"]["annotations"] = json!({"tapestry.dev/registered-by": "admin"});
+    let (ok, out) = daemon_apply(&registered)?;
+    assert!(!ok, "the node registered a pod-less Guest: {out}");
+
+    // Admitted (the policy cannot look pods up), never published:
+    // - a kube-dns look-alike owned by a pod that does not exist there;
+    let fake_dns = pod_guest(
+        "kube-system",
+        "coredns-x",
+        &vm1,
+        &["10.22.0.66"],
+        json!({"k8s-app": "kube-dns"}),
+    );
+    let (ok, out) = daemon_apply(&fake_dns)?;
+    assert!(ok, "{out}");
+    // - vm-1's Guest in another namespace than its pod's;
+    let (ok, out) = daemon_apply(&pod_guest(
+        "other",
+        "vm-1",
+        &vm1,
+        &["10.22.0.5"],
+        json!({"app": "web"}),
+    ))?;
+    assert!(ok, "{out}");
+    // - vm-2's Guest with an address that is not the pod's.
+    let (ok, out) = daemon_apply(&pod_guest(
+        "default",
+        "vm-2",
+        &vm2,
+        &["10.22.0.99"],
+        json!({"app": "web"}),
+    ))?;
+    assert!(ok, "{out}");
+    // Published: vm-1's own Guest, and an operator's pod-less one.
+    let (ok, out) = daemon_apply(&pod_guest(
+        "default",
+        "vm-1",
+        &vm1,
+        &["10.22.0.5"],
+        json!({"app": "web"}),
+    ))?;
+    assert!(ok, "{out}");
+    cp.apply(&guest("external", &["10.30.0.1"], json!({"app": "web"}), json!([])).to_string())?;
+    wait_endpoints(&cp, "web", &[("10.22.0.5", false), ("10.30.0.1", false)])?;
+
+    // Each refusal is an Event on its Guest, saying why, and counted by reason.
+    let event = |ns: &str, name: &str, says: &str| {
+        poll(
+            Duration::from_secs(30),
+            "the GuestNotPublished Event",
+            || {
+                let notes = guest_events(&cp, ns, name, "GuestNotPublished")?;
+                Ok(notes.iter().any(|n| n.contains(says)).then_some(()))
+            },
+        )
+        .unwrap()
+    };
+    event(
+        "kube-system",
+        "coredns-x",
+        "its pod coredns-x does not exist",
+    );
+    event("other", "vm-1", "its pod vm-1 does not exist");
+    event(
+        "default",
+        "vm-2",
+        "its address 10.22.0.99 is not one of its pod vm-2's (10.22.0.6)",
+    );
+    let refused = |reason: &str| {
+        ctl.metric(&format!(
+            "tapestry_controller_guests_not_published_total{{reason=\"{reason}\"}}"
+        ))
+    };
+    assert_eq!(refused("pod_missing")?, 2.0);
+    assert_eq!(refused("address_not_pods")?, 1.0);
+    assert_eq!(ctl.metric("tapestry_controller_guests_refused")?, 3.0);
+    assert!(our_slices_in(&cp, "other", "web")?.is_empty());
+    assert_eq!(all_slices(&cp, "kube-system", "kube-dns")?, dns_before);
+
+    // An operator cannot register in another's name.
+    let mut forged = guest("forged", &["10.30.0.2"], json!({"app": "web"}), json!([]));
+    forged["metadata"]["annotations"] = json!({"tapestry.dev/registered-by": "someone-else"});
+    let err = cp.apply(&forged.to_string()).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("must be the name of whoever sets it: admin"),
+        "{err:#}"
+    );
+
+    // vm-2's Guest set right is published, and its Event says so.
+    let (ok, out) = daemon_apply(&pod_guest(
+        "default",
+        "vm-2",
+        &vm2,
+        &["10.22.0.6"],
+        json!({"app": "web"}),
+    ))?;
+    assert!(ok, "{out}");
+    wait_endpoints(
+        &cp,
+        "web",
+        &[
+            ("10.22.0.5", false),
+            ("10.22.0.6", false),
+            ("10.30.0.1", false),
+        ],
+    )?;
+    assert!(!guest_events(&cp, "default", "vm-2", "GuestPublished")?.is_empty());
+    // A label its pod lacks takes it out again.
+    let (ok, out) = as_daemon(&daemon, &["label", "guest", "vm-2", "tier=db"], "")?;
+    assert!(ok, "{out}");
+    wait_endpoints(&cp, "web", &[("10.22.0.5", false), ("10.30.0.1", false)])?;
+    event("default", "vm-2", "its label tier=db is not its pod vm-2's");
+    assert_eq!(all_slices(&cp, "kube-system", "kube-dns")?, dns_before);
+    ctl.check_running()?;
+    Ok(())
+}
+
+/// Our slices of Service `ns/service`.
+fn our_slices_in(cp: &ControlPlane, ns: &str, service: &str) -> Result<BTreeMap<String, Value>> {
+    Ok(all_slices(cp, ns, service)?
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(&format!("{service}-tapestry-")))
+        .collect())
 }

@@ -267,6 +267,8 @@ fn chart_renders_the_agreed_objects() -> Result<()> {
         "PodDisruptionBudget/tapestry-controller",
         "ValidatingAdmissionPolicy/tapestry-node-guests",
         "ValidatingAdmissionPolicyBinding/tapestry-node-guests",
+        "ValidatingAdmissionPolicy/tapestry-guest-registrar",
+        "ValidatingAdmissionPolicyBinding/tapestry-guest-registrar",
         "ValidatingAdmissionPolicy/tapestry-node-pod-status",
         "ValidatingAdmissionPolicyBinding/tapestry-node-pod-status",
         "MutatingAdmissionPolicy/tapestry-vm-readiness-gate",
@@ -800,10 +802,12 @@ fn manifests_apply_in_one_command_to_a_bare_apiserver() -> Result<()> {
     Ok(())
 }
 
-/// A Guest of `node` (YAML for `kubectl apply -f -`).
+/// A pod's Guest of `node`, as the daemon writes it: named after its pod and owned by it (YAML
+/// for `kubectl apply -f -`; the pod need not exist for admission).
 fn guest(name: &str, node: &str, ip: &str) -> String {
     format!(
-        "apiVersion: tapestry.dev/v1alpha1\nkind: Guest\nmetadata: {{name: {name}, namespace: default}}\n\
+        "apiVersion: tapestry.dev/v1alpha1\nkind: Guest\nmetadata: {{name: {name}, namespace: default, \
+         ownerReferences: [{{apiVersion: v1, kind: Pod, name: {name}, uid: 00000000-0000-0000-0000-000000000001}}]}}\n\
          spec: {{nodeName: {node}, ips: [{ip}], mac: '02:00:00:00:00:01', tap: tap0}}\n"
     )
 }

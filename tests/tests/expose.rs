@@ -122,6 +122,15 @@ fn guest(namespace: &str, name: &str, labels: Value, ip: &str, ports: Value) -> 
     })
 }
 
+/// [`guest`] as an operator registers a VM outside Kubernetes: no pod reference, the
+/// `tapestry.dev/registered-by` annotation (the controller publishes a pod-less Guest only with
+/// it).
+fn registered(mut g: Value) -> Value {
+    g["spec"].as_object_mut().map(|s| s.remove("podRef"));
+    g["metadata"]["annotations"] = json!({"tapestry.dev/registered-by": "admin"});
+    g
+}
+
 fn set_guest_ready(cp: &ControlPlane, namespace: &str, name: &str, ready: bool) -> Result<()> {
     let status = if ready { "True" } else { "False" };
     let patch = json!({"status": {"conditions": [
@@ -258,17 +267,17 @@ fn kubectl_tapestry_expose_guest() -> Result<()> {
     cp.kubectl_ok(["create", "namespace", "vms"])?;
     let labels = json!({"app": "web", "vm.kubevirt.io/name": "vm-1"});
     cp.apply(
-        &guest(
+        &registered(guest(
             "vms",
             "vm-1",
             labels.clone(),
             "10.22.0.5",
             json!([{"name": "http", "port": 8080}]),
-        )
+        ))
         .to_string(),
     )?;
     set_guest_ready(&cp, "vms", "vm-1", true)?;
-    cp.apply(&guest("vms", "bare", json!({}), "10.22.0.6", json!([])).to_string())?;
+    cp.apply(&registered(guest("vms", "bare", json!({}), "10.22.0.6", json!([]))).to_string())?;
 
     // The real kubectl finds the plugin on the PATH.
     let list = plugins.kubectl_ok(&cp, &["plugin", "list", "--name-only"])?;

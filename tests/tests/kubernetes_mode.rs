@@ -68,90 +68,6 @@ fn daemon_as(name: &str, kubeconfig: &std::path::Path, attach: &[&str]) -> Daemo
     .unwrap()
 }
 
-/// The daemon's identity as the chart makes it: the ServiceAccount, its ClusterRole, and the
-/// ValidatingAdmissionPolicy that scopes it to its node (rendered by helm from the chart).
-fn install_node_identity(cp: &ControlPlane) {
-    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/tapestry");
-    let out = Command::new(tapestry_tests::k8s::binary("helm").unwrap())
-        .args(["template", "tapestry"])
-        .arg(&chart)
-        .args([
-            "--namespace",
-            "tapestry",
-            "--show-only",
-            "templates/serviceaccounts.yaml",
-            "--show-only",
-            "templates/rbac-node.yaml",
-            "--show-only",
-            "templates/admission-policy.yaml",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    cp.kubectl_ok(["create", "namespace", "tapestry"]).unwrap();
-    cp.apply(&String::from_utf8(out.stdout).unwrap()).unwrap();
-}
-
-/// A kubeconfig for the daemon of `node`: a token of the tapestry-node ServiceAccount bound to
-/// a daemon Pod on that node, as the kubelet would mount it (so it carries the node-name claim).
-fn node_kubeconfig(cp: &ControlPlane, node: &str) -> std::path::PathBuf {
-    let pod = format!("tapestry-node-{node}");
-    let _ = cp.apply(
-        &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}).to_string(),
-    );
-    cp.apply(
-        &json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": pod, "namespace": "tapestry"},
-            "spec": {"nodeName": node, "serviceAccountName": "tapestry-node",
-                     "containers": [{"name": "tapestryd", "image": "tapestryd"}]}})
-        .to_string(),
-    )
-    .unwrap();
-    let uid = cp
-        .kubectl_ok([
-            "get",
-            "pod",
-            "-n",
-            "tapestry",
-            &pod,
-            "-o",
-            "jsonpath={.metadata.uid}",
-        ])
-        .unwrap();
-    let token = cp
-        .kubectl_ok([
-            "create",
-            "token",
-            "tapestry-node",
-            "-n",
-            "tapestry",
-            "--bound-object-kind",
-            "Pod",
-            "--bound-object-name",
-            &pod,
-            "--bound-object-uid",
-            &uid,
-        ])
-        .unwrap();
-    let path = cp.dir().join(format!("kubeconfig-daemon-{node}.yaml"));
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
-             users:\n- name: u\n  user:\n    token: {}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n",
-            cp.server_url(),
-            cp.ca_path().display(),
-            token.trim()
-        ),
-    )
-    .unwrap();
-    path
-}
-
 /// A slice written by a controller that is neither Kubernetes' nor Tapestry's.
 fn slice(name: &str, service: &str, endpoints: Value) -> String {
     json!({
@@ -422,7 +338,7 @@ fn the_daemon_publishes_and_collects_its_nodes_guests() {
     }
     let cp = ControlPlane::start().unwrap();
     cp.install_guest_crd().unwrap();
-    install_node_identity(&cp);
+    cp.install_node_identity().unwrap();
     let mut lab = Lab::new("k8s-guests").unwrap();
     let vm = lab.add_pod("vm1").unwrap();
     // A Guest of this node that no attachment backs (left by a previous run): collected.
@@ -449,7 +365,7 @@ fn the_daemon_publishes_and_collects_its_nodes_guests() {
     // The daemon runs as the chart's node-scoped identity: what it needs is what it may do.
     let d = daemon_as(
         "k8s-guests",
-        &node_kubeconfig(&cp, NODE),
+        &cp.node_kubeconfig(NODE).unwrap(),
         &[&vm.host_ifname],
     );
     register_vm_pod(&d.client(), &vm).unwrap();
@@ -579,8 +495,8 @@ fn the_node_identity_writes_only_its_own_nodes_guests() {
     require_k8s!();
     let cp = ControlPlane::start().unwrap();
     cp.install_guest_crd().unwrap();
-    install_node_identity(&cp);
-    let kubeconfig = node_kubeconfig(&cp, NODE);
+    cp.install_node_identity().unwrap();
+    let kubeconfig = cp.node_kubeconfig(NODE).unwrap();
     let as_node = |args: &[&str], stdin: Option<&str>| -> std::process::Output {
         let mut cmd = Command::new(tapestry_tests::k8s::binary("kubectl").unwrap());
         cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
@@ -602,9 +518,12 @@ fn the_node_identity_writes_only_its_own_nodes_guests() {
         drop(child.stdin.take());
         child.wait_with_output().unwrap()
     };
+    // A pod's Guest, as the daemon writes them (the pod need not exist for admission).
     let guest = |name: &str, node: &str| {
         json!({"apiVersion": "tapestry.dev/v1alpha1", "kind": "Guest",
-            "metadata": {"name": name, "namespace": "default"},
+            "metadata": {"name": name, "namespace": "default", "ownerReferences": [
+                {"apiVersion": "v1", "kind": "Pod", "name": name,
+                 "uid": "00000000-0000-0000-0000-000000000001"}]},
             "spec": {"nodeName": node, "ips": ["10.9.9.9"], "mac": "52:54:00:00:00:09", "tap": "tap0"}})
         .to_string()
     };

@@ -62,8 +62,11 @@ kind: ClusterRole
 metadata: {name: tapestry-controller}
 rules:
 - apiGroups: [""]
-  resources: [services, nodes]
+  resources: [services, nodes, pods]
   verbs: [get, list, watch]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
 - apiGroups: [tapestry.dev]
   resources: [guests]
   verbs: [get, list, watch]
@@ -149,10 +152,11 @@ fn guest(k: usize, per: usize, nodes: usize) -> Guest {
         "metadata": {
             "name": format!("svc-{}-vm-{}", k / per, k % per),
             "labels": {"app": format!("svc-{}", k / per), "kubevirt.io": "virt-launcher"},
+            // Registered by an operator, no pod behind it: published without a pod lookup.
+            "annotations": {"tapestry.dev/registered-by": "admin"},
         },
         "spec": {
             "nodeName": format!("node-{}", k % nodes),
-            "podRef": {"name": format!("svc-{}-vm-{}", k / per, k % per)},
             "ips": [format!("{}.{}.{}.{}", o[0], o[1], o[2], o[3])],
             "mac": format!("52:54:00:{:02x}:{:02x}:{:02x}", o[1], o[2], o[3]),
             "tap": "tap0",
