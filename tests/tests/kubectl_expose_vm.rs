@@ -152,6 +152,22 @@ fn a_qemu_guest_is_reached_through_a_service_made_by_kubectl_expose() {
         .parse()
         .unwrap();
 
+    // What the kubelet writes once the sandbox has its address (this test plays the kubelet
+    // here, and only here): the pod IP the CNI result gave. tapestry-controller publishes a
+    // Guest only when its IPs are its pod's.
+    cp.kubectl_ok([
+        "patch",
+        "pod",
+        "vm-1",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &json!({"status": {"phase": "Running", "podIP": vm_ip.to_string(),
+                           "podIPs": [{"ip": vm_ip.to_string()}]}})
+        .to_string(),
+    ])
+    .unwrap();
+
     // The Guest appears Attached, and Ready once the stock guest has booted and DHCP'd.
     let guest_ready = || -> Option<Value> {
         let out = cp.kubectl(["get", "guest", "vm-1", "-o", "json"]).ok()?;
