@@ -206,6 +206,16 @@ pub struct Spec {
     pub reason: Option<String>,
 }
 
+impl Spec {
+    /// The first line of the reason, or "".
+    pub fn first_reason_line(&self) -> &str {
+        self.reason
+            .as_deref()
+            .and_then(|r| r.lines().next())
+            .unwrap_or("")
+    }
+}
+
 /// What `bench/results/conformance.json` holds.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -346,16 +356,7 @@ impl Report {
         self.specs
             .iter()
             .filter(|s| s.outcome == Outcome::Failed)
-            .map(|s| {
-                let why = s
-                    .reason
-                    .as_deref()
-                    .unwrap_or("")
-                    .lines()
-                    .next()
-                    .unwrap_or("");
-                format!("- {} [{}]: {why}", s.name, s.state)
-            })
+            .map(|s| format!("- {} [{}]: {}", s.name, s.state, s.first_reason_line()))
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -380,14 +381,7 @@ impl Report {
             self.seconds / 60.0
         );
         for s in &self.specs {
-            let why = s
-                .reason
-                .as_deref()
-                .unwrap_or("")
-                .lines()
-                .next()
-                .unwrap_or("")
-                .replace('|', "\\|");
+            let why = s.first_reason_line().replace('|', "\\|");
             out.push_str(&format!(
                 "| {} | {} | {:.1} | {why} |\n",
                 s.name.replace('|', "\\|"),

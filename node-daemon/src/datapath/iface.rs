@@ -77,22 +77,7 @@ pub fn packet_socket(ifindex: u32) -> Result<OwnedFd> {
     }
     // SAFETY: fd is ours.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_ll is plain data.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = 0;
-    addr.sll_ifindex = ifindex as i32;
-    // SAFETY: binding our socket to a sockaddr_ll of the right size.
-    let rc = unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            &addr as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error()).context("binding the packet socket");
-    }
+    bind_packet(&sock, ifindex, 0).context("binding the packet socket")?;
     Ok(sock)
 }
 
@@ -155,10 +140,17 @@ pub fn arp_socket(ifindex: u32) -> Result<OwnedFd> {
         return Err(io::Error::last_os_error()).context("attaching the ARP filter");
     }
     // Bound (and so receiving) only once the filter is in place.
+    bind_packet(&sock, ifindex, (libc::ETH_P_ALL as u16).to_be())
+        .context("binding the ARP socket")?;
+    Ok(sock)
+}
+
+/// Binds a packet socket to interface `ifindex` for `protocol` (network order; 0: send only).
+fn bind_packet(sock: &impl AsRawFd, ifindex: u32, protocol: u16) -> io::Result<()> {
     // SAFETY: sockaddr_ll is plain data.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    addr.sll_protocol = protocol;
     addr.sll_ifindex = ifindex as i32;
     // SAFETY: binding our socket to a sockaddr_ll of the right size.
     let rc = unsafe {
@@ -169,9 +161,9 @@ pub fn arp_socket(ifindex: u32) -> Result<OwnedFd> {
         )
     };
     if rc != 0 {
-        return Err(io::Error::last_os_error()).context("binding the ARP socket");
+        return Err(io::Error::last_os_error());
     }
-    Ok(sock)
+    Ok(())
 }
 
 fn bpf_stmt(code: u16, k: u32) -> libc::sock_filter {
