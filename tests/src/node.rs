@@ -1753,7 +1753,10 @@ fn cleanup_host(record: &Record, remove_dir: bool) -> Vec<String> {
         && let Err(e) = ip(&["route", "del", "unreachable", k8s::SERVICE_CIDR])
         && !format!("{e:#}").contains("No such process")
     {
-        errors.push(format!("deleting the route for {}: {e:#}", k8s::SERVICE_CIDR));
+        errors.push(format!(
+            "deleting the route for {}: {e:#}",
+            k8s::SERVICE_CIDR
+        ));
     }
     if Path::new("/sys/class/net").join(BRIDGE).exists() {
         if let Ok(ports) = fs::read_dir(Path::new("/sys/class/net").join(BRIDGE).join("brif")) {
