@@ -54,7 +54,7 @@ impl Route {
     /// Sends the packet into the namespace of the peer of this route's interface (a veth whose
     /// other end is an endpoint's), as if that end had received it: `bpf_redirect_peer`, which
     /// only a tc ingress program may call. `None` while the neighbour (the endpoint's MAC) is
-    /// unknown: the stack resolves it, and the flow's next packets take the fast path.
+    /// unknown.
     #[inline(always)]
     pub fn redirect_peer(&self, ctx: &TcContext) -> Option<i32> {
         let (smac, dmac) = self.macs?;

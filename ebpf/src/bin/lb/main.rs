@@ -253,15 +253,13 @@ fn from_network(ctx: &TcContext) -> i32 {
 /// Fast path, from the network: a packet for a local endpoint goes straight into the endpoint's
 /// namespace, a reply of a flow this node balanced (from a backend on another node) translated
 /// first. A packet of a flow that another node balanced to a backend here carries nothing that
-/// tells it from any other pod-to-pod packet, so every packet for a local endpoint goes this
-/// way. Without a resolved neighbour it goes on through the stack untranslated, and the
-/// endpoint's egress program translates it as without the fast path.
+/// tells it from any other pod-to-pod packet, so every packet for a local endpoint goes this way.
 #[inline(always)]
 fn to_local_endpoint(ctx: &TcContext, pkt: &Ipv4Packet) -> i32 {
     let Some(route) = fib::next_hop(ctx, pkt.proto, pkt.daddr) else {
         return verdict::NEXT;
     };
-    if !is_endpoint_if(route.ifindex) || !route.has_neighbour() {
+    if !is_endpoint_if(route.ifindex) {
         return verdict::NEXT;
     }
     match lb4_reply(ctx, pkt, 0, false) {
@@ -269,29 +267,32 @@ fn to_local_endpoint(ctx: &TcContext, pkt: &Ipv4Packet) -> i32 {
         Ok(Some(v)) => return v,
         Err(reason) => return drop(ctx, pkt, reason, 0),
     }
-    delivered(route.redirect_peer(ctx))
+    delivered(ctx, &route)
 }
 
 /// The fast path (`config_flags::FAST_PATH`): delivers a rewritten packet of a Service flow to
-/// `dst` itself. A local endpoint's (whose route leaves through an endpoint interface) goes into
-/// the endpoint's namespace (`bpf_redirect_peer`); any other destination out along the node's
-/// route. What the FIB cannot answer at once (no route, over the MTU, a local endpoint's
-/// neighbour unknown) goes on through the stack, as without the fast path.
+/// `dst` itself. What the FIB cannot answer (no route, over the MTU, forwarding off) goes on
+/// through the stack, as without the fast path.
 #[inline(always)]
 fn deliver(ctx: &TcContext, proto: u8, dst: u32) -> i32 {
-    let Some(route) = fib::next_hop(ctx, proto, dst) else {
-        return verdict::NEXT;
-    };
-    if is_endpoint_if(route.ifindex) {
-        delivered(route.redirect_peer(ctx))
-    } else {
-        delivered(fib::redirect(ctx, &route).ok())
+    match fib::next_hop(ctx, proto, dst) {
+        Some(route) => delivered(ctx, &route),
+        None => verdict::NEXT,
     }
 }
 
-/// The verdict of a fast path redirect, counted; `None` (not redirected) goes on.
+/// Sends the packet along `route`, counted: into a local endpoint's namespace
+/// (`bpf_redirect_peer`, when its route leaves through an endpoint interface and its MAC is
+/// known), else out of the route's interface (`bpf_redirect`, or `bpf_redirect_neigh` while the
+/// neighbour is unresolved: the kernel resolves it, and the next packets go into the namespace
+/// directly). Either way past the node's stack.
 #[inline(always)]
-fn delivered(redirect: Option<i32>) -> i32 {
+fn delivered(ctx: &TcContext, route: &fib::Route) -> i32 {
+    let redirect = if route.has_neighbour() && is_endpoint_if(route.ifindex) {
+        route.redirect_peer(ctx)
+    } else {
+        fib::redirect(ctx, route).ok()
+    };
     match redirect {
         Some(v) => {
             count(Counter::FastPath);
