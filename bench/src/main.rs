@@ -90,6 +90,8 @@ impl IptablesChoice {
 enum Family {
     Direct,
     Tapestry,
+    /// Tapestry with `--fast-path`, 1 service.
+    FastPath,
     Iptables,
     Nftables,
 }
@@ -429,6 +431,8 @@ fn time_anchor(args: AnchorArgs) -> Result<()> {
 enum CaseKind {
     Direct,
     Tapestry,
+    /// Tapestry with `--fast-path`.
+    TapestryFast,
     Iptables,
     Nftables,
 }
@@ -444,6 +448,7 @@ impl Case {
         match self.kind {
             CaseKind::Direct => "direct".into(),
             CaseKind::Tapestry => format!("tapestry-{}", self.services),
+            CaseKind::TapestryFast => format!("tapestry-fastpath-{}", self.services),
             CaseKind::Iptables => format!("iptables-{}", self.services),
             CaseKind::Nftables => format!("nftables-{}", self.services),
         }
@@ -453,6 +458,9 @@ impl Case {
         match self.kind {
             CaseKind::Direct => "direct pod IP".into(),
             CaseKind::Tapestry => format!("Tapestry, {} svc", thousands(self.services)),
+            CaseKind::TapestryFast => {
+                format!("Tapestry fast path, {} svc", thousands(self.services))
+            }
             CaseKind::Iptables => format!("iptables, {} svc", thousands(self.services)),
             CaseKind::Nftables => format!("nftables, {} svc", thousands(self.services)),
         }
@@ -469,6 +477,7 @@ impl Case {
         let (kind, n) = name.rsplit_once('-')?;
         let kind = match kind {
             "tapestry" => CaseKind::Tapestry,
+            "tapestry-fastpath" => CaseKind::TapestryFast,
             "iptables" => CaseKind::Iptables,
             "nftables" => CaseKind::Nftables,
             _ => return None,
@@ -503,6 +512,8 @@ enum Block {
     Direct,
     Anchor(Kind, usize),
     Tapestry(Vec<usize>),
+    /// A daemon of its own with `--fast-path`, 1 service.
+    TapestryFast,
 }
 
 /// Setup (install / program) and teardown times of one case in one round.
@@ -568,7 +579,7 @@ fn run(args: RunArgs) -> Result<()> {
         );
     }
     let mut notes = Vec::new();
-    let tapestryd = if args.no_tapestry || !want(Family::Tapestry) {
+    let tapestryd = if args.no_tapestry || !(want(Family::Tapestry) || want(Family::FastPath)) {
         None
     } else {
         match find_tapestryd(args.tapestryd.as_deref()) {
@@ -663,8 +674,11 @@ fn run(args: RunArgs) -> Result<()> {
     if want(Family::Direct) {
         blocks.push(Block::Direct);
     }
-    if tapestryd.is_some() && !args.lb_sizes.is_empty() {
+    if tapestryd.is_some() && want(Family::Tapestry) && !args.lb_sizes.is_empty() {
         blocks.push(Block::Tapestry(args.lb_sizes.clone()));
+    }
+    if tapestryd.is_some() && want(Family::FastPath) {
+        blocks.push(Block::TapestryFast);
     }
     for (fam, kind) in [
         (Family::Iptables, Kind::Iptables),
@@ -685,6 +699,7 @@ fn run(args: RunArgs) -> Result<()> {
         .anchor_sizes
         .iter()
         .chain(&args.lb_sizes)
+        .chain(&[1])
         .copied()
         .collect();
     sizes.sort_unstable();
@@ -754,11 +769,15 @@ fn run(args: RunArgs) -> Result<()> {
                     }
                     result?;
                 }
-                Block::Tapestry(ref ns) => {
+                Block::Tapestry(_) | Block::TapestryFast => {
+                    let (ns, fast) = match &block {
+                        Block::Tapestry(ns) => (ns.clone(), false),
+                        _ => (vec![1], true),
+                    };
                     if lb_failed {
                         continue;
                     }
-                    if let Err(e) = tapestry_block(&mut ctx, round, ns, &services) {
+                    if let Err(e) = tapestry_block(&mut ctx, round, &ns, fast, &services) {
                         check_stop()?;
                         // The other cases still mean something: report and go on without it.
                         let n = format!("round {}: Tapestry cases failed: {e:#}", round + 1);
@@ -848,12 +867,19 @@ fn anchor_block(
     ctx.run_case(round, case, SocketAddrV4::new(tested.vip, tested.port))
 }
 
+/// Tapestry's cases: one daemon for `sizes` in turn; `fast`: with `--fast-path`.
 fn tapestry_block(
     ctx: &mut Ctx,
     round: usize,
     sizes: &[usize],
+    fast: bool,
     services: &BTreeMap<usize, Vec<Service>>,
 ) -> Result<()> {
+    let (kind, args): (CaseKind, &[&str]) = if fast {
+        (CaseKind::TapestryFast, &["--fast-path"])
+    } else {
+        (CaseKind::Tapestry, &[])
+    };
     let (client_if, server_if) = (
         ctx.client.host_ifname.clone(),
         ctx.server.host_ifname.clone(),
@@ -870,8 +896,10 @@ fn tapestry_block(
         let t0 = Instant::now();
         match daemon.as_mut() {
             None => {
-                daemon =
-                    Some(Daemon::start("bench", &yaml, &attach).context("starting tapestryd")?);
+                daemon = Some(
+                    Daemon::start_with("bench", &yaml, &attach, args)
+                        .context("starting tapestryd")?,
+                );
             }
             Some(d) => {
                 d.write_state(&yaml)?;
@@ -889,9 +917,11 @@ fn tapestry_block(
             .map(|(_, _, ms)| ms / 1000.0);
         logged_before = lines.len();
         let rss = d.pid().and_then(lb::peak_rss_mib);
+        let case = Case { kind, services: n };
         eprintln!(
-            "  [{}] tapestry-{n}: programmed in {setup_s:.2} s{} (daemon: {}), peak RSS {}",
+            "  [{}] {}: programmed in {setup_s:.2} s{} (daemon: {}), peak RSS {}",
             round + 1,
+            case.name(),
             if i == 0 {
                 " from process start"
             } else {
@@ -905,7 +935,7 @@ fn tapestry_block(
         );
         ctx.setups.push(Setup {
             round,
-            case: format!("tapestry-{n}"),
+            case: case.name(),
             setup_s,
             transactions: None,
             remove_s: None,
@@ -913,14 +943,7 @@ fn tapestry_block(
             daemon_peak_rss_mib: rss,
         });
         let tested = anchors::tested(svcs);
-        let result = ctx.run_case(
-            round,
-            Case {
-                kind: CaseKind::Tapestry,
-                services: n,
-            },
-            SocketAddrV4::new(tested.vip, tested.port),
-        );
+        let result = ctx.run_case(round, case, SocketAddrV4::new(tested.vip, tested.port));
         if result.is_err() {
             let _ = std::fs::write(ctx.args.out.join("tapestryd.log"), &log);
         }
@@ -1155,6 +1178,10 @@ fn blocks_to_cases(blocks: &[Block]) -> Vec<Case> {
                     });
                 }
             }
+            Block::TapestryFast => cases.push(Case {
+                kind: CaseKind::TapestryFast,
+                services: 1,
+            }),
         }
     }
     cases
@@ -1238,7 +1265,24 @@ fn write_results(
     // summary.json: flat keys, merged into what other benchmarks wrote.
     let mut s = Map::new();
     let b = o.args.backends;
-    let lb_ran = cases.iter().any(|c| c.kind == CaseKind::Tapestry);
+    let lb_ran = cases
+        .iter()
+        .any(|c| matches!(c.kind, CaseKind::Tapestry | CaseKind::TapestryFast));
+    // The fast path against the direct path without it (issue 15's target: > 1).
+    for (mode, m) in [(Mode::Rr, "rr"), (Mode::Crr, "crr")] {
+        for (metric, what) in [(Metric::Tps, "ratio"), (Metric::PerCpu, "cpu_ratio")] {
+            s.insert(
+                format!("lb_{m}_{what}_direct_fastpath_1"),
+                opt(report::paired_ratio_of(
+                    o.runs,
+                    "tapestry-fastpath-1",
+                    direct,
+                    mode,
+                    metric,
+                )),
+            );
+        }
+    }
     for n in [1usize, 10000] {
         let lb = format!("tapestry-{n}");
         for (mode, m) in [(Mode::Rr, "rr"), (Mode::Crr, "crr")] {

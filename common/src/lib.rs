@@ -68,6 +68,9 @@ macro_rules! map_name {
     (NODE_ADDRS) => {
         "TAPESTRY_NODE_ADDRS"
     };
+    (ENDPOINT_IFS) => {
+        "TAPESTRY_ENDPOINT_IFS"
+    };
 }
 
 /// Names of the pinned maps, as declared in the eBPF objects (also their file names in bpffs).
@@ -103,8 +106,12 @@ pub mod map_names {
     pub const HOST_REVERSE: &str = map_name!(HOST_REVERSE);
     /// The node's own IPv4 addresses (kept by the daemon): where node ports answer.
     pub const NODE_ADDRS: &str = map_name!(NODE_ADDRS);
+    /// The host-side interfaces (veths) of this node's endpoints, by ifindex (kept by the
+    /// daemon as it attaches): where the fast path delivers into a pod's namespace with
+    /// `bpf_redirect_peer`.
+    pub const ENDPOINT_IFS: &str = map_name!(ENDPOINT_IFS);
     /// Every map of the load balancer's object (`tapestry-lb`).
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         SERVICES,
         BACKENDS,
         LB_TABLES,
@@ -121,6 +128,7 @@ pub mod map_names {
         EVENTS,
         HOST_REVERSE,
         NODE_ADDRS,
+        ENDPOINT_IFS,
     ];
     /// Every map of the guest programs' object (`tapestry-guest`). `DROPS` is the load
     /// balancer's, shared through its pin, so one map counts every drop on the node.
@@ -247,6 +255,8 @@ pub const NODEPORT_MAX_GLOBAL: &str = "NODEPORT_MAX";
 pub const DEFAULT_NODEPORT_RANGE: (u16, u16) = (30000, 32767);
 /// Addresses the node may have in `map_names::NODE_ADDRS`.
 pub const MAX_NODE_ADDRS: u32 = 256;
+/// Endpoint interfaces one node can hold (`map_names::ENDPOINT_IFS`).
+pub const MAX_ENDPOINT_IFS: u32 = 16384;
 /// Entries of the host sockets' reverse map (LRU).
 pub const MAX_HOST_REVERSE: u32 = 65_536;
 pub const MAX_AFFINITY: u32 = 65_536;
@@ -512,6 +522,12 @@ pub mod config_flags {
     /// an address that is no frontend and not the node's is looked up as the reply of a flow
     /// from outside (`ct_flags::LOCAL`). Without it that costs nothing. Kept by the reconciler.
     pub const LOCAL_REPLIES: u32 = 1 << 2;
+    /// The fast path (`tapestryd --fast-path`, off by default): a Service flow's packets go
+    /// straight to their destination after the rewrite, into a local endpoint's namespace
+    /// (`bpf_redirect_peer`) or out along the node's route (`bpf_fib_lookup` + redirect), and
+    /// what the external interfaces receive for a local endpoint goes straight into its
+    /// namespace; the node's stack (and its netfilter) is skipped.
+    pub const FAST_PATH: u32 = 1 << 3;
 }
 
 /// Runtime configuration, one entry in an array map, written by the daemon.
@@ -644,6 +660,9 @@ named_u32_enum! {
         /// Connections and datagrams of the node's own sockets translated to a backend
         /// (host-network pods and node processes reaching a frontend).
         HostTranslated = 8 => "host_translated",
+        /// Packets the fast path delivered itself (`config_flags::FAST_PATH`): redirected into
+        /// a local endpoint's namespace or out along the node's route, past the node's stack.
+        FastPath = 9 => "fast_path",
     }
 }
 

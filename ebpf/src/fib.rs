@@ -9,7 +9,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
         bpf_redir_neigh,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use tapestry_common::DropReason;
@@ -29,9 +29,43 @@ pub struct Route {
     macs: Option<([u8; 6], [u8; 6])>,
 }
 
-/// The route to `dst` for a packet of `proto` that came in on this packet's interface.
+/// The route to `dst` for a packet of `proto` that came in on this packet's interface, with the
+/// source address the node would use on it.
 #[inline(always)]
 pub fn route(ctx: &TcContext, proto: u8, dst: u32) -> Result<Route, DropReason> {
+    lookup(ctx, proto, dst, BPF_FIB_LOOKUP_SRC)
+}
+
+/// The route to `dst` without a source address (the packet keeps its own): what the fast path
+/// needs. No route (or a packet over the route's MTU, or forwarding off) is `None`: such a
+/// packet is left to the stack, which answers it as it would without the fast path.
+#[inline(always)]
+pub fn next_hop(ctx: &TcContext, proto: u8, dst: u32) -> Option<Route> {
+    lookup(ctx, proto, dst, 0).ok()
+}
+
+impl Route {
+    /// Whether the next hop's MAC is known (the neighbour is resolved).
+    #[inline(always)]
+    pub fn has_neighbour(&self) -> bool {
+        self.macs.is_some()
+    }
+
+    /// Sends the packet into the namespace of the peer of this route's interface (a veth whose
+    /// other end is an endpoint's), as if that end had received it: `bpf_redirect_peer`, which
+    /// only a tc ingress program may call. `None` while the neighbour (the endpoint's MAC) is
+    /// unknown.
+    #[inline(always)]
+    pub fn redirect_peer(&self, ctx: &TcContext) -> Option<i32> {
+        let (smac, dmac) = self.macs?;
+        store_macs(ctx, &smac, &dmac).ok()?;
+        // SAFETY: bpf_redirect_peer takes plain integers and only records the target.
+        Some(unsafe { bpf_redirect_peer(self.ifindex, 0) } as i32)
+    }
+}
+
+#[inline(always)]
+fn lookup(ctx: &TcContext, proto: u8, dst: u32, flags: u32) -> Result<Route, DropReason> {
     // SAFETY: bpf_fib_lookup is plain data; all zeroes is a valid start.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
@@ -45,7 +79,7 @@ pub fn route(ctx: &TcContext, proto: u8, dst: u32) -> Result<Route, DropReason> 
             ctx.as_ptr(),
             &mut p,
             size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_SRC,
+            flags,
         )
     };
     // SAFETY: the helper wrote the output members of the unions it was given.
@@ -73,11 +107,7 @@ pub fn route(ctx: &TcContext, proto: u8, dst: u32) -> Result<Route, DropReason> 
 pub fn redirect(ctx: &TcContext, route: &Route) -> Result<i32, DropReason> {
     match route.macs {
         Some((smac, dmac)) => {
-            let mut macs = [0u8; 12];
-            macs[..6].copy_from_slice(&dmac);
-            macs[6..].copy_from_slice(&smac);
-            ctx.store(0, &macs, 0)
-                .map_err(|_| DropReason::RewriteFailed)?;
+            store_macs(ctx, &smac, &dmac)?;
             // SAFETY: bpf_redirect takes plain integers and only records the target.
             Ok(unsafe { bpf_redirect(route.ifindex, 0) } as i32)
         }
@@ -97,4 +127,14 @@ pub fn redirect(ctx: &TcContext, route: &Route) -> Result<i32, DropReason> {
             } as i32)
         }
     }
+}
+
+/// Writes the Ethernet header's destination and source MAC.
+#[inline(always)]
+fn store_macs(ctx: &TcContext, smac: &[u8; 6], dmac: &[u8; 6]) -> Result<(), DropReason> {
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(dmac);
+    macs[6..].copy_from_slice(smac);
+    ctx.store(0, &macs, 0)
+        .map_err(|_| DropReason::RewriteFailed)
 }

@@ -37,8 +37,8 @@ pub mod definitions {
         AffinityEntry, AffinityKey, Backend, Config, CtEntry, CtKey, DHCP_RING_BYTES, DROP_REASONS,
         EVENTS_RING_BYTES, FragmentKey, FragmentPorts, GuestStats, HostReverse, HostReverseKey,
         LbTable, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_CONNTRACK_ANY, MAX_CT_CLIENTS,
-        MAX_FRAGMENTS, MAX_GUESTS, MAX_HOST_REVERSE, MAX_NODE_ADDRS, MAX_SERVICES, Service,
-        ServiceKey, TrafficStats,
+        MAX_ENDPOINT_IFS, MAX_FRAGMENTS, MAX_GUESTS, MAX_HOST_REVERSE, MAX_NODE_ADDRS,
+        MAX_SERVICES, Service, ServiceKey, TrafficStats,
     };
 }
 
@@ -121,6 +121,12 @@ macro_rules! __map {
         $crate::__pinned_map! {
             /// The node's own IPv4 addresses (network byte order) -> 1.
             NODE_ADDRS: HashMap<u32, u8> = HashMap::pinned(MAX_NODE_ADDRS, 0)
+        }
+    };
+    (ENDPOINT_IFS) => {
+        $crate::__pinned_map! {
+            /// The host-side interfaces (veths) of this node's endpoints, by ifindex -> 1.
+            ENDPOINT_IFS: HashMap<u32, u8> = HashMap::pinned(MAX_ENDPOINT_IFS, 0)
         }
     };
     (CONFIG) => {

@@ -37,6 +37,8 @@ pub struct Config {
     pub attach: Vec<String>,
     /// Flow events for `tapestry flows`.
     pub flow_events: bool,
+    /// The fast path (`config_flags::FAST_PATH`): Service traffic skips the node's stack.
+    pub fast_path: bool,
     /// Source address for hairpin flows (a backend reaching its own service).
     pub hairpin_snat_ip: Ipv4Addr,
     pub conntrack_gc_interval: Duration,
@@ -79,6 +81,7 @@ impl Config {
             metrics_addr: Some(types::DEFAULT_METRICS_ADDR.into()),
             attach: Vec::new(),
             flow_events: false,
+            fast_path: false,
             hairpin_snat_ip: Ipv4Addr::from(DEFAULT_HAIRPIN_SNAT_IP),
             conntrack_gc_interval: Duration::from_secs(10),
             conntrack_share: DEFAULT_CT_SHARE,

@@ -136,6 +136,10 @@ pub async fn run(config: Config) -> Result<()> {
     if config.flow_events {
         flags |= config_flags::FLOW_EVENTS;
     }
+    if config.fast_path {
+        flags |= config_flags::FAST_PATH;
+        info!("fast path on: Service traffic skips the node's stack and its netfilter");
+    }
     if reconciler.wants_node_addrs() {
         flags |= config_flags::NODE_ADDRS;
     }

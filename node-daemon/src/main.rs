@@ -63,6 +63,14 @@ struct Args {
     /// Emit flow events (new flow, NAT decision, drop) for `tapestry flows`.
     #[arg(long, env = "TAPESTRY_FLOW_EVENTS")]
     flow_events: bool,
+    /// The fast path: a Service flow's packets, once translated, go straight to their
+    /// destination (into a local pod's namespace with bpf_redirect_peer, or out along the
+    /// node's route), and what the --nodeport-interface interfaces receive for a local pod goes
+    /// straight into its namespace. Faster than the pod IP without it, but the node's stack is
+    /// skipped: its iptables/nftables rules (a primary CNI's network policy among them) no
+    /// longer see that traffic, nor does a tc program attached after Tapestry's.
+    #[arg(long, env = "TAPESTRY_FAST_PATH", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    fast_path: bool,
     /// Source address for hairpin flows (a backend reaching its own service).
     #[arg(long, default_value_t = Ipv4Addr::from(DEFAULT_HAIRPIN_SNAT_IP))]
     hairpin_snat_ip: Ipv4Addr,
@@ -234,6 +242,7 @@ impl Args {
             metrics_addr: (!self.metrics_addr.is_empty()).then_some(self.metrics_addr),
             attach: self.attach,
             flow_events: self.flow_events,
+            fast_path: self.fast_path,
             hairpin_snat_ip: self.hairpin_snat_ip,
             conntrack_gc_interval: Duration::from_secs(self.conntrack_gc_interval),
             conntrack_share: self.conntrack_share_per_endpoint,

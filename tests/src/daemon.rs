@@ -241,6 +241,16 @@ impl Daemon {
         self.extra_args = args.iter().map(|s| s.to_string()).collect();
     }
 
+    /// Adds flags to those the next [`Daemon::restart`] starts it with.
+    pub fn add_extra_args(&mut self, args: &[&str]) {
+        self.extra_args.extend(args.iter().map(|s| s.to_string()));
+    }
+
+    /// Takes a flag out of those the next [`Daemon::restart`] starts it with.
+    pub fn remove_extra_arg(&mut self, arg: &str) {
+        self.extra_args.retain(|a| a != arg);
+    }
+
     /// Starts the daemon again without waiting for a desired state (its source may be
     /// unreachable): returns once the API answers.
     pub fn restart_unsynced(&mut self) -> Result<Status> {

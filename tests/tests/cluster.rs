@@ -750,3 +750,127 @@ fn a_vm_pods_readiness_is_its_guests() {
         .unwrap();
     assert_eq!(got, "vmr");
 }
+
+/// `iptables -I FORWARD -i <ifname> -j DROP` in a node's namespace (a primary CNI's policy, say):
+/// what that interface brings in is not forwarded by the node's stack.
+fn forward_drop(node: &tapestry_tests::cluster::Node, ifname: &str) {
+    let out = node
+        .run(
+            std::process::Command::new("iptables")
+                .args(["-w", "5", "-I", "FORWARD", "-i", ifname, "-j", "DROP"]),
+        )
+        .expect("running iptables");
+    assert!(out.status.success(), "iptables on {}: {out:?}", node.name);
+}
+
+/// `--fast-path` across nodes: TCP and UDP, same node and across nodes both ways, replies and
+/// hairpin, delivered by the programs past the nodes' stacks. FORWARD rules on node 0 drop
+/// what its client pod and the fabric bring in, on node 1 what the fabric brings in: without
+/// the fast path the VIP fails wherever a rule is on its way, with it every pair answers (on the
+/// client's node both directions skip the stack; on the backend's node the flow's packets from
+/// the fabric go straight into the pod, while its replies, to a pod elsewhere, are ordinary pod
+/// packets to the stack, which is why node 1 has no rule on its pods' interfaces). The pod IP
+/// from node 0's client stays blocked: traffic that no Service carries stays with the stack.
+#[test]
+fn the_fast_path_across_nodes_skips_the_nodes_forward_rules() {
+    tapestry_tests::require_lab!();
+    tapestry_tests::require_k8s!();
+    let mut c = Cluster::start("cluster-fast", 2).unwrap();
+    let mut servers = Vec::new();
+    let mut backends = Vec::new();
+    let mut clients = Vec::new();
+    for n in 0..2 {
+        let be = c
+            .add_pod(
+                n,
+                &format!("web{n}"),
+                json!({"app": "web", "node": format!("n{n}")}),
+            )
+            .unwrap();
+        servers.push(be.serve_tcp_name(8080).unwrap());
+        servers.push(be.serve_udp_name(8080).unwrap());
+        backends.push(be);
+        clients.push(
+            c.add_pod(n, &format!("client{n}"), json!({"app": "client"}))
+                .unwrap(),
+        );
+    }
+    let per_node: Vec<Ipv4Addr> = (0..2)
+        .map(|n| {
+            c.add_service(
+                &format!("web-n{n}"),
+                json!({"app": "web", "node": format!("n{n}")}),
+            )
+            .unwrap()
+        })
+        .collect();
+    for (n, be) in backends.iter().enumerate() {
+        c.wait_backends(
+            &format!("web-n{n}"),
+            &[be.addr(8080)],
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    }
+    forward_drop(&c.nodes[0], &clients[0].host_ifname);
+    forward_drop(&c.nodes[0], "eth0");
+    forward_drop(&c.nodes[1], "eth0");
+    let short = Duration::from_millis(1500);
+    let at = |n: usize| SocketAddrV4::new(per_node[n], 80);
+
+    // Without the fast path: blocked wherever a rule is on the way.
+    for (client, backend) in [(0, 0), (0, 1), (1, 0)] {
+        assert!(
+            clients[client]
+                .tcp_request(at(backend), b"hi\n", short)
+                .is_err(),
+            "client{client} -> web-n{backend}: the FORWARD rules apply without the fast path"
+        );
+    }
+    assert_eq!(
+        clients[1].tcp_request(at(1), b"hi\n", T).unwrap(),
+        "web1",
+        "no rule on that way"
+    );
+
+    for node in &mut c.nodes {
+        node.daemon.add_extra_args(&["--fast-path"]);
+        node.daemon.restart().unwrap();
+    }
+    for client in &clients {
+        for _ in 0..5 {
+            each_nodes_backend(
+                &client.name,
+                &per_node,
+                |a| client.tcp_request(a, b"hi\n", T),
+                |a| client.udp_request(a, b"hi\n", T),
+            );
+        }
+    }
+    // Hairpin: a backend through its own Service.
+    for (n, be) in backends.iter().enumerate() {
+        assert_eq!(
+            be.tcp_request(at(n), b"me\n", T).unwrap(),
+            format!("web{n}")
+        );
+        assert_eq!(
+            be.udp_request(at(n), b"me\n", T).unwrap(),
+            format!("web{n}")
+        );
+    }
+    for node in &c.nodes {
+        let metrics = node.daemon.client().metrics().unwrap();
+        let fast: u64 = metrics
+            .lines()
+            .find(|l| l.starts_with("tapestry_datapath_events") && l.contains("\"fast_path\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no fast_path counter on {}", node.name));
+        assert!(fast >= 40, "{}: fast_path counted {fast}", node.name);
+    }
+    assert!(
+        clients[0]
+            .tcp_request(backends[1].addr(8080), b"hi\n", short)
+            .is_err(),
+        "the pod IP, no Service: still the stack's, and its rules'"
+    );
+}

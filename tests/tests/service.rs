@@ -95,10 +95,32 @@ impl Setup {
 #[test]
 fn tcp_and_udp_clients_reach_every_backend_through_the_vip() {
     require_lab!();
-    let s = setup("lb-tcp-udp", 3);
-    let all: Vec<&Pod> = s.backends.iter().collect();
-    let d = Daemon::start("lb-tcp-udp", &s.state(&all, ""), &s.interfaces()).unwrap();
+    let d = reach_every_backend("lb-tcp-udp", &[]);
+    assert_eq!(
+        datapath_event(&d, "fast_path"),
+        0,
+        "the fast path is off by default"
+    );
+}
 
+/// The same with `--fast-path`: every packet of the flows, both ways, is delivered by the
+/// programs themselves (into the backend's and the client's namespace), counted as fast_path.
+#[test]
+fn tcp_and_udp_clients_reach_every_backend_through_the_vip_on_the_fast_path() {
+    require_lab!();
+    let d = reach_every_backend("lb-fast-tcp-udp", &["--fast-path"]);
+    // 300 TCP connections and 60 datagram exchanges, each way: far more than a few packets
+    // left to the stack while a neighbour was resolved.
+    let fast = datapath_event(&d, "fast_path");
+    assert!(fast >= 2 * (300 * 3 + 60), "fast_path counted {fast}");
+}
+
+/// TCP and UDP from a client pod through the VIP to 3 backend pods on this node, spread evenly,
+/// counted per service and backend; returns the daemon (started with `args`).
+fn reach_every_backend(name: &str, args: &[&str]) -> Daemon {
+    let s = setup(name, 3);
+    let all: Vec<&Pod> = s.backends.iter().collect();
+    let d = Daemon::start_with(name, &s.state(&all, ""), &s.interfaces(), args).unwrap();
     let tally = s.tally(300);
     assert_eq!(tally.len(), 3, "every backend answers: {tally:?}");
     for (name, n) in &tally {
@@ -126,6 +148,7 @@ fn tcp_and_udp_clients_reach_every_backend_through_the_vip() {
         metrics.contains("tapestry_service_flows_total{service=\"web\""),
         "{metrics}"
     );
+    d
 }
 
 #[test]
@@ -175,13 +198,111 @@ fn a_service_without_backends_refuses_connections_at_once() {
 #[test]
 fn a_backend_reaches_its_own_service_hairpin() {
     require_lab!();
-    let s = setup("lb-hairpin", 1);
+    hairpin("lb-hairpin", &[]);
+}
+
+#[test]
+fn a_backend_reaches_its_own_service_hairpin_on_the_fast_path() {
+    require_lab!();
+    hairpin("lb-fast-hairpin", &["--fast-path"]);
+}
+
+fn hairpin(name: &str, args: &[&str]) {
+    let s = setup(name, 1);
     let be = &s.backends[0];
-    let _d = Daemon::start("lb-hairpin", &s.state(&[be], ""), &s.interfaces()).unwrap();
-    let r = be
-        .tcp_request(SocketAddrV4::new(s.vip, 80), b"me\n", T)
-        .expect("hairpin through the VIP");
-    assert_eq!(r, "be0");
+    let _d = Daemon::start_with(name, &s.state(&[be], ""), &s.interfaces(), args).unwrap();
+    for _ in 0..3 {
+        let r = be
+            .tcp_request(SocketAddrV4::new(s.vip, 80), b"me\n", T)
+            .expect("hairpin through the VIP");
+        assert_eq!(r, "be0");
+        let r = be
+            .udp_request(SocketAddrV4::new(s.vip, 53), b"me\n", T)
+            .expect("UDP hairpin through the VIP");
+        assert_eq!(r, "be0");
+    }
+}
+
+/// A rule in the node's FORWARD chain dropping what an interface brings in (a primary CNI's
+/// network policy, say), taken out again on drop. Interface-specific, so nothing else on the
+/// machine is affected.
+struct ForwardDrop(String);
+
+impl ForwardDrop {
+    fn insert(ifname: &str) -> ForwardDrop {
+        iptables(&["-I", "FORWARD", "-i", ifname, "-j", "DROP"]);
+        ForwardDrop(ifname.to_owned())
+    }
+}
+
+impl Drop for ForwardDrop {
+    fn drop(&mut self) {
+        iptables(&["-D", "FORWARD", "-i", &self.0, "-j", "DROP"]);
+    }
+}
+
+fn iptables(args: &[&str]) {
+    let out = std::process::Command::new("iptables")
+        .args(["-w", "5"])
+        .args(args)
+        .output()
+        .expect("running iptables");
+    assert!(out.status.success(), "iptables {args:?}: {out:?}");
+}
+
+/// The trade-off of `--fast-path`: the node's stack, and so its netfilter, no longer sees
+/// Service traffic. With FORWARD rules dropping everything the client and the backend send,
+/// the VIP fails without the fast path (the rules apply, as they do to the pod IP) and works
+/// with it, TCP and UDP, both directions delivered by the programs; the pod IP stays blocked.
+#[test]
+fn on_the_fast_path_the_nodes_forward_rules_no_longer_see_service_traffic() {
+    require_lab!();
+    let s = setup("lb-fast-bypass", 1);
+    let be = &s.backends[0];
+    let state = s.state(&[be], "");
+    let _rules = [
+        ForwardDrop::insert(&s.client.host_ifname),
+        ForwardDrop::insert(&be.host_ifname),
+    ];
+    let short = Duration::from_millis(1500);
+    let vip = SocketAddrV4::new(s.vip, 80);
+    assert!(
+        s.client.tcp_request(be.addr(8080), b"x\n", short).is_err(),
+        "the rules block the pod IP"
+    );
+    {
+        let _d = Daemon::start("lb-fast-bypass-off", &state, &s.interfaces()).unwrap();
+        assert!(
+            s.client.tcp_request(vip, b"x\n", short).is_err(),
+            "without the fast path the FORWARD rules apply to VIP traffic"
+        );
+        assert!(
+            s.client
+                .udp_request(SocketAddrV4::new(s.vip, 53), b"q\n", short)
+                .is_err(),
+            "and to UDP"
+        );
+    }
+    let d = Daemon::start_with(
+        "lb-fast-bypass-on",
+        &state,
+        &s.interfaces(),
+        &["--fast-path"],
+    )
+    .unwrap();
+    for _ in 0..20 {
+        assert_eq!(s.tcp().expect("TCP through the VIP past the rules"), "be0");
+        let r = s
+            .client
+            .udp_request(SocketAddrV4::new(s.vip, 53), b"q\n", T)
+            .expect("UDP through the VIP past the rules");
+        assert_eq!(r, "be0");
+    }
+    assert!(datapath_event(&d, "fast_path") >= 20 * 2 * 2);
+    assert!(
+        s.client.tcp_request(be.addr(8080), b"x\n", short).is_err(),
+        "the pod IP (no Service) stays with the stack and its rules"
+    );
 }
 
 /// Runs sequential connections from the client for as long as `running`, counting successes
@@ -266,13 +387,19 @@ fn restart_and_kill9_drop_no_flow_and_fail_no_connection() {
 /// `tapestry_datapath_events{event="host_translated"}`: connections and datagrams of the node's
 /// own sockets sent to a backend.
 fn host_translated(d: &Daemon) -> u64 {
+    datapath_event(d, "host_translated")
+}
+
+/// `tapestry_datapath_events{event="<event>"}`.
+fn datapath_event(d: &Daemon, event: &str) -> u64 {
     let metrics = d.client().metrics().unwrap();
+    let label = format!("\"{event}\"");
     metrics
         .lines()
-        .find(|l| l.starts_with("tapestry_datapath_events") && l.contains("\"host_translated\""))
+        .find(|l| l.starts_with("tapestry_datapath_events") && l.contains(&label))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no host_translated counter in\n{metrics}"))
+        .unwrap_or_else(|| panic!("no {event} counter in\n{metrics}"))
 }
 
 /// The node itself reaches frontends (here the node is this test process, in the namespace the

@@ -6,6 +6,10 @@
 //!   pod IP directly, in the same run, rounds alternating which goes first; the ratios (VIP /
 //!   direct, median of the rounds' ratios) are `lb_rr_ratio_direct_crossnode` and
 //!   `lb_crr_ratio_direct_crossnode`.
+//! - The same through the VIP with every daemon restarted with `--fast-path`, against the pod IP
+//!   without it, in the same rounds (each round runs the fast-path-off paths and the fast path
+//!   in alternating order; the daemons restart once per round, between the two):
+//!   `lb_rr_ratio_direct_fastpath_crossnode`, `lb_crr_ratio_direct_fastpath_crossnode`.
 //! - The time from an EndpointSlice change to every node's maps holding it, with 1,000 Services:
 //!   each sample adds an address to one Service's slice and polls the three daemons until each
 //!   lists it active (`service_change_to_all_nodes_p50_ms` / `_p99_ms`; includes the write and
@@ -87,42 +91,70 @@ fn run(cli: Cli) -> Result<()> {
         client.ip, server.ip
     );
     let mut samples = Vec::new();
-    let mut ratios: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    // VIP / direct and fast path / direct, RR and CRR.
+    let mut ratios: [Vec<f64>; 4] = Default::default();
+    let mut fast_on = false;
     for round in 0..cli.rounds {
-        for (m, mode) in [Mode::Rr, Mode::Crr].into_iter().enumerate() {
-            let order = if round % 2 == 0 {
-                [("direct", direct), ("vip", through)]
-            } else {
-                [("vip", through), ("direct", direct)]
-            };
-            let mut tps = [0.0; 2];
-            for (path, target) in order {
-                let r = load::client_in(&load, &client, mode, target, cli.seconds, cli.cpu)?;
-                eprintln!(
-                    "  [{}] {} {path}: {:.0}/s p50 {:.0} us{}",
-                    round + 1,
-                    mode.as_str(),
-                    r.transactions_per_s,
-                    r.p50_us,
-                    if r.errors > 0 {
-                        format!(" ({} errors)", r.errors)
-                    } else {
-                        String::new()
-                    }
-                );
-                tps[usize::from(path == "vip")] = r.transactions_per_s;
-                samples.push(json!({"round": round, "mode": mode.as_str(), "path": path,
-                                    "report": r}));
+        // Even rounds: fast path off first; odd rounds: on first. The daemons restart only
+        // when it changes, once per round.
+        let phases = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        let mut tps = [[0.0; 3]; 2];
+        for fast in phases {
+            if fast != fast_on {
+                set_fast_path(&mut c, fast)?;
+                fast_on = fast;
             }
-            if tps[0] > 0.0 {
-                ratios[m].push(tps[1] / tps[0]);
+            for (m, mode) in [Mode::Rr, Mode::Crr].into_iter().enumerate() {
+                let order: &[(&str, SocketAddrV4)] = match (fast, round % 2 == 0) {
+                    (true, _) => &[("fastpath", through)],
+                    (false, true) => &[("direct", direct), ("vip", through)],
+                    (false, false) => &[("vip", through), ("direct", direct)],
+                };
+                for &(path, target) in order {
+                    let r = load::client_in(&load, &client, mode, target, cli.seconds, cli.cpu)?;
+                    eprintln!(
+                        "  [{}] {} {path}: {:.0}/s p50 {:.0} us{}",
+                        round + 1,
+                        mode.as_str(),
+                        r.transactions_per_s,
+                        r.p50_us,
+                        if r.errors > 0 {
+                            format!(" ({} errors)", r.errors)
+                        } else {
+                            String::new()
+                        }
+                    );
+                    let slot = match path {
+                        "direct" => 0,
+                        "vip" => 1,
+                        _ => 2,
+                    };
+                    tps[m][slot] = r.transactions_per_s;
+                    samples.push(json!({"round": round, "mode": mode.as_str(), "path": path,
+                                        "report": r}));
+                }
             }
         }
+        for m in 0..2 {
+            if tps[m][0] > 0.0 {
+                ratios[m].push(tps[m][1] / tps[m][0]);
+                ratios[2 + m].push(tps[m][2] / tps[m][0]);
+            }
+        }
+    }
+    if fast_on {
+        set_fast_path(&mut c, false)?;
     }
     let _ = srv.kill();
     let _ = srv.wait();
     let rr = median(&ratios[0]);
     let crr = median(&ratios[1]);
+    let fast_rr = median(&ratios[2]);
+    let fast_crr = median(&ratios[3]);
 
     let (latencies, setup_s) = service_changes(&c, cli.services, cli.samples)?;
     let mut sorted = latencies.clone();
@@ -138,6 +170,14 @@ fn run(cli: Cli) -> Result<()> {
     let mut summary = Map::new();
     summary.insert("lb_rr_ratio_direct_crossnode".into(), json!(rr));
     summary.insert("lb_crr_ratio_direct_crossnode".into(), json!(crr));
+    summary.insert(
+        "lb_rr_ratio_direct_fastpath_crossnode".into(),
+        json!(fast_rr),
+    );
+    summary.insert(
+        "lb_crr_ratio_direct_fastpath_crossnode".into(),
+        json!(fast_crr),
+    );
     summary.insert("service_change_to_all_nodes_p50_ms".into(), json!(q(0.5)));
     summary.insert("service_change_to_all_nodes_p99_ms".into(), json!(q(0.99)));
     fs_write(
@@ -145,18 +185,35 @@ fn run(cli: Cli) -> Result<()> {
         &samples,
         &latencies,
         setup_s,
-        rr,
-        crr,
+        [rr, crr, fast_rr, fast_crr],
         q(0.5),
         q(0.99),
     )?;
     merge_summary(&cli.out.join("summary.json"), &summary)?;
     eprintln!(
         "lb_rr_ratio_direct_crossnode {rr:?}, lb_crr_ratio_direct_crossnode {crr:?}, \
+         lb_rr_ratio_direct_fastpath_crossnode {fast_rr:?}, \
+         lb_crr_ratio_direct_fastpath_crossnode {fast_crr:?}, \
          service_change_to_all_nodes p50 {:.1} ms p99 {:.1} ms",
         q(0.5),
         q(0.99)
     );
+    Ok(())
+}
+
+/// Restarts every node's daemon with `--fast-path` (or without it).
+fn set_fast_path(c: &mut Cluster, on: bool) -> Result<()> {
+    for node in &mut c.nodes {
+        if on {
+            node.daemon.add_extra_args(&["--fast-path"]);
+        } else {
+            node.daemon.remove_extra_arg("--fast-path");
+        }
+        node.daemon
+            .restart()
+            .with_context(|| format!("restarting {}'s daemon", node.name))?;
+    }
+    eprintln!("  fast path {}", if on { "on" } else { "off" });
     Ok(())
 }
 
@@ -239,8 +296,7 @@ fn fs_write(
     samples: &[Value],
     latencies: &[f64],
     setup_s: f64,
-    rr: Option<f64>,
-    crr: Option<f64>,
+    [rr, crr, fast_rr, fast_crr]: [Option<f64>; 4],
     p50: f64,
     p99: f64,
 ) -> Result<()> {
@@ -264,6 +320,16 @@ fn fs_write(
         md,
         "| `lb_crr_ratio_direct_crossnode` | {} | >= 0.95 |",
         f(crr)
+    );
+    let _ = writeln!(
+        md,
+        "| `lb_rr_ratio_direct_fastpath_crossnode` (VIP with `--fast-path` / pod IP without) | {} | >= 1.05 |",
+        f(fast_rr)
+    );
+    let _ = writeln!(
+        md,
+        "| `lb_crr_ratio_direct_fastpath_crossnode` | {} | >= 1.05 |",
+        f(fast_crr)
     );
     let _ = writeln!(
         md,

@@ -67,6 +67,55 @@ pub fn mac_of(ifname: &str) -> Result<[u8; 6]> {
     Ok(mac)
 }
 
+/// The driver of `ifname` in the calling thread's namespace ("veth", "tun", ...), from
+/// `ETHTOOL_GDRVINFO`.
+pub fn driver_of(ifname: &str) -> Result<String> {
+    /// `struct ethtool_drvinfo` (linux/ethtool.h), which libc does not define.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    // SAFETY: a plain socket for the ioctl; closed by OwnedFd.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("socket for SIOCETHTOOL");
+    }
+    // SAFETY: fd is ours.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: DrvInfo is plain data; zeroed is a valid start.
+    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    // SAFETY: ifreq is plain data; zeroed is a valid start.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = ifname.as_bytes();
+    if name.len() >= req.ifr_name.len() {
+        bail!("interface name {ifname:?} is too long");
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+    // SAFETY: SIOCETHTOOL with ETHTOOL_GDRVINFO fills the DrvInfo that ifru_data points at,
+    // which lives until the call returns. (`as _`: the request type differs by libc.)
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL as _, &mut req) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("driver of {ifname}"));
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
 /// A send-only packet socket on `ifindex` (protocol 0: it receives nothing, so it costs the
 /// interface's traffic nothing).
 pub fn packet_socket(ifindex: u32) -> Result<OwnedFd> {

@@ -428,10 +428,32 @@ impl Pins {
                 }
             }
         }
+        self.mark_endpoint(ifname, ifindex)?;
         Ok(Attachment {
             ifindex,
             ifname: ifname.to_owned(),
         })
+    }
+
+    /// Records an attached interface in `ENDPOINT_IFS` when it is a veth: the fast path
+    /// delivers into its peer's namespace (`bpf_redirect_peer`, which drops a packet sent to an
+    /// interface without a peer, so only veths are listed).
+    fn mark_endpoint(&self, ifname: &str, ifindex: u32) -> Result<()> {
+        let mut ifs: HashMap<MapData, u32, u8> = open(&self.dir, map_names::ENDPOINT_IFS)?;
+        match iface::driver_of(ifname) {
+            Ok(driver) if driver == "veth" => ifs
+                .insert(ifindex, 1, 0)
+                .with_context(|| format!("recording {ifname} as an endpoint interface")),
+            other => {
+                debug!(
+                    ifname,
+                    ?other,
+                    "not a veth: the fast path leaves its traffic to the stack"
+                );
+                let _ = ifs.remove(&ifindex);
+                Ok(())
+            }
+        }
     }
 
     /// Detaches from `ifindex`. Detaching what is not attached (or an interface that is gone)
@@ -441,7 +463,15 @@ impl Pins {
         for (_, _, _, prefix) in SERVICE_PROGRAMS {
             any |= link::remove(&self.link_pin(prefix, ifindex))?;
         }
+        self.forget_endpoint(ifindex);
         Ok(any)
+    }
+
+    /// Takes `ifindex` out of `ENDPOINT_IFS` (absent is fine).
+    fn forget_endpoint(&self, ifindex: u32) {
+        if let Ok(mut ifs) = open::<HashMap<MapData, u32, u8>>(&self.dir, map_names::ENDPOINT_IFS) {
+            let _ = ifs.remove(&ifindex);
+        }
     }
 
     /// Pinned links from an earlier run: adopts those whose interface still exists (switching
@@ -472,6 +502,7 @@ impl Pins {
                     for (_, _, _, prefix) in SERVICE_PROGRAMS {
                         let _ = fs::remove_file(self.link_pin(prefix, ifindex));
                     }
+                    self.forget_endpoint(ifindex);
                 }
             }
         }

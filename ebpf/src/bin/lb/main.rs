@@ -17,6 +17,12 @@
 //! chain ends only where the packet does not go on: a drop, an ICMP reject sent back, a hairpin
 //! packet redirected back out of the interface it came in on.
 //!
+//! The fast path (`config_flags::FAST_PATH`, off by default) ends the chain too: a Service flow's
+//! packets, once rewritten, are delivered by the program itself (`deliver`), into a local
+//! endpoint's namespace with `bpf_redirect_peer` or out along the node's route, past the node's
+//! stack and its netfilter; the external interfaces' program delivers what arrives for a local
+//! endpoint the same way (`to_local_endpoint`).
+//!
 //! The node's own sockets (host-network pods, node processes) reach frontends through the
 //! cgroup programs of `host.rs`, which translate at connect time instead of per packet.
 //!
@@ -50,7 +56,7 @@ use tapestry_ebpf::{
 
 use crate::{
     events::{Decision, account, count, count_drop, emit},
-    maps::{CONFIG, FRAGMENTS},
+    maps::{CONFIG, ENDPOINT_IFS, FRAGMENTS},
     service::{
         is_node_addr, lb4_lookup_backend, lb4_lookup_node_port, lb4_lookup_service,
         lb4_select_backend, packet_slot_hash,
@@ -75,6 +81,7 @@ tapestry_ebpf::maps!(
     EVENTS,
     HOST_REVERSE,
     NODE_ADDRS,
+    ENDPOINT_IFS,
 );
 
 /// The daemon's runtime configuration; all defaults until it writes one.
@@ -151,7 +158,7 @@ fn to_endpoint(ctx: &TcContext) -> i32 {
     let Some(pkt) = whole_packet(ctx) else {
         return verdict::NEXT;
     };
-    match lb4_reply(ctx, &pkt, 0) {
+    match lb4_reply(ctx, &pkt, 0, false) {
         Ok(Some(v)) => v,
         Ok(None) => verdict::NEXT,
         Err(reason) => drop(ctx, &pkt, reason, 0),
@@ -183,11 +190,14 @@ fn from_endpoint(ctx: &TcContext) -> i32 {
         return forward(ctx, &pkt, &svc, false);
     }
     let cfg = config();
+    let fast = cfg.flags & config_flags::FAST_PATH != 0;
     let to_node = cfg.flags & config_flags::NODE_ADDRS != 0 && is_node_addr(pkt.daddr);
     // A backend answering a flow it started itself through the frontend (hairpin), or a
-    // client outside the node that reached a node port (source translated to the node); else,
-    // while a Local frontend exists, a client outside that reached it with its own source.
-    let reply_of = if to_node || pkt.daddr == hairpin_snat_ip_of(&cfg) {
+    // client outside the node that reached a node port (source translated to the node); with
+    // the fast path, any reply (translated here and delivered straight to its client, instead
+    // of on the client's interface); else, while a Local frontend exists, a client outside that
+    // reached it with its own source.
+    let reply_of = if to_node || fast || pkt.daddr == hairpin_snat_ip_of(&cfg) {
         Some(0)
     } else if cfg.flags & config_flags::LOCAL_REPLIES != 0 {
         Some(ct_flags::LOCAL)
@@ -195,7 +205,7 @@ fn from_endpoint(ctx: &TcContext) -> i32 {
         None
     };
     if let Some(required) = reply_of {
-        match lb4_reply(ctx, &pkt, required) {
+        match lb4_reply(ctx, &pkt, required, fast) {
             Ok(Some(v)) => return v,
             Ok(None) => {}
             Err(reason) => return drop(ctx, &pkt, reason, 0),
@@ -220,7 +230,7 @@ fn from_network(ctx: &TcContext) -> i32 {
     };
     let to_node = is_node_addr(pkt.daddr);
     if to_node {
-        match lb4_reply(ctx, &pkt, 0) {
+        match lb4_reply(ctx, &pkt, 0, false) {
             Ok(Some(v)) => return v,
             Ok(None) => {}
             Err(reason) => return drop(ctx, &pkt, reason, 0),
@@ -233,8 +243,71 @@ fn from_network(ctx: &TcContext) -> i32 {
     };
     match svc {
         Some(svc) => forward(ctx, &pkt, &svc, true),
+        None if !to_node && config().flags & config_flags::FAST_PATH != 0 => {
+            to_local_endpoint(ctx, &pkt)
+        }
         None => verdict::NEXT,
     }
+}
+
+/// Fast path, from the network: a packet for a local endpoint goes straight into the endpoint's
+/// namespace, a reply of a flow this node balanced (from a backend on another node) translated
+/// first. A packet of a flow that another node balanced to a backend here carries nothing that
+/// tells it from any other pod-to-pod packet, so every packet for a local endpoint goes this way.
+#[inline(always)]
+fn to_local_endpoint(ctx: &TcContext, pkt: &Ipv4Packet) -> i32 {
+    let Some(route) = fib::next_hop(ctx, pkt.proto, pkt.daddr) else {
+        return verdict::NEXT;
+    };
+    if !is_endpoint_if(route.ifindex) {
+        return verdict::NEXT;
+    }
+    match lb4_reply(ctx, pkt, 0, false) {
+        Ok(None) | Ok(Some(verdict::NEXT)) => {}
+        Ok(Some(v)) => return v,
+        Err(reason) => return drop(ctx, pkt, reason, 0),
+    }
+    delivered(ctx, &route)
+}
+
+/// The fast path (`config_flags::FAST_PATH`): delivers a rewritten packet of a Service flow to
+/// `dst` itself. What the FIB cannot answer (no route, over the MTU, forwarding off) goes on
+/// through the stack, as without the fast path.
+#[inline(always)]
+fn deliver(ctx: &TcContext, proto: u8, dst: u32) -> i32 {
+    match fib::next_hop(ctx, proto, dst) {
+        Some(route) => delivered(ctx, &route),
+        None => verdict::NEXT,
+    }
+}
+
+/// Sends the packet along `route`, counted: into a local endpoint's namespace
+/// (`bpf_redirect_peer`, when its route leaves through an endpoint interface and its MAC is
+/// known), else out of the route's interface (`bpf_redirect`, or `bpf_redirect_neigh` while the
+/// neighbour is unresolved: the kernel resolves it, and the next packets go into the namespace
+/// directly). Either way past the node's stack.
+#[inline(always)]
+fn delivered(ctx: &TcContext, route: &fib::Route) -> i32 {
+    let redirect = if route.has_neighbour() && is_endpoint_if(route.ifindex) {
+        route.redirect_peer(ctx)
+    } else {
+        fib::redirect(ctx, route).ok()
+    };
+    match redirect {
+        Some(v) => {
+            count(Counter::FastPath);
+            v
+        }
+        None => verdict::NEXT,
+    }
+}
+
+/// Whether `ifindex` is an endpoint's host-side interface (a veth whose peer is in the
+/// endpoint's namespace).
+#[inline(always)]
+fn is_endpoint_if(ifindex: u32) -> bool {
+    // SAFETY: only tested for presence.
+    unsafe { ENDPOINT_IFS.get(ifindex) }.is_some()
 }
 
 #[inline(always)]
@@ -434,6 +507,9 @@ fn lb4_forward(
         // routed the same way, so both directions of a flow from outside bypass the stack.
         return fib::redirect(ctx, &fib::route(ctx, pkt.proto, backend.ip)?);
     }
+    if config().flags & config_flags::FAST_PATH != 0 {
+        return Ok(deliver(ctx, pkt.proto, backend.ip));
+    }
     // On along the chain: a primary's program after ours sees the packet to the backend.
     Ok(verdict::NEXT)
 }
@@ -617,9 +693,15 @@ fn lb4_new_flow(
 
 /// Backend -> client: restore the frontend as the source (and, for a source-translated flow, the
 /// client's own address as the destination). Only an entry with every flag of `required` is
-/// taken (the other entries are left alone, untouched).
+/// taken (the other entries are left alone, untouched). `fast`: a reply of a plain flow is
+/// delivered to its client by the fast path (only from an ingress program).
 #[inline(always)]
-fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet, required: u8) -> Result<Option<i32>, DropReason> {
+fn lb4_reply(
+    ctx: &TcContext,
+    pkt: &Ipv4Packet,
+    required: u8,
+    fast: bool,
+) -> Result<Option<i32>, DropReason> {
     let rkey = conntrack::reply_key(pkt);
     let Some(entry) = conntrack::lookup(&rkey) else {
         return Ok(None);
@@ -680,6 +762,9 @@ fn lb4_reply(ctx: &TcContext, pkt: &Ipv4Packet, required: u8) -> Result<Option<i
         )?));
     }
     if xlate == 0 {
+        if fast {
+            return Ok(Some(deliver(ctx, pkt.proto, pkt.daddr)));
+        }
         return Ok(Some(verdict::NEXT));
     }
     rewrite_addr(ctx, pkt, Side::Destination, pkt.daddr, e.nat_peer_addr)?;
