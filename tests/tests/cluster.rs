@@ -48,15 +48,13 @@ fn each_nodes_backend(
     }
 }
 
-#[test]
-fn services_reach_backends_on_every_node_and_off_the_pod_network() {
-    tapestry_tests::require_lab!();
-    tapestry_tests::require_k8s!();
-    let mut c = Cluster::start("cluster-traffic", 3).unwrap();
-    let mut clients = Vec::new();
+/// On every node of `c`: a backend `web<n>` (labels app=web, node=n<n>) serving TCP and UDP on
+/// 8080, and a client `client<n>`. Returns (backends, their servers, clients), by node.
+fn web_and_clients(c: &mut Cluster) -> (Vec<Pod>, Vec<tapestry_tests::ServerHandle>, Vec<Pod>) {
     let mut servers = Vec::new();
     let mut backends = Vec::new();
-    for n in 0..3 {
+    let mut clients = Vec::new();
+    for n in 0..c.nodes.len() {
         let be = c
             .add_pod(
                 n,
@@ -72,6 +70,15 @@ fn services_reach_backends_on_every_node_and_off_the_pod_network() {
                 .unwrap(),
         );
     }
+    (backends, servers, clients)
+}
+
+#[test]
+fn services_reach_backends_on_every_node_and_off_the_pod_network() {
+    tapestry_tests::require_lab!();
+    tapestry_tests::require_k8s!();
+    let mut c = Cluster::start("cluster-traffic", 3).unwrap();
+    let (backends, _servers, clients) = web_and_clients(&mut c);
     let web = c.add_service("web", json!({"app": "web"})).unwrap();
     let per_node: Vec<Ipv4Addr> = (0..3)
         .map(|n| {
@@ -776,25 +783,7 @@ fn the_fast_path_across_nodes_skips_the_nodes_forward_rules() {
     tapestry_tests::require_lab!();
     tapestry_tests::require_k8s!();
     let mut c = Cluster::start("cluster-fast", 2).unwrap();
-    let mut servers = Vec::new();
-    let mut backends = Vec::new();
-    let mut clients = Vec::new();
-    for n in 0..2 {
-        let be = c
-            .add_pod(
-                n,
-                &format!("web{n}"),
-                json!({"app": "web", "node": format!("n{n}")}),
-            )
-            .unwrap();
-        servers.push(be.serve_tcp_name(8080).unwrap());
-        servers.push(be.serve_udp_name(8080).unwrap());
-        backends.push(be);
-        clients.push(
-            c.add_pod(n, &format!("client{n}"), json!({"app": "client"}))
-                .unwrap(),
-        );
-    }
+    let (backends, _servers, clients) = web_and_clients(&mut c);
     let per_node: Vec<Ipv4Addr> = (0..2)
         .map(|n| {
             c.add_service(
