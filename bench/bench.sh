@@ -44,3 +44,6 @@ cargo build --release -p tapestry-node-daemon -p tapestry-controller -p tapestry
 # Three nodes (the lab of tests/src/cluster.rs): cross-node VIP vs direct pod IP, and an
 # EndpointSlice change reaching every node's maps with 1,000 Services (real apiserver).
 cargo build --release -p tapestry-node-daemon -p tapestry-cni-plugin -p tapestry-controller -p tapestry-bench && "$target_dir/release/tapestry-bench-cluster"
+# Live migration on the same lab: the client's blackout beyond QEMU's own downtime, and a hung
+# guest leaving every node's maps (issue 12; bench/results/migration.md).
+"$target_dir/release/tapestry-bench-migration"

@@ -372,6 +372,22 @@ pub struct VmAttachment {
     /// Hostname offered by DHCP (the pod name).
     pub hostname: Option<String>,
     pub queues: u32,
+    /// Set for a live migration's target pod: its guest arrives from another VM pod and keeps
+    /// that pod's address and MAC, which the daemon fills in from the source's Guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<IncomingMigration>,
+}
+
+/// Where a migration target's guest comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IncomingMigration {
+    /// The source VM pod, in the target pod's namespace (its `tapestry.dev/migration-source`
+    /// annotation).
+    pub source_pod: String,
+    /// The node the source's Guest is on: filled in by the daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_node: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

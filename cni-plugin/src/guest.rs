@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tapestry_api::types::{DnsConfig, MacAddr, RouteSpec, VmAttachment};
+use tapestry_api::types::{DnsConfig, IncomingMigration, MacAddr, RouteSpec, VmAttachment};
 
 use crate::{
     args::CniArgs,
@@ -143,6 +143,46 @@ pub struct GuestInputs<'a> {
     /// address): they tell whether the pod's subnet is on-link (a bridge) or routed through
     /// the gateway (ptp, Calico), and the guest must see the same.
     pub pod_routes: &'a [PodRoute],
+    /// A migration target's source pod ([`migration_source`]).
+    pub migration_source: Option<String>,
+}
+
+/// The source VM pod of a live migration's target pod: its
+/// `tapestry.dev/migration-source` annotation.
+pub fn migration_source(conf: &NetConf) -> Option<String> {
+    conf.runtime_config
+        .pod_annotations
+        .get(tapestry_k8s::names::annotations::MIGRATION_SOURCE)
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// Puts the guest's address (`guest_ip`, from the daemon) in place of the primary's IPv4
+/// address of `ifname` in the result, with the primary's prefix and gateway.
+pub fn take_guest_address(result: &mut CniResult, ifname: &str, guest_ip: &str) -> Result<()> {
+    let guest: Ipv4Addr = guest_ip
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| {
+            CniError::network(format!("the daemon gave the guest address {guest_ip:?}"))
+        })?;
+    let current: Vec<String> = result
+        .pod_ips(ifname)
+        .iter()
+        .filter(|ip| matches!(ip.network(), IpNet::V4(_)))
+        .map(|ip| ip.address.clone())
+        .collect();
+    let Some(primary) = current.first() else {
+        return Err(CniError::network(format!(
+            "the result has no IPv4 address of {ifname} to give the guest's"
+        )));
+    };
+    let prefix = primary.split('/').nth(1).unwrap_or("32").to_owned();
+    if let Some(ip) = result.ips.iter_mut().find(|ip| &ip.address == primary) {
+        ip.address = format!("{guest}/{prefix}");
+    }
+    Ok(())
 }
 
 /// The guest's IPv4 address and gateway: the first IPv4 address the primary gave the pod.
@@ -195,6 +235,10 @@ pub fn attachment(inputs: GuestInputs<'_>) -> Result<VmAttachment> {
         dns: dns(inputs.conf, inputs.prev),
         hostname: inputs.hostname,
         queues: inputs.queues,
+        migration: inputs.migration_source.map(|source_pod| IncomingMigration {
+            source_pod,
+            source_node: None,
+        }),
     })
 }
 
@@ -435,6 +479,7 @@ mod tests {
             prev: &prev,
             conf: &c,
             pod_routes: &pod_routes,
+            migration_source: None,
         })
         .unwrap();
         assert_eq!(vm.guest_ip, "10.22.0.5/32");
@@ -458,6 +503,7 @@ mod tests {
             prev: &prev,
             conf: &c,
             pod_routes: &on_link,
+            migration_source: None,
         })
         .unwrap();
         assert_eq!(vm.guest_ip, "10.22.0.5/16");
@@ -482,6 +528,7 @@ mod tests {
             prev: &prev,
             conf: &c,
             pod_routes: &[],
+            migration_source: None,
         })
         .unwrap();
         assert_eq!(vm.guest_ip, "10.22.0.5/16");
@@ -526,6 +573,7 @@ mod tests {
             prev: &prev,
             conf: &c,
             pod_routes: &[],
+            migration_source: None,
         })
         .unwrap();
         assert_eq!(
@@ -553,6 +601,7 @@ mod tests {
             prev: &prev,
             conf: &c,
             pod_routes: &[],
+            migration_source: None,
         })
         .unwrap_err();
         assert_eq!(err.code(), 7);

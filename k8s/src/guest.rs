@@ -9,7 +9,7 @@
 //! selectors work natively everywhere: `kubectl get guests -l app=web`, watches, the controller's
 //! matching. A copy under `spec` would need a matcher of its own and could drift.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::{CustomResource, CustomResourceExt, Resource};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -112,6 +112,39 @@ pub struct GuestStatus {
     /// The spec generation these conditions describe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Set on a live migration's target: where the guest came from and when it went live
+    /// here. The newest switch-over among the Guests of one address says where that address
+    /// lives; every node routes it there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<GuestMigration>,
+}
+
+/// A guest's arrival by live migration, as the target node's daemon saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestMigration {
+    /// The source VM pod (same namespace).
+    pub source_pod: String,
+    pub source_node: String,
+    /// This Guest's node.
+    pub target_node: String,
+    /// `Incoming` (the target is dark: the guest still runs at the source) or `Live` (the
+    /// guest sent its first frame from this pod's tap, QEMU's announce after the switch-over).
+    pub phase: MigrationPhase,
+    /// When the target's datapath saw the guest's first frame.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switchover_time: Option<MicroTime>,
+    /// From the target pod's attachment to the switch-over, in milliseconds: how long the
+    /// target stayed dark (the migration's copy phase, as the datapath saw it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dark_ms: Option<i64>,
+}
+
+/// The phases of [`GuestMigration`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum MigrationPhase {
+    Incoming,
+    Live,
 }
 
 /// One condition of a guest, shaped like metav1.Condition.

@@ -14,5 +14,6 @@ pub use delete::delete_unless_replaced;
 
 pub use guest::{
     ConditionStatus, Guest, GuestCondition, GuestConditionType, GuestPodRef, GuestPort,
-    GuestReadinessProbe, GuestSpec, GuestStatus, Protocol, crd, crd_yaml,
+    GuestMigration, GuestReadinessProbe, GuestSpec, GuestStatus, MigrationPhase, Protocol, crd,
+    crd_yaml,
 };

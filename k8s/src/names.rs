@@ -68,7 +68,13 @@ pub mod annotations {
     /// and never lets a node identity write it; the controller publishes a pod-less Guest only
     /// with it.
     pub const REGISTERED_BY: &str = "tapestry.dev/registered-by";
+    /// On a live migration's target VM pod: the source VM pod's name (same namespace). Its
+    /// guest arrives with the source's address and MAC.
+    pub const MIGRATION_SOURCE: &str = "tapestry.dev/migration-source";
 }
+
+/// Field manager of the node daemon's migration records (a Guest's `status.migration`).
+pub const MIGRATION_FIELD_MANAGER: &str = "tapestryd-migration";
 
 /// The reason of the Events the controller records on a Guest it does not publish.
 pub const GUEST_NOT_PUBLISHED: &str = "GuestNotPublished";

@@ -57,7 +57,8 @@ async fn add_endpoint(
     State(node): State<Node>,
     body: Result<Json<EndpointRequest>, JsonRejection>,
 ) -> ApiResult<EndpointInfo> {
-    let Json(req) = body?;
+    let Json(mut req) = body?;
+    crate::guests::migration::prepare_target(node.kube.as_ref(), &mut req).await?;
     blocking(move || Ok(Json(node.endpoints.add(req)?))).await
 }
 

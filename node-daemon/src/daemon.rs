@@ -46,6 +46,8 @@ pub struct Node {
     pub endpoints: Arc<Endpoints>,
     pub views: Arc<Views>,
     pub pins: Pins,
+    /// Kubernetes mode's client: a migration target's ADD reads its source's Guest.
+    pub kube: Option<kube::Client>,
 }
 
 /// The configured desired-state source.
@@ -223,6 +225,7 @@ pub async fn run(config: Config) -> Result<()> {
         endpoints: endpoints.clone(),
         views,
         pins: pins.clone(),
+        kube: kube.as_ref().map(|(c, _)| c.clone()),
     };
 
     let (updates_tx, updates_rx) = watch::channel(Arc::new(DesiredState::default()));
@@ -252,6 +255,11 @@ pub async fn run(config: Config) -> Result<()> {
     ));
     if let Some((client, node_name)) = kube {
         tasks.spawn(discover::discover_pods(
+            client.clone(),
+            node_name.clone(),
+            endpoints.clone(),
+        ));
+        tasks.spawn(guests::migration::follow_migrations(
             client.clone(),
             node_name.clone(),
             endpoints.clone(),

@@ -59,6 +59,8 @@ use crate::{
 pub const MAX_NODES: usize = 4;
 /// Namespace of the pods the cluster makes.
 pub const NAMESPACE: &str = "default";
+/// The capability containerd hands a pod's annotations to CNI plugins with.
+pub const POD_ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
 
 /// One node: a network namespace on the fabric, with its daemon.
 pub struct Node {
@@ -290,7 +292,8 @@ impl Cluster {
                     "type": "host-local", "dataDir": daemon.dir.join("ipam"),
                     "ranges": [[{"subnet": format!("{net}/{len}")}]],
                     "routes": [{"dst": "0.0.0.0/0"}]}},
-                {"type": "tapestry-cni", "socket": daemon.socket},
+                {"type": "tapestry-cni", "socket": daemon.socket,
+                 "capabilities": {POD_ANNOTATIONS_CAPABILITY: true}},
             ],
         }))?;
         Ok(Node {
@@ -315,7 +318,7 @@ impl Cluster {
     /// address by DHCP from the node's daemon; it answers its name on TCP/UDP 8080), then the
     /// kubelet's status.
     pub fn add_vm_pod(&mut self, node: usize, name: &str, labels: Value) -> Result<(Pod, Guest)> {
-        let pod = self.add_pod_inner(node, name, labels, Plumbing::Vm)?;
+        let pod = self.add_pod_inner(node, name, labels, Plumbing::Vm, json!({}))?;
         let mut guest = Guest::boot_in(&pod.netns_path, GuestConfig::new(name, pod.mac))?;
         guest.wait_ready(Duration::from_secs(180))?;
         self.set_running(node, name, pod.ip)?;
@@ -330,9 +333,36 @@ impl Cluster {
         labels: Value,
         plumbing: Plumbing,
     ) -> Result<Pod> {
-        let pod = self.add_pod_inner(node, name, labels, plumbing)?;
+        let pod = self.add_pod_inner(node, name, labels, plumbing, json!({}))?;
         self.set_running(node, name, pod.ip)?;
         Ok(pod)
+    }
+
+    /// A live migration's target VM pod on `node` for the guest of VM pod `source` (annotated
+    /// `tapestry.dev/migration-source` and `tapestry.dev/vm`, so it has the readiness gate when
+    /// [`Cluster::install_readiness_gate`] ran), with an incoming QEMU on its tap waiting for
+    /// the source's migration ([`Guest::boot_incoming_in`], configured as the source's QEMU:
+    /// the guest's name `guest_name` and MAC `guest_mac`); then
+    /// the kubelet's status (Running; Ready only once the guest is ready here). The returned
+    /// pod's `ip` is the one the CNI result gives: the guest's.
+    pub fn add_migration_target(
+        &mut self,
+        node: usize,
+        name: &str,
+        labels: Value,
+        source: &str,
+        guest_name: &str,
+        guest_mac: [u8; 6],
+    ) -> Result<(Pod, Guest)> {
+        let annotations = json!({"tapestry.dev/vm": "true",
+                                 tapestry_k8s::names::annotations::MIGRATION_SOURCE: source});
+        let pod = self.add_pod_inner(node, name, labels, Plumbing::Vm, annotations)?;
+        let guest = Guest::boot_incoming_in(
+            &pod.netns_path,
+            GuestConfig::new(guest_name, guest_mac),
+        )?;
+        self.set_running(node, name, pod.ip)?;
+        Ok((pod, guest))
     }
 
     fn add_pod_inner(
@@ -341,17 +371,16 @@ impl Cluster {
         name: &str,
         labels: Value,
         plumbing: Plumbing,
+        mut annotations: Value,
     ) -> Result<Pod> {
         binary("tapestry-cni")?;
         let n = self.nodes.get(node).context("no such node")?;
         let netns = format!("{}-{name}", self.lab.prefix());
         ip(&["netns", "add", &netns])?;
         let netns_path = PathBuf::from("/run/netns").join(&netns);
-        let annotations = if plumbing == Plumbing::AnnotatedVm {
-            json!({"tapestry.dev/vm": "true"})
-        } else {
-            json!({})
-        };
+        if plumbing == Plumbing::AnnotatedVm {
+            annotations["tapestry.dev/vm"] = json!("true");
+        }
         self.cp.apply(
             &json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels,
@@ -374,7 +403,8 @@ impl Cluster {
             .arg("IgnoreUnknown", "1")
             .arg("K8S_POD_NAMESPACE", NAMESPACE)
             .arg("K8S_POD_NAME", name)
-            .arg("K8S_POD_UID", uid.trim());
+            .arg("K8S_POD_UID", uid.trim())
+            .capability(POD_ANNOTATIONS_CAPABILITY, annotations);
         let mut list = n.conflist.clone();
         match plumbing {
             Plumbing::Chain => {}

@@ -70,6 +70,7 @@ pub mod daemon;
 pub mod guest;
 pub mod k8s;
 pub mod lab;
+pub mod migration;
 pub mod net;
 pub mod netns;
 pub mod node;

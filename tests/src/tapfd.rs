@@ -168,6 +168,7 @@ pub fn register_vm_pod(
             },
             hostname: Some(pod.name.clone()),
             queues: 1,
+            migration: None,
         }),
         network: None,
     };

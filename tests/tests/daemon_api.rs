@@ -238,6 +238,7 @@ fn vm_request(pod: &Pod, ip: Ipv4Addr) -> EndpointRequest {
         dns: Default::default(),
         hostname: None,
         queues: 1,
+        migration: None,
     });
     req
 }

@@ -12,7 +12,7 @@
 
 use rtnetlink::Handle;
 use serde_json::Value;
-use tapestry_api::types::EndpointRequest;
+use tapestry_api::types::{EndpointInfo, EndpointRequest};
 
 use super::Attachment;
 use crate::{
@@ -78,12 +78,17 @@ pub fn add(att: &Attachment) -> Result<Value> {
         })
     })?;
 
-    match register(att, &result, &pod, &pod_ips) {
-        Ok(()) => {}
+    let info = match register(att, &result, &pod, &pod_ips) {
+        Ok(info) => info,
         Err(err) => {
             undo(att, &pod);
             return Err(err);
         }
+    };
+    if let Some(vm) = info.request.vm.as_ref().filter(|v| v.migration.is_some()) {
+        // A migration target's guest keeps its source's address: that is this pod's IP now,
+        // for the runtime and the kubelet (the primary's own address is unused).
+        guest::take_guest_address(&mut result, &att.ifname, &vm.guest_ip)?;
     }
 
     if let Some(guest) = &pod.guest {
@@ -170,7 +175,12 @@ async fn prepare_pod(
 }
 
 /// Steps 2 and 3: find the host veth, then tell the daemon.
-fn register(att: &Attachment, prev: &CniResult, pod: &PodSide, pod_ips: &[IpConfig]) -> Result<()> {
+fn register(
+    att: &Attachment,
+    prev: &CniResult,
+    pod: &PodSide,
+    pod_ips: &[IpConfig],
+) -> Result<EndpointInfo> {
     let host_ifname =
         netns::with_netlink(async |handle| interface::host_veth(&handle, &pod.link, prev).await)?;
     let pod_ip_refs: Vec<&IpConfig> = pod_ips.iter().collect();
@@ -187,6 +197,7 @@ fn register(att: &Attachment, prev: &CniResult, pod: &PodSide, pod_ips: &[IpConf
             prev,
             conf: &att.conf,
             pod_routes: &g.taken.ipv4_routes(),
+            migration_source: guest::migration_source(&att.conf),
         })?),
     };
     let request = EndpointRequest {
@@ -215,7 +226,7 @@ fn register(att: &Attachment, prev: &CniResult, pod: &PodSide, pod_ips: &[IpConf
         info.host_ifindex,
         info.guest_phase
     );
-    Ok(())
+    Ok(info)
 }
 
 /// Puts the pod's namespace back as the primary left it.

@@ -98,6 +98,8 @@ struct Endpoint {
     request: EndpointRequest,
     host_ifindex: u32,
     guest: Option<Guest>,
+    /// When this run of the daemon established it.
+    added: SystemTime,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -848,6 +850,7 @@ impl Endpoints {
             request,
             host_ifindex,
             guest,
+            added: SystemTime::now(),
         })
     }
 
@@ -937,6 +940,48 @@ impl Endpoints {
             .get(&(container_id.to_owned(), ifname.to_owned()))
             .map(view_of)?;
         Some(self.info(&view))
+    }
+
+    /// This node's live-migration targets (VM endpoints with `vm.migration`), with the time
+    /// the datapath first saw their guest send from their tap.
+    pub fn migration_targets(&self) -> Vec<super::migration::MigrationTarget> {
+        let found: Vec<_> = self
+            .lock()
+            .entries
+            .values()
+            .filter_map(|e| {
+                let vm = e.request.vm.as_ref()?;
+                let m = vm.migration.as_ref()?;
+                let g = e.guest.as_ref()?;
+                Some((e.request.clone(), e.host_ifindex, g.slot, m.clone(), e.added))
+            })
+            .collect();
+        found
+            .into_iter()
+            .filter_map(|(request, host_ifindex, slot, m, added)| {
+                let guest_ip = guest_ip_of(&request)?;
+                let s = self.guest_stats(slot);
+                let first = s.seen_ns;
+                Some(super::migration::MigrationTarget {
+                    guest_ip,
+                    host_ifindex,
+                    source_pod: m.source_pod,
+                    source_node: m.source_node.unwrap_or_default(),
+                    attached: added,
+                    first_frame: (first != 0)
+                        .then(|| super::migration::MigrationTarget::wall_time(first)),
+                    request,
+                })
+            })
+            .collect()
+    }
+
+    /// The host-side interface of pod `namespace/name`'s endpoint on this node.
+    pub fn host_ifindex_of_pod(&self, namespace: &str, name: &str) -> Option<u32> {
+        self.lock().entries.values().find_map(|e| {
+            let p = e.request.pod.as_ref()?;
+            (p.namespace == namespace && p.name == name).then_some(e.host_ifindex)
+        })
     }
 
     pub fn list(&self) -> Vec<EndpointInfo> {
@@ -1287,6 +1332,7 @@ mod tests {
                 },
                 hostname: None,
                 queues: 1,
+                migration: None,
             }),
             network: None,
         }
@@ -1303,6 +1349,7 @@ mod tests {
                         request: r.clone(),
                         host_ifindex: 100 + i as u32,
                         guest: None,
+                        added: SystemTime::now(),
                     },
                 )
             })

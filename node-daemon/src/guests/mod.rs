@@ -12,6 +12,7 @@
 pub mod dhcp;
 pub mod discover;
 pub mod endpoints;
+pub mod migration;
 pub mod probe;
 pub mod publish;
 

@@ -386,6 +386,8 @@ async fn write_guest(
             },
         ],
         observed_generation: None,
+        // status.migration is the migration follower's (its own field manager).
+        migration: None,
     };
     let body = json!({
         "apiVersion": Guest::api_version(&()),

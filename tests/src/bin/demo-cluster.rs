@@ -3,7 +3,8 @@
 //! Kubernetes mode, pods plumbed by the real CNI chain), one Service spread over pods on all
 //! three nodes and QEMU guests in VM pods on two of them. Every node's client sends requests
 //! through the ClusterIP; the demo prints which node and which VM or pod answered, then each
-//! node's `tapestry service list`.
+//! node's `tapestry service list`. Then a VM live-migrates from node 1 to node 2 and back while
+//! a client on node 0 keeps one connection to it through its ClusterIP.
 
 use std::{collections::BTreeMap, net::SocketAddrV4, process::Command, time::Duration};
 
@@ -11,7 +12,12 @@ use anyhow::{Result, bail};
 use clap::Parser;
 use serde_json::json;
 use tapestry_tests::{
-    cluster::Cluster, daemon::binary, guest::require_qemu, require_root_and_bpffs,
+    Pod,
+    cluster::Cluster,
+    daemon::binary,
+    guest::require_qemu,
+    migration::{StreamClient, Vm},
+    require_root_and_bpffs,
 };
 
 #[derive(Debug, Parser)]
@@ -135,6 +141,9 @@ fn run(args: Args) -> Result<()> {
             eprint!("{}", String::from_utf8_lossy(&out.stderr));
         }
     }
+    if !args.no_vm {
+        migrate_demo(&mut c, &clients[0])?;
+    }
     if args.hold {
         println!(
             "\nholding (Ctrl-C to tear down); kubectl: --kubeconfig {}",
@@ -146,5 +155,68 @@ fn run(args: Args) -> Result<()> {
     }
     println!("\ndone; tearing down");
     drop(guests);
+    Ok(())
+}
+
+/// Step 5: a VM of its own Service moves node-1 -> node-2 -> node-1 by QEMU's live migration
+/// while `client` streams requests over one connection through the ClusterIP.
+fn migrate_demo(c: &mut Cluster, client: &Pod) -> Result<()> {
+    heading("5. Live migration: a VM moves node-1 -> node-2 -> node-1, one connection kept");
+    println!("  booting VM mover on node-1...");
+    let labels = json!({"app": "mover"});
+    let (pod, guest) = c.add_vm_pod(1, "mover", labels.clone())?;
+    let vip = c.add_service("mover", labels.clone())?;
+    c.wait_backends("mover", &[pod.addr(8080)], Duration::from_secs(60))?;
+    let stream = StreamClient::start(
+        client,
+        SocketAddrV4::new(vip, 80),
+        Duration::from_millis(10),
+        Duration::from_secs(20),
+    )?;
+    let (ip, mac) = (pod.ip, pod.mac);
+    let mut vm = Vm {
+        pod,
+        guest,
+        node: 1,
+        ip,
+        mac,
+        labels,
+        name: "mover".into(),
+    };
+    println!(
+        "  {} streams to {vip}:80 (guest {ip} in pod mover on node-1), a request every 10 ms",
+        client.name
+    );
+    for (i, to) in [2usize, 1].into_iter().enumerate() {
+        let (v, m) = c.migrate(vm, to, &format!("mover-{}", i + 1))?;
+        vm = v;
+        let r = stream.report();
+        let gap = r.longest_gap(m.started, m.routed).unwrap_or_default();
+        println!(
+            "  moved to node-{to} (pod {}): QEMU total {:?} ms, downtime {:?} ms; the              connection's longest wait {:.0} ms; {} replies so far, all from {:?}",
+            vm.pod.name,
+            m.qemu.total_time_ms,
+            m.qemu.downtime_ms,
+            gap.as_secs_f64() * 1e3,
+            r.replies.len(),
+            r.answers.iter().collect::<std::collections::BTreeSet<_>>()
+        );
+        for n in 0..c.nodes.len() {
+            println!(
+                "    {} routes {ip}: {}",
+                c.nodes[n].name,
+                c.migration_route(n, ip)?.unwrap_or_else(|| "(its pod CIDR route)".into())
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let r = stream.stop();
+    match &r.error {
+        None => println!(
+            "  the connection is still the first one: {} replies, none lost",
+            r.replies.len()
+        ),
+        Some(e) => println!("  the connection broke: {e}"),
+    }
     Ok(())
 }

@@ -1,0 +1,209 @@
+//! `tapestry-bench-migration`: what a live migration costs the guest's clients, and how fast a
+//! hung guest leaves every node's maps, on the three-node lab of tapestry_tests::cluster (real
+//! apiserver, a tapestryd per node, a real QEMU guest under TCG).
+//!
+//! - A client on node 0 streams requests (one every `--interval-ms`) over one TCP connection
+//!   through the guest's ClusterIP while the guest moves between nodes 1 and 2 `--migrations`
+//!   times ([`Cluster::migrate`]: QEMU's own migration). Per move, the blackout is the longest
+//!   gap between two replies around it minus the request interval; the extra is that minus
+//!   QEMU's reported downtime (what the network adds to QEMU's own stop-and-copy):
+//!   `migration_blackout_extra_ms_p50` / `_p99`, with QEMU's `migration_qemu_downtime_ms_p50`.
+//! - The guest paused with QEMU's `stop` (hung), `--pauses` times: from the pause to no node's
+//!   maps holding its backend (`guest_unready_to_unpublished_p50_ms` / `_p99_ms`; the probe's
+//!   period and failure threshold are most of it), resumed in between.
+//!
+//! Outputs in bench/results/: migration.json (every sample), migration.md, and the keys above
+//! merged into summary.json. Benchmarks only report: no threshold, no assertion. Needs root.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddrV4,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde_json::{Map, Value, json};
+use tapestry_bench::{
+    cni::percentile,
+    report::{merge_summary, write_atomic},
+};
+use tapestry_tests::{
+    cluster::{Cluster, Plumbing, active_backends},
+    guest::{Guest, GuestConfig},
+    migration::{StreamClient, Vm},
+    poll,
+};
+
+#[derive(Debug, Parser)]
+#[command(about = "Live migration's blackout and a hung guest's time to leave the maps")]
+struct Cli {
+    #[arg(long, default_value_t = 10)]
+    migrations: usize,
+    #[arg(long, default_value_t = 10)]
+    pauses: usize,
+    /// Time between two requests on the streaming connection.
+    #[arg(long, default_value_t = 5)]
+    interval_ms: u64,
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    out: PathBuf,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("tapestry-bench-migration: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let mut c = Cluster::start("bench-migrate", 3)?;
+    c.install_readiness_gate()?;
+    let _kubelet = c.kubelet_readiness()?;
+    let client = c.add_pod(0, "client0", json!({"app": "client"}))?;
+    let labels = json!({"app": "vm"});
+    let pod = c.add_pod_with(1, "vm-0", labels.clone(), Plumbing::AnnotatedVm)?;
+    let mut guest = Guest::boot_in(&pod.netns_path, GuestConfig::new("vm", pod.mac))?;
+    guest.wait_ready(Duration::from_secs(180))?;
+    let vip = c.add_service("vm", labels.clone())?;
+    c.wait_backends("vm", &[pod.addr(8080)], Duration::from_secs(60))?;
+    let interval = Duration::from_millis(cli.interval_ms);
+    let stream = StreamClient::start(
+        &client,
+        SocketAddrV4::new(vip, 80),
+        interval,
+        Duration::from_secs(20),
+    )?;
+    let (ip, mac) = (pod.ip, pod.mac);
+    let mut vm = Vm {
+        pod,
+        guest,
+        node: 1,
+        ip,
+        mac,
+        labels,
+        name: "vm".into(),
+    };
+    let mut moves = Vec::new();
+    for i in 1..=cli.migrations {
+        let to = if vm.node == 1 { 2 } else { 1 };
+        let (v, m) = c.migrate(vm, to, &format!("vm-{i}"))?;
+        vm = v;
+        eprintln!(
+            "  migration {i}: node-{} -> node-{}, QEMU downtime {:?} ms",
+            m.from, m.to, m.qemu.downtime_ms
+        );
+        moves.push(m);
+        // Let the stream settle between moves.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let report = stream.stop();
+    if let Some(e) = &report.error {
+        eprintln!("  the streaming connection broke: {e}");
+    }
+    let mut samples = Vec::new();
+    let mut extra = Vec::new();
+    let mut downtime = Vec::new();
+    for (i, m) in moves.iter().enumerate() {
+        let gap = report
+            .longest_gap(m.started, m.routed)
+            .context("no replies around a migration")?;
+        let blackout_ms = gap.saturating_sub(interval).as_secs_f64() * 1e3;
+        let qemu_ms = m.qemu.downtime_ms.map(|d| d as f64);
+        let extra_ms = qemu_ms.map(|q| blackout_ms - q);
+        if let Some(x) = extra_ms {
+            extra.push(x);
+        }
+        if let Some(q) = qemu_ms {
+            downtime.push(q);
+        }
+        samples.push(json!({
+            "migration": i + 1, "from": m.from, "to": m.to,
+            "blackout_ms": blackout_ms, "qemu_downtime_ms": qemu_ms,
+            "qemu_total_ms": m.qemu.total_time_ms, "extra_ms": extra_ms,
+            "live_after_completed_ms": (m.live - m.completed).as_secs_f64() * 1e3,
+            "routed_after_completed_ms": (m.routed - m.completed).as_secs_f64() * 1e3,
+        }));
+    }
+
+    let mut unpublished = Vec::new();
+    for i in 0..cli.pauses {
+        vm.guest.monitor("stop", Duration::from_secs(5))?;
+        let paused = Instant::now();
+        for node in &c.nodes {
+            poll(
+                Duration::from_secs(30),
+                &format!("{} drops the paused guest", node.name),
+                || {
+                    Ok(active_backends(&node.daemon, "vm")
+                        .is_some_and(|b| b.is_empty())
+                        .then_some(()))
+                },
+            )?;
+        }
+        let ms = paused.elapsed().as_secs_f64() * 1e3;
+        eprintln!("  pause {}: out of every node's maps after {ms:.0} ms", i + 1);
+        unpublished.push(ms);
+        vm.guest.monitor("cont", Duration::from_secs(5))?;
+        c.wait_backends(
+            "vm",
+            &[SocketAddrV4::new(vm.ip, 8080)],
+            Duration::from_secs(30),
+        )?;
+    }
+
+    let p = |v: &[f64], q: f64| percentile(v, q).map(|x| (x * 10.0).round() / 10.0);
+    let mut summary = Map::new();
+    summary.insert("migration_blackout_extra_ms_p50".into(), json!(p(&extra, 50.0)));
+    summary.insert("migration_blackout_extra_ms_p99".into(), json!(p(&extra, 99.0)));
+    summary.insert("migration_qemu_downtime_ms_p50".into(), json!(p(&downtime, 50.0)));
+    summary.insert(
+        "guest_unready_to_unpublished_p50_ms".into(),
+        json!(p(&unpublished, 50.0)),
+    );
+    summary.insert(
+        "guest_unready_to_unpublished_p99_ms".into(),
+        json!(p(&unpublished, 99.0)),
+    );
+    let doc = json!({
+        "migrations": samples,
+        "stream_error": report.error,
+        "stream_replies": report.replies.len(),
+        "interval_ms": cli.interval_ms,
+        "unready_to_unpublished_ms": unpublished,
+        "summary": Value::Object(summary.clone()),
+    });
+    std::fs::create_dir_all(&cli.out)?;
+    write_atomic(
+        &cli.out.join("migration.json"),
+        &serde_json::to_string_pretty(&doc)?,
+    )?;
+    let mut md = String::from(
+        "# Live migration (tapestry-bench-migration)\n\n\
+         Three-node lab, a real QEMU guest (TCG) moving between nodes 1 and 2; a client on \
+         node 0 streams over one connection through the ClusterIP.\n\n\
+         | move | from | to | blackout ms | QEMU downtime ms | extra ms |\n|---|---|---|---|---|---|\n",
+    );
+    for s in &samples {
+        let _ = writeln!(
+            md,
+            "| {} | node-{} | node-{} | {:.1} | {} | {} |",
+            s["migration"],
+            s["from"],
+            s["to"],
+            s["blackout_ms"].as_f64().unwrap_or(f64::NAN),
+            s["qemu_downtime_ms"],
+            s["extra_ms"].as_f64().map_or("-".into(), |x| format!("{x:.1}"))
+        );
+    }
+    let _ = writeln!(md, "\n| key | value |\n|---|---|");
+    for (k, v) in &summary {
+        let _ = writeln!(md, "| `{k}` | {v} |");
+    }
+    write_atomic(&cli.out.join("migration.md"), &md)?;
+    merge_summary(&cli.out.join("summary.json"), &summary)?;
+    eprintln!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
