@@ -130,6 +130,21 @@ pub fn packet_socket(ifindex: u32) -> Result<OwnedFd> {
     Ok(sock)
 }
 
+/// A packet socket on `ifindex` that receives every frame the interface sends and receives
+/// (`ETH_P_ALL`, ahead of tc), for captures; read it with [`recv_frame`].
+pub fn capture_socket(ifindex: u32) -> Result<OwnedFd> {
+    // SAFETY: plain socket call.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("AF_PACKET socket");
+    }
+    // SAFETY: fd is ours.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    bind_packet(&sock, ifindex, (libc::ETH_P_ALL as u16).to_be())
+        .context("binding the capture socket")?;
+    Ok(sock)
+}
+
 /// Sends one whole Ethernet frame on a bound packet socket.
 pub fn send_frame(sock: &OwnedFd, frame: &[u8]) -> Result<()> {
     // SAFETY: sending from a buffer we own.
