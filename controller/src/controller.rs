@@ -1093,6 +1093,7 @@ mod tests {
                 last_transition_time: None,
             }],
             observed_generation: Some(1),
+            migration: None,
         });
         let zone = |_: &str| Some("zone-a".to_string());
         let none = std::collections::HashSet::new();

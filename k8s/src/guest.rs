@@ -331,6 +331,7 @@ mod tests {
                 last_transition_time: None,
             }],
             observed_generation: None,
+            migration: None,
         });
         assert!(!g.is_ready());
         g.status.as_mut().unwrap().conditions[0].status = ConditionStatus::True;

@@ -13,7 +13,7 @@ pub use client::{ClientError, client};
 pub use delete::delete_unless_replaced;
 
 pub use guest::{
-    ConditionStatus, Guest, GuestCondition, GuestConditionType, GuestPodRef, GuestPort,
-    GuestMigration, GuestReadinessProbe, GuestSpec, GuestStatus, MigrationPhase, Protocol, crd,
+    ConditionStatus, Guest, GuestCondition, GuestConditionType, GuestMigration, GuestPodRef,
+    GuestPort, GuestReadinessProbe, GuestSpec, GuestStatus, MigrationPhase, Protocol, crd,
     crd_yaml,
 };

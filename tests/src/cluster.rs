@@ -357,10 +357,8 @@ impl Cluster {
         let annotations = json!({"tapestry.dev/vm": "true",
                                  tapestry_k8s::names::annotations::MIGRATION_SOURCE: source});
         let pod = self.add_pod_inner(node, name, labels, Plumbing::Vm, annotations)?;
-        let guest = Guest::boot_incoming_in(
-            &pod.netns_path,
-            GuestConfig::new(guest_name, guest_mac),
-        )?;
+        let guest =
+            Guest::boot_incoming_in(&pod.netns_path, GuestConfig::new(guest_name, guest_mac))?;
         self.set_running(node, name, pod.ip)?;
         Ok((pod, guest))
     }

@@ -94,6 +94,13 @@ impl Cluster {
         let live = Instant::now();
         self.wait_routed(vm.ip, to, Duration::from_secs(30))?;
         let routed = Instant::now();
+        // As a careful orchestrator would, the source goes only once the target pod is Ready
+        // (its guest-ready gate True), so the address never lacks a ready endpoint.
+        poll(
+            Duration::from_secs(30),
+            &format!("pod {name} Ready"),
+            || Ok((self.pod_ready(name)? == Some(true)).then_some(())),
+        )?;
         let from = vm.node;
         let Vm {
             pod: old_pod,
@@ -126,6 +133,24 @@ impl Cluster {
                 routed,
             },
         ))
+    }
+
+    /// The `Ready` condition of pod `name` (None: not reported yet).
+    pub fn pod_ready(&self, name: &str) -> Result<Option<bool>> {
+        let out = self.cp.kubectl_ok([
+            "get",
+            "pod",
+            "-n",
+            NAMESPACE,
+            name,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ])?;
+        Ok(match out.trim() {
+            "True" => Some(true),
+            "False" => Some(false),
+            _ => None,
+        })
     }
 
     /// `status.migration.phase` of Guest `name` (None: no migration record).
@@ -172,7 +197,10 @@ impl Cluster {
         for n in 0..self.nodes.len() {
             poll(
                 timeout,
-                &format!("{} routes {ip} to {}", self.nodes[n].name, self.nodes[to].name),
+                &format!(
+                    "{} routes {ip} to {}",
+                    self.nodes[n].name, self.nodes[to].name
+                ),
                 || {
                     let r = self.migration_route(n, ip)?;
                     Ok(match r {
@@ -391,7 +419,10 @@ impl BackendWatch {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        (*self.samples.lock().unwrap(), self.empty.lock().unwrap().clone())
+        (
+            *self.samples.lock().unwrap(),
+            self.empty.lock().unwrap().clone(),
+        )
     }
 }
 

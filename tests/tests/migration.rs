@@ -55,9 +55,15 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
     // conntrack entry on its new node, and Maglev picks the same backend on every node.
     let web: Vec<_> = [0, 2]
         .iter()
-        .map(|n| c.add_pod(*n, &format!("web{n}"), json!({"app": "web"})).unwrap())
+        .map(|n| {
+            c.add_pod(*n, &format!("web{n}"), json!({"app": "web"}))
+                .unwrap()
+        })
         .collect();
-    let web_servers: Vec<_> = web.iter().map(|w| w.serve_tcp_name(8080).unwrap()).collect();
+    let web_servers: Vec<_> = web
+        .iter()
+        .map(|w| w.serve_tcp_name(8080).unwrap())
+        .collect();
     let client = c.add_pod(0, "client0", json!({"app": "client"})).unwrap();
     let web_vip = c.add_service("web", json!({"app": "web"})).unwrap();
     c.cp.kubectl_ok([
@@ -104,9 +110,13 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
     .unwrap();
 
     let vip = SocketAddrV4::new(vm_vip, 80);
-    let stream =
-        StreamClient::start(&client, vip, Duration::from_millis(10), Duration::from_secs(20))
-            .unwrap();
+    let stream = StreamClient::start(
+        &client,
+        vip,
+        Duration::from_millis(10),
+        Duration::from_secs(20),
+    )
+    .unwrap();
     let connects = ConnectLoop::start(&client, vip, Duration::from_secs(3)).unwrap();
     let backends = BackendWatch::start(&c.nodes[0].daemon, "vm");
 
@@ -156,13 +166,19 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
         "the guest's stream reconnected: the web servers saw {from_guest} connections from it"
     );
     let report = stream.stop();
-    assert_eq!(report.error, None, "the client's established connection broke");
+    assert_eq!(
+        report.error, None,
+        "the client's established connection broke"
+    );
     let last_move = moves.last().unwrap();
     assert!(
         report.replies.iter().any(|t| *t > last_move.routed),
         "no reply on the established connection after the last migration"
     );
-    assert!(report.answers.iter().all(|a| a == "vm"), "a reply from something else");
+    assert!(
+        report.answers.iter().all(|a| a == "vm"),
+        "a reply from something else"
+    );
 
     // New connections failed at most during a switch-over (QEMU's stop-and-copy to the routes
     // being everywhere), never after.
@@ -172,7 +188,28 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
         let during = moves
             .iter()
             .any(|m| f.start >= m.started && f.start <= m.routed + Duration::from_millis(50));
-        assert!(during, "a new connection failed outside any switch-over: {f:?}");
+        let nearest = moves
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let rel = if f.start >= m.started {
+                    format!("+{:?}", f.start - m.started)
+                } else {
+                    format!("-{:?}", m.started - f.start)
+                };
+                format!(
+                    "move {}: {rel} from its start (completed +{:?}, routed +{:?})",
+                    i + 1,
+                    m.completed - m.started,
+                    m.routed - m.started
+                )
+            })
+            .collect::<Vec<_>>();
+        assert!(
+            during,
+            "a new connection failed outside any switch-over: {:?}; {nearest:#?}",
+            f.error
+        );
     }
     eprintln!(
         "new connections: {} attempts, {} failed (all during a switch-over)",
@@ -236,7 +273,10 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
     std::thread::sleep(Duration::from_millis(500));
     let info = vm.guest.cancel_migration().unwrap();
     assert_eq!(info.status, MigrationStatus::Cancelled, "{}", info.raw);
-    assert_eq!(c.migration_phase("vm-cancelled").unwrap().as_deref(), Some("Incoming"));
+    assert_eq!(
+        c.migration_phase("vm-cancelled").unwrap().as_deref(),
+        Some("Incoming")
+    );
     drop(target);
     c.delete_pod("vm-cancelled").unwrap();
     c.wait_routed(ip, here, T).unwrap();

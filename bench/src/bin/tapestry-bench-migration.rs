@@ -144,7 +144,10 @@ fn run(cli: Cli) -> Result<()> {
             )?;
         }
         let ms = paused.elapsed().as_secs_f64() * 1e3;
-        eprintln!("  pause {}: out of every node's maps after {ms:.0} ms", i + 1);
+        eprintln!(
+            "  pause {}: out of every node's maps after {ms:.0} ms",
+            i + 1
+        );
         unpublished.push(ms);
         vm.guest.monitor("cont", Duration::from_secs(5))?;
         c.wait_backends(
@@ -156,9 +159,18 @@ fn run(cli: Cli) -> Result<()> {
 
     let p = |v: &[f64], q: f64| percentile(v, q).map(|x| (x * 10.0).round() / 10.0);
     let mut summary = Map::new();
-    summary.insert("migration_blackout_extra_ms_p50".into(), json!(p(&extra, 50.0)));
-    summary.insert("migration_blackout_extra_ms_p99".into(), json!(p(&extra, 99.0)));
-    summary.insert("migration_qemu_downtime_ms_p50".into(), json!(p(&downtime, 50.0)));
+    summary.insert(
+        "migration_blackout_extra_ms_p50".into(),
+        json!(p(&extra, 50.0)),
+    );
+    summary.insert(
+        "migration_blackout_extra_ms_p99".into(),
+        json!(p(&extra, 99.0)),
+    );
+    summary.insert(
+        "migration_qemu_downtime_ms_p50".into(),
+        json!(p(&downtime, 50.0)),
+    );
     summary.insert(
         "guest_unready_to_unpublished_p50_ms".into(),
         json!(p(&unpublished, 50.0)),
@@ -195,7 +207,9 @@ fn run(cli: Cli) -> Result<()> {
             s["to"],
             s["blackout_ms"].as_f64().unwrap_or(f64::NAN),
             s["qemu_downtime_ms"],
-            s["extra_ms"].as_f64().map_or("-".into(), |x| format!("{x:.1}"))
+            s["extra_ms"]
+                .as_f64()
+                .map_or("-".into(), |x| format!("{x:.1}"))
         );
     }
     let _ = writeln!(md, "\n| key | value |\n|---|---|");

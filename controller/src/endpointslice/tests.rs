@@ -96,6 +96,7 @@ fn guest(name: &str, ips: &[&str], ready: bool) -> Guest {
             last_transition_time: None,
         }],
         observed_generation: None,
+        migration: None,
     });
     g
 }

@@ -953,7 +953,13 @@ impl Endpoints {
                 let vm = e.request.vm.as_ref()?;
                 let m = vm.migration.as_ref()?;
                 let g = e.guest.as_ref()?;
-                Some((e.request.clone(), e.host_ifindex, g.slot, m.clone(), e.added))
+                Some((
+                    e.request.clone(),
+                    e.host_ifindex,
+                    g.slot,
+                    m.clone(),
+                    e.added,
+                ))
             })
             .collect();
         found
@@ -963,6 +969,7 @@ impl Endpoints {
                 let s = self.guest_stats(slot);
                 let first = s.seen_ns;
                 Some(super::migration::MigrationTarget {
+                    slot,
                     guest_ip,
                     host_ifindex,
                     source_pod: m.source_pod,

@@ -36,8 +36,7 @@ use anyhow::{Context, Result};
 use futures::{StreamExt, TryStreamExt};
 use ipnet::Ipv4Net;
 use k8s_openapi::{
-    api::core::v1::Node as K8sNode, apimachinery::pkg::apis::meta::v1::MicroTime,
-    jiff::Timestamp,
+    api::core::v1::Node as K8sNode, apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp,
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -140,9 +139,7 @@ fn source_identity(source: &Guest) -> Result<(Ipv4Addr, MacAddr), EndpointError>
         .iter()
         .find_map(|s| s.parse::<Ipv4Addr>().ok())
         .ok_or_else(|| {
-            EndpointError::Invalid(format!(
-                "migration source Guest {name} has no IPv4 address"
-            ))
+            EndpointError::Invalid(format!("migration source Guest {name} has no IPv4 address"))
         })?;
     let mac: MacAddr = source.spec.mac.parse().map_err(|_| {
         EndpointError::Invalid(format!(
@@ -245,10 +242,13 @@ pub async fn follow_migrations(
         rtnetlink::new_connection().context("netlink for migration routes")?;
     tokio::spawn(connection);
     let (store, writer) = reflector::store::<Guest>();
-    let guests = watcher(Api::<Guest>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .touched_objects();
+    let guests = watcher(
+        Api::<Guest>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .touched_objects();
     let mut guests = std::pin::pin!(guests);
     let mut changes = endpoints.subscribe();
     let mut follower = Follower {
@@ -317,22 +317,27 @@ impl Follower {
             if !self.live.contains_key(&id) {
                 match t.first_frame {
                     Some(at) => {
-                        let dark_for = at
-                            .duration_since(t.attached)
-                            .unwrap_or_default();
-                        let switchover = Timestamp::try_from(at).unwrap_or_else(|_| Timestamp::now());
+                        let dark_for = at.duration_since(t.attached).unwrap_or_default();
+                        let switchover =
+                            Timestamp::try_from(at).unwrap_or_else(|_| Timestamp::now());
                         info!(
                             container = %id,
                             ip = %t.guest_ip,
                             dark_ms = dark_for.as_millis() as u64,
                             "migration target went live: the guest sent its first frame here"
                         );
-                        if let Err(e) = self
-                            .route(t.guest_ip, Via::Link(t.host_ifindex))
-                            .await
-                        {
+                        if let Err(e) = self.route(t.guest_ip, Via::Link(t.host_ifindex)).await {
                             warn!("routing {} to this node's target: {e:#}", t.guest_ip);
                         }
+                        // Ready at once, not at the probe's next period: the guest just sent
+                        // from this tap. The source's probe keeps it ready there until the
+                        // source's failure threshold, so the address always has a ready pod.
+                        self.endpoints.set_probe(
+                            t.slot,
+                            &id,
+                            true,
+                            "the guest went live here by live migration",
+                        );
                         self.live.insert(id.clone(), (switchover, dark_for));
                         self.went_live = true;
                     }
@@ -397,7 +402,10 @@ impl Follower {
         let mut wanted: BTreeMap<Ipv4Addr, Via> = BTreeMap::new();
         for (ip, owner) in &owners {
             let via = if owner.node == self.node_name {
-                match self.endpoints.host_ifindex_of_pod(&owner.namespace, &owner.guest) {
+                match self
+                    .endpoints
+                    .host_ifindex_of_pod(&owner.namespace, &owner.guest)
+                {
                     Some(index) => Via::Link(index),
                     // Not attached here (yet, or any more): nothing to route to.
                     None => continue,
@@ -563,6 +571,8 @@ impl Follower {
 #[derive(Debug, Clone)]
 pub struct MigrationTarget {
     pub request: EndpointRequest,
+    /// The guest's slot (its counters, its probe).
+    pub slot: u32,
     pub guest_ip: Ipv4Addr,
     pub host_ifindex: u32,
     pub source_pod: String,

@@ -205,7 +205,8 @@ fn migrate_demo(c: &mut Cluster, client: &Pod) -> Result<()> {
             println!(
                 "    {} routes {ip}: {}",
                 c.nodes[n].name,
-                c.migration_route(n, ip)?.unwrap_or_else(|| "(its pod CIDR route)".into())
+                c.migration_route(n, ip)?
+                    .unwrap_or_else(|| "(its pod CIDR route)".into())
             );
         }
     }
