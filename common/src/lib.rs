@@ -593,7 +593,8 @@ named_u32_enum! {
         SpoofedIp = 7 => "spoofed_ip",
         /// An ARP from a guest claiming another address or hardware address.
         SpoofedArp = 8 => "spoofed_arp",
-        /// A frame from a guest that is neither IPv4 nor ARP (the pod network is IPv4).
+        /// A frame from a guest that is neither IPv4, ARP nor a RARP announcement (the pod
+        /// network is IPv4).
         UnsupportedProtocol = 9 => "unsupported_protocol",
         /// DHCP from a guest could not be handed to the daemon (its queue was full).
         DhcpQueueFull = 10 => "dhcp_queue_full",
@@ -700,7 +701,7 @@ pub struct FlowEvent {
     pub _pad: u32,
 }
 
-/// Per-guest counters (per CPU; userspace sums; `seen_ns` takes the max).
+/// Per-guest counters (per CPU; userspace sums them with [`GuestStats::add`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct GuestStats {
@@ -716,8 +717,37 @@ pub struct GuestStats {
     /// Drops by `DropReason` (indexes 6..=13 and 15 are the guest's; a guest program never
     /// drops for a reason past 15).
     pub drops: [u64; 16],
-    /// Last time the guest used its own address (IPv4 source or ARP sender): readiness.
+    /// First time the guest used its own address (IPv4 source or ARP sender) on this CPU:
+    /// readiness.
     pub seen_ns: u64,
+    /// Self-announcements from the guest's MAC (RARP, as QEMU sends them after a live
+    /// migration's switch-over): forwarded like the guest's other frames.
+    pub announces: u64,
+    /// First time any frame the program accepted (ARP, IPv4, RARP) came from the guest on this
+    /// tap, on this CPU: a migrated-in guest has gone live here. Unlike `seen_ns`, a frame that
+    /// carries no IPv4 address (a RARP announcement) counts.
+    pub live_ns: u64,
+}
+
+impl GuestStats {
+    /// Adds one CPU's copy of a guest's counters (`other`) into `self`.
+    pub fn add(&mut self, other: &GuestStats) {
+        self.rx_packets += other.rx_packets;
+        self.rx_bytes += other.rx_bytes;
+        self.tx_packets += other.tx_packets;
+        self.tx_bytes += other.tx_bytes;
+        self.dhcp += other.dhcp;
+        for (t, d) in self.drops.iter_mut().zip(other.drops.iter()) {
+            *t += d;
+        }
+        self.seen_ns = self.seen_ns.max(other.seen_ns);
+        self.announces += other.announces;
+        // The first time over all CPUs: the earliest CPU that saw one.
+        self.live_ns = match (self.live_ns, other.live_ns) {
+            (0, t) | (t, 0) => t,
+            (a, b) => a.min(b),
+        };
+    }
 }
 
 /// One DHCP frame from a guest, as queued for the daemon.
@@ -789,7 +819,7 @@ mod tests {
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<TrafficStats>(), 24);
         assert_eq!(size_of::<FlowEvent>(), 48);
-        assert_eq!(size_of::<GuestStats>(), 8 * (5 + 16 + 1));
+        assert_eq!(size_of::<GuestStats>(), 8 * (5 + 16 + 3));
         assert_eq!(size_of::<DhcpFrame>(), 8 + DHCP_FRAME_MAX);
     }
 
@@ -811,6 +841,33 @@ mod tests {
         assert_eq!(offset_of!(FlowEvent, kind), 38);
         assert_eq!(offset_of!(FlowEvent, reason), 40);
         assert_eq!(align_of::<CtEntry>(), 8);
+        // New guest counters go after the old ones.
+        assert_eq!(offset_of!(GuestStats, seen_ns), 8 * (5 + 16));
+        assert_eq!(offset_of!(GuestStats, live_ns), 8 * (5 + 16 + 2));
+    }
+
+    #[test]
+    fn guest_stats_add_sums_counters_and_keeps_timestamps() {
+        let cpu = |rx: u64, seen: u64, live: u64| GuestStats {
+            rx_packets: rx,
+            announces: rx * 2,
+            seen_ns: seen,
+            live_ns: live,
+            drops: [rx; 16],
+            ..GuestStats::default()
+        };
+        let mut total = GuestStats::default();
+        for s in [cpu(1, 50, 0), cpu(2, 0, 70), cpu(3, 40, 30), cpu(4, 0, 0)] {
+            total.add(&s);
+        }
+        assert_eq!(total.rx_packets, 10);
+        assert_eq!(total.announces, 20);
+        assert_eq!(total.drops, [10; 16]);
+        assert_eq!(total.seen_ns, 50, "seen_ns: the latest CPU's");
+        assert_eq!(
+            total.live_ns, 30,
+            "live_ns: the earliest CPU's, a CPU without one skipped"
+        );
     }
 
     #[test]

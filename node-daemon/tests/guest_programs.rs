@@ -31,12 +31,14 @@ use dhcproto::{
     Encodable, Encoder,
     v4::{DhcpOption, Message, MessageType},
 };
-use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, PacketBuilder, VlanId};
+use etherparse::{
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Ethernet2Header, PacketBuilder, VlanId,
+};
 use tapestry_common::{
     DHCP_FRAME_MAX, DHCP_RING_BYTES, DhcpFrame, DhcpLimit, DropReason, GUEST_DROP_REASONS,
     GuestStats, guest_globals, map_names, program_names,
 };
-use tapestry_node_daemon::datapath::{guest, ifindex_of};
+use tapestry_node_daemon::datapath::{guest, ifindex_of, monotonic_ns};
 
 /// Runs `f` in the network namespace at `path` (on a thread of its own).
 fn in_netns<T: Send>(path: &std::path::Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
@@ -166,19 +168,11 @@ impl Guest {
         self.run(program_names::GUEST_TO_POD, frame)
     }
 
-    /// The counters of `slot`, summed over CPUs (`seen_ns`: the latest).
+    /// The counters of `slot`, summed over CPUs as the daemon sums them.
     fn stats(&self, slot: u32) -> GuestStats {
         let mut total = GuestStats::default();
         for s in self.stats.get(&slot, 0).unwrap().iter() {
-            total.rx_packets += s.rx_packets;
-            total.rx_bytes += s.rx_bytes;
-            total.tx_packets += s.tx_packets;
-            total.tx_bytes += s.tx_bytes;
-            total.dhcp += s.dhcp;
-            for (t, d) in total.drops.iter_mut().zip(s.drops) {
-                *t += d;
-            }
-            total.seen_ns = total.seen_ns.max(s.seen_ns);
+            total.add(s);
         }
         total
     }
@@ -243,6 +237,31 @@ fn arp(eth_src: [u8; 6], sha: [u8; 6], spa: [u8; 4]) -> Vec<u8> {
         .arp(arp)
         .write(&mut v)
         .unwrap();
+    v
+}
+
+/// QEMU's self-announcement after a live migration (`announce_self_create`, net/announce.c):
+/// RARP "request reverse" (op 3) broadcast from `eth_src`, sender and target hardware address
+/// the guest's MAC, no IPv4 addresses, padded to 60 bytes.
+fn rarp(eth_src: [u8; 6]) -> Vec<u8> {
+    let rarp = ArpPacket::new(
+        ArpHardwareId::ETHERNET,
+        EtherType::IPV4,
+        ArpOperation(3),
+        &GUEST_MAC,
+        &[0; 4],
+        &GUEST_MAC,
+        &[0; 4],
+    )
+    .unwrap();
+    let eth = Ethernet2Header {
+        source: eth_src,
+        destination: [0xff; 6],
+        ether_type: EtherType(0x8035),
+    };
+    let mut v = eth.to_bytes().to_vec();
+    v.extend_from_slice(&rarp.to_bytes());
+    v.resize(60, 0);
     v
 }
 
@@ -367,7 +386,9 @@ fn guest_to_pod_redirects_the_guests_own_frames() {
     let probe = arp(GUEST_MAC, GUEST_MAC, [0; 4]);
     let (v, out) = g.guest_to_pod(&probe);
     assert_eq!((v, &out), (REDIRECT, &probe));
-    assert_eq!(g.stats(SLOT).seen_ns, 0, "a probe is not readiness");
+    let after_probe = g.stats(SLOT);
+    assert_eq!(after_probe.seen_ns, 0, "a probe is not readiness");
+    assert!(after_probe.live_ns > 0, "but the guest is live on this tap");
 
     let own = [
         udp(GUEST_MAC, GUEST_IP, PEER_IP, b"from the guest"),
@@ -380,13 +401,61 @@ fn guest_to_pod_redirects_the_guests_own_frames() {
     }
     let s = g.stats(SLOT);
     assert!(s.seen_ns > 0, "the guest used its own address");
+    assert_eq!(s.live_ns, after_probe.live_ns, "live since the first frame");
     let expected = GuestStats {
         rx_packets: 1 + own.len() as u64,
         rx_bytes: (probe.len() + own.iter().map(Vec::len).sum::<usize>()) as u64,
         seen_ns: s.seen_ns,
+        live_ns: s.live_ns,
         ..GuestStats::default()
     };
     assert_eq!(s, expected);
+    assert!(g.node_drops().iter().all(|d| *d == 0));
+}
+
+/// After a live migration's switch-over QEMU announces the guest from its MAC with RARP: the
+/// frame is forwarded unchanged (so the pod network learns where the guest is), counted as an
+/// announcement, and marks the guest live on this tap from the first one on, but not ready: a
+/// RARP carries no address of the guest's.
+#[test]
+fn the_guests_rarp_announcement_passes_and_marks_it_live() {
+    let Some((_pins, mut g)) = loaded() else {
+        return;
+    };
+    let announce = rarp(GUEST_MAC);
+    let before = monotonic_ns();
+    let (v, out) = g.guest_to_pod(&announce);
+    let after = monotonic_ns();
+    assert_eq!((v, &out), (REDIRECT, &announce), "forwarded unchanged");
+    let s = g.stats(SLOT);
+    assert!(
+        (before..=after).contains(&s.live_ns),
+        "live_ns {} not within the run ({before}..={after})",
+        s.live_ns
+    );
+    let expected = GuestStats {
+        rx_packets: 1,
+        rx_bytes: announce.len() as u64,
+        announces: 1,
+        live_ns: s.live_ns,
+        ..GuestStats::default()
+    };
+    assert_eq!(s, expected, "no seen_ns: a RARP carries no address");
+
+    // QEMU announces several times (5 by default); live_ns stays the first, and the guest's
+    // first IPv4 frame makes it ready without moving it.
+    for _ in 0..4 {
+        assert_eq!(g.guest_to_pod(&announce).0, REDIRECT);
+    }
+    assert_eq!(
+        g.guest_to_pod(&udp(GUEST_MAC, GUEST_IP, PEER_IP, b"here"))
+            .0,
+        REDIRECT
+    );
+    let s2 = g.stats(SLOT);
+    assert_eq!((s2.announces, s2.rx_packets), (5, 6));
+    assert_eq!(s2.live_ns, s.live_ns, "written once");
+    assert!(s2.seen_ns >= s.live_ns, "ready from the IPv4 frame");
     assert!(g.node_drops().iter().all(|d| *d == 0));
 }
 
@@ -440,6 +509,11 @@ fn every_spoofing_attempt_is_dropped_and_counted_by_reason() {
         (
             "IPv6 from another MAC",
             ipv6(OTHER_MAC),
+            DropReason::SpoofedMac,
+        ),
+        (
+            "RARP announcement from another MAC",
+            rarp(OTHER_MAC),
             DropReason::SpoofedMac,
         ),
         (
@@ -505,9 +579,13 @@ fn every_spoofing_attempt_is_dropped_and_counted_by_reason() {
         GUEST_DROP_REASONS.iter().map(|r| *r as u32).collect(),
         "a case for every reason"
     );
-    // Nothing was forwarded, nothing queued for the daemon, and no drop marked readiness.
+    // Nothing was forwarded, nothing queued for the daemon, and no drop marked readiness or
+    // liveness.
     let s = g.stats(SLOT);
-    assert_eq!((s.rx_packets, s.dhcp, s.seen_ns), (0, 0, 0));
+    assert_eq!(
+        (s.rx_packets, s.dhcp, s.seen_ns, s.live_ns, s.announces),
+        (0, 0, 0, 0, 0)
+    );
     assert!(g.dhcp_queue().is_empty());
     assert_eq!(g.stats(0), GuestStats::default());
 }
@@ -522,11 +600,17 @@ fn dhcp_from_the_guest_goes_to_the_daemon_not_the_network() {
     let (v, _) = g.guest_to_pod(&d);
     assert_eq!(v, DROP, "consumed here: the daemon answers on the tap");
     assert_eq!(g.dhcp_queue(), [(SLOT, d.clone())]);
+    let s = g.stats(SLOT);
+    assert!(s.live_ns > 0, "the guest's DHCP shows it live on this tap");
     let expected = GuestStats {
         dhcp: 1,
+        live_ns: s.live_ns,
         ..GuestStats::default()
     };
-    assert_eq!(g.stats(SLOT), expected, "counted as DHCP, not as a drop");
+    assert_eq!(
+        s, expected,
+        "counted as DHCP, not as a drop, and not as readiness"
+    );
     assert!(g.node_drops().iter().all(|d| *d == 0));
 
     // A renewal is unicast from the guest's address to the server: also the daemon's.
@@ -1013,6 +1097,7 @@ fn guest_model(f: &[u8]) -> Option<Option<DropReason>> {
     let ethertype = u16::from_be_bytes([f[12], f[13]]);
     match ethertype {
         0x8100 | 0x88a8 | 0x9100 => drop(DropReason::VlanTagged),
+        0x8035 => ok,
         0x0806 => {
             if f.len() < 14 + 28 || f[22..28] != GUEST_MAC {
                 return drop(DropReason::SpoofedArp);
@@ -1105,7 +1190,7 @@ fn generate_guest_frame(rng: &mut Rng) -> Vec<u8> {
         }
         _ => {
             let any = rng.next_u64() as u16;
-            let t = *rng.pick(&[0x86ddu16, 0x88cc, 0x0842, any]);
+            let t = *rng.pick(&[0x86ddu16, 0x88cc, 0x0842, 0x8035, any]);
             f.extend(t.to_be_bytes());
             let n = rng.below(200) as usize;
             f.extend(rng.bytes(n));
@@ -1159,6 +1244,9 @@ fn generated_frames_match_the_model_of_both_guest_programs() {
                 None => {
                     expected.rx_packets += 1;
                     expected.rx_bytes += f.len() as u64;
+                    if f[12..14] == [0x80, 0x35] {
+                        expected.announces += 1;
+                    }
                     (REDIRECT, None)
                 }
                 Some(None) => {
@@ -1188,8 +1276,9 @@ fn generated_frames_match_the_model_of_both_guest_programs() {
         }
     }
     let mut got = g.stats(SLOT);
-    // Readiness (the last time the guest used its address) is not the model's business.
+    // When the guest first used its address or first sent anything is not the model's business.
     got.seen_ns = 0;
+    got.live_ns = 0;
     eprintln!(
         "guest differential: {checked} frames checked, {refused} refused by test_run, {} mismatches; {expected:?}",
         mismatches.len()

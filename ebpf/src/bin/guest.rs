@@ -6,7 +6,9 @@
 //!   IPv4 source and ARP sender against the guest's, drops VLAN-tagged frames and DHCP replies
 //!   (a guest is never a DHCP server), hands DHCP to the daemon through a ring buffer at a
 //!   per-guest rate, and redirects the rest out of the pod interface (a plain egress redirect, so the
-//!   frame really leaves eth0 and the host sees ordinary pod egress on the pod's veth).
+//!   frame really leaves eth0 and the host sees ordinary pod egress on the pod's veth). Besides
+//!   IPv4 and ARP it passes the guest's RARP self-announcements (QEMU's after a live migration),
+//!   counted as such.
 //!
 //! One copy is loaded per guest: the interfaces and the guest's addresses are `.rodata`
 //! constants set at load time, so the fast path compares immediates and needs no lookup.
@@ -63,6 +65,9 @@ static GUEST_DHCP_INTERVAL_NS: u64 = DhcpLimit::DEFAULT.program_constants().0;
 static GUEST_DHCP_TOLERANCE_NS: u64 = DhcpLimit::DEFAULT.program_constants().1;
 
 const ETH_P_ARP: u16 = 0x0806;
+/// RARP: what QEMU's `qemu_announce_self` broadcasts from the guest's MAC after a live
+/// migration's switch-over, so that switches learn where the guest went.
+const ETH_P_RARP: u16 = 0x8035;
 /// 802.1Q, 802.1ad and the pre-standard QinQ tag types.
 const VLAN_TAGS: [u16; 3] = [0x8100, 0x88a8, 0x9100];
 const DHCP_SERVER_PORT: u16 = 67;
@@ -123,16 +128,31 @@ struct ArpIpv4 {
     tpa: [u8; 4],
 }
 
-/// The guest used its own address: written once per CPU, the first time (readiness, not
-/// liveness).
+/// What an accepted frame from the guest says about it, for its counters.
+#[derive(Clone, Copy)]
+struct Accepted {
+    /// The guest used its own address (IPv4 source or ARP sender): readiness.
+    own_address: bool,
+    /// A RARP self-announcement.
+    announce: bool,
+}
+
+/// Records, in the guest's counters already looked up, that an accepted frame came from the
+/// guest: the first such frame on this CPU sets `live_ns`, the first that used the guest's
+/// address `seen_ns` (each written once per CPU).
 #[inline(always)]
-fn mark_seen() {
-    update_stats(|s| {
-        if s.seen_ns == 0 {
-            // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
-            s.seen_ns = unsafe { bpf_ktime_get_ns() };
-        }
-    });
+fn mark_accepted(s: &mut GuestStats, a: Accepted) {
+    if s.live_ns == 0 {
+        // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
+        s.live_ns = unsafe { bpf_ktime_get_ns() };
+    }
+    if a.own_address && s.seen_ns == 0 {
+        // SAFETY: as above.
+        s.seen_ns = unsafe { bpf_ktime_get_ns() };
+    }
+    if a.announce {
+        s.announces += 1;
+    }
 }
 
 #[inline(always)]
@@ -156,7 +176,7 @@ fn guest_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::VlanTagged);
     }
     let guest_ip = constant(&GUEST_IP);
-    if eth.proto == ETH_P_ARP.to_be() {
+    let accepted = if eth.proto == ETH_P_ARP.to_be() {
         let arp = read::<ArpIpv4>(ctx, ETH_HLEN).ok_or(DropReason::SpoofedArp)?;
         if mac_u64(&arp.sha) != constant(&GUEST_MAC) {
             return Err(DropReason::SpoofedArp);
@@ -166,8 +186,9 @@ fn guest_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         if spa != guest_ip && spa != 0 {
             return Err(DropReason::SpoofedArp);
         }
-        if spa == guest_ip {
-            mark_seen();
+        Accepted {
+            own_address: spa == guest_ip,
+            announce: false,
         }
     } else if eth.proto == ETH_P_IP.to_be() {
         let ip = read::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(DropReason::SpoofedIp)?;
@@ -184,13 +205,24 @@ fn guest_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         if ip.saddr != guest_ip {
             return Err(DropReason::SpoofedIp);
         }
-        mark_seen();
+        Accepted {
+            own_address: true,
+            announce: false,
+        }
+    } else if eth.proto == ETH_P_RARP.to_be() {
+        // The announcement carries no IPv4 address; its Ethernet source (checked above) is what
+        // the network learns from.
+        Accepted {
+            own_address: false,
+            announce: true,
+        }
     } else {
         return Err(DropReason::UnsupportedProtocol);
-    }
+    };
     update_stats(|s| {
         s.rx_packets += 1;
         s.rx_bytes += ctx.len() as u64;
+        mark_accepted(s, accepted);
     });
     // SAFETY: bpf_redirect takes plain integers and only records the target.
     Ok(unsafe { bpf_redirect(constant(&GUEST_POD_IFINDEX), 0) } as i32)
@@ -277,7 +309,16 @@ fn dhcp_to_daemon(ctx: &TcContext) -> Result<(), DropReason> {
         return Err(DropReason::DhcpQueueFull);
     }
     entry.submit(0);
-    update_stats(|s| s.dhcp += 1);
+    update_stats(|s| {
+        s.dhcp += 1;
+        mark_accepted(
+            s,
+            Accepted {
+                own_address: false,
+                announce: false,
+            },
+        );
+    });
     Ok(())
 }
 

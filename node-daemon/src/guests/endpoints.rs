@@ -600,15 +600,7 @@ impl Endpoints {
         let mut total = GuestStats::default();
         if let Ok(per_cpu) = self.stats.get(&slot, 0) {
             for s in per_cpu.iter() {
-                total.rx_packets += s.rx_packets;
-                total.rx_bytes += s.rx_bytes;
-                total.tx_packets += s.tx_packets;
-                total.tx_bytes += s.tx_bytes;
-                total.dhcp += s.dhcp;
-                for (t, d) in total.drops.iter_mut().zip(s.drops.iter()) {
-                    *t += d;
-                }
-                total.seen_ns = total.seen_ns.max(s.seen_ns);
+                total.add(s);
             }
         }
         total
@@ -1017,6 +1009,7 @@ impl Endpoints {
                     tx_packets: s.tx_packets,
                     tx_bytes: s.tx_bytes,
                     dhcp_messages: s.dhcp,
+                    announces: s.announces,
                     drops,
                 })
             })
