@@ -179,6 +179,12 @@ pub mod guest_globals {
     /// rate a burst may run.
     pub const DHCP_INTERVAL_NS: &str = "GUEST_DHCP_INTERVAL_NS";
     pub const DHCP_TOLERANCE_NS: &str = "GUEST_DHCP_TOLERANCE_NS";
+    /// Migration target mode (a u64 MAC as [`MAC`] holds it; 0, the default: off): the MAC of
+    /// the gateway the guest reaches on this node. The tap's program then answers the guest's
+    /// ARP requests for other addresses with it and sends the guest's unicast frames to it, so a
+    /// guest that migrated in, its neighbour cache still holding the previous node's gateway,
+    /// reaches this one's.
+    pub const GATEWAY_MAC: &str = "GUEST_GATEWAY_MAC";
 }
 
 /// How many DHCP messages one guest may hand to the daemon: `rate_per_sec` sustained, `burst`
@@ -220,6 +226,13 @@ impl DhcpLimit {
 #[inline(always)]
 pub const fn mac_u64(mac: &[u8; 6]) -> u64 {
     u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0])
+}
+
+/// The MAC a [`mac_u64`] value holds, in packet order.
+#[inline(always)]
+pub const fn mac_from_u64(v: u64) -> [u8; 6] {
+    let b = v.to_le_bytes();
+    [b[0], b[1], b[2], b[3], b[4], b[5]]
 }
 
 /// Guests per node (slots of the per-guest counters).
@@ -624,7 +637,8 @@ named_u32_enum! {
 }
 
 /// Every reason a guest program drops a guest's frame for (each has a slot in `GuestStats`).
-pub const GUEST_DROP_REASONS: [DropReason; 9] = [
+pub const GUEST_DROP_REASONS: [DropReason; 10] = [
+    DropReason::RewriteFailed,
     DropReason::SpoofedMac,
     DropReason::SpoofedIp,
     DropReason::SpoofedArp,
@@ -714,7 +728,7 @@ pub struct GuestStats {
     pub tx_bytes: u64,
     /// DHCP messages handed to the daemon.
     pub dhcp: u64,
-    /// Drops by `DropReason` (indexes 6..=13 and 15 are the guest's; a guest program never
+    /// Drops by `DropReason` (indexes 4, 6..=13 and 15 are the guest's; a guest program never
     /// drops for a reason past 15).
     pub drops: [u64; 16],
     /// First time the guest used its own address (IPv4 source or ARP sender) on this CPU:
@@ -887,6 +901,14 @@ mod tests {
         for r in GUEST_DROP_REASONS {
             assert!((r as u32) < guest_slots, "{r:?}");
         }
+    }
+
+    #[test]
+    fn mac_from_u64_reverses_mac_u64() {
+        let mac = [0x02, 0x54, 0xab, 0xcd, 0xef, 0x2a];
+        assert_eq!(mac_from_u64(mac_u64(&mac)), mac);
+        assert_eq!(mac_u64(&mac) >> 48, 0, "the two high bytes stay 0");
+        assert_eq!(mac_from_u64(0), [0; 6]);
     }
 
     #[test]

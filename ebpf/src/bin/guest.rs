@@ -9,6 +9,11 @@
 //!   frame really leaves eth0 and the host sees ordinary pod egress on the pod's veth). Besides
 //!   IPv4 and ARP it passes the guest's RARP self-announcements (QEMU's after a live migration),
 //!   counted as such.
+//! - Migration target mode (`GUEST_GATEWAY_MAC` set): a guest that migrated in still holds the
+//!   previous node's gateway MAC in its neighbour cache. The tap's program answers the guest's
+//!   ARP requests for other addresses itself, with this node's gateway MAC (as Cilium's
+//!   `bpf_lxc` ARP responder answers its endpoints), and writes that MAC into the destination of
+//!   every other unicast frame it passes.
 //!
 //! One copy is loaded per guest: the interfaces and the guest's addresses are `.rodata`
 //! constants set at load time, so the fast path compares immediates and needs no lookup.
@@ -21,11 +26,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tapestry_common::{
-    DHCP_FRAME_MAX, DhcpFrame, DhcpLimit, DropReason, GuestStats, IPPROTO_UDP, mac_u64,
+    DHCP_FRAME_MAX, DhcpFrame, DhcpLimit, DropReason, GuestStats, IPPROTO_UDP, mac_from_u64,
+    mac_u64,
 };
 use tapestry_ebpf::{
     constant,
     maps::increment,
+    nat::store_macs,
     packet::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, read},
     verdict,
 };
@@ -63,8 +70,17 @@ static GUEST_DHCP_INTERVAL_NS: u64 = DhcpLimit::DEFAULT.program_constants().0;
 // SAFETY: no other symbol in the object is named GUEST_DHCP_TOLERANCE_NS.
 #[unsafe(no_mangle)]
 static GUEST_DHCP_TOLERANCE_NS: u64 = DhcpLimit::DEFAULT.program_constants().1;
+// Migration target mode: this node's gateway MAC (`mac_u64`), 0: off. A read-only constant, so
+// with 0 the verifier knows the mode's branches are never taken and removes them: the program
+// costs what it did without the mode (one load of the constant).
+// SAFETY: no other symbol in the object is named GUEST_GATEWAY_MAC.
+#[unsafe(no_mangle)]
+static GUEST_GATEWAY_MAC: u64 = 0;
 
 const ETH_P_ARP: u16 = 0x0806;
+const ARP_HRD_ETHER: u16 = 1;
+const ARP_OP_REQUEST: u16 = 1;
+const ARP_OP_REPLY: u16 = 2;
 /// RARP: what QEMU's `qemu_announce_self` broadcasts from the guest's MAC after a live
 /// migration's switch-over, so that switches learn where the guest went.
 const ETH_P_RARP: u16 = 0x8035;
@@ -186,6 +202,13 @@ fn guest_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         if spa != guest_ip && spa != 0 {
             return Err(DropReason::SpoofedArp);
         }
+        let gateway = constant(&GUEST_GATEWAY_MAC);
+        if gateway != 0 {
+            core::hint::cold_path();
+            if let Some(answered) = answer_arp(ctx, guest_ip, gateway)? {
+                return Ok(answered);
+            }
+        }
         Accepted {
             own_address: spa == guest_ip,
             announce: false,
@@ -219,6 +242,11 @@ fn guest_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     } else {
         return Err(DropReason::UnsupportedProtocol);
     };
+    let gateway = constant(&GUEST_GATEWAY_MAC);
+    if gateway != 0 {
+        core::hint::cold_path();
+        to_the_gateway(ctx, gateway)?;
+    }
     update_stats(|s| {
         s.rx_packets += 1;
         s.rx_bytes += ctx.len() as u64;
@@ -226,6 +254,86 @@ fn guest_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     });
     // SAFETY: bpf_redirect takes plain integers and only records the target.
     Ok(unsafe { bpf_redirect(constant(&GUEST_POD_IFINDEX), 0) } as i32)
+}
+
+// The two steps of migration target mode read what they need of the frame again, with the
+// helper: a copy read with the headers above would be kept alive (spilled to the stack) on the
+// paths without the mode too. And their branches are marked cold, so the compiler lays the mode
+// out of line: without it the branch is one never taken, which the verifier removes, rather than
+// a jump over the mode's code, which it would have to keep.
+
+/// Migration target mode: a unicast frame for another MAC than this node's gateway's
+/// (`gateway`, as `mac_u64` holds it) is sent to the gateway. Group addresses (broadcast,
+/// multicast) reach the gateway as they are.
+#[inline(always)]
+fn to_the_gateway(ctx: &TcContext, gateway: u64) -> Result<(), DropReason> {
+    let dst: [u8; 6] = ctx.load(0).map_err(|_| DropReason::RewriteFailed)?;
+    if dst[0] & 1 == 0 && mac_u64(&dst) != gateway {
+        ctx.store(0, &mac_from_u64(gateway), 0)
+            .map_err(|_| DropReason::RewriteFailed)?;
+    }
+    Ok(())
+}
+
+/// An ARP request (Ethernet, IPv4) from the guest's own address for another one: what the
+/// migration target mode answers. An address probe (sender 0.0.0.0, RFC 5227) and a request
+/// for the guest's own address (a gratuitous ARP, or a conflict check) are not questions for the
+/// gateway, and pass as they would without the mode.
+#[inline(always)]
+fn asks_the_gateway(arp: &ArpIpv4, guest_ip: u32) -> bool {
+    let spa = u32::from_ne_bytes(arp.spa);
+    arp.op == ARP_OP_REQUEST.to_be()
+        && arp.htype == ARP_HRD_ETHER.to_be()
+        && arp.ptype == ETH_P_IP.to_be()
+        && arp.hlen == 6
+        && arp.plen == 4
+        && spa != 0
+        && spa == guest_ip
+        && u32::from_ne_bytes(arp.tpa) != guest_ip
+}
+
+/// Answers the guest's ARP request (whose sender the caller checked: the guest's MAC, and its
+/// address or 0.0.0.0), if it [`asks_the_gateway`], with the gateway's MAC (`gateway`, as
+/// `mac_u64` holds it): the frame is rewritten in place into the reply and sent back out of the
+/// tap, to the guest; the verdict. On a routed pod network every address the guest asks for is
+/// reached through the gateway, so every such request gets the gateway's MAC, as Cilium's ARP
+/// responder does. The reply counts as a frame sent to the guest; the request was not passed
+/// on.
+#[inline(always)]
+fn answer_arp(ctx: &TcContext, guest_ip: u32, gateway: u64) -> Result<Option<i32>, DropReason> {
+    let arp: ArpIpv4 = ctx.load(ETH_HLEN).map_err(|_| DropReason::RewriteFailed)?;
+    if !asks_the_gateway(&arp, guest_ip) {
+        return Ok(None);
+    }
+    let gateway = mac_from_u64(gateway);
+    // The sender's MAC and address are the guest's (checked by the caller).
+    let reply = ArpIpv4 {
+        op: ARP_OP_REPLY.to_be(),
+        sha: gateway,
+        spa: arp.tpa,
+        tha: arp.sha,
+        tpa: arp.spa,
+        ..arp
+    };
+    store_macs(ctx, &gateway, &arp.sha)?;
+    ctx.store(ETH_HLEN, &reply, 0)
+        .map_err(|_| DropReason::RewriteFailed)?;
+    update_stats(|s| {
+        s.tx_packets += 1;
+        s.tx_bytes += ctx.len() as u64;
+        mark_accepted(
+            s,
+            Accepted {
+                own_address: true,
+                announce: false,
+            },
+        );
+    });
+    // SAFETY: bpf_redirect takes plain integers and only records the target; flags 0 is the
+    // tap's egress, towards the guest.
+    Ok(Some(
+        unsafe { bpf_redirect(constant(&GUEST_TAP_IFINDEX), 0) } as i32,
+    ))
 }
 
 enum Dhcp {

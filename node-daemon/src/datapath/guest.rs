@@ -33,6 +33,10 @@ pub struct GuestWiring {
     /// a GSO super-frame is dropped as oversized. 0: no check.
     pub mtu: u32,
     pub dhcp_limit: DhcpLimit,
+    /// Migration target mode: this node's gateway MAC, answered to the guest's ARP requests and
+    /// written into the destination of its unicast frames (see ebpf/src/bin/guest.rs). None:
+    /// off, the frames pass as the guest addressed them.
+    pub gateway_mac: Option<[u8; 6]>,
 }
 
 /// What attaching found in the pod's namespace.
@@ -71,6 +75,7 @@ pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
         let ip = u32::from_ne_bytes(w.ip.octets());
         let mac = mac_u64(&w.mac);
         let (dhcp_interval, dhcp_tolerance) = w.dhcp_limit.program_constants();
+        let gateway_mac = w.gateway_mac.as_ref().map_or(0, mac_u64);
         let mut ebpf = EbpfLoader::new()
             .btf(kernel_btf())
             .default_map_pin_directory(pin_dir)
@@ -82,6 +87,7 @@ pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
             .override_global(guest_globals::MTU, &w.mtu, true)
             .override_global(guest_globals::DHCP_INTERVAL_NS, &dhcp_interval, true)
             .override_global(guest_globals::DHCP_TOLERANCE_NS, &dhcp_tolerance, true)
+            .override_global(guest_globals::GATEWAY_MAC, &gateway_mac, true)
             .load(OBJECT)
             .context("loading the guest programs")?;
         let [pod_pin, tap_pin] = link_pins(pin_dir, w.slot);

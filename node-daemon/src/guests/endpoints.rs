@@ -806,6 +806,8 @@ impl Endpoints {
                     ip: lease.ip,
                     mtu: vm.mtu,
                     dhcp_limit: self.dhcp_limit,
+                    // Off: no endpoint request asks for migration target mode yet.
+                    gateway_mac: None,
                 };
                 if fresh {
                     // A restored guest keeps its counters; a new one starts from zero.
