@@ -185,6 +185,10 @@ pub mod guest_globals {
     /// guest that migrated in, its neighbour cache still holding the previous node's gateway,
     /// reaches this one's.
     pub const GATEWAY_MAC: &str = "GUEST_GATEWAY_MAC";
+    /// The tap's own MAC (a u64 as [`MAC`] holds it): the readiness probe's ARP requests come
+    /// from it, so the guest's replies to them are those for it, which the tap's program counts
+    /// and consumes (`GuestStats::probe_replies`). 0: none is recognised.
+    pub const TAP_MAC: &str = "GUEST_TAP_MAC";
 }
 
 /// How many DHCP messages one guest may hand to the daemon: `rate_per_sec` sustained, `burst`
@@ -741,6 +745,9 @@ pub struct GuestStats {
     /// tap, on this CPU: a migrated-in guest has gone live here. Unlike `seen_ns`, a frame that
     /// carries no IPv4 address (a RARP announcement) counts.
     pub live_ns: u64,
+    /// The guest's ARP replies to the daemon's readiness probe (for the tap's MAC, from the
+    /// guest's address): counted for the probe, which reads this, and consumed, not passed on.
+    pub probe_replies: u64,
 }
 
 impl GuestStats {
@@ -761,6 +768,7 @@ impl GuestStats {
             (0, t) | (t, 0) => t,
             (a, b) => a.min(b),
         };
+        self.probe_replies += other.probe_replies;
     }
 }
 
@@ -833,7 +841,7 @@ mod tests {
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<TrafficStats>(), 24);
         assert_eq!(size_of::<FlowEvent>(), 48);
-        assert_eq!(size_of::<GuestStats>(), 8 * (5 + 16 + 3));
+        assert_eq!(size_of::<GuestStats>(), 8 * (5 + 16 + 4));
         assert_eq!(size_of::<DhcpFrame>(), 8 + DHCP_FRAME_MAX);
     }
 
@@ -858,6 +866,7 @@ mod tests {
         // New guest counters go after the old ones.
         assert_eq!(offset_of!(GuestStats, seen_ns), 8 * (5 + 16));
         assert_eq!(offset_of!(GuestStats, live_ns), 8 * (5 + 16 + 2));
+        assert_eq!(offset_of!(GuestStats, probe_replies), 8 * (5 + 16 + 3));
     }
 
     #[test]
@@ -865,6 +874,7 @@ mod tests {
         let cpu = |rx: u64, seen: u64, live: u64| GuestStats {
             rx_packets: rx,
             announces: rx * 2,
+            probe_replies: rx * 3,
             seen_ns: seen,
             live_ns: live,
             drops: [rx; 16],
@@ -876,6 +886,7 @@ mod tests {
         }
         assert_eq!(total.rx_packets, 10);
         assert_eq!(total.announces, 20);
+        assert_eq!(total.probe_replies, 30);
         assert_eq!(total.drops, [10; 16]);
         assert_eq!(total.seen_ns, 50, "seen_ns: the latest CPU's");
         assert_eq!(

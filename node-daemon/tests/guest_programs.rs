@@ -63,6 +63,8 @@ const OTHER_IP: [u8; 4] = [10, 0, 0, 66];
 /// This node's gateway for a guest that migrated in (whose neighbour cache still holds GW_MAC,
 /// the previous node's).
 const NEW_GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0xfe];
+/// The tap's own MAC, where the daemon's readiness probes come from.
+const TAP_MAC: [u8; 6] = [0x02, 0x7a, 0x70, 0, 0, 0x2a];
 /// Interface indexes written into the programs where no real interface is needed (the test run
 /// does not act on a redirect).
 const TAP_IFINDEX: u32 = 1001;
@@ -79,6 +81,7 @@ struct Identity {
     mtu: u32,
     /// Migration target mode (`GuestWiring::gateway_mac`).
     gateway_mac: Option<[u8; 6]>,
+    tap_mac: [u8; 6],
 }
 
 /// No DHCP rate limit: the tests of other behaviour send more DHCP than a guest may.
@@ -96,6 +99,7 @@ const GUEST: Identity = Identity {
     dhcp_limit: UNLIMITED,
     mtu: 0,
     gateway_mac: None,
+    tap_mac: TAP_MAC,
 };
 
 /// The same guest after it migrated in: migration target mode with this node's gateway.
@@ -124,6 +128,7 @@ impl Guest {
         let ip = u32::from_ne_bytes(id.ip);
         let (interval, tolerance) = id.dhcp_limit.program_constants();
         let gateway_mac = id.gateway_mac.as_ref().map_or(0, tapestry_common::mac_u64);
+        let tap_mac = tapestry_common::mac_u64(&id.tap_mac);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins)
             .override_global(guest_globals::SLOT, &id.slot, true)
@@ -135,6 +140,7 @@ impl Guest {
             .override_global(guest_globals::DHCP_TOLERANCE_NS, &tolerance, true)
             .override_global(guest_globals::MTU, &id.mtu, true)
             .override_global(guest_globals::GATEWAY_MAC, &gateway_mac, true)
+            .override_global(guest_globals::TAP_MAC, &tap_mac, true)
             .load(guest::OBJECT)
             .expect("the guest object loads");
         for name in [program_names::POD_TO_GUEST, program_names::GUEST_TO_POD] {
@@ -531,6 +537,61 @@ fn the_guests_rarp_announcement_passes_and_marks_it_live() {
     assert_eq!(s2.live_ns, s.live_ns, "written once");
     assert!(s2.seen_ns >= s.live_ns, "ready from the IPv4 frame");
     assert!(g.node_drops().iter().all(|d| *d == 0));
+}
+
+/// The guest's reply to the daemon's readiness probe (an ARP probe from the tap's MAC, answered
+/// as Linux answers one: to that MAC, target address 0.0.0.0) is counted for the daemon and
+/// consumed: not passed on, not a drop. Its other ARP replies pass as before, a reply to the
+/// tap's MAC from another address is still a spoof, and in migration target mode the probe's
+/// reply is consumed the same, neither answered nor rewritten.
+#[test]
+fn the_guests_reply_to_the_readiness_probe_is_counted_and_consumed() {
+    if !prerequisites() {
+        return;
+    }
+    let pins = PinDir::new("guest-probe-reply");
+    let mut g = Guest::load(pins.path(), &GUEST);
+    let mut migrated = Guest::load(
+        pins.path(),
+        &Identity {
+            slot: 7,
+            ..MIGRATED
+        },
+    );
+    let reply = arp_reply(TAP_MAC, TAP_MAC, [0; 4]);
+    for (g, slot) in [(&mut g, SLOT), (&mut migrated, 7)] {
+        for n in 1..=2 {
+            assert_eq!(g.guest_to_pod(&reply).0, DROP, "slot {slot}");
+            let s = g.stats(slot);
+            assert!(
+                s.seen_ns > 0 && s.live_ns > 0,
+                "the guest answered from its address"
+            );
+            let expected = GuestStats {
+                probe_replies: n,
+                seen_ns: s.seen_ns,
+                live_ns: s.live_ns,
+                ..GuestStats::default()
+            };
+            assert_eq!(
+                s, expected,
+                "counted as a probe reply, nothing else (slot {slot})"
+            );
+        }
+    }
+    assert!(g.node_drops().iter().all(|d| *d == 0), "no drop counted");
+
+    // Not the probe's: the guest's reply to a neighbour passes unchanged.
+    let to_a_neighbour = arp_reply(GW_MAC, GW_MAC, PEER_IP);
+    let (v, out) = g.guest_to_pod(&to_a_neighbour);
+    assert_eq!((v, &out), (REDIRECT, &to_a_neighbour));
+    // A reply to the tap's MAC claiming another address is a spoof, and no probe reply.
+    let mut spoofed = reply.clone();
+    spoofed[28..32].copy_from_slice(&OTHER_IP);
+    assert_eq!(g.guest_to_pod(&spoofed).0, DROP);
+    let s = g.stats(SLOT);
+    assert_eq!((s.probe_replies, s.rx_packets), (2, 1));
+    assert_eq!(s.drops[DropReason::SpoofedArp as usize], 1);
 }
 
 /// Each drop verdict of guest_to_pod, with its counter in the guest's slot and in the node-wide
@@ -1419,6 +1480,8 @@ enum Fate {
     Dhcp,
     /// Answered by the program itself (migration target mode): these bytes back to the guest.
     Answer(Vec<u8>),
+    /// The guest's reply to the readiness probe: counted and consumed.
+    ProbeReply,
     Drop(DropReason),
 }
 
@@ -1449,6 +1512,9 @@ fn guest_model(f: &[u8], gateway: Option<[u8; 6]>) -> Fate {
             let spa = &f[28..32];
             if spa != GUEST_IP && spa != [0; 4] {
                 return Fate::Drop(DropReason::SpoofedArp);
+            }
+            if f[20..22] == [0, 2] && spa == GUEST_IP && f[32..38] == TAP_MAC {
+                return Fate::ProbeReply;
             }
             // Ethernet, IPv4, 6, 4, request; from the guest's address for another.
             let asks =
@@ -1546,11 +1612,13 @@ fn generate_guest_frame(rng: &mut Rng) -> Vec<u8> {
             f.extend(rng.bytes(n));
         }
         50..=69 => {
-            f.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+            // Requests, and replies (to a neighbour, or the readiness probe's to the tap).
+            let op = *rng.pick(&[1u8, 1, 2]);
+            f.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, op]);
             f.extend(if rng.chance(80) { GUEST_MAC } else { OTHER_MAC });
             f.extend(ip);
-            f.extend([0; 6]);
-            f.extend(*rng.pick(&[PEER_IP, PEER_IP, OTHER_IP, GUEST_IP]));
+            f.extend(*rng.pick(&[[0; 6], [0; 6], TAP_MAC, GW_MAC]));
+            f.extend(*rng.pick(&[PEER_IP, PEER_IP, OTHER_IP, GUEST_IP, [0; 4]]));
         }
         70..=79 => {
             let tag = *rng.pick(&[0x8100u16, 0x88a8, 0x9100]);
@@ -1636,13 +1704,14 @@ fn differential(what: &str, id: &Identity) -> Differential {
                     expected.dhcp += 1;
                     queue.push((SLOT, f[..f.len().min(DHCP_FRAME_MAX)].to_vec()));
                 }
+                Fate::ProbeReply => expected.probe_replies += 1,
                 Fate::Drop(r) => expected.drops[*r as usize] += 1,
             }
             fate
         };
         let ok = match &fate {
             Fate::Forward(bytes) | Fate::Answer(bytes) => verdict == REDIRECT && out == *bytes,
-            Fate::Dhcp | Fate::Drop(_) => verdict == DROP,
+            Fate::Dhcp | Fate::ProbeReply | Fate::Drop(_) => verdict == DROP,
         };
         if !ok {
             mismatches.push(format!(
@@ -1735,6 +1804,9 @@ fn generated_frames_match_the_model_of_both_guest_programs() {
         );
     }
     assert_eq!(runs[0].answers, 0, "nothing answered without the mode");
+    for d in &runs {
+        assert!(d.expected.probe_replies >= 100, "{:?}", d.expected);
+    }
     assert!(
         runs[1].answers >= 200,
         "too few answered: {}",

@@ -9,6 +9,9 @@
 //!   frame really leaves eth0 and the host sees ordinary pod egress on the pod's veth). Besides
 //!   IPv4 and ARP it passes the guest's RARP self-announcements (QEMU's after a live migration),
 //!   counted as such.
+//! - The guest's ARP replies to the daemon's readiness probe (node-daemon/src/guests/probe.rs)
+//!   are counted for the daemon and consumed here, so the daemon needs no socket that would see
+//!   every frame on the tap.
 //! - Migration target mode (`GUEST_GATEWAY_MAC` set): a guest that migrated in still holds the
 //!   previous node's gateway MAC in its neighbour cache. The tap's program answers the guest's
 //!   ARP requests for other addresses itself, with this node's gateway MAC (as Cilium's
@@ -62,6 +65,10 @@ static GUEST_IP: u32 = 0;
 // SAFETY: no other symbol in the object is named GUEST_MTU.
 #[unsafe(no_mangle)]
 static GUEST_MTU: u32 = 0;
+// The tap's own MAC (`mac_u64`): where the readiness probe's ARP requests come from.
+// SAFETY: no other symbol in the object is named GUEST_TAP_MAC.
+#[unsafe(no_mangle)]
+static GUEST_TAP_MAC: u64 = 0;
 // The DHCP rate limit (`tapestry_common::DhcpLimit::program_constants`); the initial values are
 // DhcpLimit::DEFAULT's, for a loader that does not set them.
 // SAFETY: no other symbol in the object is named GUEST_DHCP_INTERVAL_NS.
@@ -201,6 +208,26 @@ fn guest_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         // 0.0.0.0 is an address probe (RFC 5227) before the guest configures its address.
         if spa != guest_ip && spa != 0 {
             return Err(DropReason::SpoofedArp);
+        }
+        let tap_mac = constant(&GUEST_TAP_MAC);
+        if arp.op == ARP_OP_REPLY.to_be()
+            && spa == guest_ip
+            && tap_mac != 0
+            && mac_u64(&arp.tha) == tap_mac
+        {
+            // The guest answers the daemon's probe (sent from the tap's MAC): the daemon's, not
+            // the network's, and no drop.
+            update_stats(|s| {
+                s.probe_replies += 1;
+                mark_accepted(
+                    s,
+                    Accepted {
+                        own_address: true,
+                        announce: false,
+                    },
+                );
+            });
+            return Ok(verdict::DROP);
         }
         let gateway = constant(&GUEST_GATEWAY_MAC);
         if gateway != 0 {

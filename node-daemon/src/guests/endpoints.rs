@@ -83,9 +83,8 @@ pub struct GuestLink {
     pub mac: [u8; 6],
     pub lease: LeaseConfig,
     pub tap_mac: [u8; 6],
-    socket: OwnedFd,
-    /// The readiness probe's socket (see probe.rs).
-    arp: Arc<OwnedFd>,
+    /// Send-only, on the tap: DHCP answers, and the readiness probe's requests (probe.rs).
+    socket: Arc<OwnedFd>,
 }
 
 struct Guest {
@@ -434,9 +433,8 @@ impl Endpoints {
                     slot: g.slot,
                     container_id: e.request.container_id.clone(),
                     ip: g.link.lease.ip,
-                    mac: g.link.mac,
                     tap_mac: g.link.tap_mac,
-                    arp: g.link.arp.clone(),
+                    socket: g.link.socket.clone(),
                     tcp_ports,
                 })
             })
@@ -604,6 +602,13 @@ impl Endpoints {
             }
         }
         total
+    }
+
+    /// The guest's replies to its readiness probe that the tap's program counted, summed over
+    /// the CPUs (see probe.rs).
+    pub fn probe_replies(&self, slot: u32) -> Result<u64> {
+        let per_cpu = self.stats.get(&slot, 0)?;
+        Ok(per_cpu.iter().map(|s| s.probe_replies).sum())
     }
 
     fn zero_guest_stats(&self, slot: u32) -> Result<()> {
@@ -824,8 +829,7 @@ impl Endpoints {
                         mac: *mac,
                         lease: lease.clone(),
                         tap_mac: attached.tap_mac,
-                        socket: attached.socket,
-                        arp: Arc::new(attached.arp),
+                        socket: Arc::new(attached.socket),
                     }),
                     bound: false,
                 })
