@@ -462,6 +462,10 @@ pub struct GuestInfo {
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub dhcp_messages: u64,
+    /// RARP self-announcements from the guest's MAC (what QEMU sends after a live migration's
+    /// switch-over), passed on to the pod network.
+    #[serde(default)]
+    pub announces: u64,
     /// Frames dropped from this guest, by reason (spoofed_mac, spoofed_ip, ...).
     pub drops: BTreeMap<String, u64>,
 }

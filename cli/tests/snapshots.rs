@@ -355,6 +355,7 @@ fn guests() -> Vec<GuestInfo> {
             tx_packets: 801_113,
             tx_bytes: 97_001_245,
             dhcp_messages: 4,
+            announces: 5,
             drops: BTreeMap::from([("spoofed_arp".into(), 1), ("spoofed_ip".into(), 3)]),
         },
         GuestInfo {
@@ -375,6 +376,7 @@ fn guests() -> Vec<GuestInfo> {
             tx_packets: 3,
             tx_bytes: 126,
             dhcp_messages: 0,
+            announces: 0,
             drops: BTreeMap::new(),
         },
     ]

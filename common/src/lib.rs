@@ -179,6 +179,16 @@ pub mod guest_globals {
     /// rate a burst may run.
     pub const DHCP_INTERVAL_NS: &str = "GUEST_DHCP_INTERVAL_NS";
     pub const DHCP_TOLERANCE_NS: &str = "GUEST_DHCP_TOLERANCE_NS";
+    /// Migration target mode (a u64 MAC as [`MAC`] holds it; 0, the default: off): the MAC of
+    /// the gateway the guest reaches on this node. The tap's program then answers the guest's
+    /// ARP requests for other addresses with it and sends the guest's unicast frames to it, so a
+    /// guest that migrated in, its neighbour cache still holding the previous node's gateway,
+    /// reaches this one's.
+    pub const GATEWAY_MAC: &str = "GUEST_GATEWAY_MAC";
+    /// The tap's own MAC (a u64 as [`MAC`] holds it): the readiness probe's ARP requests come
+    /// from it, so the guest's replies to them are those for it, which the tap's program counts
+    /// and consumes (`GuestStats::probe_replies`). 0: none is recognised.
+    pub const TAP_MAC: &str = "GUEST_TAP_MAC";
 }
 
 /// How many DHCP messages one guest may hand to the daemon: `rate_per_sec` sustained, `burst`
@@ -220,6 +230,13 @@ impl DhcpLimit {
 #[inline(always)]
 pub const fn mac_u64(mac: &[u8; 6]) -> u64 {
     u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0])
+}
+
+/// The MAC a [`mac_u64`] value holds, in packet order.
+#[inline(always)]
+pub const fn mac_from_u64(v: u64) -> [u8; 6] {
+    let b = v.to_le_bytes();
+    [b[0], b[1], b[2], b[3], b[4], b[5]]
 }
 
 /// Guests per node (slots of the per-guest counters).
@@ -593,7 +610,8 @@ named_u32_enum! {
         SpoofedIp = 7 => "spoofed_ip",
         /// An ARP from a guest claiming another address or hardware address.
         SpoofedArp = 8 => "spoofed_arp",
-        /// A frame from a guest that is neither IPv4 nor ARP (the pod network is IPv4).
+        /// A frame from a guest that is neither IPv4, ARP nor a RARP announcement (the pod
+        /// network is IPv4).
         UnsupportedProtocol = 9 => "unsupported_protocol",
         /// DHCP from a guest could not be handed to the daemon (its queue was full).
         DhcpQueueFull = 10 => "dhcp_queue_full",
@@ -623,7 +641,8 @@ named_u32_enum! {
 }
 
 /// Every reason a guest program drops a guest's frame for (each has a slot in `GuestStats`).
-pub const GUEST_DROP_REASONS: [DropReason; 9] = [
+pub const GUEST_DROP_REASONS: [DropReason; 10] = [
+    DropReason::RewriteFailed,
     DropReason::SpoofedMac,
     DropReason::SpoofedIp,
     DropReason::SpoofedArp,
@@ -700,7 +719,7 @@ pub struct FlowEvent {
     pub _pad: u32,
 }
 
-/// Per-guest counters (per CPU; userspace sums; `seen_ns` takes the max).
+/// Per-guest counters (per CPU; userspace sums them with [`GuestStats::add`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct GuestStats {
@@ -713,11 +732,44 @@ pub struct GuestStats {
     pub tx_bytes: u64,
     /// DHCP messages handed to the daemon.
     pub dhcp: u64,
-    /// Drops by `DropReason` (indexes 6..=13 and 15 are the guest's; a guest program never
+    /// Drops by `DropReason` (indexes 4, 6..=13 and 15 are the guest's; a guest program never
     /// drops for a reason past 15).
     pub drops: [u64; 16],
-    /// Last time the guest used its own address (IPv4 source or ARP sender): readiness.
+    /// First time the guest used its own address (IPv4 source or ARP sender) on this CPU:
+    /// readiness.
     pub seen_ns: u64,
+    /// Self-announcements from the guest's MAC (RARP, as QEMU sends them after a live
+    /// migration's switch-over): forwarded like the guest's other frames.
+    pub announces: u64,
+    /// First time any frame the program accepted (ARP, IPv4, RARP) came from the guest on this
+    /// tap, on this CPU: a migrated-in guest has gone live here. Unlike `seen_ns`, a frame that
+    /// carries no IPv4 address (a RARP announcement) counts.
+    pub live_ns: u64,
+    /// The guest's ARP replies to the daemon's readiness probe (for the tap's MAC, from the
+    /// guest's address): counted for the probe, which reads this, and consumed, not passed on.
+    pub probe_replies: u64,
+}
+
+impl GuestStats {
+    /// Adds one CPU's copy of a guest's counters (`other`) into `self`.
+    pub fn add(&mut self, other: &GuestStats) {
+        self.rx_packets += other.rx_packets;
+        self.rx_bytes += other.rx_bytes;
+        self.tx_packets += other.tx_packets;
+        self.tx_bytes += other.tx_bytes;
+        self.dhcp += other.dhcp;
+        for (t, d) in self.drops.iter_mut().zip(other.drops.iter()) {
+            *t += d;
+        }
+        self.seen_ns = self.seen_ns.max(other.seen_ns);
+        self.announces += other.announces;
+        // The first time over all CPUs: the earliest CPU that saw one.
+        self.live_ns = match (self.live_ns, other.live_ns) {
+            (0, t) | (t, 0) => t,
+            (a, b) => a.min(b),
+        };
+        self.probe_replies += other.probe_replies;
+    }
 }
 
 /// One DHCP frame from a guest, as queued for the daemon.
@@ -789,7 +841,7 @@ mod tests {
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<TrafficStats>(), 24);
         assert_eq!(size_of::<FlowEvent>(), 48);
-        assert_eq!(size_of::<GuestStats>(), 8 * (5 + 16 + 1));
+        assert_eq!(size_of::<GuestStats>(), 8 * (5 + 16 + 4));
         assert_eq!(size_of::<DhcpFrame>(), 8 + DHCP_FRAME_MAX);
     }
 
@@ -811,6 +863,36 @@ mod tests {
         assert_eq!(offset_of!(FlowEvent, kind), 38);
         assert_eq!(offset_of!(FlowEvent, reason), 40);
         assert_eq!(align_of::<CtEntry>(), 8);
+        // New guest counters go after the old ones.
+        assert_eq!(offset_of!(GuestStats, seen_ns), 8 * (5 + 16));
+        assert_eq!(offset_of!(GuestStats, live_ns), 8 * (5 + 16 + 2));
+        assert_eq!(offset_of!(GuestStats, probe_replies), 8 * (5 + 16 + 3));
+    }
+
+    #[test]
+    fn guest_stats_add_sums_counters_and_keeps_timestamps() {
+        let cpu = |rx: u64, seen: u64, live: u64| GuestStats {
+            rx_packets: rx,
+            announces: rx * 2,
+            probe_replies: rx * 3,
+            seen_ns: seen,
+            live_ns: live,
+            drops: [rx; 16],
+            ..GuestStats::default()
+        };
+        let mut total = GuestStats::default();
+        for s in [cpu(1, 50, 0), cpu(2, 0, 70), cpu(3, 40, 30), cpu(4, 0, 0)] {
+            total.add(&s);
+        }
+        assert_eq!(total.rx_packets, 10);
+        assert_eq!(total.announces, 20);
+        assert_eq!(total.probe_replies, 30);
+        assert_eq!(total.drops, [10; 16]);
+        assert_eq!(total.seen_ns, 50, "seen_ns: the latest CPU's");
+        assert_eq!(
+            total.live_ns, 30,
+            "live_ns: the earliest CPU's, a CPU without one skipped"
+        );
     }
 
     #[test]
@@ -830,6 +912,14 @@ mod tests {
         for r in GUEST_DROP_REASONS {
             assert!((r as u32) < guest_slots, "{r:?}");
         }
+    }
+
+    #[test]
+    fn mac_from_u64_reverses_mac_u64() {
+        let mac = [0x02, 0x54, 0xab, 0xcd, 0xef, 0x2a];
+        assert_eq!(mac_from_u64(mac_u64(&mac)), mac);
+        assert_eq!(mac_u64(&mac) >> 48, 0, "the two high bytes stay 0");
+        assert_eq!(mac_from_u64(0), [0; 6]);
     }
 
     #[test]

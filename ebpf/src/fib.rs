@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use tapestry_common::DropReason;
 
-use crate::packet::ifindex;
+use crate::{nat::store_macs, packet::ifindex};
 
 const AF_INET: u8 = 2;
 
@@ -127,14 +127,4 @@ pub fn redirect(ctx: &TcContext, route: &Route) -> Result<i32, DropReason> {
             } as i32)
         }
     }
-}
-
-/// Writes the Ethernet header's destination and source MAC.
-#[inline(always)]
-fn store_macs(ctx: &TcContext, smac: &[u8; 6], dmac: &[u8; 6]) -> Result<(), DropReason> {
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(dmac);
-    macs[6..].copy_from_slice(smac);
-    ctx.store(0, &macs, 0)
-        .map_err(|_| DropReason::RewriteFailed)
 }

@@ -97,9 +97,15 @@ pub fn rewrite_port(
 #[inline(always)]
 pub fn swap_macs(ctx: &TcContext) -> Result<(), DropReason> {
     let eth = read::<EthHdr>(ctx, 0).ok_or(DropReason::RewriteFailed)?;
+    store_macs(ctx, &eth.dst, &eth.src)
+}
+
+/// Writes the Ethernet header's destination and source MAC.
+#[inline(always)]
+pub fn store_macs(ctx: &TcContext, smac: &[u8; 6], dmac: &[u8; 6]) -> Result<(), DropReason> {
     let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&eth.src);
-    macs[6..].copy_from_slice(&eth.dst);
+    macs[..6].copy_from_slice(dmac);
+    macs[6..].copy_from_slice(smac);
     ctx.store(0, &macs, 0)
         .map_err(|_| DropReason::RewriteFailed)
 }

@@ -31,12 +31,14 @@ use dhcproto::{
     Encodable, Encoder,
     v4::{DhcpOption, Message, MessageType},
 };
-use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, PacketBuilder, VlanId};
+use etherparse::{
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Ethernet2Header, PacketBuilder, VlanId,
+};
 use tapestry_common::{
     DHCP_FRAME_MAX, DHCP_RING_BYTES, DhcpFrame, DhcpLimit, DropReason, GUEST_DROP_REASONS,
     GuestStats, guest_globals, map_names, program_names,
 };
-use tapestry_node_daemon::datapath::{guest, ifindex_of};
+use tapestry_node_daemon::datapath::{guest, ifindex_of, monotonic_ns};
 
 /// Runs `f` in the network namespace at `path` (on a thread of its own).
 fn in_netns<T: Send>(path: &std::path::Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
@@ -58,6 +60,11 @@ const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 const PEER_IP: [u8; 4] = [10, 0, 0, 1];
 const OTHER_MAC: [u8; 6] = [0x02, 0x66, 0, 0, 0, 0x01];
 const OTHER_IP: [u8; 4] = [10, 0, 0, 66];
+/// This node's gateway for a guest that migrated in (whose neighbour cache still holds GW_MAC,
+/// the previous node's).
+const NEW_GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0xfe];
+/// The tap's own MAC, where the daemon's readiness probes come from.
+const TAP_MAC: [u8; 6] = [0x02, 0x7a, 0x70, 0, 0, 0x2a];
 /// Interface indexes written into the programs where no real interface is needed (the test run
 /// does not act on a redirect).
 const TAP_IFINDEX: u32 = 1001;
@@ -72,6 +79,9 @@ struct Identity {
     dhcp_limit: DhcpLimit,
     /// 0: frames are not checked for size.
     mtu: u32,
+    /// Migration target mode (`GuestWiring::gateway_mac`).
+    gateway_mac: Option<[u8; 6]>,
+    tap_mac: [u8; 6],
 }
 
 /// No DHCP rate limit: the tests of other behaviour send more DHCP than a guest may.
@@ -88,6 +98,14 @@ const GUEST: Identity = Identity {
     pod_ifindex: POD_IFINDEX,
     dhcp_limit: UNLIMITED,
     mtu: 0,
+    gateway_mac: None,
+    tap_mac: TAP_MAC,
+};
+
+/// The same guest after it migrated in: migration target mode with this node's gateway.
+const MIGRATED: Identity = Identity {
+    gateway_mac: Some(NEW_GW_MAC),
+    ..GUEST
 };
 
 /// One guest's programs, loaded and verified, with the maps they write.
@@ -109,6 +127,8 @@ impl Guest {
         let mac = tapestry_common::mac_u64(&id.mac);
         let ip = u32::from_ne_bytes(id.ip);
         let (interval, tolerance) = id.dhcp_limit.program_constants();
+        let gateway_mac = id.gateway_mac.as_ref().map_or(0, tapestry_common::mac_u64);
+        let tap_mac = tapestry_common::mac_u64(&id.tap_mac);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins)
             .override_global(guest_globals::SLOT, &id.slot, true)
@@ -119,6 +139,8 @@ impl Guest {
             .override_global(guest_globals::DHCP_INTERVAL_NS, &interval, true)
             .override_global(guest_globals::DHCP_TOLERANCE_NS, &tolerance, true)
             .override_global(guest_globals::MTU, &id.mtu, true)
+            .override_global(guest_globals::GATEWAY_MAC, &gateway_mac, true)
+            .override_global(guest_globals::TAP_MAC, &tap_mac, true)
             .load(guest::OBJECT)
             .expect("the guest object loads");
         for name in [program_names::POD_TO_GUEST, program_names::GUEST_TO_POD] {
@@ -166,19 +188,11 @@ impl Guest {
         self.run(program_names::GUEST_TO_POD, frame)
     }
 
-    /// The counters of `slot`, summed over CPUs (`seen_ns`: the latest).
+    /// The counters of `slot`, summed over CPUs as the daemon sums them.
     fn stats(&self, slot: u32) -> GuestStats {
         let mut total = GuestStats::default();
         for s in self.stats.get(&slot, 0).unwrap().iter() {
-            total.rx_packets += s.rx_packets;
-            total.rx_bytes += s.rx_bytes;
-            total.tx_packets += s.tx_packets;
-            total.tx_bytes += s.tx_bytes;
-            total.dhcp += s.dhcp;
-            for (t, d) in total.drops.iter_mut().zip(s.drops) {
-                *t += d;
-            }
-            total.seen_ns = total.seen_ns.max(s.seen_ns);
+            total.add(s);
         }
         total
     }
@@ -228,6 +242,17 @@ fn udp(src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> 
 
 /// An ARP request from `eth_src` whose sender fields are `sha`/`spa`, for the peer.
 fn arp(eth_src: [u8; 6], sha: [u8; 6], spa: [u8; 4]) -> Vec<u8> {
+    arp_request(eth_src, [0xff; 6], sha, spa, PEER_IP)
+}
+
+/// An ARP request from `eth_src` to `eth_dst` whose sender fields are `sha`/`spa`, for `tpa`.
+fn arp_request(
+    eth_src: [u8; 6],
+    eth_dst: [u8; 6],
+    sha: [u8; 6],
+    spa: [u8; 4],
+    tpa: [u8; 4],
+) -> Vec<u8> {
     let arp = ArpPacket::new(
         ArpHardwareId::ETHERNET,
         EtherType::IPV4,
@@ -235,14 +260,88 @@ fn arp(eth_src: [u8; 6], sha: [u8; 6], spa: [u8; 4]) -> Vec<u8> {
         &sha,
         &spa,
         &[0; 6],
-        &PEER_IP,
+        &tpa,
     )
     .unwrap();
     let mut v = Vec::new();
-    PacketBuilder::ethernet2(eth_src, [0xff; 6])
+    PacketBuilder::ethernet2(eth_src, eth_dst)
         .arp(arp)
         .write(&mut v)
         .unwrap();
+    v
+}
+
+/// The guest's ARP reply (its MAC and address) to `eth_dst`, whose request came from
+/// `tha`/`tpa`.
+fn arp_reply(eth_dst: [u8; 6], tha: [u8; 6], tpa: [u8; 4]) -> Vec<u8> {
+    let arp = ArpPacket::new(
+        ArpHardwareId::ETHERNET,
+        EtherType::IPV4,
+        ArpOperation::REPLY,
+        &GUEST_MAC,
+        &GUEST_IP,
+        &tha,
+        &tpa,
+    )
+    .unwrap();
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, eth_dst)
+        .arp(arp)
+        .write(&mut v)
+        .unwrap();
+    v
+}
+
+/// `frame` with its Ethernet destination replaced by `dst`.
+fn to_mac(frame: &[u8], dst: [u8; 6]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[..6].copy_from_slice(&dst);
+    f
+}
+
+/// The gateway's answer to the guest's ARP request for `asked`, as the guest must receive it
+/// (independently built: etherparse, not the program's offsets).
+fn gateway_answer(gateway: [u8; 6], asked: [u8; 4]) -> Vec<u8> {
+    let arp = ArpPacket::new(
+        ArpHardwareId::ETHERNET,
+        EtherType::IPV4,
+        ArpOperation::REPLY,
+        &gateway,
+        &asked,
+        &GUEST_MAC,
+        &GUEST_IP,
+    )
+    .unwrap();
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(gateway, GUEST_MAC)
+        .arp(arp)
+        .write(&mut v)
+        .unwrap();
+    v
+}
+
+/// QEMU's self-announcement after a live migration (`announce_self_create`, net/announce.c):
+/// RARP "request reverse" (op 3) broadcast from `eth_src`, sender and target hardware address
+/// the guest's MAC, no IPv4 addresses, padded to 60 bytes.
+fn rarp(eth_src: [u8; 6]) -> Vec<u8> {
+    let rarp = ArpPacket::new(
+        ArpHardwareId::ETHERNET,
+        EtherType::IPV4,
+        ArpOperation(3),
+        &GUEST_MAC,
+        &[0; 4],
+        &GUEST_MAC,
+        &[0; 4],
+    )
+    .unwrap();
+    let eth = Ethernet2Header {
+        source: eth_src,
+        destination: [0xff; 6],
+        ether_type: EtherType(0x8035),
+    };
+    let mut v = eth.to_bytes().to_vec();
+    v.extend_from_slice(&rarp.to_bytes());
+    v.resize(60, 0);
     v
 }
 
@@ -367,7 +466,9 @@ fn guest_to_pod_redirects_the_guests_own_frames() {
     let probe = arp(GUEST_MAC, GUEST_MAC, [0; 4]);
     let (v, out) = g.guest_to_pod(&probe);
     assert_eq!((v, &out), (REDIRECT, &probe));
-    assert_eq!(g.stats(SLOT).seen_ns, 0, "a probe is not readiness");
+    let after_probe = g.stats(SLOT);
+    assert_eq!(after_probe.seen_ns, 0, "a probe is not readiness");
+    assert!(after_probe.live_ns > 0, "but the guest is live on this tap");
 
     let own = [
         udp(GUEST_MAC, GUEST_IP, PEER_IP, b"from the guest"),
@@ -380,14 +481,117 @@ fn guest_to_pod_redirects_the_guests_own_frames() {
     }
     let s = g.stats(SLOT);
     assert!(s.seen_ns > 0, "the guest used its own address");
+    assert_eq!(s.live_ns, after_probe.live_ns, "live since the first frame");
     let expected = GuestStats {
         rx_packets: 1 + own.len() as u64,
         rx_bytes: (probe.len() + own.iter().map(Vec::len).sum::<usize>()) as u64,
         seen_ns: s.seen_ns,
+        live_ns: s.live_ns,
         ..GuestStats::default()
     };
     assert_eq!(s, expected);
     assert!(g.node_drops().iter().all(|d| *d == 0));
+}
+
+/// After a live migration's switch-over QEMU announces the guest from its MAC with RARP: the
+/// frame is forwarded unchanged (so the pod network learns where the guest is), counted as an
+/// announcement, and marks the guest live on this tap from the first one on, but not ready: a
+/// RARP carries no address of the guest's.
+#[test]
+fn the_guests_rarp_announcement_passes_and_marks_it_live() {
+    let Some((_pins, mut g)) = loaded() else {
+        return;
+    };
+    let announce = rarp(GUEST_MAC);
+    let before = monotonic_ns();
+    let (v, out) = g.guest_to_pod(&announce);
+    let after = monotonic_ns();
+    assert_eq!((v, &out), (REDIRECT, &announce), "forwarded unchanged");
+    let s = g.stats(SLOT);
+    assert!(
+        (before..=after).contains(&s.live_ns),
+        "live_ns {} not within the run ({before}..={after})",
+        s.live_ns
+    );
+    let expected = GuestStats {
+        rx_packets: 1,
+        rx_bytes: announce.len() as u64,
+        announces: 1,
+        live_ns: s.live_ns,
+        ..GuestStats::default()
+    };
+    assert_eq!(s, expected, "no seen_ns: a RARP carries no address");
+
+    // QEMU announces several times (5 by default); live_ns stays the first, and the guest's
+    // first IPv4 frame makes it ready without moving it.
+    for _ in 0..4 {
+        assert_eq!(g.guest_to_pod(&announce).0, REDIRECT);
+    }
+    assert_eq!(
+        g.guest_to_pod(&udp(GUEST_MAC, GUEST_IP, PEER_IP, b"here"))
+            .0,
+        REDIRECT
+    );
+    let s2 = g.stats(SLOT);
+    assert_eq!((s2.announces, s2.rx_packets), (5, 6));
+    assert_eq!(s2.live_ns, s.live_ns, "written once");
+    assert!(s2.seen_ns >= s.live_ns, "ready from the IPv4 frame");
+    assert!(g.node_drops().iter().all(|d| *d == 0));
+}
+
+/// The guest's reply to the daemon's readiness probe (an ARP probe from the tap's MAC, answered
+/// as Linux answers one: to that MAC, target address 0.0.0.0) is counted for the daemon and
+/// consumed: not passed on, not a drop. Its other ARP replies pass as before, a reply to the
+/// tap's MAC from another address is still a spoof, and in migration target mode the probe's
+/// reply is consumed the same, neither answered nor rewritten.
+#[test]
+fn the_guests_reply_to_the_readiness_probe_is_counted_and_consumed() {
+    if !prerequisites() {
+        return;
+    }
+    let pins = PinDir::new("guest-probe-reply");
+    let mut g = Guest::load(pins.path(), &GUEST);
+    let mut migrated = Guest::load(
+        pins.path(),
+        &Identity {
+            slot: 7,
+            ..MIGRATED
+        },
+    );
+    let reply = arp_reply(TAP_MAC, TAP_MAC, [0; 4]);
+    for (g, slot) in [(&mut g, SLOT), (&mut migrated, 7)] {
+        for n in 1..=2 {
+            assert_eq!(g.guest_to_pod(&reply).0, DROP, "slot {slot}");
+            let s = g.stats(slot);
+            assert!(
+                s.seen_ns > 0 && s.live_ns > 0,
+                "the guest answered from its address"
+            );
+            let expected = GuestStats {
+                probe_replies: n,
+                seen_ns: s.seen_ns,
+                live_ns: s.live_ns,
+                ..GuestStats::default()
+            };
+            assert_eq!(
+                s, expected,
+                "counted as a probe reply, nothing else (slot {slot})"
+            );
+        }
+    }
+    assert!(g.node_drops().iter().all(|d| *d == 0), "no drop counted");
+
+    // Not the probe's: the guest's reply to a neighbour passes unchanged.
+    let to_a_neighbour = arp_reply(GW_MAC, GW_MAC, PEER_IP);
+    let (v, out) = g.guest_to_pod(&to_a_neighbour);
+    assert_eq!((v, &out), (REDIRECT, &to_a_neighbour));
+    // A reply to the tap's MAC claiming another address is a spoof, and no probe reply.
+    let mut spoofed = reply.clone();
+    spoofed[28..32].copy_from_slice(&OTHER_IP);
+    assert_eq!(g.guest_to_pod(&spoofed).0, DROP);
+    let s = g.stats(SLOT);
+    assert_eq!((s.probe_replies, s.rx_packets), (2, 1));
+    assert_eq!(s.drops[DropReason::SpoofedArp as usize], 1);
 }
 
 /// Each drop verdict of guest_to_pod, with its counter in the guest's slot and in the node-wide
@@ -443,6 +647,11 @@ fn every_spoofing_attempt_is_dropped_and_counted_by_reason() {
             DropReason::SpoofedMac,
         ),
         (
+            "RARP announcement from another MAC",
+            rarp(OTHER_MAC),
+            DropReason::SpoofedMac,
+        ),
+        (
             "IPv4 from another address",
             udp(GUEST_MAC, OTHER_IP, PEER_IP, b"x"),
             DropReason::SpoofedIp,
@@ -483,8 +692,11 @@ fn every_spoofing_attempt_is_dropped_and_counted_by_reason() {
         ),
         ("DHCP cut short", cut_dhcp, DropReason::UnsupportedProtocol),
     ];
-    // Each has its own test below.
+    // Each has its own test below, but RewriteFailed: bpf_skb_store_bytes refusing to write a
+    // header the program has just read (migration target mode) is not something a frame can
+    // provoke.
     let mut covered = BTreeSet::from([
+        DropReason::RewriteFailed as u32,
         DropReason::DhcpQueueFull as u32,
         DropReason::DhcpRateLimited as u32,
         DropReason::Oversized as u32,
@@ -505,9 +717,13 @@ fn every_spoofing_attempt_is_dropped_and_counted_by_reason() {
         GUEST_DROP_REASONS.iter().map(|r| *r as u32).collect(),
         "a case for every reason"
     );
-    // Nothing was forwarded, nothing queued for the daemon, and no drop marked readiness.
+    // Nothing was forwarded, nothing queued for the daemon, and no drop marked readiness or
+    // liveness.
     let s = g.stats(SLOT);
-    assert_eq!((s.rx_packets, s.dhcp, s.seen_ns), (0, 0, 0));
+    assert_eq!(
+        (s.rx_packets, s.dhcp, s.seen_ns, s.live_ns, s.announces),
+        (0, 0, 0, 0, 0)
+    );
     assert!(g.dhcp_queue().is_empty());
     assert_eq!(g.stats(0), GuestStats::default());
 }
@@ -522,11 +738,17 @@ fn dhcp_from_the_guest_goes_to_the_daemon_not_the_network() {
     let (v, _) = g.guest_to_pod(&d);
     assert_eq!(v, DROP, "consumed here: the daemon answers on the tap");
     assert_eq!(g.dhcp_queue(), [(SLOT, d.clone())]);
+    let s = g.stats(SLOT);
+    assert!(s.live_ns > 0, "the guest's DHCP shows it live on this tap");
     let expected = GuestStats {
         dhcp: 1,
+        live_ns: s.live_ns,
         ..GuestStats::default()
     };
-    assert_eq!(g.stats(SLOT), expected, "counted as DHCP, not as a drop");
+    assert_eq!(
+        s, expected,
+        "counted as DHCP, not as a drop, and not as readiness"
+    );
     assert!(g.node_drops().iter().all(|d| *d == 0));
 
     // A renewal is unicast from the guest's address to the server: also the daemon's.
@@ -680,6 +902,177 @@ fn each_guest_is_checked_against_its_own_addresses_in_the_shared_maps() {
         assert_eq!(g.stats(7).drops[DropReason::SpoofedMac as usize], 1);
         assert_eq!(g.node_drops()[DropReason::SpoofedMac as usize], 1);
     }
+}
+
+/// Migration target mode: the guest's ARP request for another address is answered by the
+/// program with this node's gateway, every field of the reply as the guest must see it, the
+/// request rewritten in place (its length kept) and sent towards the tap (where it goes is
+/// `migration_target_mode_on_real_interfaces`'s to show). Broadcast (a new neighbour) and unicast
+/// to the previous node's gateway (the guest re-checking a stale entry) alike.
+#[test]
+fn in_migration_target_mode_the_gateway_answers_the_guests_arp_requests() {
+    if !prerequisites() {
+        return;
+    }
+    let pins = PinDir::new("guest-gateway-arp");
+    let mut g = Guest::load(pins.path(), &MIGRATED);
+    let mut answered = 0u64;
+    let mut answered_bytes = 0u64;
+    for (dst, asked) in [
+        ([0xff; 6], PEER_IP),
+        (GW_MAC, PEER_IP),
+        ([0xff; 6], OTHER_IP),
+    ] {
+        let request = arp_request(GUEST_MAC, dst, GUEST_MAC, GUEST_IP, asked);
+        let (v, out) = g.guest_to_pod(&request);
+        assert_eq!(v, REDIRECT, "to {dst:02x?} for {asked:?}");
+        assert_eq!(out.len(), request.len(), "rewritten in place");
+        let eth = Ethernet2Header::from_slice(&out).unwrap().0;
+        assert_eq!(eth.destination, GUEST_MAC, "to the guest");
+        assert_eq!(eth.source, NEW_GW_MAC, "from this node's gateway");
+        assert_eq!(eth.ether_type, EtherType::ARP);
+        let reply = ArpPacket::from_slice(&out[14..]).unwrap();
+        assert_eq!(reply.hw_addr_type, ArpHardwareId::ETHERNET);
+        assert_eq!(reply.proto_addr_type, EtherType::IPV4);
+        let reply = reply
+            .try_eth_ipv4()
+            .expect("Ethernet and IPv4 address sizes");
+        assert_eq!(reply.operation, ArpOperation::REPLY);
+        assert_eq!(reply.sender_mac, NEW_GW_MAC, "sha: the gateway's MAC");
+        assert_eq!(reply.sender_ipv4, asked, "spa: the address asked for");
+        assert_eq!(reply.target_mac, GUEST_MAC, "tha: the guest's MAC");
+        assert_eq!(reply.target_ipv4, GUEST_IP, "tpa: the guest's address");
+        assert_eq!(out, gateway_answer(NEW_GW_MAC, asked));
+        answered += 1;
+        answered_bytes += request.len() as u64;
+    }
+    let s = g.stats(SLOT);
+    assert!(
+        s.seen_ns > 0 && s.live_ns > 0,
+        "the guest asked from its own address"
+    );
+    let expected = GuestStats {
+        tx_packets: answered,
+        tx_bytes: answered_bytes,
+        seen_ns: s.seen_ns,
+        live_ns: s.live_ns,
+        ..GuestStats::default()
+    };
+    assert_eq!(
+        s, expected,
+        "answers count as sent to the guest; nothing passed on"
+    );
+
+    // Not questions for the gateway: an address probe (RFC 5227, sender 0.0.0.0), a request for
+    // the guest's own address (a gratuitous ARP), a request whose hardware type is not
+    // Ethernet. They pass to the pod network as without the mode.
+    let mut not_ethernet = arp(GUEST_MAC, GUEST_MAC, GUEST_IP);
+    not_ethernet[15] = 6; // IEEE 802
+    for (what, frame) in [
+        ("an address probe", arp(GUEST_MAC, GUEST_MAC, [0; 4])),
+        (
+            "a request for its own address",
+            arp_request(GUEST_MAC, [0xff; 6], GUEST_MAC, GUEST_IP, GUEST_IP),
+        ),
+        ("a request that is not Ethernet's", not_ethernet),
+    ] {
+        let (v, out) = g.guest_to_pod(&frame);
+        assert_eq!((v, &out), (REDIRECT, &frame), "{what}: passed on unchanged");
+    }
+    let s = g.stats(SLOT);
+    assert_eq!((s.rx_packets, s.tx_packets), (3, answered));
+    assert!(g.node_drops().iter().all(|d| *d == 0));
+}
+
+/// Migration target mode: every other unicast frame the guest sends leaves with this node's
+/// gateway as its destination, whatever the guest addressed; broadcast and multicast frames,
+/// and frames already for the gateway, leave as they came. Without the mode the same frames all
+/// leave unchanged, and the guest's ARP request goes to the network unanswered.
+#[test]
+fn in_migration_target_mode_unicast_frames_go_to_this_nodes_gateway() {
+    if !prerequisites() {
+        return;
+    }
+    let pins = PinDir::new("guest-gateway-dst");
+    let mut migrated = Guest::load(pins.path(), &MIGRATED);
+    let mut off = Guest::load(pins.path(), &Identity { slot: 7, ..GUEST });
+    let mut multicast = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, [0x01, 0, 0x5e, 0, 0, 0xfb])
+        .ipv4(GUEST_IP, [224, 0, 0, 251], 1)
+        .udp(5353, 5353)
+        .write(&mut multicast, b"mdns")
+        .unwrap();
+    let to_old_gateway = udp(GUEST_MAC, GUEST_IP, PEER_IP, b"to the old gateway");
+    assert_eq!(to_old_gateway[..6], GW_MAC);
+    let cases = [
+        ("IPv4 to the old gateway", to_old_gateway.clone(), true),
+        (
+            "IPv4 to another unicast MAC",
+            to_mac(&to_old_gateway, OTHER_MAC),
+            true,
+        ),
+        (
+            "an ARP reply to the old gateway",
+            arp_reply(GW_MAC, GW_MAC, PEER_IP),
+            true,
+        ),
+        (
+            "IPv4 already to this node's gateway",
+            to_mac(&to_old_gateway, NEW_GW_MAC),
+            false,
+        ),
+        ("IPv4 broadcast", to_mac(&to_old_gateway, [0xff; 6]), false),
+        ("IPv4 multicast", multicast, false),
+        ("a RARP announcement (broadcast)", rarp(GUEST_MAC), false),
+    ];
+    for (what, frame, rewritten) in &cases {
+        let (v, out) = migrated.guest_to_pod(frame);
+        assert_eq!(v, REDIRECT, "{what}");
+        let expected = if *rewritten {
+            to_mac(frame, NEW_GW_MAC)
+        } else {
+            frame.clone()
+        };
+        assert_eq!(out, expected, "{what}, in migration target mode");
+        let (v, out) = off.guest_to_pod(frame);
+        assert_eq!((v, &out), (REDIRECT, frame), "{what}, without the mode");
+    }
+    let request = arp(GUEST_MAC, GUEST_MAC, GUEST_IP);
+    let (v, out) = off.guest_to_pod(&request);
+    assert_eq!(
+        (v, &out),
+        (REDIRECT, &request),
+        "without the mode: not answered"
+    );
+    assert_eq!(off.stats(7).tx_packets, 0);
+    // The checks come first: a spoofed frame is dropped, not rewritten.
+    let spoofed = udp(OTHER_MAC, GUEST_IP, PEER_IP, b"x");
+    assert_eq!(migrated.guest_to_pod(&spoofed).0, DROP);
+    let s = migrated.stats(SLOT);
+    assert_eq!(s.rx_packets, cases.len() as u64);
+    assert_eq!(s.drops[DropReason::SpoofedMac as usize], 1);
+}
+
+/// Without migration target mode its constant is 0, and the verifier, which knows the value of
+/// a frozen read-only constant, removes the mode's code: the program the kernel runs is smaller
+/// by all of it (the responder, the rewrite) than the same program with the mode on.
+#[test]
+fn without_migration_target_mode_its_code_is_not_in_the_program() {
+    if !prerequisites() {
+        return;
+    }
+    let pins = PinDir::new("guest-gateway-size");
+    let size = |id: &Identity| {
+        let mut g = Guest::load(pins.path(), id);
+        let info = g.program(program_names::GUEST_TO_POD).info().unwrap();
+        info.size_translated()
+            .expect("the kernel reports the program's size")
+    };
+    let (off, on) = (size(&GUEST), size(&MIGRATED));
+    eprintln!("tapestry_guest_to_pod as the kernel runs it: {off} bytes off, {on} bytes on");
+    // The responder alone builds and stores a 28-byte ARP message and a 12-byte header: well
+    // over 20 instructions (8 bytes each).
+    assert!(off + 20 * 8 < on, "off {off} bytes, on {on} bytes");
 }
 
 /// A throwaway network namespace, deleted (with its interfaces) when dropped.
@@ -841,6 +1234,35 @@ fn received(sock: &OwnedFd, frame: &[u8]) -> bool {
     false
 }
 
+/// Every frame the socket receives (not those it sent) within `window`.
+fn frames_received(sock: &OwnedFd, window: Duration) -> Vec<Vec<u8>> {
+    let deadline = Instant::now() + window;
+    let mut frames = Vec::new();
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut from_len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        // SAFETY: receiving into buffers we own, their sizes given.
+        let n = unsafe {
+            libc::recvfrom(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                &mut from as *mut libc::sockaddr_ll as *mut libc::sockaddr,
+                &mut from_len,
+            )
+        };
+        if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING {
+            frames.push(buf[..n as usize].to_vec());
+        } else {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    frames
+}
+
 /// Whether `frame` can be read from the tap within a second.
 fn read_from_tap(tap: &mut File, frame: &[u8]) -> bool {
     let deadline = Instant::now() + Duration::from_secs(1);
@@ -875,24 +1297,18 @@ struct Seen {
     tap_tx_dropped: (u64, u64),
 }
 
-/// The cross-connect on real interfaces: pod0 (its veth peer stands for the pod network) and
-/// tap0 in a throwaway namespace, both programs attached as the daemon attaches them (TCX,
-/// ingress). With a real redirect the kernel delivers the frame, so the target can be seen:
-/// pod_to_guest must hand the pod's traffic to the tap and guest_to_pod the guest's to the pod
-/// interface's egress (out to its peer), never the other way round. A real tap also takes an
-/// IPv4 frame too short for its header, which the test run refuses.
-///
-/// Before carrier: pod_to_guest has no notion of the tap's state (nothing in the program reads
-/// it); it redirects and counts the frame as sent to the guest. With no reader on the tap (the
-/// VM has not opened it yet) the tap has no carrier and drops the frame, counting it in its own
-/// tx_dropped: the guest's tx counters include frames the guest never got.
-#[test]
-fn redirects_reach_the_tap_and_the_pod_interface() {
-    if !prerequisites() {
-        return;
-    }
-    let ns = Netns::new("guest-redirect");
-    let pins = PinDir::new("guest-redirect");
+/// The cross-connect on real interfaces, in a throwaway namespace named after `what`: pod0 (its
+/// veth peer0 stands for the pod network) and tap0, the programs of `id` (with those two as its
+/// interfaces) attached as the daemon attaches them (TCX, ingress). `f` runs in the namespace,
+/// given the guest's programs, tap0 opened as QEMU opens it, a socket on peer0 and the
+/// namespace's name.
+fn cross_connect<T: Send>(
+    what: &str,
+    id: Identity,
+    f: impl FnOnce(Guest, File, OwnedFd, String) -> Result<T> + Send,
+) -> T {
+    let ns = Netns::new(what);
+    let pins = PinDir::new(what);
     // No IPv6 in the namespace, so the only frames on these interfaces are the test's.
     let no_ipv6 = in_netns(&ns.path(), || {
         for conf in ["all", "default"] {
@@ -910,11 +1326,11 @@ fn redirects_reach_the_tap_and_the_pod_interface() {
     }
     let pin_dir = pins.path().to_owned();
     let ns_name = ns.0.clone();
-    let seen = in_netns(&ns.path(), move || -> Result<Seen> {
+    in_netns(&ns.path(), move || -> Result<T> {
         let id = Identity {
             tap_ifindex: ifindex_of("tap0")?,
             pod_ifindex: ifindex_of("pod0")?,
-            ..GUEST
+            ..id
         };
         let peer = capture_socket(ifindex_of("peer0")?)?;
         let mut g = Guest::load(&pin_dir, &id);
@@ -930,8 +1346,29 @@ fn redirects_reach_the_tap_and_the_pod_interface() {
                 )
                 .with_context(|| format!("attaching {name} to {ifname}"))?;
         }
-        let mut tap = open_tap("tap0")?;
+        let tap = open_tap("tap0")?;
+        f(g, tap, peer, ns_name)
+    })
+    .unwrap_or_else(|e| panic!("the cross-connect in the test namespace ({what}): {e:#}"))
+}
 
+/// The cross-connect on real interfaces: pod0 (its veth peer stands for the pod network) and
+/// tap0 in a throwaway namespace, both programs attached as the daemon attaches them (TCX,
+/// ingress). With a real redirect the kernel delivers the frame, so the target can be seen:
+/// pod_to_guest must hand the pod's traffic to the tap and guest_to_pod the guest's to the pod
+/// interface's egress (out to its peer), never the other way round. A real tap also takes an
+/// IPv4 frame too short for its header, which the test run refuses.
+///
+/// Before carrier: pod_to_guest has no notion of the tap's state (nothing in the program reads
+/// it); it redirects and counts the frame as sent to the guest. With no reader on the tap (the
+/// VM has not opened it yet) the tap has no carrier and drops the frame, counting it in its own
+/// tx_dropped: the guest's tx counters include frames the guest never got.
+#[test]
+fn redirects_reach_the_tap_and_the_pod_interface() {
+    if !prerequisites() {
+        return;
+    }
+    let seen = cross_connect("guest-redirect", GUEST, |g, mut tap, peer, ns_name| {
         let from_guest = udp(GUEST_MAC, GUEST_IP, PEER_IP, b"guest to pod");
         tap.write_all(&from_guest)?;
         let guest_frame_left_the_pod_interface = received(&peer, &from_guest);
@@ -980,8 +1417,7 @@ fn redirects_reach_the_tap_and_the_pod_interface() {
             tx_before_carrier: (before.0, after.0),
             tap_tx_dropped: (before.1, after.1),
         })
-    })
-    .expect("the cross-connect in the test namespace");
+    });
 
     assert!(seen.guest_frame_left_the_pod_interface, "{seen:?}");
     assert!(!seen.guest_frame_back_in_the_tap, "{seen:?}");
@@ -1000,32 +1436,109 @@ fn redirects_reach_the_tap_and_the_pod_interface() {
     assert_eq!(seen.tap_tx_dropped.1, seen.tap_tx_dropped.0 + 1, "{seen:?}");
 }
 
-/// What tapestry_guest_to_pod must do with `f` from the guest `GUEST` (independently written:
-/// offsets by hand): forward it (None), queue it for the daemon (Some(None)), or drop it for a
-/// reason.
-fn guest_model(f: &[u8]) -> Option<Option<DropReason>> {
-    let ok = None;
-    let queued = Some(None);
-    let drop = |r| Some(Some(r));
+/// Migration target mode on real interfaces, where the redirects are carried out: the gateway's
+/// answer to the guest's ARP request reaches the guest through its tap and nothing of it leaves
+/// the pod interface; the guest's frame to the previous node's gateway leaves the pod interface
+/// addressed to this node's.
+#[test]
+fn migration_target_mode_on_real_interfaces() {
+    if !prerequisites() {
+        return;
+    }
+    let request = arp(GUEST_MAC, GUEST_MAC, GUEST_IP);
+    let frame = udp(GUEST_MAC, GUEST_IP, PEER_IP, b"after the migration");
+    let (answer_reached_the_guest, left_after_the_request, left_after_the_frame) =
+        cross_connect("guest-gateway", MIGRATED, |_g, mut tap, peer, _| {
+            tap.write_all(&request)?;
+            let answered = read_from_tap(&mut tap, &gateway_answer(NEW_GW_MAC, PEER_IP));
+            let left = frames_received(&peer, Duration::from_millis(300));
+            tap.write_all(&frame)?;
+            let left_after = frames_received(&peer, Duration::from_millis(300));
+            Ok((answered, left, left_after))
+        });
+    assert!(
+        answer_reached_the_guest,
+        "the answer came back out of the tap"
+    );
+    assert!(
+        left_after_the_request.is_empty(),
+        "neither the request nor its answer leaves the pod interface: {left_after_the_request:02x?}"
+    );
+    assert_eq!(
+        left_after_the_frame,
+        [to_mac(&frame, NEW_GW_MAC)],
+        "the frame left once, to this node's gateway"
+    );
+}
+
+/// What tapestry_guest_to_pod must do with a frame, as the model says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fate {
+    /// Passed to the pod network, as these bytes.
+    Forward(Vec<u8>),
+    /// Queued for the daemon's DHCP server.
+    Dhcp,
+    /// Answered by the program itself (migration target mode): these bytes back to the guest.
+    Answer(Vec<u8>),
+    /// The guest's reply to the readiness probe: counted and consumed.
+    ProbeReply,
+    Drop(DropReason),
+}
+
+/// What tapestry_guest_to_pod must do with `f` from the guest `GUEST`, in migration target mode
+/// with `gateway` if given (independently written: offsets by hand).
+fn guest_model(f: &[u8], gateway: Option<[u8; 6]>) -> Fate {
+    let forward = || {
+        let mut out = f.to_vec();
+        if let Some(gw) = gateway
+            && f[0] & 1 == 0
+            && f[..6] != gw
+        {
+            out[..6].copy_from_slice(&gw);
+        }
+        Fate::Forward(out)
+    };
     if f[6..12] != GUEST_MAC {
-        return drop(DropReason::SpoofedMac);
+        return Fate::Drop(DropReason::SpoofedMac);
     }
     let ethertype = u16::from_be_bytes([f[12], f[13]]);
     match ethertype {
-        0x8100 | 0x88a8 | 0x9100 => drop(DropReason::VlanTagged),
+        0x8100 | 0x88a8 | 0x9100 => Fate::Drop(DropReason::VlanTagged),
+        0x8035 => forward(),
         0x0806 => {
             if f.len() < 14 + 28 || f[22..28] != GUEST_MAC {
-                return drop(DropReason::SpoofedArp);
+                return Fate::Drop(DropReason::SpoofedArp);
             }
             let spa = &f[28..32];
             if spa != GUEST_IP && spa != [0; 4] {
-                return drop(DropReason::SpoofedArp);
+                return Fate::Drop(DropReason::SpoofedArp);
             }
-            ok
+            if f[20..22] == [0, 2] && spa == GUEST_IP && f[32..38] == TAP_MAC {
+                return Fate::ProbeReply;
+            }
+            // Ethernet, IPv4, 6, 4, request; from the guest's address for another.
+            let asks =
+                f[14..22] == [0, 1, 8, 0, 6, 4, 0, 1] && spa == GUEST_IP && f[38..42] != GUEST_IP;
+            if let Some(gw) = gateway
+                && asks
+            {
+                let mut a = Vec::new();
+                a.extend(GUEST_MAC);
+                a.extend(gw);
+                a.extend([0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 2]);
+                a.extend(gw);
+                a.extend(&f[38..42]);
+                a.extend(GUEST_MAC);
+                a.extend(GUEST_IP);
+                // Rewritten in place: whatever followed the ARP message stays.
+                a.extend(&f[42..]);
+                return Fate::Answer(a);
+            }
+            forward()
         }
         0x0800 => {
             if f.len() < 34 {
-                return drop(DropReason::SpoofedIp);
+                return Fate::Drop(DropReason::SpoofedIp);
             }
             let l4 = 14 + (f[14] & 0x0f) as usize * 4;
             if f[23] == 17 && f.len() >= l4 + 4 {
@@ -1033,21 +1546,21 @@ fn guest_model(f: &[u8]) -> Option<Option<DropReason>> {
                 let dport = u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]);
                 if (sport, dport) == (68, 67) {
                     return if f.len() < 14 + 20 + 8 {
-                        drop(DropReason::UnsupportedProtocol)
+                        Fate::Drop(DropReason::UnsupportedProtocol)
                     } else {
-                        queued
+                        Fate::Dhcp
                     };
                 }
                 if sport == 67 || dport == 68 {
-                    return drop(DropReason::RogueDhcpServer);
+                    return Fate::Drop(DropReason::RogueDhcpServer);
                 }
             }
             if f[26..30] != GUEST_IP {
-                return drop(DropReason::SpoofedIp);
+                return Fate::Drop(DropReason::SpoofedIp);
             }
-            ok
+            forward()
         }
-        _ => drop(DropReason::UnsupportedProtocol),
+        _ => Fate::Drop(DropReason::UnsupportedProtocol),
     }
 }
 
@@ -1055,7 +1568,17 @@ fn guest_model(f: &[u8]) -> Option<Option<DropReason>> {
 fn generate_guest_frame(rng: &mut Rng) -> Vec<u8> {
     let src_mac = if rng.chance(80) { GUEST_MAC } else { OTHER_MAC };
     let mut f = Vec::new();
-    f.extend(if rng.chance(20) { [0xff; 6] } else { GW_MAC });
+    // Mostly the gateway the guest knows (the previous node's, in migration target mode).
+    f.extend(*rng.pick(&[
+        [0xff; 6],
+        [0x01, 0, 0x5e, 0, 0, 0xfb],
+        GW_MAC,
+        GW_MAC,
+        GW_MAC,
+        GW_MAC,
+        GW_MAC,
+        NEW_GW_MAC,
+    ]));
     f.extend(src_mac);
     let ip = *rng.pick(&[GUEST_IP, GUEST_IP, GUEST_IP, [0; 4], OTHER_IP]);
     match rng.below(100) {
@@ -1089,11 +1612,13 @@ fn generate_guest_frame(rng: &mut Rng) -> Vec<u8> {
             f.extend(rng.bytes(n));
         }
         50..=69 => {
-            f.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+            // Requests, and replies (to a neighbour, or the readiness probe's to the tap).
+            let op = *rng.pick(&[1u8, 1, 2]);
+            f.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, op]);
             f.extend(if rng.chance(80) { GUEST_MAC } else { OTHER_MAC });
             f.extend(ip);
-            f.extend([0; 6]);
-            f.extend(PEER_IP);
+            f.extend(*rng.pick(&[[0; 6], [0; 6], TAP_MAC, GW_MAC]));
+            f.extend(*rng.pick(&[PEER_IP, PEER_IP, OTHER_IP, GUEST_IP, [0; 4]]));
         }
         70..=79 => {
             let tag = *rng.pick(&[0x8100u16, 0x88a8, 0x9100]);
@@ -1105,7 +1630,7 @@ fn generate_guest_frame(rng: &mut Rng) -> Vec<u8> {
         }
         _ => {
             let any = rng.next_u64() as u16;
-            let t = *rng.pick(&[0x86ddu16, 0x88cc, 0x0842, any]);
+            let t = *rng.pick(&[0x86ddu16, 0x88cc, 0x0842, 0x8035, any]);
             f.extend(t.to_be_bytes());
             let n = rng.below(200) as usize;
             f.extend(rng.bytes(n));
@@ -1118,19 +1643,25 @@ fn generate_guest_frame(rng: &mut Rng) -> Vec<u8> {
     f
 }
 
-/// 25,000 generated frames (spoofed and true addresses, ARP, DHCP both ways, VLAN-tagged, IP
-/// options, IPv6, non-IP, cut short) through both guest programs, each checked against a model
-/// of the checks: verdict, bytes (a forwarded frame leaves unchanged), the counters by reason
-/// and the DHCP queue: no mismatch.
-#[test]
-fn generated_frames_match_the_model_of_both_guest_programs() {
-    let Some((_pins, mut g)) = loaded() else {
-        return;
-    };
+/// What one differential run found.
+struct Differential {
+    checked: u64,
+    refused: u64,
+    mismatches: Vec<String>,
+    /// The counters the model expects, and those the programs wrote (timestamps zeroed).
+    expected: GuestStats,
+    got: GuestStats,
+    answers: u64,
+}
+
+/// 25,000 generated frames through both programs of `id`, each checked against the model.
+fn differential(what: &str, id: &Identity) -> Differential {
+    let pins = PinDir::new(what);
+    let mut g = Guest::load(pins.path(), id);
     let mut rng = Rng::new(0x6e57_0042);
     let mut expected = GuestStats::default();
     let mut queue = Vec::new();
-    let (mut checked, mut refused, mut mismatches) = (0u64, 0u64, Vec::new());
+    let (mut checked, mut refused, mut answers, mut mismatches) = (0u64, 0u64, 0u64, Vec::new());
     for i in 0..25_000u32 {
         let f = generate_guest_frame(&mut rng);
         let name = if i % 5 == 4 {
@@ -1150,79 +1681,135 @@ fn generated_frames_match_the_model_of_both_guest_programs() {
         out.truncate(result.data_size_out as usize);
         let verdict = result.return_value as i32;
         checked += 1;
-        let (want, reason) = if name == program_names::POD_TO_GUEST {
+        let fate = if name == program_names::POD_TO_GUEST {
             expected.tx_packets += 1;
             expected.tx_bytes += f.len() as u64;
-            (REDIRECT, None)
+            Fate::Forward(f.clone())
         } else {
-            match guest_model(&f) {
-                None => {
+            let fate = guest_model(&f, id.gateway_mac);
+            match &fate {
+                Fate::Forward(_) => {
                     expected.rx_packets += 1;
                     expected.rx_bytes += f.len() as u64;
-                    (REDIRECT, None)
+                    if f[12..14] == [0x80, 0x35] {
+                        expected.announces += 1;
+                    }
                 }
-                Some(None) => {
+                Fate::Answer(_) => {
+                    expected.tx_packets += 1;
+                    expected.tx_bytes += f.len() as u64;
+                    answers += 1;
+                }
+                Fate::Dhcp => {
                     expected.dhcp += 1;
                     queue.push((SLOT, f[..f.len().min(DHCP_FRAME_MAX)].to_vec()));
-                    (DROP, None)
                 }
-                Some(Some(r)) => {
-                    expected.drops[r as usize] += 1;
-                    (DROP, Some(r))
-                }
+                Fate::ProbeReply => expected.probe_replies += 1,
+                Fate::Drop(r) => expected.drops[*r as usize] += 1,
             }
+            fate
         };
-        if verdict != want || (want == REDIRECT && out != f) {
+        let ok = match &fate {
+            Fate::Forward(bytes) | Fate::Answer(bytes) => verdict == REDIRECT && out == *bytes,
+            Fate::Dhcp | Fate::ProbeReply | Fate::Drop(_) => verdict == DROP,
+        };
+        if !ok {
             mismatches.push(format!(
-                "frame {i} through {name}: verdict {verdict}, expected {want} ({reason:?})\n in {f:02x?}"
+                "{what}: frame {i} through {name}: verdict {verdict}, out {out:02x?}, expected {fate:02x?}\n in {f:02x?}"
             ));
         }
         if i % 100 == 99 {
             let got = g.dhcp_queue();
             if got != queue {
                 mismatches.push(format!(
-                    "DHCP queue after frame {i}: {got:02x?}, expected {queue:02x?}"
+                    "{what}: DHCP queue after frame {i}: {got:02x?}, expected {queue:02x?}"
                 ));
             }
             queue.clear();
         }
     }
     let mut got = g.stats(SLOT);
-    // Readiness (the last time the guest used its address) is not the model's business.
+    // When the guest first used its address or first sent anything is not the model's business.
     got.seen_ns = 0;
+    got.live_ns = 0;
     eprintln!(
-        "guest differential: {checked} frames checked, {refused} refused by test_run, {} mismatches; {expected:?}",
+        "guest differential ({what}): {checked} frames checked, {refused} refused by test_run, {answers} answered, {} mismatches; {expected:?}",
         mismatches.len()
     );
+    Differential {
+        checked,
+        refused,
+        mismatches,
+        expected,
+        got,
+        answers,
+    }
+}
+
+/// 25,000 generated frames (spoofed and true addresses, ARP, DHCP both ways, VLAN-tagged, IP
+/// options, IPv6, non-IP, cut short) through both guest programs, each checked against a model
+/// of the checks: verdict, bytes (a forwarded frame leaves unchanged), the counters by reason
+/// and the DHCP queue: no mismatch. Then the same frames in migration target mode, where the
+/// model also says which ARP requests are answered and with what, and which frames leave with
+/// this node's gateway as their destination.
+#[test]
+fn generated_frames_match_the_model_of_both_guest_programs() {
+    if !prerequisites() {
+        return;
+    }
+    let runs = [
+        differential("guest-differential", &GUEST),
+        differential("guest-differential-gateway", &MIGRATED),
+    ];
+    let total = |f: fn(&Differential) -> u64| runs.iter().map(f).sum::<u64>();
     eprintln!(
         "RELIABILITY {}",
         serde_json::json!({"differential_guest_programs": {
-            "frames_checked": checked, "refused_by_test_run": refused,
-            "mismatches": mismatches.len()}})
+            "frames_checked": total(|d| d.checked),
+            "refused_by_test_run": total(|d| d.refused),
+            "mismatches": total(|d| d.mismatches.len() as u64)}})
     );
-    assert!(
-        mismatches.is_empty(),
-        "{} mismatches:\n{}",
-        mismatches.len(),
-        mismatches[..mismatches.len().min(5)].join("\n")
-    );
-    assert_eq!(got, expected, "the counters");
-    for r in [
-        DropReason::SpoofedMac,
-        DropReason::SpoofedIp,
-        DropReason::SpoofedArp,
-        DropReason::UnsupportedProtocol,
-        DropReason::VlanTagged,
-        DropReason::RogueDhcpServer,
-    ] {
+    for d in &runs {
         assert!(
-            expected.drops[r as usize] >= 100,
-            "too few {r:?}: {expected:?}"
+            d.mismatches.is_empty(),
+            "{} mismatches:\n{}",
+            d.mismatches.len(),
+            d.mismatches[..d.mismatches.len().min(5)].join("\n")
+        );
+        assert_eq!(d.got, d.expected, "the counters");
+        for r in [
+            DropReason::SpoofedMac,
+            DropReason::SpoofedIp,
+            DropReason::SpoofedArp,
+            DropReason::UnsupportedProtocol,
+            DropReason::VlanTagged,
+            DropReason::RogueDhcpServer,
+        ] {
+            assert!(
+                d.expected.drops[r as usize] >= 100,
+                "too few {r:?}: {:?}",
+                d.expected
+            );
+        }
+        assert!(
+            d.expected.dhcp >= 1000 && d.expected.rx_packets >= 1000,
+            "{:?}",
+            d.expected
+        );
+        assert!(
+            d.checked >= 24_000,
+            "{} checked, {} refused",
+            d.checked,
+            d.refused
         );
     }
+    assert_eq!(runs[0].answers, 0, "nothing answered without the mode");
+    for d in &runs {
+        assert!(d.expected.probe_replies >= 100, "{:?}", d.expected);
+    }
     assert!(
-        expected.dhcp >= 1000 && expected.rx_packets >= 1000,
-        "{expected:?}"
+        runs[1].answers >= 200,
+        "too few answered: {}",
+        runs[1].answers
     );
-    assert!(checked >= 24_000, "{checked} checked, {refused} refused");
 }

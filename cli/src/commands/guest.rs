@@ -208,6 +208,13 @@ pub fn render_one(g: &GuestInfo, format: Format, r: &Render) -> Result<String> {
         ),
     );
     f.add(
+        "Announces",
+        format!(
+            "{} (RARP from the guest's MAC, as QEMU sends after a migration)",
+            thousands(g.announces)
+        ),
+    );
+    f.add(
         "RX",
         format!(
             "{} packets, {} (from the guest)",

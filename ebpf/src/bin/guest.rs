@@ -6,7 +6,17 @@
 //!   IPv4 source and ARP sender against the guest's, drops VLAN-tagged frames and DHCP replies
 //!   (a guest is never a DHCP server), hands DHCP to the daemon through a ring buffer at a
 //!   per-guest rate, and redirects the rest out of the pod interface (a plain egress redirect, so the
-//!   frame really leaves eth0 and the host sees ordinary pod egress on the pod's veth).
+//!   frame really leaves eth0 and the host sees ordinary pod egress on the pod's veth). Besides
+//!   IPv4 and ARP it passes the guest's RARP self-announcements (QEMU's after a live migration),
+//!   counted as such.
+//! - The guest's ARP replies to the daemon's readiness probe (node-daemon/src/guests/probe.rs)
+//!   are counted for the daemon and consumed here, so the daemon needs no socket that would see
+//!   every frame on the tap.
+//! - Migration target mode (`GUEST_GATEWAY_MAC` set): a guest that migrated in still holds the
+//!   previous node's gateway MAC in its neighbour cache. The tap's program answers the guest's
+//!   ARP requests for other addresses itself, with this node's gateway MAC (as Cilium's
+//!   `bpf_lxc` ARP responder answers its endpoints), and writes that MAC into the destination of
+//!   every other unicast frame it passes.
 //!
 //! One copy is loaded per guest: the interfaces and the guest's addresses are `.rodata`
 //! constants set at load time, so the fast path compares immediates and needs no lookup.
@@ -19,11 +29,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tapestry_common::{
-    DHCP_FRAME_MAX, DhcpFrame, DhcpLimit, DropReason, GuestStats, IPPROTO_UDP, mac_u64,
+    DHCP_FRAME_MAX, DhcpFrame, DhcpLimit, DropReason, GuestStats, IPPROTO_UDP, mac_from_u64,
+    mac_u64,
 };
 use tapestry_ebpf::{
     constant,
     maps::increment,
+    nat::store_macs,
     packet::{ETH_HLEN, ETH_P_IP, EthHdr, Ipv4Hdr, read},
     verdict,
 };
@@ -53,6 +65,10 @@ static GUEST_IP: u32 = 0;
 // SAFETY: no other symbol in the object is named GUEST_MTU.
 #[unsafe(no_mangle)]
 static GUEST_MTU: u32 = 0;
+// The tap's own MAC (`mac_u64`): where the readiness probe's ARP requests come from.
+// SAFETY: no other symbol in the object is named GUEST_TAP_MAC.
+#[unsafe(no_mangle)]
+static GUEST_TAP_MAC: u64 = 0;
 // The DHCP rate limit (`tapestry_common::DhcpLimit::program_constants`); the initial values are
 // DhcpLimit::DEFAULT's, for a loader that does not set them.
 // SAFETY: no other symbol in the object is named GUEST_DHCP_INTERVAL_NS.
@@ -61,8 +77,20 @@ static GUEST_DHCP_INTERVAL_NS: u64 = DhcpLimit::DEFAULT.program_constants().0;
 // SAFETY: no other symbol in the object is named GUEST_DHCP_TOLERANCE_NS.
 #[unsafe(no_mangle)]
 static GUEST_DHCP_TOLERANCE_NS: u64 = DhcpLimit::DEFAULT.program_constants().1;
+// Migration target mode: this node's gateway MAC (`mac_u64`), 0: off. A read-only constant, so
+// with 0 the verifier knows the mode's branches are never taken and removes them: the program
+// costs what it did without the mode (one load of the constant).
+// SAFETY: no other symbol in the object is named GUEST_GATEWAY_MAC.
+#[unsafe(no_mangle)]
+static GUEST_GATEWAY_MAC: u64 = 0;
 
 const ETH_P_ARP: u16 = 0x0806;
+const ARP_HRD_ETHER: u16 = 1;
+const ARP_OP_REQUEST: u16 = 1;
+const ARP_OP_REPLY: u16 = 2;
+/// RARP: what QEMU's `qemu_announce_self` broadcasts from the guest's MAC after a live
+/// migration's switch-over, so that switches learn where the guest went.
+const ETH_P_RARP: u16 = 0x8035;
 /// 802.1Q, 802.1ad and the pre-standard QinQ tag types.
 const VLAN_TAGS: [u16; 3] = [0x8100, 0x88a8, 0x9100];
 const DHCP_SERVER_PORT: u16 = 67;
@@ -123,16 +151,31 @@ struct ArpIpv4 {
     tpa: [u8; 4],
 }
 
-/// The guest used its own address: written once per CPU, the first time (readiness, not
-/// liveness).
+/// What an accepted frame from the guest says about it, for its counters.
+#[derive(Clone, Copy)]
+struct Accepted {
+    /// The guest used its own address (IPv4 source or ARP sender): readiness.
+    own_address: bool,
+    /// A RARP self-announcement.
+    announce: bool,
+}
+
+/// Records, in the guest's counters already looked up, that an accepted frame came from the
+/// guest: the first such frame on this CPU sets `live_ns`, the first that used the guest's
+/// address `seen_ns` (each written once per CPU).
 #[inline(always)]
-fn mark_seen() {
-    update_stats(|s| {
-        if s.seen_ns == 0 {
-            // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
-            s.seen_ns = unsafe { bpf_ktime_get_ns() };
-        }
-    });
+fn mark_accepted(s: &mut GuestStats, a: Accepted) {
+    if s.live_ns == 0 {
+        // SAFETY: bpf_ktime_get_ns takes no arguments and cannot fail.
+        s.live_ns = unsafe { bpf_ktime_get_ns() };
+    }
+    if a.own_address && s.seen_ns == 0 {
+        // SAFETY: as above.
+        s.seen_ns = unsafe { bpf_ktime_get_ns() };
+    }
+    if a.announce {
+        s.announces += 1;
+    }
 }
 
 #[inline(always)]
@@ -156,7 +199,7 @@ fn guest_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::VlanTagged);
     }
     let guest_ip = constant(&GUEST_IP);
-    if eth.proto == ETH_P_ARP.to_be() {
+    let accepted = if eth.proto == ETH_P_ARP.to_be() {
         let arp = read::<ArpIpv4>(ctx, ETH_HLEN).ok_or(DropReason::SpoofedArp)?;
         if mac_u64(&arp.sha) != constant(&GUEST_MAC) {
             return Err(DropReason::SpoofedArp);
@@ -166,8 +209,36 @@ fn guest_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         if spa != guest_ip && spa != 0 {
             return Err(DropReason::SpoofedArp);
         }
-        if spa == guest_ip {
-            mark_seen();
+        let tap_mac = constant(&GUEST_TAP_MAC);
+        if arp.op == ARP_OP_REPLY.to_be()
+            && spa == guest_ip
+            && tap_mac != 0
+            && mac_u64(&arp.tha) == tap_mac
+        {
+            // The guest answers the daemon's probe (sent from the tap's MAC): the daemon's, not
+            // the network's, and no drop.
+            update_stats(|s| {
+                s.probe_replies += 1;
+                mark_accepted(
+                    s,
+                    Accepted {
+                        own_address: true,
+                        announce: false,
+                    },
+                );
+            });
+            return Ok(verdict::DROP);
+        }
+        let gateway = constant(&GUEST_GATEWAY_MAC);
+        if gateway != 0 {
+            core::hint::cold_path();
+            if let Some(answered) = answer_arp(ctx, guest_ip, gateway)? {
+                return Ok(answered);
+            }
+        }
+        Accepted {
+            own_address: spa == guest_ip,
+            announce: false,
         }
     } else if eth.proto == ETH_P_IP.to_be() {
         let ip = read::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(DropReason::SpoofedIp)?;
@@ -184,16 +255,112 @@ fn guest_to_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         if ip.saddr != guest_ip {
             return Err(DropReason::SpoofedIp);
         }
-        mark_seen();
+        Accepted {
+            own_address: true,
+            announce: false,
+        }
+    } else if eth.proto == ETH_P_RARP.to_be() {
+        // The announcement carries no IPv4 address; its Ethernet source (checked above) is what
+        // the network learns from.
+        Accepted {
+            own_address: false,
+            announce: true,
+        }
     } else {
         return Err(DropReason::UnsupportedProtocol);
+    };
+    let gateway = constant(&GUEST_GATEWAY_MAC);
+    if gateway != 0 {
+        core::hint::cold_path();
+        to_the_gateway(ctx, gateway)?;
     }
     update_stats(|s| {
         s.rx_packets += 1;
         s.rx_bytes += ctx.len() as u64;
+        mark_accepted(s, accepted);
     });
     // SAFETY: bpf_redirect takes plain integers and only records the target.
     Ok(unsafe { bpf_redirect(constant(&GUEST_POD_IFINDEX), 0) } as i32)
+}
+
+// The two steps of migration target mode read what they need of the frame again, with the
+// helper: a copy read with the headers above would be kept alive (spilled to the stack) on the
+// paths without the mode too. And their branches are marked cold, so the compiler lays the mode
+// out of line: without it the branch is one never taken, which the verifier removes, rather than
+// a jump over the mode's code, which it would have to keep.
+
+/// Migration target mode: a unicast frame for another MAC than this node's gateway's
+/// (`gateway`, as `mac_u64` holds it) is sent to the gateway. Group addresses (broadcast,
+/// multicast) reach the gateway as they are.
+#[inline(always)]
+fn to_the_gateway(ctx: &TcContext, gateway: u64) -> Result<(), DropReason> {
+    let dst: [u8; 6] = ctx.load(0).map_err(|_| DropReason::RewriteFailed)?;
+    if dst[0] & 1 == 0 && mac_u64(&dst) != gateway {
+        ctx.store(0, &mac_from_u64(gateway), 0)
+            .map_err(|_| DropReason::RewriteFailed)?;
+    }
+    Ok(())
+}
+
+/// An ARP request (Ethernet, IPv4) from the guest's own address for another one: what the
+/// migration target mode answers. An address probe (sender 0.0.0.0, RFC 5227) and a request
+/// for the guest's own address (a gratuitous ARP, or a conflict check) are not questions for the
+/// gateway, and pass as they would without the mode.
+#[inline(always)]
+fn asks_the_gateway(arp: &ArpIpv4, guest_ip: u32) -> bool {
+    let spa = u32::from_ne_bytes(arp.spa);
+    arp.op == ARP_OP_REQUEST.to_be()
+        && arp.htype == ARP_HRD_ETHER.to_be()
+        && arp.ptype == ETH_P_IP.to_be()
+        && arp.hlen == 6
+        && arp.plen == 4
+        && spa != 0
+        && spa == guest_ip
+        && u32::from_ne_bytes(arp.tpa) != guest_ip
+}
+
+/// Answers the guest's ARP request (whose sender the caller checked: the guest's MAC, and its
+/// address or 0.0.0.0), if it [`asks_the_gateway`], with the gateway's MAC (`gateway`, as
+/// `mac_u64` holds it): the frame is rewritten in place into the reply and sent back out of the
+/// tap, to the guest; the verdict. On a routed pod network every address the guest asks for is
+/// reached through the gateway, so every such request gets the gateway's MAC, as Cilium's ARP
+/// responder does. The reply counts as a frame sent to the guest; the request was not passed
+/// on.
+#[inline(always)]
+fn answer_arp(ctx: &TcContext, guest_ip: u32, gateway: u64) -> Result<Option<i32>, DropReason> {
+    let arp: ArpIpv4 = ctx.load(ETH_HLEN).map_err(|_| DropReason::RewriteFailed)?;
+    if !asks_the_gateway(&arp, guest_ip) {
+        return Ok(None);
+    }
+    let gateway = mac_from_u64(gateway);
+    // The sender's MAC and address are the guest's (checked by the caller).
+    let reply = ArpIpv4 {
+        op: ARP_OP_REPLY.to_be(),
+        sha: gateway,
+        spa: arp.tpa,
+        tha: arp.sha,
+        tpa: arp.spa,
+        ..arp
+    };
+    store_macs(ctx, &gateway, &arp.sha)?;
+    ctx.store(ETH_HLEN, &reply, 0)
+        .map_err(|_| DropReason::RewriteFailed)?;
+    update_stats(|s| {
+        s.tx_packets += 1;
+        s.tx_bytes += ctx.len() as u64;
+        mark_accepted(
+            s,
+            Accepted {
+                own_address: true,
+                announce: false,
+            },
+        );
+    });
+    // SAFETY: bpf_redirect takes plain integers and only records the target; flags 0 is the
+    // tap's egress, towards the guest.
+    Ok(Some(
+        unsafe { bpf_redirect(constant(&GUEST_TAP_IFINDEX), 0) } as i32,
+    ))
 }
 
 enum Dhcp {
@@ -277,7 +444,16 @@ fn dhcp_to_daemon(ctx: &TcContext) -> Result<(), DropReason> {
         return Err(DropReason::DhcpQueueFull);
     }
     entry.submit(0);
-    update_stats(|s| s.dhcp += 1);
+    update_stats(|s| {
+        s.dhcp += 1;
+        mark_accepted(
+            s,
+            Accepted {
+                own_address: false,
+                announce: false,
+            },
+        );
+    });
     Ok(())
 }
 

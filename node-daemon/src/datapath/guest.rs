@@ -33,6 +33,10 @@ pub struct GuestWiring {
     /// a GSO super-frame is dropped as oversized. 0: no check.
     pub mtu: u32,
     pub dhcp_limit: DhcpLimit,
+    /// Migration target mode: this node's gateway MAC, answered to the guest's ARP requests and
+    /// written into the destination of its unicast frames (see ebpf/src/bin/guest.rs). None:
+    /// off, the frames pass as the guest addressed them.
+    pub gateway_mac: Option<[u8; 6]>,
 }
 
 /// What attaching found in the pod's namespace.
@@ -40,12 +44,11 @@ pub struct GuestWiring {
 pub struct Attached {
     pub pod_ifindex: u32,
     pub tap_ifindex: u32,
-    /// The tap's own MAC: the source of the daemon's DHCP answers.
+    /// The tap's own MAC: the source of the daemon's DHCP answers and readiness probes.
     pub tap_mac: [u8; 6],
-    /// Send-only packet socket on the tap, for DHCP answers.
+    /// Send-only packet socket on the tap, for DHCP answers and the readiness probe's ARP
+    /// requests (the guest's replies to those are counted by the tap's program).
     pub socket: OwnedFd,
-    /// The readiness probe's socket on the tap: ARP probes out, the guest's ARP replies in.
-    pub arp: OwnedFd,
 }
 
 fn link_pins(pin_dir: &Path, slot: u32) -> [PathBuf; 2] {
@@ -71,6 +74,8 @@ pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
         let ip = u32::from_ne_bytes(w.ip.octets());
         let mac = mac_u64(&w.mac);
         let (dhcp_interval, dhcp_tolerance) = w.dhcp_limit.program_constants();
+        let gateway_mac = w.gateway_mac.as_ref().map_or(0, mac_u64);
+        let tap_mac_u64 = mac_u64(&tap_mac);
         let mut ebpf = EbpfLoader::new()
             .btf(kernel_btf())
             .default_map_pin_directory(pin_dir)
@@ -80,8 +85,10 @@ pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
             .override_global(guest_globals::MAC, &mac, true)
             .override_global(guest_globals::IP, &ip, true)
             .override_global(guest_globals::MTU, &w.mtu, true)
+            .override_global(guest_globals::TAP_MAC, &tap_mac_u64, true)
             .override_global(guest_globals::DHCP_INTERVAL_NS, &dhcp_interval, true)
             .override_global(guest_globals::DHCP_TOLERANCE_NS, &dhcp_tolerance, true)
+            .override_global(guest_globals::GATEWAY_MAC, &gateway_mac, true)
             .load(OBJECT)
             .context("loading the guest programs")?;
         let [pod_pin, tap_pin] = link_pins(pin_dir, w.slot);
@@ -98,13 +105,11 @@ pub fn attach(pin_dir: &Path, w: &GuestWiring) -> Result<Attached> {
             link::attach(prog, ifname, TcAttachType::Ingress, pin)?;
         }
         let socket = iface::packet_socket(tap_ifindex)?;
-        let arp = iface::arp_socket(tap_ifindex)?;
         Ok(Attached {
             pod_ifindex,
             tap_ifindex,
             tap_mac,
             socket,
-            arp,
         })
     })
     .with_context(|| format!("entering the pod's namespace {}", w.netns.display()))?

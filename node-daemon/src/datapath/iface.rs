@@ -1,5 +1,6 @@
-//! Interfaces by name and index, their MAC addresses, and the packet socket that answers a
-//! guest's DHCP: plain syscalls in the calling thread's network namespace.
+//! Interfaces by name and index, their MAC addresses, and the send-only packet socket that
+//! answers a guest's DHCP and sends its readiness probes: plain syscalls in the calling thread's
+//! network namespace.
 
 use std::{
     io,
@@ -162,53 +163,6 @@ pub fn send_frame(sock: &OwnedFd, frame: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// A packet socket on the tap `ifindex` that receives only the ARP replies the guest sends (and
-/// can send the probes): `ETH_P_ALL`, because frames from the guest are redirected by the tap's
-/// tc program before any per-protocol handler would see them, and only the all-protocol taps run
-/// before tc; a classic BPF filter keeps every other frame out of the socket, in the kernel.
-pub fn arp_socket(ifindex: u32) -> Result<OwnedFd> {
-    // SAFETY: plain socket call.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("AF_PACKET socket");
-    }
-    // SAFETY: fd is ours.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // Accept received (not outgoing) frames of ethertype ARP with opcode 2 (reply).
-    const PACKET_OUTGOING: u32 = 4;
-    let filter = [
-        bpf_stmt(0x20, (libc::SKF_AD_OFF + libc::SKF_AD_PKTTYPE) as u32), // ld pkttype
-        bpf_jump(0x15, PACKET_OUTGOING, 5, 0),                            // -> drop
-        bpf_stmt(0x28, 12),                                               // ldh ethertype
-        bpf_jump(0x15, 0x0806, 0, 3),                                     // else drop
-        bpf_stmt(0x28, 20),                                               // ldh ARP opcode
-        bpf_jump(0x15, 2, 0, 1),                                          // else drop
-        bpf_stmt(0x06, 128),                                              // accept 128 bytes
-        bpf_stmt(0x06, 0),                                                // drop
-    ];
-    let prog = libc::sock_fprog {
-        len: filter.len() as u16,
-        filter: filter.as_ptr() as *mut libc::sock_filter,
-    };
-    // SAFETY: prog points at `filter`, alive for the call; the kernel copies it.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            &prog as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::sock_fprog>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error()).context("attaching the ARP filter");
-    }
-    // Bound (and so receiving) only once the filter is in place.
-    bind_packet(&sock, ifindex, (libc::ETH_P_ALL as u16).to_be())
-        .context("binding the ARP socket")?;
-    Ok(sock)
-}
-
 /// Binds a packet socket to interface `ifindex` for `protocol` (network order; 0: send only).
 fn bind_packet(sock: &impl AsRawFd, ifindex: u32, protocol: u16) -> io::Result<()> {
     // SAFETY: sockaddr_ll is plain data.
@@ -228,80 +182,4 @@ fn bind_packet(sock: &impl AsRawFd, ifindex: u32, protocol: u16) -> io::Result<(
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-fn bpf_stmt(code: u16, k: u32) -> libc::sock_filter {
-    libc::sock_filter {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    }
-}
-
-fn bpf_jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
-    libc::sock_filter { code, jt, jf, k }
-}
-
-/// Discards every frame queued on `sock`.
-pub fn drain(sock: &OwnedFd) {
-    let mut buf = [0u8; 64];
-    loop {
-        // SAFETY: receiving into a buffer we own, without blocking.
-        let n = unsafe {
-            libc::recv(
-                sock.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-            )
-        };
-        if n < 0 {
-            return;
-        }
-    }
-}
-
-/// Receives one frame into `buf`, waiting at most `timeout`: its length (truncated to `buf`), or
-/// None when nothing came.
-pub fn recv_frame(
-    sock: &OwnedFd,
-    buf: &mut [u8],
-    timeout: std::time::Duration,
-) -> Result<Option<usize>> {
-    let mut pfd = libc::pollfd {
-        fd: sock.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = i32::try_from(timeout.as_millis().max(1)).unwrap_or(i32::MAX);
-    // SAFETY: one pollfd that we own.
-    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(None);
-        }
-        return Err(e).context("polling the tap's packet socket");
-    }
-    if rc == 0 {
-        return Ok(None);
-    }
-    // SAFETY: receiving into a buffer we own, without blocking.
-    let n = unsafe {
-        libc::recv(
-            sock.as_raw_fd(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::WouldBlock {
-            return Ok(None);
-        }
-        return Err(e).context("receiving on the tap's packet socket");
-    }
-    Ok(Some(n as usize))
 }

@@ -83,9 +83,8 @@ pub struct GuestLink {
     pub mac: [u8; 6],
     pub lease: LeaseConfig,
     pub tap_mac: [u8; 6],
-    socket: OwnedFd,
-    /// The readiness probe's socket (see probe.rs).
-    arp: Arc<OwnedFd>,
+    /// Send-only, on the tap: DHCP answers, and the readiness probe's requests (probe.rs).
+    socket: Arc<OwnedFd>,
 }
 
 struct Guest {
@@ -436,9 +435,8 @@ impl Endpoints {
                     slot: g.slot,
                     container_id: e.request.container_id.clone(),
                     ip: g.link.lease.ip,
-                    mac: g.link.mac,
                     tap_mac: g.link.tap_mac,
-                    arp: g.link.arp.clone(),
+                    socket: g.link.socket.clone(),
                     tcp_ports,
                 })
             })
@@ -602,18 +600,17 @@ impl Endpoints {
         let mut total = GuestStats::default();
         if let Ok(per_cpu) = self.stats.get(&slot, 0) {
             for s in per_cpu.iter() {
-                total.rx_packets += s.rx_packets;
-                total.rx_bytes += s.rx_bytes;
-                total.tx_packets += s.tx_packets;
-                total.tx_bytes += s.tx_bytes;
-                total.dhcp += s.dhcp;
-                for (t, d) in total.drops.iter_mut().zip(s.drops.iter()) {
-                    *t += d;
-                }
-                total.seen_ns = total.seen_ns.max(s.seen_ns);
+                total.add(s);
             }
         }
         total
+    }
+
+    /// The guest's replies to its readiness probe that the tap's program counted, summed over
+    /// the CPUs (see probe.rs).
+    pub fn probe_replies(&self, slot: u32) -> Result<u64> {
+        let per_cpu = self.stats.get(&slot, 0)?;
+        Ok(per_cpu.iter().map(|s| s.probe_replies).sum())
     }
 
     fn zero_guest_stats(&self, slot: u32) -> Result<()> {
@@ -816,6 +813,8 @@ impl Endpoints {
                     ip: lease.ip,
                     mtu: vm.mtu,
                     dhcp_limit: self.dhcp_limit,
+                    // Off: no endpoint request asks for migration target mode yet.
+                    gateway_mac: None,
                 };
                 if fresh {
                     // A restored guest keeps its counters; a new one starts from zero.
@@ -832,8 +831,7 @@ impl Endpoints {
                         mac: *mac,
                         lease: lease.clone(),
                         tap_mac: attached.tap_mac,
-                        socket: attached.socket,
-                        arp: Arc::new(attached.arp),
+                        socket: Arc::new(attached.socket),
                     }),
                     bound: false,
                 })
@@ -1069,6 +1067,7 @@ impl Endpoints {
                     tx_packets: s.tx_packets,
                     tx_bytes: s.tx_bytes,
                     dhcp_messages: s.dhcp,
+                    announces: s.announces,
                     drops,
                 })
             })

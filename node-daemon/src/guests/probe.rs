@@ -10,6 +10,12 @@
 //! learns no neighbour entry from it. The TCP connect is made from the node, as the kubelet's
 //! tcpSocket probe is: the pod's namespace holds no address for the guest to answer to.
 //!
+//! The request goes out of the guest's send-only socket on its tap; the guest's reply (to the
+//! tap's MAC, from its address) is counted and consumed by the tap's program
+//! (`GuestStats::probe_replies`), and the probe reads that counter. A socket that received the
+//! reply would have to see every frame on the tap, both ways: that cost the tap path about a
+//! tenth of its packets per second.
+//!
 //! The outcome goes to the registry ([`Endpoints::set_probe`]), which makes it the guest's phase
 //! (so the Guest object's Ready and the pod's `tapestry.dev/guest-ready` condition follow it both
 //! ways, see publish.rs).
@@ -17,6 +23,7 @@
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
+    os::fd::OwnedFd,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -132,9 +139,9 @@ pub struct ProbeTarget {
     pub slot: u32,
     pub container_id: String,
     pub ip: Ipv4Addr,
-    pub mac: [u8; 6],
     pub tap_mac: [u8; 6],
-    pub arp: Arc<std::os::fd::OwnedFd>,
+    /// The guest's send-only packet socket on its tap.
+    pub socket: Arc<OwnedFd>,
     pub tcp_ports: Vec<u16>,
 }
 
@@ -160,8 +167,9 @@ pub async fn run_probes(endpoints: Arc<Endpoints>, config: ProbeConfig) -> Resul
         });
         let mut round = JoinSet::new();
         for t in targets {
+            let endpoints = endpoints.clone();
             round.spawn(async move {
-                let outcome = probe(&t, config.timeout).await;
+                let outcome = probe(&endpoints, &t, config.timeout).await;
                 (t, outcome)
             });
         }
@@ -184,13 +192,9 @@ pub async fn run_probes(endpoints: Arc<Endpoints>, config: ProbeConfig) -> Resul
 }
 
 /// One probe of one guest: ARP, then each readiness port.
-async fn probe(t: &ProbeTarget, timeout: Duration) -> Result<(), String> {
+async fn probe(endpoints: &Endpoints, t: &ProbeTarget, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
-    let arp = t.arp.clone();
-    let (ip, mac, tap_mac) = (t.ip, t.mac, t.tap_mac);
-    tokio::task::spawn_blocking(move || arp_probe(&arp, ip, mac, tap_mac, deadline))
-        .await
-        .map_err(|e| format!("the ARP probe did not run: {e}"))??;
+    arp_probe(endpoints, t, deadline).await?;
     for &port in &t.tcp_ports {
         let left = deadline.saturating_duration_since(Instant::now());
         let addr = SocketAddrV4::new(t.ip, port);
@@ -204,28 +208,40 @@ async fn probe(t: &ProbeTarget, timeout: Duration) -> Result<(), String> {
     Ok(())
 }
 
-/// Sends an ARP probe for `ip` on the tap and waits until `deadline` for the guest's reply.
-fn arp_probe(
-    sock: &std::os::fd::OwnedFd,
-    ip: Ipv4Addr,
-    mac: [u8; 6],
-    tap_mac: [u8; 6],
+/// How often a probe looks at the guest's counters while it waits for the reply: first after
+/// 1 ms (a running guest answers within it), then at twice the last wait, at most this.
+const REPLY_POLL_MAX: Duration = Duration::from_millis(16);
+
+/// Sends an ARP probe for the guest's address on its tap and waits until `deadline` for the
+/// tap's program to count the guest's reply.
+async fn arp_probe(
+    endpoints: &Endpoints,
+    t: &ProbeTarget,
     deadline: Instant,
 ) -> Result<(), String> {
+    let replies = || {
+        endpoints
+            .probe_replies(t.slot)
+            .map_err(|e| format!("reading the guest's counters: {e:#}"))
+    };
     // Replies that came after an earlier probe's deadline must not count for this one.
-    iface::drain(sock);
-    iface::send_frame(sock, &arp_request(tap_mac, ip)).map_err(|e| format!("ARP: {e:#}"))?;
-    let mut buf = [0u8; 128];
+    let before = replies()?;
+    iface::send_frame(&t.socket, &arp_request(t.tap_mac, t.ip))
+        .map_err(|e| format!("ARP: {e:#}"))?;
+    let mut wait = Duration::from_millis(1);
     loop {
+        if replies()? > before {
+            return Ok(());
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(format!("no ARP reply from {ip} within the probe's timeout"));
+            return Err(format!(
+                "no ARP reply from {} within the probe's timeout",
+                t.ip
+            ));
         }
-        match iface::recv_frame(sock, &mut buf, left) {
-            Ok(Some(n)) if is_arp_reply_from(&buf[..n], ip, mac) => return Ok(()),
-            Ok(_) => {}
-            Err(e) => return Err(format!("ARP: {e:#}")),
-        }
+        tokio::time::sleep(wait.min(left)).await;
+        wait = (wait * 2).min(REPLY_POLL_MAX);
     }
 }
 
@@ -246,15 +262,6 @@ pub fn arp_request(from: [u8; 6], target: Ipv4Addr) -> [u8; 42] {
     // sender IP 0.0.0.0 (f[28..32]), target MAC unknown (f[32..38])
     f[38..42].copy_from_slice(&target.octets());
     f
-}
-
-/// An ARP reply whose sender is the guest (its IP and MAC).
-pub fn is_arp_reply_from(frame: &[u8], ip: Ipv4Addr, mac: [u8; 6]) -> bool {
-    frame.len() >= 42
-        && frame[12..14] == ETH_P_ARP.to_be_bytes()
-        && frame[20..22] == 2u16.to_be_bytes()
-        && frame[22..28] == mac
-        && frame[28..32] == ip.octets()
 }
 
 #[cfg(test)]
@@ -333,32 +340,26 @@ mod tests {
         assert!(s.observe(&c, Err("x".into())));
     }
 
+    /// The probe is an RFC 5227 ARP probe from the tap's MAC: the guest's kernel answers it to
+    /// that MAC (target hardware address and Ethernet destination), which is how the tap's
+    /// program tells the reply from the guest's other ARP (node-daemon/tests/guest_programs.rs).
     #[test]
-    fn the_arp_probe_and_its_reply() {
+    fn the_arp_probe() {
         let tap = [0x02, 0, 0, 0, 0, 1];
-        let guest = [0x52, 0x54, 0, 0, 0, 9];
         let ip = Ipv4Addr::new(10, 0, 0, 9);
         let req = arp_request(tap, ip);
-        assert_eq!(&req[0..6], &[0xff; 6]);
-        assert_eq!(&req[28..32], &[0, 0, 0, 0], "an ARP probe: sender IP 0");
-        assert_eq!(&req[38..42], &ip.octets());
-        assert!(!is_arp_reply_from(&req, ip, guest), "a request is no reply");
-        // The guest's answer as Linux sends it to a probe.
-        let mut reply = [0u8; 60];
-        reply[0..6].copy_from_slice(&tap);
-        reply[6..12].copy_from_slice(&guest);
-        reply[12..14].copy_from_slice(&[0x08, 0x06]);
-        reply[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
-        reply[22..28].copy_from_slice(&guest);
-        reply[28..32].copy_from_slice(&ip.octets());
-        reply[32..38].copy_from_slice(&tap);
-        assert!(is_arp_reply_from(&reply, ip, guest));
-        assert!(!is_arp_reply_from(
-            &reply,
-            Ipv4Addr::new(10, 0, 0, 8),
-            guest
-        ));
-        assert!(!is_arp_reply_from(&reply, ip, tap));
-        assert!(!is_arp_reply_from(&reply[..41], ip, guest));
+        let (eth, rest) = etherparse::Ethernet2Header::from_slice(&req).unwrap();
+        assert_eq!(eth.destination, [0xff; 6], "broadcast");
+        assert_eq!(eth.source, tap);
+        assert_eq!(eth.ether_type, etherparse::EtherType::ARP);
+        let arp = etherparse::ArpPacket::from_slice(rest)
+            .unwrap()
+            .try_eth_ipv4()
+            .unwrap();
+        assert_eq!(arp.operation, etherparse::ArpOperation::REQUEST);
+        assert_eq!(arp.sender_mac, tap, "answered to the tap's MAC");
+        assert_eq!(arp.sender_ipv4, [0; 4], "an ARP probe: sender IP 0");
+        assert_eq!(arp.target_mac, [0; 6]);
+        assert_eq!(arp.target_ipv4, ip.octets());
     }
 }
