@@ -146,6 +146,50 @@ pub fn capture_socket(ifindex: u32) -> Result<OwnedFd> {
     Ok(sock)
 }
 
+/// Receives one frame into `buf`, waiting at most `timeout`: its length (truncated to `buf`), or
+/// None when nothing came.
+pub fn recv_frame(
+    sock: &OwnedFd,
+    buf: &mut [u8],
+    timeout: std::time::Duration,
+) -> Result<Option<usize>> {
+    let mut pfd = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis().max(1)).unwrap_or(i32::MAX);
+    // SAFETY: one pollfd that we own.
+    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(None);
+        }
+        return Err(e).context("polling the tap's packet socket");
+    }
+    if rc == 0 {
+        return Ok(None);
+    }
+    // SAFETY: receiving into a buffer we own, without blocking.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Ok(None);
+        }
+        return Err(e).context("receiving on the tap's packet socket");
+    }
+    Ok(Some(n as usize))
+}
+
 /// Sends one whole Ethernet frame on a bound packet socket.
 pub fn send_frame(sock: &OwnedFd, frame: &[u8]) -> Result<()> {
     // SAFETY: sending from a buffer we own.

@@ -814,7 +814,12 @@ impl Endpoints {
                     mtu: vm.mtu,
                     dhcp_limit: self.dhcp_limit,
                     // Off: no endpoint request asks for migration target mode yet.
-                    gateway_mac: None,
+                    // A migration target's guest still holds another node's gateway MAC.
+                    gateway_mac: if vm.migration.is_some() {
+                        Some(iface::mac_of(&request.host_ifname).map_err(EndpointError::Internal)?)
+                    } else {
+                        None
+                    },
                 };
                 if fresh {
                     // A restored guest keeps its counters; a new one starts from zero.
@@ -964,8 +969,7 @@ impl Endpoints {
             .into_iter()
             .filter_map(|(request, host_ifindex, slot, m, added)| {
                 let guest_ip = guest_ip_of(&request)?;
-                let s = self.guest_stats(slot);
-                let first = s.seen_ns;
+                let first = self.guest_stats(slot).live_ns;
                 Some(super::migration::MigrationTarget {
                     slot,
                     guest_ip,
