@@ -468,6 +468,22 @@ pub struct GuestInfo {
     pub announces: u64,
     /// Frames dropped from this guest, by reason (spoofed_mac, spoofed_ip, ...).
     pub drops: BTreeMap<String, u64>,
+    /// Set when the guest arrived (or is arriving) here by live migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<GuestArrival>,
+}
+
+/// A guest's arrival by live migration, as its target node's datapath saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestArrival {
+    /// The source VM pod (same namespace) and its node.
+    pub source_pod: String,
+    pub source_node: Option<String>,
+    /// False while the target is dark (the guest still runs at the source).
+    pub live: bool,
+    /// When the guest sent its first frame here (RFC 3339).
+    pub switchover: Option<String>,
 }
 
 /// Who an address belongs to, as far as this node knows.

@@ -357,6 +357,12 @@ fn guests() -> Vec<GuestInfo> {
             dhcp_messages: 4,
             announces: 5,
             drops: BTreeMap::from([("spoofed_arp".into(), 1), ("spoofed_ip".into(), 3)]),
+            migration: Some(tapestry_api::types::GuestArrival {
+                source_pod: "web-vm-src".into(),
+                source_node: Some("node-b".into()),
+                live: true,
+                switchover: Some("2026-12-03T17:01:02.345678Z".into()),
+            }),
         },
         GuestInfo {
             name: "win-desktop".into(),
@@ -378,6 +384,7 @@ fn guests() -> Vec<GuestInfo> {
             dhcp_messages: 0,
             announces: 0,
             drops: BTreeMap::new(),
+            migration: None,
         },
     ]
 }

@@ -253,6 +253,29 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
         ]
     );
 
+    // The target's daemon shows the move (`tapestry guest show`'s source).
+    let shown = c.nodes[last_move.to]
+        .daemon
+        .client()
+        .guests()
+        .unwrap()
+        .into_iter()
+        .find(|g| g.name == vm.pod.name)
+        .expect("the guest on its node's daemon");
+    let arrival = shown
+        .migration
+        .expect("the guest's migration in the daemon's view");
+    assert_eq!(arrival.source_pod, from);
+    assert_eq!(
+        arrival.source_node.as_deref(),
+        Some(c.nodes[last_move.from].name.as_str())
+    );
+    assert!(arrival.live && arrival.switchover.is_some(), "{arrival:?}");
+    assert!(
+        shown.announces > 0,
+        "no announce counted on the target's tap"
+    );
+
     // A cancelled migration: the target never goes live, nothing moves, and deleting the
     // target takes only its own endpoint.
     let here = vm.node;

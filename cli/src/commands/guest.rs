@@ -207,6 +207,19 @@ pub fn render_one(g: &GuestInfo, format: Format, r: &Render) -> Result<String> {
             thousands(g.dhcp_messages)
         ),
     );
+    if let Some(m) = &g.migration {
+        let from = match &m.source_node {
+            Some(n) => format!("pod {} on {n}", m.source_pod),
+            None => format!("pod {}", m.source_pod),
+        };
+        f.add(
+            "Migration",
+            match (&m.switchover, m.live) {
+                (Some(t), true) => format!("arrived from {from}, live here since {t}"),
+                _ => format!("incoming from {from}: dark until the guest switches over"),
+            },
+        );
+    }
     f.add(
         "Announces",
         format!(

@@ -47,7 +47,7 @@ use aya::maps::{MapData, PerCpuArray};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tapestry_api::types::{
-    AttachmentKey, EndpointInfo, EndpointRequest, GuestInfo, GuestPhase, MacAddr,
+    AttachmentKey, EndpointInfo, EndpointRequest, GuestArrival, GuestInfo, GuestPhase, MacAddr,
 };
 use tapestry_common::{DhcpFrame, DhcpLimit, DropReason, GuestStats, MAX_GUESTS};
 use tokio::sync::watch;
@@ -1073,6 +1073,17 @@ impl Endpoints {
                     dhcp_messages: s.dhcp,
                     announces: s.announces,
                     drops,
+                    migration: vm.migration.as_ref().map(|m| GuestArrival {
+                        source_pod: m.source_pod.clone(),
+                        source_node: m.source_node.clone(),
+                        live: s.live_ns != 0,
+                        switchover: (s.live_ns != 0).then(|| {
+                            let at = super::migration::MigrationTarget::wall_time(s.live_ns);
+                            jiff::Timestamp::try_from(at)
+                                .map(|t| t.to_string())
+                                .unwrap_or_default()
+                        }),
+                    }),
                 })
             })
             .collect()
