@@ -13,8 +13,8 @@
 //! The request goes out of the guest's send-only socket on its tap; the guest's reply (to the
 //! tap's MAC, from its address) is counted and consumed by the tap's program
 //! (`GuestStats::probe_replies`), and the probe reads that counter. A socket that received the
-//! reply would have to see every frame on the tap, both ways: that cost the tap path about a
-//! tenth of its packets per second.
+//! reply would have to see every frame on the tap, both ways (bound to every protocol: the tap's
+//! program redirects the guest's frames before any per-protocol handler sees them).
 //!
 //! The outcome goes to the registry ([`Endpoints::set_probe`]), which makes it the guest's phase
 //! (so the Guest object's Ready and the pod's `tapestry.dev/guest-ready` condition follow it both
