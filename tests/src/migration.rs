@@ -51,6 +51,23 @@ pub struct Vm {
     pub name: String,
 }
 
+impl Vm {
+    /// The guest `guest` (named `name` in its QEMU configuration) booted in VM pod `pod` on
+    /// node `node`, whose labels the pods it moves to copy.
+    pub fn new(pod: Pod, guest: Guest, node: usize, labels: Value, name: &str) -> Vm {
+        let (ip, mac) = (pod.ip, pod.mac);
+        Vm {
+            pod,
+            guest,
+            node,
+            ip,
+            mac,
+            labels,
+            name: name.to_owned(),
+        }
+    }
+}
+
 /// One migration, as [`Cluster::migrate`] saw it.
 #[derive(Debug, Clone)]
 pub struct Moved {

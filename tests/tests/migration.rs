@@ -88,7 +88,6 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
     c.wait_backends("web", &web_addrs, Duration::from_secs(30))
         .unwrap();
     let ip = pod.ip;
-    let mac = pod.mac;
     for n in 0..3 {
         assert_eq!(
             c.migration_route(n, ip).unwrap(),
@@ -120,15 +119,7 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
     let connects = ConnectLoop::start(&client, vip, Duration::from_secs(3)).unwrap();
     let backends = BackendWatch::start(&c.nodes[0].daemon, "vm");
 
-    let mut vm = Vm {
-        pod,
-        guest,
-        node: 1,
-        ip,
-        mac,
-        labels,
-        name: "vm".into(),
-    };
+    let mut vm = Vm::new(pod, guest, 1, labels, "vm");
     let mut moves = Vec::new();
     for i in 1..=MIGRATIONS {
         let to = if vm.node == 1 { 2 } else { 1 };

@@ -76,16 +76,7 @@ fn run(cli: Cli) -> Result<()> {
         interval,
         Duration::from_secs(20),
     )?;
-    let (ip, mac) = (pod.ip, pod.mac);
-    let mut vm = Vm {
-        pod,
-        guest,
-        node: 1,
-        ip,
-        mac,
-        labels,
-        name: "vm".into(),
-    };
+    let mut vm = Vm::new(pod, guest, 1, labels, "vm");
     let mut moves = Vec::new();
     for i in 1..=cli.migrations {
         let to = if vm.node == 1 { 2 } else { 1 };

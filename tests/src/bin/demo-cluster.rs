@@ -173,16 +173,8 @@ fn migrate_demo(c: &mut Cluster, client: &Pod) -> Result<()> {
         Duration::from_millis(10),
         Duration::from_secs(20),
     )?;
-    let (ip, mac) = (pod.ip, pod.mac);
-    let mut vm = Vm {
-        pod,
-        guest,
-        node: 1,
-        ip,
-        mac,
-        labels,
-        name: "mover".into(),
-    };
+    let ip = pod.ip;
+    let mut vm = Vm::new(pod, guest, 1, labels, "mover");
     println!(
         "  {} streams to {vip}:80 (guest {ip} in pod mover on node-1), a request every 10 ms",
         client.name
