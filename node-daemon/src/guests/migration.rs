@@ -590,3 +590,126 @@ impl MigrationTarget {
         SystemTime::now() - ago
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use kube::api::ObjectMeta;
+    use tapestry_api::types::{IncomingMigration, VmAttachment};
+    use tapestry_k8s::{GuestPodRef, GuestSpec, GuestStatus};
+
+    use super::*;
+
+    fn guest(name: &str, node: &str, ip: &str, live_at: Option<&str>) -> Guest {
+        let mut g = Guest::new(
+            name,
+            GuestSpec {
+                node_name: node.into(),
+                pod_ref: Some(GuestPodRef {
+                    name: name.into(),
+                    uid: None,
+                }),
+                ips: vec![ip.into()],
+                mac: "0a:58:0a:f4:00:05".into(),
+                tap: "tap0".into(),
+                ports: vec![],
+                readiness_probe: None,
+            },
+        );
+        g.metadata = ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("vms".into()),
+            ..Default::default()
+        };
+        g.status = live_at.map(|t| GuestStatus {
+            migration: Some(GuestMigration {
+                source_pod: "src".into(),
+                source_node: "node-a".into(),
+                target_node: node.into(),
+                phase: MigrationPhase::Live,
+                switchover_time: Some(MicroTime(t.parse().unwrap())),
+                dark_ms: Some(500),
+            }),
+            ..Default::default()
+        });
+        g
+    }
+
+    #[test]
+    fn the_newest_switchover_owns_the_address() {
+        let gs = [
+            guest("vm-0", "node-a", "10.0.0.5", None),
+            guest("vm-2", "node-a", "10.0.0.5", Some("2026-12-03T10:00:02.5Z")),
+            guest("vm-1", "node-b", "10.0.0.5", Some("2026-12-03T10:00:01Z")),
+            guest("other", "node-c", "10.0.0.9", None),
+        ];
+        let owners = owners(gs.iter());
+        assert_eq!(owners.len(), 1, "{owners:?}");
+        let o = &owners[&"10.0.0.5".parse().unwrap()];
+        assert_eq!((o.guest.as_str(), o.node.as_str()), ("vm-2", "node-a"));
+        // Order does not matter.
+        let reversed: Vec<_> = gs.iter().rev().cloned().collect();
+        assert_eq!(super::owners(reversed.iter()), owners);
+    }
+
+    #[test]
+    fn an_incoming_target_owns_nothing() {
+        let mut g = guest("vm-1", "node-b", "10.0.0.5", Some("2026-12-03T10:00:01Z"));
+        if let Some(m) = g.status.as_mut().and_then(|s| s.migration.as_mut()) {
+            m.phase = MigrationPhase::Incoming;
+        }
+        assert!(owners([&g]).is_empty());
+    }
+
+    fn target_request() -> EndpointRequest {
+        EndpointRequest {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            netns: "/run/netns/t".into(),
+            host_ifname: "veth1".into(),
+            ips: vec!["10.0.1.7/28".into(), "fd00::7/64".into()],
+            gateway: None,
+            mac: None,
+            pod: None,
+            vm: Some(VmAttachment {
+                tap: "tap0".into(),
+                guest_mac: "0a:58:0a:f4:01:07".parse().unwrap(),
+                guest_ip: "10.0.1.7/32".into(),
+                mtu: 1500,
+                routes: vec![],
+                dns: Default::default(),
+                hostname: None,
+                queues: 1,
+                migration: Some(IncomingMigration {
+                    source_pod: "vm-0".into(),
+                    source_node: None,
+                }),
+            }),
+            network: None,
+        }
+    }
+
+    #[test]
+    fn a_target_takes_the_guests_address_and_mac_with_its_own_prefixes() {
+        let mut r = target_request();
+        let mac: MacAddr = "0a:58:0a:f4:00:05".parse().unwrap();
+        retarget(&mut r, "10.0.0.5".parse().unwrap(), mac, "node-a").unwrap();
+        let vm = r.vm.unwrap();
+        assert_eq!(vm.guest_ip, "10.0.0.5/32");
+        assert_eq!(vm.guest_mac, mac);
+        assert_eq!(r.ips, ["10.0.0.5/28", "fd00::7/64"]);
+        assert_eq!(vm.migration.unwrap().source_node.as_deref(), Some("node-a"));
+    }
+
+    #[test]
+    fn a_source_guest_without_a_pod_or_an_ipv4_address_is_refused() {
+        let mut g = guest("vm-0", "node-a", "10.0.0.5", None);
+        assert!(source_identity(&g).is_ok());
+        g.spec.ips = vec!["fd00::5".into()];
+        let err = source_identity(&g).unwrap_err().to_string();
+        assert!(err.contains("no IPv4 address"), "{err}");
+        g.spec.ips = vec!["10.0.0.5".into()];
+        g.spec.pod_ref = None;
+        let err = source_identity(&g).unwrap_err().to_string();
+        assert!(err.contains("not a VM pod's"), "{err}");
+    }
+}
