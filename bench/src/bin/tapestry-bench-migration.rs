@@ -8,6 +8,11 @@
 //!   gap between two replies around it minus the request interval; the extra is that minus
 //!   QEMU's reported downtime (what the network adds to QEMU's own stop-and-copy):
 //!   `migration_blackout_extra_ms_p50` / `_p99`, with QEMU's `migration_qemu_downtime_ms_p50`.
+//!   Apart from TCP's retransmission timer (200 ms at least on Linux), the network's share is
+//!   how soon the client's node routes the guest's address to its new node: from the
+//!   switch-over the target's datapath recorded (the Guest's `switchoverTime`) to node 0's
+//!   route going via the target, polled every 2 ms (`migration_route_convergence_ms_p50` /
+//!   `_p99`).
 //! - The guest paused with QEMU's `stop` (hung), `--pauses` times: from the pause to no node's
 //!   maps holding its backend (`guest_unready_to_unpublished_p50_ms` / `_p99_ms`; the probe's
 //!   period and failure threshold are most of it), resumed in between.
@@ -19,7 +24,7 @@ use std::{
     fmt::Write as _,
     net::SocketAddrV4,
     path::PathBuf,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result};
@@ -78,14 +83,32 @@ fn run(cli: Cli) -> Result<()> {
     )?;
     let mut vm = Vm::new(pod, guest, 1, labels, "vm");
     let mut moves = Vec::new();
+    let mut convergence = Vec::new();
+    let node0 = c.nodes[0]
+        .netns_path
+        .file_name()
+        .context("node 0's netns")?
+        .to_string_lossy()
+        .into_owned();
     for i in 1..=cli.migrations {
         let to = if vm.node == 1 { 2 } else { 1 };
-        let (v, m) = c.migrate(vm, to, &format!("vm-{i}"))?;
+        let name = format!("vm-{i}");
+        let watch = route_watch(&node0, vm.ip, c.nodes[to].underlay_ip);
+        let (v, m) = c.migrate(vm, to, &name)?;
         vm = v;
+        let routed_at = watch.join().ok().flatten();
+        let switchover = switchover_time(&c, &name)?;
+        let conv_ms = routed_at.and_then(|r| {
+            r.duration_since(switchover)
+                .ok()
+                .map(|d| d.as_secs_f64() * 1e3)
+        });
         eprintln!(
-            "  migration {i}: node-{} -> node-{}, QEMU downtime {:?} ms",
-            m.from, m.to, m.qemu.downtime_ms
+            "  migration {i}: node-{} -> node-{}, QEMU downtime {:?} ms, node-0 routed {:?} ms \
+             after the switch-over",
+            m.from, m.to, m.qemu.downtime_ms, conv_ms
         );
+        convergence.push(conv_ms);
         moves.push(m);
         // Let the stream settle between moves.
         std::thread::sleep(Duration::from_millis(500));
@@ -116,6 +139,7 @@ fn run(cli: Cli) -> Result<()> {
             "qemu_total_ms": m.qemu.total_time_ms, "extra_ms": extra_ms,
             "live_after_completed_ms": (m.live - m.completed).as_secs_f64() * 1e3,
             "routed_after_completed_ms": (m.routed - m.completed).as_secs_f64() * 1e3,
+            "node0_route_after_switchover_ms": convergence[i],
         }));
     }
 
@@ -148,6 +172,7 @@ fn run(cli: Cli) -> Result<()> {
         )?;
     }
 
+    let convergence: Vec<f64> = convergence.into_iter().flatten().collect();
     let p = |v: &[f64], q: f64| percentile(v, q).map(|x| (x * 10.0).round() / 10.0);
     let mut summary = Map::new();
     summary.insert(
@@ -161,6 +186,14 @@ fn run(cli: Cli) -> Result<()> {
     summary.insert(
         "migration_qemu_downtime_ms_p50".into(),
         json!(p(&downtime, 50.0)),
+    );
+    summary.insert(
+        "migration_route_convergence_ms_p50".into(),
+        json!(p(&convergence, 50.0)),
+    );
+    summary.insert(
+        "migration_route_convergence_ms_p99".into(),
+        json!(p(&convergence, 99.0)),
     );
     summary.insert(
         "guest_unready_to_unpublished_p50_ms".into(),
@@ -211,4 +244,46 @@ fn run(cli: Cli) -> Result<()> {
     merge_summary(&cli.out.join("summary.json"), &summary)?;
     eprintln!("{}", serde_json::to_string(&summary)?);
     Ok(())
+}
+
+/// Polls node 0's route for `ip` (every 2 ms, for at most 60 s) until it goes via `to`: when it
+/// first did, in wall-clock time.
+fn route_watch(
+    netns: &str,
+    ip: std::net::Ipv4Addr,
+    to: std::net::Ipv4Addr,
+) -> std::thread::JoinHandle<Option<SystemTime>> {
+    let netns = netns.to_owned();
+    std::thread::spawn(move || {
+        let want = format!("via {to} ");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let out = std::process::Command::new("ip")
+                .args(["-n", &netns, "-4", "route", "show", &format!("{ip}/32")])
+                .args(["proto", tapestry_tests::migration::RTPROT_TAPESTRY])
+                .output()
+                .ok()?;
+            if String::from_utf8_lossy(&out.stdout).contains(&want) {
+                return Some(SystemTime::now());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        None
+    })
+}
+
+/// The switch-over the target's daemon recorded in Guest `name`.
+fn switchover_time(c: &Cluster, name: &str) -> Result<SystemTime> {
+    let t = c.cp.kubectl_ok([
+        "get",
+        "guest",
+        name,
+        "-o",
+        "jsonpath={.status.migration.switchoverTime}",
+    ])?;
+    let ts: jiff::Timestamp = t
+        .trim()
+        .parse()
+        .with_context(|| format!("Guest {name}'s switchoverTime {t:?}"))?;
+    Ok(SystemTime::from(ts))
 }
