@@ -185,7 +185,8 @@ fn migrate_demo(c: &mut Cluster, client: &Pod) -> Result<()> {
         let r = stream.report();
         let gap = r.longest_gap(m.started, m.routed).unwrap_or_default();
         println!(
-            "  moved to node-{to} (pod {}): QEMU total {:?} ms, downtime {:?} ms; the              connection's longest wait {:.0} ms; {} replies so far, all from {:?}",
+            "  moved to node-{to} (pod {}): QEMU total {:?} ms, downtime {:?} ms; \
+             the connection's longest wait {:.0} ms; {} replies so far, all from {:?}",
             vm.pod.name,
             m.qemu.total_time_ms,
             m.qemu.downtime_ms,
