@@ -449,11 +449,7 @@ fn pods_from_before_the_daemon_and_a_daemon_killed_midflight() {
 fn vms_reach_and_are_reached_across_nodes() {
     tapestry_tests::require_lab!();
     tapestry_tests::require_k8s!();
-    if let Err(why) = tapestry_tests::guest::require_qemu() {
-        assert!(std::env::var_os("CI").is_none(), "CI needs QEMU: {why}");
-        eprintln!("skipped: {why}");
-        return;
-    }
+    tapestry_tests::require_qemu!();
     let mut c = Cluster::start("cluster-vms", 3).unwrap();
     let (_, vm0) = c
         .add_vm_pod(0, "vm0", json!({"app": "vm", "node": "n0"}))
@@ -639,11 +635,7 @@ fn builtin_slice_ready(c: &Cluster, service: &str, ip: Ipv4Addr) -> Option<bool>
 fn a_vm_pods_readiness_is_its_guests() {
     tapestry_tests::require_lab!();
     tapestry_tests::require_k8s!();
-    if let Err(why) = tapestry_tests::guest::require_qemu() {
-        assert!(std::env::var_os("CI").is_none(), "CI needs QEMU: {why}");
-        eprintln!("skipped: {why}");
-        return;
-    }
+    tapestry_tests::require_qemu!();
     let mut c = Cluster::start("cluster-ready", 2).unwrap();
     c.install_readiness_gate().unwrap();
     let _kubelet = c.kubelet_readiness().unwrap();

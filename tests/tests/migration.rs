@@ -42,11 +42,7 @@ fn guest_stream_lines(guest: &Guest) -> usize {
 fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
     tapestry_tests::require_lab!();
     tapestry_tests::require_k8s!();
-    if let Err(why) = tapestry_tests::guest::require_qemu() {
-        assert!(std::env::var_os("CI").is_none(), "CI needs QEMU: {why}");
-        eprintln!("skipped: {why}");
-        return;
-    }
+    tapestry_tests::require_qemu!();
     let mut c = Cluster::start("cluster-migrate", 3).unwrap();
     c.install_readiness_gate().unwrap();
     let _kubelet = c.kubelet_readiness().unwrap();
@@ -287,10 +283,12 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
     std::thread::sleep(Duration::from_millis(500));
     let info = vm.guest.cancel_migration().unwrap();
     assert_eq!(info.status, MigrationStatus::Cancelled, "{}", info.raw);
-    assert_eq!(
-        c.migration_phase("vm-cancelled").unwrap().as_deref(),
-        Some("Incoming")
-    );
+    // The target's record may lag its Guest's creation (the daemon retries every 200 ms).
+    let phase = poll(T, "the cancelled target's migration record", || {
+        c.migration_phase("vm-cancelled")
+    })
+    .unwrap();
+    assert_eq!(phase, "Incoming");
     drop(target);
     c.delete_pod("vm-cancelled").unwrap();
     c.wait_routed(ip, here, T).unwrap();

@@ -259,6 +259,7 @@ pub async fn follow_migrations(
         node_ips: HashMap::new(),
         live: HashMap::new(),
         reported: HashMap::new(),
+        report_failed: HashMap::new(),
         went_live: false,
     };
     info!(node = %follower.node_name, "following live migrations");
@@ -299,6 +300,8 @@ struct Follower {
     live: HashMap<String, (Timestamp, Duration)>,
     /// What was last written to each target's Guest (container id -> phase).
     reported: HashMap<String, MigrationPhase>,
+    /// When writing a target's record last failed (container id -> time).
+    report_failed: HashMap<String, std::time::Instant>,
     went_live: bool,
 }
 
@@ -311,6 +314,8 @@ impl Follower {
         self.live
             .retain(|c, _| targets.iter().any(|t| &t.request.container_id == c));
         self.reported
+            .retain(|c, _| targets.iter().any(|t| &t.request.container_id == c));
+        self.report_failed
             .retain(|c, _| targets.iter().any(|t| &t.request.container_id == c));
         for t in &targets {
             let id = t.request.container_id.clone();
@@ -349,17 +354,27 @@ impl Follower {
             } else {
                 MigrationPhase::Incoming
             };
-            if self.reported.get(&id) != Some(&phase) {
+            let retry_due = self
+                .report_failed
+                .get(&id)
+                .is_none_or(|at| at.elapsed() >= RETRY);
+            if self.reported.get(&id) != Some(&phase) && retry_due {
                 match self.report(t, phase).await {
                     Ok(()) => {
-                        self.reported.insert(id, phase);
+                        self.reported.insert(id.clone(), phase);
+                        self.report_failed.remove(&id);
                     }
-                    // The publisher may not have created the Guest yet: tried again next round.
+                    // The publisher may not have created the Guest yet: tried again after
+                    // RETRY, not at every poll.
                     Err(e) => {
-                        dark = true;
+                        self.report_failed
+                            .insert(id.clone(), std::time::Instant::now());
                         tracing::debug!("recording the migration of {id}: {e:#}");
                     }
                 }
+            }
+            if self.reported.get(&id) != Some(&phase) {
+                dark = true;
             }
         }
         dark
