@@ -5,10 +5,12 @@
 //! - [`anchors`]: the iptables and nftables rule sets Tapestry is compared with.
 //! - [`lb`]: the same services as a `tapestryd` state file.
 //! - [`report`]: medians, paired ratios, summary.json, the table and the plot.
+//! - [`progcost`]: what Tapestry's own programs cost per transaction (BPF run-time statistics).
 
 pub mod anchors;
 pub mod cni;
 pub mod lb;
 pub mod load;
+pub mod progcost;
 pub mod report;
 pub mod tap;

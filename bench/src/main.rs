@@ -22,6 +22,7 @@ use serde_json::{Map, Value, json};
 use tapestry_bench::anchors::{self, Anchors, IptablesBackend, Kind, Service};
 use tapestry_bench::lb;
 use tapestry_bench::load::{ClientReport, Mode};
+use tapestry_bench::progcost::{self, ProgramCost, Profiler};
 use tapestry_bench::report::{self, CaseStats, Metric, Row, Run};
 use tapestry_tests::daemon::Daemon;
 use tapestry_tests::{Lab, Pod};
@@ -542,8 +543,25 @@ struct Ctx {
     started: Instant,
     runs: Vec<Run>,
     setups: Vec<Setup>,
+    /// Profiling runs of the Tapestry cases (BPF run-time statistics on).
+    profiles: Vec<Profile>,
     notes: Vec<String>,
 }
+
+/// A profiling run: one short run of a case with the kernel's BPF statistics on, after its
+/// measured runs, telling how much of a transaction the programs themselves take.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Profile {
+    round: usize,
+    case: String,
+    mode: Mode,
+    transactions: u64,
+    transactions_per_s: f64,
+    programs: Vec<ProgramCost>,
+}
+
+/// Measured seconds of a profiling run.
+const PROFILE_SECONDS: f64 = 1.0;
 
 fn find_tapestryd(explicit: Option<&Path>) -> Option<PathBuf> {
     if let Some(p) = explicit {
@@ -663,6 +681,7 @@ fn run(args: RunArgs) -> Result<()> {
         started: Instant::now(),
         runs: Vec::new(),
         setups: Vec::new(),
+        profiles: Vec::new(),
         notes,
     };
     let direct = SocketAddrV4::new(ctx.server.ip, SERVER_PORT);
@@ -808,6 +827,7 @@ fn run(args: RunArgs) -> Result<()> {
         server_ip: ctx.server.ip.to_string(),
         runs: &ctx.runs,
         setups: &ctx.setups,
+        profiles: &ctx.profiles,
         notes: &ctx.notes,
     };
     write_results(
@@ -943,7 +963,10 @@ fn tapestry_block(
             daemon_peak_rss_mib: rss,
         });
         let tested = anchors::tested(svcs);
-        let result = ctx.run_case(round, case, SocketAddrV4::new(tested.vip, tested.port));
+        let target = SocketAddrV4::new(tested.vip, tested.port);
+        let result = ctx
+            .run_case(round, case, target)
+            .and_then(|()| ctx.profile_case(round, case, target, &d.bpffs_dir));
         if result.is_err() {
             let _ = std::fs::write(ctx.args.out.join("tapestryd.log"), &log);
         }
@@ -1103,6 +1126,33 @@ impl Ctx {
         eprintln!("  [{}] {name}: {}", round + 1, line.join(", "));
         Ok(())
     }
+
+    /// After a Tapestry case's measured runs: one short RR and one short CRR run with the BPF
+    /// run-time statistics on, recording what each of the daemon's programs (pinned under
+    /// `pin_dir`) ran and how long.
+    fn profile_case(
+        &mut self,
+        round: usize,
+        case: Case,
+        target: SocketAddrV4,
+        pin_dir: &Path,
+    ) -> Result<()> {
+        for mode in [Mode::Rr, Mode::Crr] {
+            check_stop()?;
+            let profiler = Profiler::start(pin_dir)?;
+            let report = self.client(mode, target, PROFILE_SECONDS, 0.1, 200, 1000)?;
+            let programs = profiler.finish()?;
+            self.profiles.push(Profile {
+                round,
+                case: case.name(),
+                mode,
+                transactions: report.transactions,
+                transactions_per_s: report.transactions_per_s,
+                programs,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// `report`: the same outputs from the raw runs of an earlier run.
@@ -1115,6 +1165,9 @@ fn rewrite_report(a: ReportArgs) -> Result<()> {
     let runs: Vec<Run> = serde_json::from_value(raw["runs"].clone()).context("runs")?;
     let setups: Vec<Setup> = serde_json::from_value(raw["setups"].clone()).context("setups")?;
     let notes: Vec<String> = serde_json::from_value(raw["notes"].clone()).unwrap_or_default();
+    // Older runs had no profiling runs.
+    let profiles: Vec<Profile> =
+        serde_json::from_value(raw["profiles"].clone()).unwrap_or_default();
     let num = |k: &str| meta[k].as_f64();
     let mut args = Cli::parse_from(["tapestry-bench"]).run;
     args.rounds = num("rounds").map_or(args.rounds, |v| v as usize);
@@ -1138,6 +1191,7 @@ fn rewrite_report(a: ReportArgs) -> Result<()> {
         server_ip: meta["server_ip"].as_str().unwrap_or_default().to_string(),
         runs: &runs,
         setups: &setups,
+        profiles: &profiles,
         notes: &notes,
     };
     std::fs::create_dir_all(&a.out)?;
@@ -1210,6 +1264,89 @@ fn opt(v: Option<f64>) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// Median over rounds of the programs' nanoseconds per transaction in `case`'s profiling runs.
+fn profile_ns(profiles: &[Profile], case: &str, mode: Mode) -> Option<f64> {
+    let v: Vec<f64> = profiles
+        .iter()
+        .filter(|p| p.case == case && p.mode == mode)
+        .filter_map(|p| progcost::ns_per_transaction(&p.programs, p.transactions))
+        .collect();
+    report::median(&v)
+}
+
+/// The profiling runs as a table: per Tapestry case and mode, what a transaction costs over the
+/// direct path, how much of that the programs take, and each program's runs per transaction
+/// and time per run (medians over rounds).
+fn profile_markdown(o: &Outcome, cases: &[Case], has_direct: bool) -> String {
+    let mut md = String::new();
+    for c in cases
+        .iter()
+        .filter(|c| matches!(c.kind, CaseKind::Tapestry | CaseKind::TapestryFast))
+    {
+        let name = c.name();
+        for mode in [Mode::Rr, Mode::Crr] {
+            let sel: Vec<&Profile> = o
+                .profiles
+                .iter()
+                .filter(|p| p.case == name && p.mode == mode && p.transactions > 0)
+                .collect();
+            if sel.is_empty() {
+                continue;
+            }
+            if md.is_empty() {
+                md.push_str(&format!(
+                    "\nWhere a Tapestry transaction's time goes: after each case's measured runs, \
+                     a {PROFILE_SECONDS} s run with the kernel's BPF run-time statistics on \
+                     (they add two clock reads to every program run); medians over rounds. \
+                     `extra` is the CPU time a transaction costs over the direct path in the \
+                     measured runs (from transactions per CPU-second).\n\n| case | mode | extra \
+                     CPU ns/tx | programs ns/tx | program: runs/tx, \
+                     ns/run |\n|---|---|---:|---:|---|\n"
+                ));
+            }
+            let mut names: Vec<&str> = sel
+                .iter()
+                .flat_map(|p| p.programs.iter().map(|x| x.name.as_str()))
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            let per_prog: Vec<String> = names
+                .iter()
+                .map(|n| {
+                    let runs: Vec<f64> = sel
+                        .iter()
+                        .filter_map(|p| {
+                            let x = p.programs.iter().find(|x| x.name == *n)?;
+                            Some(x.runs as f64 / p.transactions as f64)
+                        })
+                        .collect();
+                    let ns: Vec<f64> = sel
+                        .iter()
+                        .filter_map(|p| p.programs.iter().find(|x| x.name == *n)?.ns_per_run())
+                        .collect();
+                    format!(
+                        "{n}: {:.2}, {:.0}",
+                        report::median(&runs).unwrap_or(0.0),
+                        report::median(&ns).unwrap_or(0.0)
+                    )
+                })
+                .collect();
+            let extra = has_direct
+                .then(|| report::paired_extra_ns(o.runs, &name, "direct", mode, Metric::PerCpu))
+                .flatten();
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} |\n",
+                c.label(),
+                mode.as_str(),
+                extra.map_or("-".into(), |x| format!("{x:.0}")),
+                profile_ns(o.profiles, &name, mode).map_or("-".into(), |x| format!("{x:.0}")),
+                per_prog.join("; ")
+            ));
+        }
+    }
+    md
+}
+
 /// What [`write_results`] needs: from a live run, or read back from datapath.json.
 struct Outcome<'a> {
     args: &'a RunArgs,
@@ -1218,6 +1355,7 @@ struct Outcome<'a> {
     server_ip: String,
     runs: &'a [Run],
     setups: &'a [Setup],
+    profiles: &'a [Profile],
     notes: &'a [String],
 }
 
@@ -1320,6 +1458,17 @@ fn write_results(
                         opt(report::paired_ratio_of(o.runs, &name, direct, mode, metric)),
                     );
                 }
+                s.insert(
+                    format!("bench_{m}_extra_cpu_ns_per_transaction_{}", c.key()),
+                    opt(report::paired_extra_ns(o.runs, &name, direct, mode, Metric::PerCpu)
+                        .map(f64::round)),
+                );
+            }
+            if matches!(c.kind, CaseKind::Tapestry | CaseKind::TapestryFast) {
+                s.insert(
+                    format!("bench_{m}_prog_ns_per_transaction_{}", c.key()),
+                    opt(profile_ns(o.profiles, &name, mode).map(f64::round)),
+                );
             }
         }
         if matches!(c.kind, CaseKind::Iptables | CaseKind::Nftables) {
@@ -1415,6 +1564,7 @@ fn write_results(
         "cases": rows,
         "setups": o.setups,
         "runs": o.runs,
+        "profiles": o.profiles,
         "notes": o.notes,
         "summary": s,
     });
@@ -1445,6 +1595,7 @@ fn write_results(
         per_tx(o.args.nft_per_transaction),
     );
     let mut md = report::markdown(&rows, &header);
+    md.push_str(&profile_markdown(o, &cases, has_direct));
     if !o.notes.is_empty() {
         md.push_str("\nNotes:\n");
         for n in o.notes {

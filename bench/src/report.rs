@@ -125,6 +125,25 @@ pub fn paired_ratio_of(runs: &[Run], a: &str, b: &str, mode: Mode, metric: Metri
     median(&ratios)
 }
 
+/// How many nanoseconds more a transaction of case `a` takes than one of case `b` (1e9 /
+/// `metric`: per second of wall time, or per CPU-second, which other jobs on the machine do not
+/// move), paired within a round, median over rounds: what `a`'s datapath adds to every
+/// transaction.
+pub fn paired_extra_ns(runs: &[Run], a: &str, b: &str, mode: Mode, metric: Metric) -> Option<f64> {
+    let by_round = |case: &str| -> BTreeMap<usize, f64> {
+        select(runs, case, mode)
+            .filter_map(|r| Some((r.round, metric.of(&r.report).filter(|x| *x > 0.0)?)))
+            .map(|(round, x)| (round, 1e9 / x))
+            .collect()
+    };
+    let (ra, rb) = (by_round(a), by_round(b));
+    let extra: Vec<f64> = ra
+        .iter()
+        .filter_map(|(round, x)| rb.get(round).map(|y| x - y))
+        .collect();
+    median(&extra)
+}
+
 /// [`paired_ratio_of`] in transactions per second.
 pub fn paired_ratio(runs: &[Run], a: &str, b: &str, mode: Mode) -> Option<f64> {
     paired_ratio_of(runs, a, b, mode, Metric::Tps)

@@ -169,6 +169,32 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     Parsed::Packet(pkt)
 }
 
+/// How many bytes from the start of the packet [`parse`] reads: Ethernet, this packet's IPv4
+/// header (options included) and its TCP or UDP header (none for a later fragment); 0 for what
+/// `parse` passes as not ours whatever follows (not IPv4, not TCP/UDP). `None` when the linear
+/// data is too short to tell.
+#[inline(always)]
+pub fn headers_needed(ctx: &TcContext) -> Option<u32> {
+    let eth = read::<EthHdr>(ctx, 0)?;
+    if eth.proto != ETH_P_IP.to_be() {
+        return Some(0);
+    }
+    let ip = read::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    let ihl = ((ip.version_ihl & 0x0f) as u32) * 4;
+    if ip.version_ihl >> 4 != 4 || ihl < IPV4_MIN_HLEN as u32 {
+        return Some(0);
+    }
+    let l4 = match ip.proto {
+        tapestry_common::IPPROTO_TCP => TCP_MIN_HLEN as u32,
+        tapestry_common::IPPROTO_UDP => UDP_HLEN as u32,
+        _ => return Some(0),
+    };
+    if u16::from_be(ip.frag_off) & IP_OFFSET_MASK != 0 {
+        return Some(ETH_HLEN as u32 + ihl);
+    }
+    Some(ETH_HLEN as u32 + ihl + l4)
+}
+
 /// The interface the packet arrived on.
 #[inline(always)]
 pub fn ifindex(ctx: &TcContext) -> u32 {

@@ -113,12 +113,21 @@ pub fn tapestry_from_network(ctx: TcContext) -> i32 {
 }
 
 /// Headers in a paged fragment are pulled into the linear area once; failure only means the
-/// parser sees less and passes the packet.
+/// parser sees less and passes the packet. Only when the linear area lacks what the parser
+/// reads: a pull is never free, since `bpf_skb_pull_data` first makes the skb writable, and
+/// for a clone (every TCP segment a local socket sends is one: TCP keeps the original for
+/// retransmission) that copies the whole head, for packets this program then leaves untouched
+/// as much as for those it rewrites.
 #[inline(always)]
 fn pull_headers(ctx: &TcContext) {
     let linear = (ctx.data_end() - ctx.data()) as u32;
-    if linear < HEADERS_MAX && linear < ctx.len() {
-        let _ = ctx.pull_data(ctx.len().min(HEADERS_MAX));
+    let len = ctx.len();
+    if linear >= len {
+        return;
+    }
+    let need = packet::headers_needed(ctx).unwrap_or(HEADERS_MAX);
+    if linear < need {
+        let _ = ctx.pull_data(len.min(need));
     }
 }
 
