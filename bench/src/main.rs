@@ -22,7 +22,7 @@ use serde_json::{Map, Value, json};
 use tapestry_bench::anchors::{self, Anchors, IptablesBackend, Kind, Service};
 use tapestry_bench::lb;
 use tapestry_bench::load::{ClientReport, Mode};
-use tapestry_bench::progcost::{self, ProgramCost, Profiler};
+use tapestry_bench::progcost::{self, Profiler, ProgramCost};
 use tapestry_bench::report::{self, CaseStats, Metric, Row, Run};
 use tapestry_tests::daemon::Daemon;
 use tapestry_tests::{Lab, Pod};
@@ -1460,8 +1460,10 @@ fn write_results(
                 }
                 s.insert(
                     format!("bench_{m}_extra_cpu_ns_per_transaction_{}", c.key()),
-                    opt(report::paired_extra_ns(o.runs, &name, direct, mode, Metric::PerCpu)
-                        .map(f64::round)),
+                    opt(
+                        report::paired_extra_ns(o.runs, &name, direct, mode, Metric::PerCpu)
+                            .map(f64::round),
+                    ),
                 );
             }
             if matches!(c.kind, CaseKind::Tapestry | CaseKind::TapestryFast) {

@@ -80,10 +80,7 @@ impl Profiler {
         let after = pinned_programs(&self.dir)?;
         let mut by_name: BTreeMap<String, ProgramCost> = BTreeMap::new();
         for (id, (name, runs, ns)) in after {
-            let (r0, n0) = self
-                .before
-                .get(&id)
-                .map_or((0, 0), |(_, r, n)| (*r, *n));
+            let (r0, n0) = self.before.get(&id).map_or((0, 0), |(_, r, n)| (*r, *n));
             let c = by_name.entry(name.clone()).or_insert(ProgramCost {
                 name,
                 runs: 0,
@@ -98,7 +95,8 @@ impl Profiler {
 
 /// Nanoseconds of program time per transaction of a run that did `transactions`.
 pub fn ns_per_transaction(programs: &[ProgramCost], transactions: u64) -> Option<f64> {
-    (transactions > 0).then(|| programs.iter().map(|p| p.ns).sum::<u64>() as f64 / transactions as f64)
+    (transactions > 0)
+        .then(|| programs.iter().map(|p| p.ns).sum::<u64>() as f64 / transactions as f64)
 }
 
 #[cfg(test)]
