@@ -5,10 +5,12 @@
 //! - [`anchors`]: the iptables and nftables rule sets Tapestry is compared with.
 //! - [`lb`]: the same services as a `tapestryd` state file.
 //! - [`report`]: medians, paired ratios, summary.json, the table and the plot.
+//! - [`quick`]: `--quick`, every binary's smoke-run defaults, and where results go.
 
 pub mod anchors;
 pub mod cni;
 pub mod lb;
 pub mod load;
+pub mod quick;
 pub mod report;
 pub mod tap;
