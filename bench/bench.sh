@@ -40,10 +40,12 @@ started=$SECONDS
 echo "make bench${quick:+ --quick}: results in $out" >&2
 
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release -p tapestry-bench
+# Every binary the run uses, in one build: one feature resolution for all of them (a build of
+# each package alone resolves its dependencies' features anew and rebuilds them: minutes each).
+# tapestryd needs the eBPF toolchain that scripts/setup.sh installs.
+cargo build --release -p tapestry-bench -p tapestry-node-daemon -p tapestry-cni-plugin \
+  -p tapestry-cli -p tapestry-controller
 if [ -n "$tapestry" ]; then
-  # Needs the eBPF toolchain that scripts/setup.sh installs.
-  cargo build --release -p tapestry-node-daemon
   args=(--tapestryd "$target_dir/release/tapestryd" "${args[@]}")
 fi
 "$target_dir/release/tapestry-bench" "${common[@]}" "${args[@]}"
@@ -52,12 +54,10 @@ if [ -n "$tapestry" ]; then
   # ClusterIP Services besides it, and the direct path (issue 16's nodeport_crr_ratio_iptables_10000).
   TAPESTRY_BIN_DIR="$target_dir/release" "$target_dir/release/tapestry-bench-nodeport" "${common[@]}"
   # The VM pod's costs: CNI ADD latency and the tap path (bench/VM.md).
-  cargo build --release -p tapestry-cni-plugin
   "$target_dir/release/tapestry-bench-vm" --bin-dir "$target_dir/release" "${common[@]}"
   # tapestry-install-cni: re-insert latency after the primary rewrites its config.
   "$target_dir/release/tapestry-bench-install" --bin-dir "$target_dir/release" "${common[@]}"
   # What flow events cost: TCP_CRR with them on vs off, and events/s to a reader.
-  cargo build --release -p tapestry-cli
   "$target_dir/release/tapestry-bench-flows" "${common[@]}"
   # Pod sandbox-to-started on a real node: the chain (helm install) vs the primary alone
   # (bench/NODE.md); the chart runs the images of `make images`.
@@ -65,14 +65,11 @@ if [ -n "$tapestry" ]; then
   "$target_dir/release/tapestry-bench-node" "${common[@]}"
 fi
 # tapestry-controller's full resync and peak RSS at 10,000 Services x 50,000 Guests (real apiserver).
-cargo build --release -p tapestry-controller
 "$target_dir/release/tapestry-bench-controller" "${common[@]}"
 # Guest Ready -> datapath map latency through the controller and the daemon (real apiserver).
-cargo build --release -p tapestry-node-daemon -p tapestry-controller -p tapestry-bench
 "$target_dir/release/tapestry-bench-guests" "${common[@]}"
 # Three nodes (the lab of tests/src/cluster.rs): cross-node VIP vs direct pod IP, and an
 # EndpointSlice change reaching every node's maps with 1,000 Services (real apiserver).
-cargo build --release -p tapestry-node-daemon -p tapestry-cni-plugin -p tapestry-controller -p tapestry-bench
 "$target_dir/release/tapestry-bench-cluster" "${common[@]}"
 # Live migration on the same lab: the client's blackout beyond QEMU's own downtime, and a hung
 # guest leaving every node's maps (issue 12; bench/results/migration.md).

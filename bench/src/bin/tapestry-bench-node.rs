@@ -347,8 +347,8 @@ fn report(args: &Args, cases: &[Case]) -> Result<()> {
         md,
         "# Pod start on a real node: Tapestry's chain vs the primary alone\n\n\
          {} pods per case in waves of {}; per pod, containerd's `RunPodSandbox` request to its \
-         `StartContainer` returning (containerd's log). p99 by nearest rank (of 50: the slowest \
-         pod). See bench/NODE.md.\n",
+         `StartContainer` returning (containerd's log). p99 by nearest rank (of fewer than 100: \
+         the slowest pod). See bench/NODE.md.\n",
         args.pods, args.wave
     )?;
     writeln!(
