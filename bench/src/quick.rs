@@ -118,8 +118,7 @@ mod tests {
         quick: bool,
     }
 
-    const QUICK: &[(&str, &'static str)] =
-        &[("rounds", "1"), ("sizes", "1,10"), ("out", QUICK_RESULTS)];
+    const QUICK: &[(&str, &str)] = &[("rounds", "1"), ("sizes", "1,10"), ("out", QUICK_RESULTS)];
 
     fn run(args: &[&str]) -> RunArgs {
         let cli: Cli = parse_from(args, QUICK);
