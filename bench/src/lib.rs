@@ -6,11 +6,13 @@
 //! - [`lb`]: the same services as a `tapestryd` state file.
 //! - [`report`]: medians, paired ratios, summary.json, the table and the plot.
 //! - [`progcost`]: what Tapestry's own programs cost per transaction (BPF run-time statistics).
+//! - [`quick`]: `--quick`, every binary's smoke-run defaults, and where results go.
 
 pub mod anchors;
 pub mod cni;
 pub mod lb;
 pub mod load;
 pub mod progcost;
+pub mod quick;
 pub mod report;
 pub mod tap;

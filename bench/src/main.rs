@@ -23,6 +23,7 @@ use tapestry_bench::anchors::{self, Anchors, IptablesBackend, Kind, Service};
 use tapestry_bench::lb;
 use tapestry_bench::load::{ClientReport, Mode};
 use tapestry_bench::progcost::{self, Profiler, ProgramCost};
+use tapestry_bench::quick;
 use tapestry_bench::report::{self, CaseStats, Metric, Row, Run};
 use tapestry_tests::daemon::Daemon;
 use tapestry_tests::{Lab, Pod};
@@ -65,8 +66,11 @@ struct ReportArgs {
     /// The raw results (default: <out>/datapath.json).
     #[arg(long)]
     from: Option<PathBuf>,
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    #[arg(long, default_value = quick::RESULTS)]
     out: PathBuf,
+    /// The quick run's results (in bench/results/quick).
+    #[arg(long)]
+    quick: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -145,9 +149,18 @@ struct RunArgs {
     #[arg(long, default_value_t = 1)]
     size: usize,
     /// Where datapath.json, summary.json, datapath.md and datapath.png go.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    #[arg(long, default_value = quick::RESULTS)]
     out: PathBuf,
+    #[arg(long, help = quick::HELP)]
+    quick: bool,
 }
+
+/// `--quick` (bench/README.md): one round of 1 s runs, every case and size still.
+const QUICK: &[(&str, &str)] = &[
+    ("rounds", "1"),
+    ("seconds", "1"),
+    ("out", quick::QUICK_RESULTS),
+];
 
 #[derive(Args)]
 struct AnchorArgs {
@@ -171,7 +184,7 @@ enum KindArg {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = quick::parse(QUICK);
     let result = match cli.cmd {
         None => run(cli.run),
         Some(Cmd::Run(args)) => run(args),
@@ -1627,4 +1640,29 @@ fn write_results(
         elapsed
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_defaults() {
+        let cli: Cli = quick::parse_from(["tapestry-bench", "--quick"], QUICK);
+        let a = cli.run;
+        assert_eq!((a.rounds, a.seconds, a.quick), (1, 1.0, true));
+        assert_eq!(
+            (a.anchor_sizes, a.lb_sizes),
+            (vec![1, 1000, 10000], vec![1, 10000])
+        );
+        assert_eq!(a.out, PathBuf::from(quick::QUICK_RESULTS));
+        let cli: Cli = quick::parse_from(["tapestry-bench", "report", "--quick"], QUICK);
+        let Some(Cmd::Report(r)) = cli.cmd else {
+            panic!("not the report subcommand")
+        };
+        assert_eq!(r.out, PathBuf::from(quick::QUICK_RESULTS));
+        let cli: Cli = quick::parse_from(["tapestry-bench"], QUICK);
+        assert_eq!((cli.run.rounds, cli.run.quick), (4, false));
+        assert_eq!(cli.run.out, PathBuf::from(quick::RESULTS));
+    }
 }

@@ -31,6 +31,7 @@ use clap::Parser;
 use serde_json::{Map, Value, json};
 use tapestry_bench::{
     load::{self, Mode},
+    quick,
     report::{median, merge_summary, write_atomic},
 };
 use tapestry_tests::{
@@ -57,12 +58,23 @@ struct Cli {
     /// Slice changes measured.
     #[arg(long, default_value_t = 100)]
     samples: usize,
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    #[arg(long, default_value = quick::RESULTS)]
     out: PathBuf,
+    #[arg(long, help = quick::HELP)]
+    quick: bool,
 }
 
+/// `--quick` (bench/README.md): one round of 1 s runs; 20 slice changes with 100 Services.
+const QUICK: &[(&str, &str)] = &[
+    ("rounds", "1"),
+    ("seconds", "1"),
+    ("services", "100"),
+    ("samples", "20"),
+    ("out", quick::QUICK_RESULTS),
+];
+
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = quick::parse(QUICK);
     if let Err(e) = run(cli) {
         eprintln!("tapestry-bench-cluster: {e:#}");
         std::process::exit(1);
@@ -347,4 +359,22 @@ fn fs_write(
         cli.services
     );
     write_atomic(&cli.out.join("cluster.md"), &md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_defaults() {
+        let c: Cli = quick::parse_from(["b", "--quick"], QUICK);
+        assert_eq!(
+            (c.rounds, c.seconds, c.services, c.samples),
+            (1, 1.0, 100, 20)
+        );
+        assert_eq!(c.out, PathBuf::from(quick::QUICK_RESULTS));
+        let c: Cli = quick::parse_from(["b"], QUICK);
+        assert_eq!((c.rounds, c.services, c.samples), (5, 1000, 100));
+        assert_eq!(c.out, PathBuf::from(quick::RESULTS));
+    }
 }

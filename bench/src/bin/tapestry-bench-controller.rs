@@ -12,7 +12,9 @@
 //!
 //! Writes bench/results/controller.{json,md} and, at the default scale, merges
 //! `controller_resync_10000x50000_seconds` (cold), `controller_warm_resync_10000x50000_seconds`
-//! and `controller_peak_rss_mb` into summary.json. Reports only: no threshold, no assertion.
+//! and `controller_peak_rss_mb` into summary.json. `--quick` runs 1,000 x 5,000 into
+//! bench/results/quick and merges the same key names there (the scale is in controller.json and
+//! .md). Reports only: no threshold, no assertion.
 //! Needs the Kubernetes binaries of scripts/build-k8s.sh; no root.
 
 use std::{
@@ -42,7 +44,10 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use serde_json::{Map, Value, json};
-use tapestry_bench::report::{merge_summary, write_atomic};
+use tapestry_bench::{
+    quick,
+    report::{merge_summary, write_atomic},
+};
 use tapestry_k8s::Guest;
 use tapestry_tests::k8s::{ADMIN, ControlPlane, Identity};
 
@@ -87,9 +92,9 @@ subjects:
     about = "tapestry-controller's full resync and memory at 10,000 Services x 50,000 Guests"
 )]
 struct Args {
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = SERVICES)]
     services: usize,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = GUESTS_PER_SERVICE)]
     guests_per_service: usize,
     #[arg(long, default_value_t = 100)]
     nodes: usize,
@@ -110,13 +115,22 @@ struct Args {
     /// Give up on a run after this many seconds.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
-    #[arg(long, default_value = "bench/results")]
+    #[arg(long, default_value = quick::RESULTS)]
     out: PathBuf,
     /// For profiling: after the runs, keep the control plane and its objects until the file
     /// `hold` in its directory (printed) is removed.
     #[arg(long)]
     hold: bool,
+    #[arg(long, help = quick::HELP)]
+    quick: bool,
 }
+
+/// The default scale: the one summary.json's keys are named after.
+const SERVICES: usize = 10_000;
+const GUESTS_PER_SERVICE: usize = 5;
+
+/// `--quick` (bench/README.md): 1,000 Services x 5,000 Guests.
+const QUICK: &[(&str, &str)] = &[("services", "1000"), ("out", quick::QUICK_RESULTS)];
 
 impl Args {
     fn guests(&self) -> usize {
@@ -124,7 +138,14 @@ impl Args {
     }
 
     fn default_scale(&self) -> bool {
-        self.services == 10_000 && self.guests() == 50_000
+        self.services == SERVICES && self.guests() == SERVICES * GUESTS_PER_SERVICE
+    }
+
+    /// The scale in summary.json's key names: the default's, also for a quick run, whose
+    /// summary.json (in bench/results/quick) has the full run's key names.
+    fn summary_scale(&self) -> Option<String> {
+        (self.default_scale() || self.quick)
+            .then(|| format!("{SERVICES}x{}", SERVICES * GUESTS_PER_SERVICE))
     }
 }
 
@@ -527,7 +548,7 @@ fn run_controller(
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let args: Args = quick::parse(QUICK);
     if let Err(why) = tapestry_tests::k8s::require_k8s() {
         bail!("{why}");
     }
@@ -655,7 +676,9 @@ fn main() -> Result<()> {
         }
     };
 
-    let scale = format!("{services}x{guests}");
+    let scale = args
+        .summary_scale()
+        .unwrap_or_else(|| format!("{services}x{guests}"));
     let mut summary = Map::new();
     summary.insert(
         format!("controller_resync_{scale}_seconds"),
@@ -695,7 +718,7 @@ fn main() -> Result<()> {
         &(serde_json::to_string_pretty(&report)? + "\n"),
     )?;
     write_atomic(&args.out.join("controller.md"), &markdown(&args, &report))?;
-    if args.default_scale() {
+    if args.summary_scale().is_some() {
         merge_summary(&args.out.join("summary.json"), &summary)?;
     } else {
         eprintln!("not the default scale: summary.json left alone");
@@ -820,4 +843,23 @@ fn markdown(args: &Args, r: &Value) -> String {
         },
     );
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_defaults() {
+        let a: Args = quick::parse_from(["b", "--quick"], QUICK);
+        assert_eq!((a.services, a.guests()), (1000, 5000));
+        assert_eq!(a.out, PathBuf::from(quick::QUICK_RESULTS));
+        assert_eq!(a.summary_scale().as_deref(), Some("10000x50000"));
+        let a: Args = quick::parse_from(["b"], QUICK);
+        assert_eq!((a.services, a.guests()), (10_000, 50_000));
+        assert_eq!(a.out, PathBuf::from(quick::RESULTS));
+        assert_eq!(a.summary_scale().as_deref(), Some("10000x50000"));
+        let a: Args = quick::parse_from(["b", "--services", "100"], QUICK);
+        assert_eq!(a.summary_scale(), None);
+    }
 }

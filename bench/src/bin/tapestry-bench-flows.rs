@@ -18,7 +18,11 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use serde_json::{Map, json};
-use tapestry_bench::{load::ClientReport, report::merge_summary};
+use tapestry_bench::{
+    load::ClientReport,
+    quick,
+    report::{median, merge_summary},
+};
 use tapestry_tests::{Lab, daemon::Daemon, require_root_and_bpffs};
 
 #[derive(Parser)]
@@ -32,25 +36,21 @@ struct Args {
     /// CPU for client and server (same vCPU, as the datapath benchmark).
     #[arg(long, default_value_t = 1)]
     cpu: usize,
-    #[arg(long, default_value = "bench/results")]
+    #[arg(long, default_value = quick::RESULTS)]
     out: PathBuf,
+    #[arg(long, help = quick::HELP)]
+    quick: bool,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
+/// `--quick` (bench/README.md): one round (events off and on) of 1 s runs.
+const QUICK: &[(&str, &str)] = &[
+    ("rounds", "1"),
+    ("seconds", "1"),
+    ("out", quick::QUICK_RESULTS),
+];
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let args: Args = quick::parse(QUICK);
     if let Err(why) = require_root_and_bpffs() {
         bail!("{why}");
     }
@@ -176,8 +176,8 @@ fn main() -> Result<()> {
     }
     let _ = srv.kill();
     let _ = srv.wait();
-    let ratio = median(ratios);
-    let rate = median(rates);
+    let ratio = median(&ratios);
+    let rate = median(&rates);
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(
         args.out.join("flows.json"),
@@ -189,18 +189,40 @@ fn main() -> Result<()> {
         args.out.join("flows.md"),
         format!(
             "# Flow events\n\nTCP_CRR through a Tapestry VIP, {} rounds x {} s, client and server on CPU {}, \
-             medians of per-round ratios.\n\n| figure | value |\n|---|---:|\n| CRR with events on / off | {ratio:.3} |\n\
-             | events/s delivered to `tapestry flows --follow` | {rate:.0} |\n",
-            args.rounds, args.seconds, args.cpu
+             medians of per-round ratios.\n\n| figure | value |\n|---|---:|\n| CRR with events on / off | {:.3} |\n\
+             | events/s delivered to `tapestry flows --follow` | {:.0} |\n",
+            args.rounds,
+            args.seconds,
+            args.cpu,
+            ratio.unwrap_or(f64::NAN),
+            rate.unwrap_or(f64::NAN)
         ),
     )?;
     let mut m = Map::new();
     m.insert(
         "flow_events_crr_cost_ratio".into(),
-        json!((ratio * 1e4).round() / 1e4),
+        json!(ratio.map(|r| (r * 1e4).round() / 1e4)),
     );
-    m.insert("flow_events_per_s".into(), json!(rate.round()));
+    m.insert("flow_events_per_s".into(), json!(rate.map(f64::round)));
     merge_summary(&args.out.join("summary.json"), &m)?;
-    println!("flow events: CRR on/off {ratio:.3}, {rate:.0} events/s to the reader");
+    println!(
+        "flow events: CRR on/off {:.3}, {:.0} events/s to the reader",
+        ratio.unwrap_or(f64::NAN),
+        rate.unwrap_or(f64::NAN)
+    );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_defaults() {
+        let a: Args = quick::parse_from(["b", "--quick"], QUICK);
+        assert_eq!((a.rounds, a.seconds), (1, 1.0));
+        assert_eq!(a.out, PathBuf::from(quick::QUICK_RESULTS));
+        let a: Args = quick::parse_from(["b"], QUICK);
+        assert_eq!((a.rounds, a.out), (4, PathBuf::from(quick::RESULTS)));
+    }
 }

@@ -8,9 +8,14 @@
 //! backend. Latency = first poll that shows the backend active - the moment before the status
 //! write was sent (so it includes the write, and up to one poll period).
 //!
+//! The Guests are pod-less (VMs outside Kubernetes) and carry `tapestry.dev/registered-by` as an
+//! operator would set it: the controller publishes no other pod-less Guest (controller/src/trust.rs).
+//!
 //! Outputs in bench/results/: guests.json (every sample), guests.md, and
 //! `guest_ready_to_map_p50_ms` / `guest_ready_to_map_p99_ms` merged into summary.json.
-//! Benchmarks only report: no threshold, no assertion. Needs root (tapestryd loads eBPF).
+//! Benchmarks only report: no threshold, no assertion; but a run where no Guest reached the map
+//! measured nothing, and fails (after writing its nulls, so no older figure stays). Needs root
+//! (tapestryd loads eBPF).
 
 use std::{
     collections::HashMap,
@@ -32,7 +37,12 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
 };
 use serde_json::{Map, json};
-use tapestry_bench::report::{merge_summary, write_atomic};
+use tapestry_bench::{
+    cni::Latency,
+    quick,
+    report::{merge_summary, write_atomic},
+};
+use tapestry_k8s::names::annotations;
 use tapestry_tests::{daemon::Daemon, k8s::ControlPlane};
 
 #[derive(Debug, Parser)]
@@ -47,12 +57,17 @@ struct Cli {
     #[arg(long, default_value_t = 50)]
     rate: u32,
     /// Where guests.json, guests.md and summary.json go.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    #[arg(long, default_value = quick::RESULTS)]
     out: PathBuf,
+    #[arg(long, help = quick::HELP)]
+    quick: bool,
 }
 
+/// `--quick` (bench/README.md): 100 Guests (2 s of flips).
+const QUICK: &[(&str, &str)] = &[("guests", "100"), ("out", quick::QUICK_RESULTS)];
+
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = quick::parse(QUICK);
     if let Err(e) = run(cli) {
         eprintln!("tapestry-bench-guests: {e:#}");
         std::process::exit(1);
@@ -61,14 +76,6 @@ fn main() {
 
 fn guest_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 201, (i / 250) as u8, (i % 250 + 1) as u8)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -110,20 +117,15 @@ fn run(cli: Cli) -> Result<()> {
     let _ = controller.wait();
     let samples = result?;
 
-    let mut sorted: Vec<f64> = samples.iter().map(|(_, ms)| *ms).collect();
-    sorted.sort_by(f64::total_cmp);
-    let (p50, p90, p99, max) = (
-        percentile(&sorted, 50.0),
-        percentile(&sorted, 90.0),
-        percentile(&sorted, 99.0),
-        sorted.last().copied().unwrap_or(f64::NAN),
-    );
+    let ms: Vec<f64> = samples.iter().map(|(_, ms)| *ms).collect();
+    let lat = Latency::of(&ms);
+    let missed = cli.guests - samples.len();
     std::fs::create_dir_all(&cli.out)?;
     let raw = json!({
         "guests": cli.guests, "services": cli.services, "rate_per_s": cli.rate,
         "poll_ms": POLL.as_millis() as u64,
-        "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max,
-        "missed": cli.guests - samples.len(),
+        "p50_ms": lat.p50_ms, "p90_ms": lat.p90_ms, "p99_ms": lat.p99_ms, "max_ms": lat.max_ms,
+        "missed": missed,
         "samples_ms": samples.iter().map(|(i, ms)| json!({"guest": i, "ms": ms})).collect::<Vec<_>>(),
     });
     write_atomic(
@@ -148,17 +150,31 @@ fn run(cli: Cli) -> Result<()> {
         "| p50 ms | p90 ms | p99 ms | max ms | missed | target p99 |"
     )?;
     writeln!(md, "|---:|---:|---:|---:|---:|---:|")?;
+    let f = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.0}"));
     writeln!(
         md,
-        "| {p50:.0} | {p90:.0} | {p99:.0} | {max:.0} | {} | < 1000 |",
-        cli.guests - samples.len()
+        "| {} | {} | {} | {} | {missed} | < 1000 |",
+        f(lat.p50_ms),
+        f(lat.p90_ms),
+        f(lat.p99_ms),
+        f(lat.max_ms),
     )?;
     write_atomic(&cli.out.join("guests.md"), &md)?;
     let mut updates = Map::new();
-    updates.insert("guest_ready_to_map_p50_ms".into(), json!(p50.round()));
-    updates.insert("guest_ready_to_map_p99_ms".into(), json!(p99.round()));
+    let round = |v: Option<f64>| json!(v.map(f64::round));
+    updates.insert("guest_ready_to_map_p50_ms".into(), round(lat.p50_ms));
+    updates.insert("guest_ready_to_map_p99_ms".into(), round(lat.p99_ms));
     merge_summary(&cli.out.join("summary.json"), &updates)?;
     print!("{md}");
+    if samples.is_empty() {
+        let log = std::fs::read_to_string(&controller_log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        bail!(
+            "no Guest reached the daemon's map within 30 s of its Ready write: the chain is \
+             broken; the controller's log ends with:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
     Ok(())
 }
 
@@ -188,7 +204,9 @@ async fn measure(cli: &Cli, admin: &std::path::Path, daemon: &Daemon) -> Result<
     for i in 0..cli.guests {
         let name = format!("vm-{i}");
         let g = json!({"apiVersion": "tapestry.dev/v1alpha1", "kind": "Guest",
-            "metadata": {"name": name, "labels": {"app": format!("g-{}", i % cli.services)}},
+            "metadata": {"name": name, "labels": {"app": format!("g-{}", i % cli.services)},
+                         // No pod backs it: published only as registered by an operator.
+                         "annotations": {annotations::REGISTERED_BY: "admin"}},
             // On another node: the daemon's own sweep deletes its node's Guests that no CNI
             // attachment backs, and the path measured does not depend on the node.
             "spec": {"nodeName": "bench-guests-node", "ips": [guest_ip(i).to_string()],
@@ -256,4 +274,18 @@ async fn measure(cli: &Cli, admin: &std::path::Path, daemon: &Daemon) -> Result<
         })
         .collect();
     Ok(samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_defaults() {
+        let c: Cli = quick::parse_from(["b", "--quick"], QUICK);
+        assert_eq!((c.guests, c.services, c.rate), (100, 10, 50));
+        assert_eq!(c.out, PathBuf::from(quick::QUICK_RESULTS));
+        let c: Cli = quick::parse_from(["b"], QUICK);
+        assert_eq!((c.guests, c.out), (1000, PathBuf::from(quick::RESULTS)));
+    }
 }

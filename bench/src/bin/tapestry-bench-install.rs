@@ -25,6 +25,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use serde_json::{Map, Value, json};
 use tapestry_bench::cni::Latency;
+use tapestry_bench::quick;
 use tapestry_bench::report::{merge_summary, write_atomic};
 
 #[derive(Parser)]
@@ -43,9 +44,14 @@ struct Args {
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
     /// Where install-cni.json, install-cni.md and summary.json go.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    #[arg(long, default_value = quick::RESULTS)]
     out: PathBuf,
+    #[arg(long, help = quick::HELP)]
+    quick: bool,
 }
+
+/// `--quick` (bench/README.md): 20 rewrites.
+const QUICK: &[(&str, &str)] = &[("rewrites", "20"), ("out", quick::QUICK_RESULTS)];
 
 /// calico-node's conflist (0.3.1); `MTU` is replaced so that every rewrite is new content.
 const CALICO: &str = r#"{
@@ -232,7 +238,7 @@ impl Drop for Installer {
 }
 
 fn main() {
-    if let Err(e) = run(Args::parse()) {
+    if let Err(e) = run(quick::parse(QUICK)) {
         eprintln!("tapestry-bench-install: {e:#}");
         std::process::exit(1);
     }
@@ -393,4 +399,20 @@ fn measure(
     }
     installer.stop()?;
     Ok((samples, misses))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_defaults() {
+        let a: Args = quick::parse_from(["b", "--quick"], QUICK);
+        assert_eq!(
+            (a.rewrites, a.out),
+            (20, PathBuf::from(quick::QUICK_RESULTS))
+        );
+        let a: Args = quick::parse_from(["b"], QUICK);
+        assert_eq!((a.rewrites, a.out), (200, PathBuf::from(quick::RESULTS)));
+    }
 }

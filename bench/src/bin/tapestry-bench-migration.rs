@@ -32,6 +32,7 @@ use clap::Parser;
 use serde_json::{Map, Value, json};
 use tapestry_bench::{
     cni::percentile,
+    quick,
     report::{merge_summary, write_atomic},
 };
 use tapestry_tests::{
@@ -51,12 +52,21 @@ struct Cli {
     /// Time between two requests on the streaming connection.
     #[arg(long, default_value_t = 5)]
     interval_ms: u64,
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    #[arg(long, default_value = quick::RESULTS)]
     out: PathBuf,
+    #[arg(long, help = quick::HELP)]
+    quick: bool,
 }
 
+/// `--quick` (bench/README.md): 2 migrations (there and back), 2 pauses.
+const QUICK: &[(&str, &str)] = &[
+    ("migrations", "2"),
+    ("pauses", "2"),
+    ("out", quick::QUICK_RESULTS),
+];
+
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = quick::parse(QUICK);
     if let Err(e) = run(cli) {
         eprintln!("tapestry-bench-migration: {e:#}");
         std::process::exit(1);
@@ -286,4 +296,19 @@ fn switchover_time(c: &Cluster, name: &str) -> Result<SystemTime> {
         .parse()
         .with_context(|| format!("Guest {name}'s switchoverTime {t:?}"))?;
     Ok(SystemTime::from(ts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_defaults() {
+        let c: Cli = quick::parse_from(["b", "--quick"], QUICK);
+        assert_eq!((c.migrations, c.pauses, c.interval_ms), (2, 2, 5));
+        assert_eq!(c.out, PathBuf::from(quick::QUICK_RESULTS));
+        let c: Cli = quick::parse_from(["b"], QUICK);
+        assert_eq!((c.migrations, c.pauses), (10, 10));
+        assert_eq!(c.out, PathBuf::from(quick::RESULTS));
+    }
 }

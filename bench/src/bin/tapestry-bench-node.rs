@@ -25,6 +25,7 @@ use clap::Parser;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use tapestry_bench::cni::Latency;
+use tapestry_bench::quick;
 use tapestry_bench::report::{merge_summary, write_atomic};
 use tapestry_tests::node::{self, Node};
 
@@ -48,12 +49,17 @@ struct Args {
     #[arg(long)]
     primary_only: bool,
     /// Where node.json, node.md and summary.json go.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    #[arg(long, default_value = quick::RESULTS)]
     out: PathBuf,
+    #[arg(long, help = quick::HELP)]
+    quick: bool,
 }
 
+/// `--quick` (bench/README.md): 10 pods per case, in waves of 5.
+const QUICK: &[(&str, &str)] = &[("pods", "10"), ("wave", "5"), ("out", quick::QUICK_RESULTS)];
+
 fn main() {
-    if let Err(e) = run(Args::parse()) {
+    if let Err(e) = run(quick::parse(QUICK)) {
         eprintln!("tapestry-bench-node: {e:#}");
         std::process::exit(1);
     }
@@ -341,8 +347,8 @@ fn report(args: &Args, cases: &[Case]) -> Result<()> {
         md,
         "# Pod start on a real node: Tapestry's chain vs the primary alone\n\n\
          {} pods per case in waves of {}; per pod, containerd's `RunPodSandbox` request to its \
-         `StartContainer` returning (containerd's log). p99 by nearest rank (of 50: the slowest \
-         pod). See bench/NODE.md.\n",
+         `StartContainer` returning (containerd's log). p99 by nearest rank (of fewer than 100: \
+         the slowest pod). See bench/NODE.md.\n",
         args.pods, args.wave
     )?;
     writeln!(
@@ -399,6 +405,15 @@ fn report(args: &Args, cases: &[Case]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quick_defaults() {
+        let a: Args = quick::parse_from(["b", "--quick"], QUICK);
+        assert_eq!((a.pods, a.wave), (10, 5));
+        assert_eq!(a.out, PathBuf::from(quick::QUICK_RESULTS));
+        let a: Args = quick::parse_from(["b"], QUICK);
+        assert_eq!((a.pods, a.out), (50, PathBuf::from(quick::RESULTS)));
+    }
 
     #[test]
     fn rfc3339() {

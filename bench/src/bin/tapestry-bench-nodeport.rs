@@ -30,6 +30,7 @@ use tapestry_bench::{
     anchors::{self, Anchors, IptablesBackend, Kind},
     lb,
     load::{self, Mode},
+    quick,
     report::{median, merge_summary, write_atomic},
 };
 use tapestry_tests::{Lab, daemon::Daemon};
@@ -57,12 +58,21 @@ struct Cli {
     /// Services per iptables-restore transaction (see tapestry-bench).
     #[arg(long, default_value_t = 250)]
     iptables_per_transaction: usize,
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    #[arg(long, default_value = quick::RESULTS)]
     out: PathBuf,
+    #[arg(long, help = quick::HELP)]
+    quick: bool,
 }
 
+/// `--quick` (bench/README.md): one round of 1 s runs, still 10,000 Services besides.
+const QUICK: &[(&str, &str)] = &[
+    ("rounds", "1"),
+    ("seconds", "1"),
+    ("out", quick::QUICK_RESULTS),
+];
+
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = quick::parse(QUICK);
     if let Err(e) = run(cli) {
         eprintln!("tapestry-bench-nodeport: {e:#}");
         std::process::exit(1);
@@ -261,4 +271,18 @@ fn run(cli: Cli) -> Result<()> {
     merge_summary(&cli.out.join("summary.json"), &summary)?;
     eprint!("{md}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_defaults() {
+        let cli: Cli = quick::parse_from(["b", "--quick"], QUICK);
+        assert_eq!((cli.rounds, cli.seconds, cli.services), (1, 1.0, 10_000));
+        assert_eq!(cli.out, PathBuf::from(quick::QUICK_RESULTS));
+        let cli: Cli = quick::parse_from(["b"], QUICK);
+        assert_eq!((cli.rounds, cli.out), (3, PathBuf::from(quick::RESULTS)));
+    }
 }

@@ -30,6 +30,7 @@ use serde_json::{Map, Value, json};
 use tapestry_api::client::blocking::Client;
 use tapestry_api::types::EndpointRequest;
 use tapestry_bench::cni::{Chain, ChainRun, Latency, ms};
+use tapestry_bench::quick;
 use tapestry_bench::report::{median, merge_summary, write_atomic};
 use tapestry_bench::tap::{self, GenReport, HostDrop, PodTopology, TapFd, Variant};
 use tapestry_tests::Lab;
@@ -75,8 +76,11 @@ enum Cmd {
     /// Redraw vm.png from vm.json (no root needed).
     Plot {
         /// The directory holding vm.json; vm.png is written there.
-        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+        #[arg(long, default_value = quick::RESULTS)]
         out: PathBuf,
+        /// The quick run's vm.json (in bench/results/quick).
+        #[arg(long)]
+        quick: bool,
     },
 }
 
@@ -140,17 +144,30 @@ struct RunArgs {
     #[arg(long, default_value_t = 900)]
     lock_wait: u64,
     /// Where vm.json, vm.md, vm.png and summary.json go.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    #[arg(long, default_value = quick::RESULTS)]
     out: PathBuf,
+    #[arg(long, help = quick::HELP)]
+    quick: bool,
 }
 
+/// `--quick` (bench/README.md): 20 ADD/DEL cycles per CNI case, 2 concurrent rounds (still 20
+/// ADDs each), one round of 1 s tap runs (every variant and size).
+const QUICK: &[(&str, &str)] = &[
+    ("cycles", "20"),
+    ("cni_warmup", "1"),
+    ("concurrent_rounds", "2"),
+    ("rounds", "1"),
+    ("seconds", "1"),
+    ("out", quick::QUICK_RESULTS),
+];
+
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = quick::parse(QUICK);
     let result = match cli.cmd {
         None => run(cli.run),
         Some(Cmd::Run(args)) => run(*args),
         Some(Cmd::Cleanup) => cleanup_command(),
-        Some(Cmd::Plot { out }) => replot(&out),
+        Some(Cmd::Plot { out, .. }) => replot(&out),
     };
     if let Err(e) = result {
         eprintln!("tapestry-bench-vm: {e:#}");
@@ -1872,4 +1889,28 @@ fn write_results(ctx: &Ctx, cni: Option<&CniReport>, tapr: Option<&TapReport>) -
     }
     print!("{md}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_defaults() {
+        let cli: Cli = quick::parse_from(["b", "--quick"], QUICK);
+        let a = cli.run;
+        assert_eq!((a.cycles, a.concurrent_rounds, a.concurrency), (20, 2, 20));
+        assert_eq!((a.rounds, a.seconds, a.sizes), (1, 1.0, vec![60, 1400]));
+        assert_eq!(a.out, PathBuf::from(quick::QUICK_RESULTS));
+        let cli: Cli = quick::parse_from(["b", "plot", "--quick"], QUICK);
+        let Some(Cmd::Plot { out, .. }) = cli.cmd else {
+            panic!("not the plot subcommand")
+        };
+        assert_eq!(out, PathBuf::from(quick::QUICK_RESULTS));
+        let cli: Cli = quick::parse_from(["b"], QUICK);
+        assert_eq!(
+            (cli.run.cycles, cli.run.out),
+            (200, PathBuf::from(quick::RESULTS))
+        );
+    }
 }
