@@ -239,12 +239,13 @@ fn conntrack_pressure(s: &Setup, d: &Daemon, rate: u64, secs: u64) -> Result<Val
     let load = Load::start(&s.client, s.vip, rate)?;
     std::thread::sleep(Duration::from_secs(1));
     // Established-looking flows from addresses no pod has: the table full of others' entries.
-    let inserted = d.fill_conntrack(MAX_CONNTRACK, *s.vip.ip(), s.backends[0].ip)?;
-    let maps = tapestry_node_daemon::datapath::Maps::open(&d.bpffs_dir)?;
+    let before = ct_table(d)?;
+    // New connections from clients no pod is, through the datapath: the table full of others'
+    // entries.
+    let inserted = d.fill_conntrack(MAX_CONNTRACK, *s.vip.ip())?;
     std::thread::sleep(Duration::from_secs(secs.saturating_sub(1)));
-    let (tcp, _) = maps.conntrack.counts();
     let load = load.stop();
-    let opened = load["connections_attempted"].as_u64().unwrap_or(0);
+    let after = ct_table(d)?;
     Ok(round(
         "conntrack_pressure",
         t,
@@ -252,12 +253,22 @@ fn conntrack_pressure(s: &Setup, d: &Daemon, rate: u64, secs: u64) -> Result<Val
         json!({
             "table_capacity": MAX_CONNTRACK,
             "entries_inserted": inserted,
-            "entries_at_end": tcp,
-            // Every insert past capacity, the load's own two entries per connection included,
-            // evicted the least recently used entry.
-            "evicted": (inserted + 2 * opened).saturating_sub(tcp as u64),
+            "entries_at_end": after.entries,
+            // As the daemon reports them: entries the datapath stored and neither it nor the
+            // daemon removed that are gone.
+            "evicted": after.evicted.unwrap_or(0) - before.evicted.unwrap_or(0),
         }),
     ))
+}
+
+/// The TCP conntrack table as the daemon's status shows it.
+fn ct_table(d: &Daemon) -> Result<tapestry_api::types::MapFill> {
+    d.client()
+        .status()?
+        .maps
+        .into_iter()
+        .find(|m| m.name == tapestry_common::map_names::CONNTRACK)
+        .context("no TCP conntrack table in the status")
 }
 
 /// What a VM pod's ADD/DEL may leave behind, as seen from the daemon and the host.
