@@ -151,9 +151,11 @@ fn counter(key: &CtKey, tcp: Counter, other: Counter) -> Counter {
 }
 
 /// Stores `entry` under `key`. `held`: the caller found an entry under `key` (a stale one it
-/// replaces). Every entry stored under a key the table did not hold is counted
-/// (`Counter::ConntrackCreated`), so that what left the table without being removed by the
-/// datapath or the daemon is known: the LRU's evictions, which run no program.
+/// replaces); otherwise a first try with `BPF_NOEXIST` tells (an LRU update takes a free
+/// element before it looks at the key, so a second try costs one more under pressure: only
+/// where an entry turns out to be there). Every entry stored under a key the table did not
+/// hold is counted (`Counter::ConntrackCreated`), so that what left the table without being
+/// removed by the datapath or the daemon is known: the LRU's evictions, which run no program.
 #[inline(always)]
 pub fn insert(key: &CtKey, entry: &CtEntry, held: bool) -> Result<(), i32> {
     if held {
@@ -172,12 +174,6 @@ pub fn insert(key: &CtKey, entry: &CtEntry, held: bool) -> Result<(), i32> {
         Err(e) if e == -EEXIST => table(key).insert(key, entry, BPF_ANY as u64),
         Err(e) => Err(e),
     }
-}
-
-/// Whether `key` has an entry (expired or not).
-#[inline(always)]
-pub fn held(key: &CtKey) -> bool {
-    table(key).get_ptr(key).is_some()
 }
 
 /// Takes `key`'s entry out (counted, `Counter::ConntrackRemoved`); absent is fine.

@@ -671,11 +671,10 @@ fn lb4_new_flow(
         nat_peer_port: snat_port.to_ne_bytes(),
         ..reply
     };
-    // A reply entry under this tuple is a stale one (its flow is gone: the client's port came
-    // back to the same backend port), or another frontend's live one, which the hairpin port
-    // choice avoids.
-    conntrack::insert(&rkey, &reply, conntrack::held(&rkey))
-        .map_err(|_| DropReason::ConntrackFull)?;
+    // A reply entry under this tuple is rare: a stale one (its flow is gone, the client's port
+    // came back to the same backend port), replaced on the insert's second try; not looked up
+    // first, which every new flow would pay for.
+    conntrack::insert(&rkey, &reply, false).map_err(|_| DropReason::ConntrackFull)?;
     if conntrack::insert(fkey, &forward, fkey_held).is_err() {
         conntrack::remove(&rkey);
         return Err(DropReason::ConntrackFull);
