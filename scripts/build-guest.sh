@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # Builds the QEMU guest used by tests and the demo (tests/src/guest.rs): a stock Debian cloud
 # kernel and a busybox initramfs whose /init configures eth0 (DHCP or static), serves its name
-# on TCP 8080 and UDP 5353 and opens a root shell on ttyS0. Idempotent; nothing goes into the
+# on TCP 8080 and UDP 5353 and opens a root shell on ttyS0; it carries a raw-frame sender for the
+# hostile-guest test (tapestry-raw-send). Idempotent; nothing goes into the
 # checkout. Layout (TAPESTRY_CACHE defaults to ~/.cache/tapestry):
 #
 #   $TAPESTRY_CACHE/guest/current -> <kernel-version>      the newest build (relative symlink)
 #   $TAPESTRY_CACHE/guest/<kernel-version>/vmlinuz
-#   $TAPESTRY_CACHE/guest/<kernel-version>/initramfs.cpio.gz
+#   $TAPESTRY_CACHE/guest/<kernel-version>/initramfs-<rev>.cpio.gz
 #   $TAPESTRY_CACHE/guest/<kernel-version>/modules/*.ko    (kept to rebuild the initramfs offline)
-#   $TAPESTRY_CACHE/guest/<kernel-version>/src/            (copy of tests/guest/ it was built from)
-#   $TAPESTRY_CACHE/guest/<kernel-version>/stamp           (hash of the initramfs inputs)
+#   $TAPESTRY_CACHE/guest/<kernel-version>/src-<rev>/      (copy of tests/guest/ it was built from)
+#   $TAPESTRY_CACHE/guest/<kernel-version>/stamp-<rev>     (hash of the initramfs inputs)
+#
+# <rev> (REV below, tests/src/guest.rs's INITRAMFS_REV) is bumped when the initramfs gains or
+# loses a program: checkouts of different revisions share the cache without rebuilding each
+# other's initramfs back and forth (2: tapestry-raw-send; before it, unnumbered).
 #
 # The kernel is the newest linux-image-6.1.0-*-cloud-amd64 that apt-cache lists (old ones leave
 # the archive, so none is pinned), fetched with `apt-get download` and unpacked with `dpkg -x`,
 # never installed. The initramfs is rebuilt when this script, tests/guest/* or busybox change.
 # Needs: qemu-system-x86 busybox-static cpio (apt), and musl-gcc or gcc with a static libc for
-# the UDP server (without one the guest serves TCP only).
+# the UDP server and the raw-frame sender (without one the guest serves TCP only, and sends no
+# raw frames).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,7 +46,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 BUSYBOX=/bin/busybox
 [ -x "$BUSYBOX" ] || die "$BUSYBOX not found (package busybox-static)"
-for f in init udhcpc.script tcp-name udp-name.c; do
+for f in init udhcpc.script tcp-name udp-name.c raw-send.c; do
   [ -f "$SRC/$f" ] || die "missing $SRC/$f"
 done
 
@@ -123,6 +129,8 @@ if [ ! -f "$GUEST/$kver/vmlinuz" ] || [ ! -d "$GUEST/$kver/modules" ]; then
   fi
 fi
 DIR="$GUEST/$kver"
+REV=2
+INITRD="initramfs-$REV.cpio.gz"
 
 # --- the initramfs -------------------------------------------------------------------------
 CC=
@@ -135,13 +143,14 @@ fi
 stamp="$(
   {
     sha256sum "${BASH_SOURCE[0]}" "$SRC"/init "$SRC"/udhcpc.script "$SRC"/tcp-name "$SRC"/udp-name.c \
+      "$SRC"/raw-send.c \
       | awk '{print $1}'
     sha256sum "$BUSYBOX" | awk '{print $1}'
     ls "$DIR/modules"
     echo "cc=$CC"
   } | sha256sum | awk '{print $1}'
 )"
-if [ -f "$DIR/initramfs.cpio.gz" ] && [ "$(cat "$DIR/stamp" 2>/dev/null)" = "$stamp" ]; then
+if [ -f "$DIR/$INITRD" ] && [ "$(cat "$DIR/stamp-$REV" 2>/dev/null)" = "$stamp" ]; then
   log "guest $kver up to date in $DIR"
 else
   log "building the initramfs for $kver"
@@ -161,8 +170,9 @@ else
   cp "$DIR"/modules/*.ko "$r/lib/modules/"
   if [ -n "$CC" ]; then
     "$CC" -static -Os -s -o "$r/bin/tapestry-udp-name" "$SRC/udp-name.c"
+    "$CC" -static -Os -s -o "$r/bin/tapestry-raw-send" "$SRC/raw-send.c"
   else
-    log "no musl-gcc or static gcc: the guest will not serve UDP 5353 (apt-get install musl-tools)"
+    log "no musl-gcc or static gcc: the guest will not serve UDP 5353 nor send raw frames (apt-get install musl-tools)"
   fi
   # The kernel's built-in initramfs has /dev/console; add it in case this kernel's lacks it.
   if [ "$(id -u)" = 0 ]; then
@@ -171,12 +181,12 @@ else
   (cd "$r" && find . -print0 | LC_ALL=C sort -z \
     | cpio --null -o -H newc --owner=0:0 --quiet) | gzip -9n >"$work/initramfs.cpio.gz"
   # The sources, so tests/src/guest.rs can tell a stale initramfs from a current one.
-  rm -rf "$DIR/src"
-  mkdir -p "$DIR/src"
-  cp "$SRC"/init "$SRC"/udhcpc.script "$SRC"/tcp-name "$SRC"/udp-name.c "$DIR/src/"
-  mv "$work/initramfs.cpio.gz" "$DIR/initramfs.cpio.gz"
-  echo "$stamp" >"$DIR/stamp"
-  log "built $DIR/initramfs.cpio.gz ($(du -h "$DIR/initramfs.cpio.gz" | cut -f1))"
+  rm -rf "$DIR/src-$REV"
+  mkdir -p "$DIR/src-$REV"
+  cp "$SRC"/init "$SRC"/udhcpc.script "$SRC"/tcp-name "$SRC"/udp-name.c "$SRC"/raw-send.c "$DIR/src-$REV/"
+  mv "$work/initramfs.cpio.gz" "$DIR/$INITRD"
+  echo "$stamp" >"$DIR/stamp-$REV"
+  log "built $DIR/$INITRD ($(du -h "$DIR/$INITRD" | cut -f1))"
 fi
 
 # `current` points at the version this run checked (what tests/src/guest.rs boots).

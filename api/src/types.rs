@@ -220,6 +220,11 @@ pub struct MapFill {
     pub entries: u64,
     pub max_entries: u64,
     pub pinned: bool,
+    /// Live entries the kernel evicted to make room, the table being full (the conntrack
+    /// tables' LRU), since the table was created: what the datapath stored and neither it nor
+    /// the daemon removed, and that is no longer there. Absent for the other maps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evicted: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

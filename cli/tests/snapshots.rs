@@ -298,6 +298,7 @@ fn status_value() -> Status {
         entries,
         max_entries,
         pinned: true,
+        evicted: None,
     };
     Status {
         version: "0.1.0".into(),
@@ -324,7 +325,10 @@ fn status_value() -> Status {
         maps: vec![
             map("TAPESTRY_SERVICES", 3, 65_536),
             map("TAPESTRY_BACKENDS", 4, 131_072),
-            map("TAPESTRY_CT", 250_001, 262_144),
+            MapFill {
+                evicted: Some(2_322),
+                ..map("TAPESTRY_CT", 250_001, 262_144)
+            },
             map("TAPESTRY_AFFINITY", 55_000, 65_536),
         ],
         counters: counters.iter().map(|(k, v)| (k.to_string(), *v)).collect(),

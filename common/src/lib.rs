@@ -682,6 +682,18 @@ named_u32_enum! {
         /// Packets the fast path delivered itself (`config_flags::FAST_PATH`): redirected into
         /// a local endpoint's namespace or out along the node's route, past the node's stack.
         FastPath = 9 => "fast_path",
+        /// Entries the datapath stored under a key the TCP conntrack table (`TAPESTRY_CT`) did
+        /// not hold (a new flow's forward and reply entries; not a replaced stale one).
+        ConntrackCreated = 10 => "conntrack_created",
+        /// The same for the other protocols' table (`TAPESTRY_CT_ANY`).
+        ConntrackAnyCreated = 11 => "conntrack_any_created",
+        /// Entries the datapath took out of the TCP table itself.
+        ConntrackRemoved = 12 => "conntrack_removed",
+        ConntrackAnyRemoved = 13 => "conntrack_any_removed",
+        /// Entries the daemon took out of the TCP table (expired ones its GC collected, a
+        /// flush): written by the daemon alone, never by a program.
+        ConntrackCollected = 14 => "conntrack_collected",
+        ConntrackAnyCollected = 15 => "conntrack_any_collected",
     }
 }
 

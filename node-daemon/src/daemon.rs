@@ -163,6 +163,12 @@ pub async fn run(config: Config) -> Result<()> {
             "re-attached to the interfaces of the previous run"
         );
     }
+    // Every interface runs this version's programs now, which count what they create.
+    datapath
+        .maps
+        .conntrack
+        .start_accounting()
+        .context("the conntrack tables' accounting")?;
     let external = pins.attach_network(&config.nodeport_interfaces)?;
     if !external.is_empty() {
         info!(

@@ -260,6 +260,17 @@ pub fn render(views: &Views) -> Result<String> {
         f.samples
             .push((vec![("map", m.name.clone())], m.max_entries));
     }
+    let f = snap.family(
+        "tapestry_map_evictions",
+        "Live entries the kernel evicted from a full datapath map to make room (the conntrack \
+         tables): stored by the datapath, removed by neither it nor the daemon, gone.",
+        MetricType::Counter,
+    );
+    for m in &status.maps {
+        if let Some(n) = m.evicted {
+            f.samples.push((vec![("map", m.name.clone())], n));
+        }
+    }
 
     let mut registry = Registry::default();
     registry.register_collector(Box::new(snap));

@@ -46,6 +46,19 @@ pub struct Views {
     pub scrapes: crate::metrics::Scrapes,
 }
 
+/// The conntrack tables' accounting, which the status shows as their evictions.
+fn is_accounting(c: Counter) -> bool {
+    matches!(
+        c,
+        Counter::ConntrackCreated
+            | Counter::ConntrackAnyCreated
+            | Counter::ConntrackRemoved
+            | Counter::ConntrackAnyRemoved
+            | Counter::ConntrackCollected
+            | Counter::ConntrackAnyCollected
+    )
+}
+
 fn sum_stats(v: &aya::maps::PerCpuValues<TrafficStats>) -> Traffic {
     let mut t = Traffic::default();
     for s in v.iter() {
@@ -144,7 +157,8 @@ impl Views {
         let maps = &self.maps;
         let mut counters = BTreeMap::new();
         for i in 0..COUNTERS {
-            if let Some(c) = Counter::from_u32(i) {
+            // The conntrack tables' accounting shows as their evictions (`MapFill::evicted`).
+            if let Some(c) = Counter::from_u32(i).filter(|c| !is_accounting(*c)) {
                 let v = maps.counters.get(&i, 0)?;
                 counters.insert(c.name().to_owned(), v.iter().sum());
             }
@@ -187,7 +201,10 @@ impl Views {
             entries,
             max_entries: max as u64,
             pinned: dir.join(name).exists(),
+            evicted: None,
         };
+        // After the walk: what was created meanwhile is mostly in it.
+        let (evicted_tcp, evicted_any) = self.maps.conntrack.evicted((ct_tcp, ct_any))?;
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             mode: self.mode,
@@ -212,8 +229,14 @@ impl Views {
                     count(programmed.backend_count()),
                     MAX_BACKENDS,
                 ),
-                fill(map_names::CONNTRACK, count(ct_tcp), MAX_CONNTRACK),
-                fill(map_names::CONNTRACK_ANY, count(ct_any), MAX_CONNTRACK_ANY),
+                MapFill {
+                    evicted: Some(evicted_tcp),
+                    ..fill(map_names::CONNTRACK, count(ct_tcp), MAX_CONNTRACK)
+                },
+                MapFill {
+                    evicted: Some(evicted_any),
+                    ..fill(map_names::CONNTRACK_ANY, count(ct_any), MAX_CONNTRACK_ANY)
+                },
                 fill(map_names::AFFINITY, affinity, MAX_AFFINITY),
             ],
             counters,

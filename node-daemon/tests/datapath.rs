@@ -752,7 +752,9 @@ fn a_client_over_its_conntrack_share_opens_no_more_flows() {
 
 /// A flood of datagrams with random ports, twice the size of every conntrack table, evicts
 /// datagram flows only: the TCP connection opened before it keeps its entries (TCP has a table
-/// of its own) and stays on its backend.
+/// of its own) and stays on its backend. The evictions are counted, per table: the datapath
+/// counted every entry it stored (two per flow), so what is not in the table now was evicted;
+/// and a flush afterwards is no eviction.
 #[test]
 fn a_udp_flood_never_evicts_a_tcp_connection() {
     let Some(mut lb) = Lb::new(ONE_BACKEND) else {
@@ -783,9 +785,105 @@ fn a_udp_flood_never_evicts_a_tcp_connection() {
     );
     assert_eq!(tcp, 2, "the connection's two entries, and nothing else");
     assert!(tcp_key(&lb), "the TCP connection's entry survived");
+    let udp_flows = lb.counter(Counter::NewFlows) - 1;
+    assert_eq!(udp_flows, flood as u64);
+    assert_eq!(lb.counter(Counter::ConntrackAnyCreated), 2 * udp_flows);
+    assert_eq!(lb.counter(Counter::ConntrackCreated), 2);
+    let evicted = lb.datapath.maps.conntrack.evicted((tcp, any)).unwrap();
+    assert_eq!(
+        evicted,
+        (0, 2 * udp_flows - any as u64),
+        "{any} entries left"
+    );
+    assert!(evicted.1 >= 2 * udp_flows - u64::from(MAX_CONNTRACK_ANY));
+    lb.flush_conntrack();
+    assert_eq!(lb.datapath.maps.conntrack.counts(), (0, 0));
+    assert_eq!(
+        lb.datapath.maps.conntrack.evicted((0, 0)).unwrap(),
+        evicted,
+        "flushed entries are not evicted ones"
+    );
+    // A restarted daemon over these pins keeps counting from there.
+    let mut again = Datapath::load(&lb.dir).unwrap();
+    again.maps.conntrack.start_accounting().unwrap();
+    assert_eq!(again.maps.conntrack.evicted((0, 0)).unwrap(), evicted);
     let (_, out) = lb.run(&tcp_packet(CLIENT, 40000, VIP, 80, false));
     assert_eq!(inspect(&out).dst, Ipv4Addr::new(10, 0, 0, 2));
     assert_eq!(lb.counter(Counter::Reselected), 0);
+}
+
+/// A connection closed and opened again from the same client port replaces its two stale
+/// entries instead of adding two: nothing counts as created twice, so nothing counts as evicted.
+#[test]
+fn entries_replaced_in_place_are_neither_created_nor_evicted() {
+    let Some(mut lb) = Lb::new(ONE_BACKEND) else {
+        return;
+    };
+    let fin = |lb: &mut Lb| {
+        let mut p = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, GW_MAC)
+            .ipv4(CLIENT, VIP, 64)
+            .tcp(40000, 80, 2000, 64240)
+            .fin()
+            .ack(1)
+            .write(&mut p, &[])
+            .unwrap();
+        assert_eq!(lb.run(&p).0, OK);
+    };
+    for _ in 0..3 {
+        let (v, _) = lb.run(&tcp_packet(CLIENT, 40000, VIP, 80, true));
+        assert_eq!(v, OK);
+        fin(&mut lb);
+    }
+    assert_eq!(lb.counter(Counter::NewFlows), 3, "three connections");
+    assert_eq!(
+        lb.counter(Counter::ConntrackCreated),
+        2,
+        "two entries, reused"
+    );
+    let live = lb.datapath.maps.conntrack.counts();
+    assert_eq!(live, (2, 0));
+    assert_eq!(lb.datapath.maps.conntrack.evicted(live).unwrap(), (0, 0));
+}
+
+/// Tables an earlier datapath filled, with no accounting (entries no counting program stored,
+/// all counters zero): the daemon's start counts those entries as there before, so that the
+/// evictions of a flood afterwards come out exact, whether they hit the old entries or new ones.
+#[test]
+fn evictions_over_a_table_filled_before_accounting_are_exact() {
+    let Some(mut lb) = Lb::new(ONE_BACKEND) else {
+        return;
+    };
+    let old = 20u64;
+    for i in 0..old as u16 {
+        let key = tapestry_common::CtKey {
+            saddr: u32::from_ne_bytes([10, 8, 0, 1]),
+            daddr: u32::from_ne_bytes(VIP),
+            sport: (30000 + i).to_be(),
+            dport: 53u16.to_be(),
+            proto: 17,
+            direction: tapestry_common::ct_direction::FORWARD,
+            _pad: [0; 2],
+        };
+        let entry = tapestry_common::CtEntry {
+            nat_addr: u32::from_ne_bytes([10, 0, 0, 2]),
+            last_seen_ns: tapestry_node_daemon::datapath::monotonic_ns(),
+            nat_port: 53u16.to_be(),
+            ..Default::default()
+        };
+        lb.datapath.maps.conntrack.insert(key, entry).unwrap();
+    }
+    lb.datapath.maps.conntrack.start_accounting().unwrap();
+    let flows = u64::from(MAX_CONNTRACK_ANY) / 2 + 5_000;
+    for i in 0..flows {
+        let src = [10, 7, (i >> 16) as u8, (i >> 8) as u8];
+        let (v, _) = lb.run(&udp_packet(src, 1024 + (i % 60_000) as u16, VIP, 53, b"q"));
+        assert_eq!(v, OK);
+    }
+    let live = lb.datapath.maps.conntrack.counts();
+    let (_, evicted) = lb.datapath.maps.conntrack.evicted(live).unwrap();
+    assert_eq!(evicted, 2 * flows + old - live.1 as u64, "{live:?} live");
+    assert!(evicted > 5_000, "{evicted}");
 }
 
 #[test]

@@ -116,13 +116,15 @@ image_busybox() {
 }
 
 image_vm() {
-  local guest tag archive ctx r lib f
+  local guest initrd tag archive ctx r lib f
   [ -x "$QEMU" ] || die "$QEMU not found (apt-get install qemu-system-x86)"
   guest="$(readlink -f "$CACHE/guest/current" 2>/dev/null || true)"
-  [ -f "$guest/vmlinuz" ] && [ -f "$guest/initramfs.cpio.gz" ] \
+  # scripts/build-guest.sh's REV (tests/src/guest.rs's INITRAMFS).
+  initrd="$guest/initramfs-2.cpio.gz"
+  [ -f "$guest/vmlinuz" ] && [ -f "$initrd" ] \
     || die "no guest in $CACHE/guest/current: run scripts/build-guest.sh"
   for f in "${QEMU_FIRMWARE[@]}" "${QEMU_MODULES[@]}"; do [ -f "$f" ] || die "$f not found (qemu-system-x86, seabios)"; done
-  tag="$(hash_of "$QEMU" "${QEMU_MODULES[@]}" "$BUSYBOX" "$guest/vmlinuz" "$guest/initramfs.cpio.gz" "${QEMU_FIRMWARE[@]}" \
+  tag="$(hash_of "$QEMU" "${QEMU_MODULES[@]}" "$BUSYBOX" "$guest/vmlinuz" "$initrd" "${QEMU_FIRMWARE[@]}" \
     "$HERE/vm-launcher" "$HERE/Containerfile.vm" "${BASH_SOURCE[0]}")"
   archive="$OUT/vm-$tag.oci.tar"
   if [ ! -f "$archive" ]; then
@@ -140,7 +142,7 @@ image_vm() {
     mkdir -p "$r/usr/share/qemu"
     for f in "${QEMU_FIRMWARE[@]}"; do cp -L "$f" "$r/usr/share/qemu/"; done
     install -D -m 0644 "$guest/vmlinuz" "$r/guest/vmlinuz"
-    install -D -m 0644 "$guest/initramfs.cpio.gz" "$r/guest/initramfs.cpio.gz"
+    install -D -m 0644 "$initrd" "$r/guest/initramfs.cpio.gz"
     install -m 0755 "$HERE/vm-launcher" "$r/bin/vm-launcher"
     build vm "$tag" "$ctx" "$archive"
     rm -rf "$ctx"

@@ -27,6 +27,25 @@ pub fn ip(args: &[&str]) -> Result<String> {
     run(Command::new("ip").args(args))
 }
 
+/// An `unreachable` route in the host's namespace for as long as it lives: ClusterIPs a test
+/// sets, so a packet the datapath did not translate is refused here instead of leaving by the
+/// default route.
+pub struct UnreachableRoute(String);
+
+impl UnreachableRoute {
+    /// `ip route replace unreachable PREFIX` (`10.96.78.0/24`, `10.96.1.5/32`).
+    pub fn new(prefix: &str) -> Result<UnreachableRoute> {
+        ip(&["route", "replace", "unreachable", prefix])?;
+        Ok(UnreachableRoute(prefix.to_owned()))
+    }
+}
+
+impl Drop for UnreachableRoute {
+    fn drop(&mut self) {
+        let _ = ip(&["route", "del", "unreachable", &self.0]);
+    }
+}
+
 /// Runs `ip [-n NETNS] [-force] -batch -` with `script` on stdin (one `ip` command per line).
 pub(crate) fn ip_batch(netns: Option<&str>, force: bool, script: &str) -> Result<()> {
     let mut cmd = Command::new("ip");

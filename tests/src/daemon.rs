@@ -261,43 +261,47 @@ impl Daemon {
         self.wait_generation(0, Duration::from_secs(20))
     }
 
-    /// Writes `count` live, established TCP forward entries of distinct clients (10.200.0.0 and
-    /// up, port 10000 and up) for `vip`:80 -> `backend`:8080 into the daemon's conntrack table,
-    /// through its own map handles, as the datapath would; returns how many were stored.
-    pub fn fill_conntrack(
+    /// Opens `count / 2` new TCP connections to `vip`:80 through the daemon's own pinned
+    /// load-balancing program (its SYNs, run with `BPF_PROG_TEST_RUN`: nothing is sent), from
+    /// distinct clients (10.200.0.0 and up, port 10000 and up): the datapath stores their
+    /// forward and reply entries, `count` in all, and counts them, as for any new flow. Returns
+    /// the entries stored. The entries are a SYN's: they expire after a minute.
+    pub fn fill_conntrack(&self, count: u32, vip: std::net::Ipv4Addr) -> Result<u64> {
+        self.fill_conntrack_from(0, count, vip)
+    }
+
+    /// [`Daemon::fill_conntrack`] with the clients numbered from `first` (up to 3.6 million
+    /// connections in all), so a second fill adds new flows instead of repeating the first one's.
+    pub fn fill_conntrack_from(
         &self,
+        first: u32,
         count: u32,
         vip: std::net::Ipv4Addr,
-        backend: std::net::Ipv4Addr,
     ) -> Result<u64> {
-        use tapestry_common::{CtEntry, CtKey, IPPROTO_TCP, ct_direction, ct_flags};
-        let mut maps = tapestry_node_daemon::datapath::Maps::open(&self.bpffs_dir)?;
-        let now = tapestry_node_daemon::datapath::monotonic_ns();
+        use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+        let pin = self.bpffs_dir.join("prog_from_endpoint");
+        let prog = SchedClassifier::from_pin(&pin)
+            .with_context(|| format!("opening the pinned program {}", pin.display()))?;
         let mut stored = 0;
-        for i in 0..count {
-            let key = CtKey {
-                saddr: u32::from_ne_bytes([10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8]),
-                daddr: u32::from_ne_bytes(vip.octets()),
-                sport: (10_000 + (i % 50_000) as u16).to_be(),
-                dport: 80u16.to_be(),
-                proto: IPPROTO_TCP,
-                direction: ct_direction::FORWARD,
-                _pad: [0; 2],
-            };
-            let entry = CtEntry {
-                nat_addr: u32::from_ne_bytes(backend.octets()),
-                nat_peer_addr: 0,
-                backend_id: 1,
-                service_id: 1,
-                created_ns: now,
-                last_seen_ns: now,
-                nat_port: 8080u16.to_be(),
-                flags: ct_flags::SEEN_REPLY,
-                nat_peer_port: [0; 2],
-                _pad: [0; 3],
-            };
-            if maps.conntrack.insert(key, entry).is_ok() {
-                stored += 1;
+        let mut out = vec![0u8; 128];
+        for i in first..first + count / 2 {
+            let client = [10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8];
+            let mut syn = Vec::with_capacity(54);
+            etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+                .ipv4(client, vip.octets(), 64)
+                .tcp(10_000 + (i % 50_000) as u16, 80, 1, 64240)
+                .syn()
+                .write(&mut syn, &[])?;
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(&syn),
+                    data_out: Some(&mut out),
+                    ..TestRunOptions::default()
+                })
+                .context("running the load-balancing program")?;
+            // Balanced (on along the chain, or passed to the stack): both entries stored.
+            if matches!(r.return_value as i32, -1 | 0) {
+                stored += 2;
             }
         }
         Ok(stored)

@@ -134,7 +134,7 @@ pub struct GuestArtifacts {
 }
 
 impl GuestArtifacts {
-    /// `$TAPESTRY_GUEST_DIR` if set (a directory with `vmlinuz` and `initramfs.cpio.gz`), else
+    /// `$TAPESTRY_GUEST_DIR` if set (a directory with `vmlinuz` and [`INITRAMFS`]), else
     /// `<cache>/guest/current`. The error says to run `scripts/build-guest.sh`.
     pub fn locate() -> Result<GuestArtifacts> {
         let dir = match std::env::var_os("TAPESTRY_GUEST_DIR") {
@@ -148,7 +148,7 @@ impl GuestArtifacts {
             )
         })?;
         let kernel = real.join("vmlinuz");
-        let initrd = real.join("initramfs.cpio.gz");
+        let initrd = real.join(INITRAMFS);
         for f in [&kernel, &initrd] {
             if !f.is_file() {
                 bail!("{} is missing: run scripts/build-guest.sh", f.display());
@@ -167,7 +167,7 @@ impl GuestArtifacts {
     }
 
     /// Sources in this checkout's `tests/guest/` that differ from the copy the initramfs was
-    /// built from (`<dir>/src/`): non-empty means `scripts/build-guest.sh` must run again.
+    /// built from (`<dir>/src-<rev>/`): non-empty means `scripts/build-guest.sh` must run again.
     pub fn stale_sources(&self) -> Vec<String> {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest");
         if !src.is_dir() {
@@ -177,15 +177,29 @@ impl GuestArtifacts {
             .iter()
             .filter(|f| {
                 let want = fs::read(src.join(f)).ok();
-                want.is_none() || want != fs::read(self.dir.join("src").join(f)).ok()
+                let built = self.dir.join(format!("src-{INITRAMFS_REV}")).join(f);
+                want.is_none() || want != fs::read(built).ok()
             })
             .map(|f| format!("tests/guest/{f}"))
             .collect()
     }
 }
 
+/// The initramfs revision `scripts/build-guest.sh` builds (its `REV`): bumped when the guest
+/// gains or loses a program, so that checkouts of two revisions sharing the cache do not
+/// rebuild each other's.
+pub const INITRAMFS_REV: u32 = 2;
+/// The initramfs file in the guest directory.
+pub const INITRAMFS: &str = "initramfs-2.cpio.gz";
+
 /// Files of `tests/guest/` packed into the initramfs.
-const GUEST_SOURCES: [&str; 4] = ["init", "udhcpc.script", "tcp-name", "udp-name.c"];
+const GUEST_SOURCES: [&str; 5] = [
+    "init",
+    "udhcpc.script",
+    "tcp-name",
+    "udp-name.c",
+    "raw-send.c",
+];
 
 /// Checks what a guest needs besides root: `qemu-system-x86_64` runnable, `/dev/net/tun`, and
 /// the artifacts of `scripts/build-guest.sh`. The error names everything missing.
@@ -977,8 +991,8 @@ impl Guest {
 
     /// Waits up to `timeout` for `TAPESTRY-READY` (network configured, servers listening) and
     /// returns the boot time (QEMU spawn to ready). A boot whose kernel never reached `/init`
-    /// (no `TAPESTRY-BOOT`, seen now and then under TCG) is killed and retried once, with a
-    /// fresh `timeout`. A guest whose `/init` ran but did not get ready (no DHCP answer, say) or
+    /// (no `TAPESTRY-BOOT`, seen now and then under TCG: hung, or a panic that ends QEMU) is
+    /// killed and retried once, with a fresh `timeout`. A guest whose `/init` ran but did not get ready (no DHCP answer, say) or
     /// a QEMU that exited fails with the console's tail.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<Duration> {
         if let Some(t) = self.boot_time {
@@ -1009,6 +1023,17 @@ impl Guest {
                 }
                 Wait::Eof => {
                     let status = self.reap();
+                    // A kernel that died before /init (the IO-APIC timer check panics now and
+                    // then under TCG on a loaded host) is the never-reached-/init case too.
+                    if !self.console.text_from(from).contains(BOOTED) && self.attempts < 2 {
+                        eprintln!(
+                            "guest {}: {QEMU} exited before /init ran ({status}); retrying once",
+                            self.cfg.name
+                        );
+                        self.kill_instance();
+                        self.start()?;
+                        continue;
+                    }
                     bail!(
                         "guest {}: {QEMU} exited before ready ({status}); qemu: {}; console:\n{}",
                         self.cfg.name,

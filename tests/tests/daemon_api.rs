@@ -1,4 +1,5 @@
 //! The daemon's local API with a real `tapestryd`:
+//! - conntrack evictions, counted by the datapath and kept counting across a `kill -9`;
 //! - under load: the liveness probe and the read views must never wait for each other (its
 //!   conntrack map filled, through the daemon's own map handles as the datapath would fill it,
 //!   with 200,000 live entries, scraped by `/metrics` in a loop);
@@ -26,6 +27,7 @@ use tapestry_api::{
     client::ClientError,
     types::{AttachmentKey, EndpointGcRequest, EndpointRequest, GuestPhase},
 };
+use tapestry_common::{MAX_CONNTRACK, map_names};
 use tapestry_tests::{
     Lab, Pod,
     daemon::{Daemon, binary},
@@ -44,15 +46,11 @@ services:
       - { ip: 10.22.0.5, port: 8080 }
 ";
 
-/// 200,000 live forward entries of distinct clients, as the datapath writes them.
+/// 200,000 live entries of distinct clients' new connections, stored by the datapath.
 fn fill_conntrack(d: &Daemon) {
     let stored = d
-        .fill_conntrack(
-            ENTRIES,
-            Ipv4Addr::new(10, 96, 0, 10),
-            Ipv4Addr::new(10, 22, 0, 5),
-        )
-        .expect("the daemon's pinned maps");
+        .fill_conntrack(ENTRIES, Ipv4Addr::new(10, 96, 0, 10))
+        .expect("the daemon's pinned program");
     assert_eq!(stored, u64::from(ENTRIES));
 }
 
@@ -128,6 +126,79 @@ fn healthz_answers_while_metrics_walks_a_full_conntrack_table() {
         worst < Duration::from_millis(100),
         "/healthz took {worst:?} while /metrics walked {ENTRIES} conntrack entries"
     );
+}
+
+/// The TCP conntrack table's fill and its evictions as the daemon reports them.
+fn conntrack_fill(d: &Daemon) -> (u64, Option<u64>) {
+    let st = d.client().status().expect("status");
+    let ct = st
+        .maps
+        .iter()
+        .find(|m| m.name == map_names::CONNTRACK)
+        .expect("the TCP conntrack table in the status");
+    (ct.entries, ct.evicted)
+}
+
+/// The TCP conntrack table filled past its capacity by new connections through the datapath:
+/// every live entry the kernel took back to make room is counted as evicted, exactly (nothing
+/// else removes entries here: no traffic, none expired), in the status and the metrics; with
+/// `tapestryd` killed (`kill -9`), what is evicted meanwhile is counted as well, and a flush
+/// through the API afterwards is no eviction.
+#[test]
+fn conntrack_evictions_are_counted_across_a_restart_and_a_flush_is_none() {
+    require_lab!();
+    let mut d = Daemon::start("api-evict", STATE, &[]).expect("daemon starts");
+    let vip = Ipv4Addr::new(10, 96, 0, 10);
+    assert_eq!(
+        conntrack_fill(&d),
+        (0, Some(0)),
+        "an empty table, nothing evicted"
+    );
+    let over = 20_000;
+    let t = Instant::now();
+    let mut stored = d
+        .fill_conntrack(MAX_CONNTRACK + over, vip)
+        .expect("the daemon's pinned program");
+    eprintln!("{stored} entries stored in {:?}", t.elapsed());
+    assert_eq!(
+        stored,
+        u64::from(MAX_CONNTRACK + over),
+        "every flow balanced"
+    );
+    let (live0, evicted) = conntrack_fill(&d);
+    let evicted = evicted.expect("evictions reported");
+    assert_eq!(evicted, stored - live0, "{live0} live of {stored}");
+    assert!(evicted >= u64::from(over), "{evicted} evicted");
+    let metrics = d.client().metrics().expect("a scrape");
+    let line = format!(
+        "tapestry_map_evictions_total{{map=\"{}\"}} {evicted}",
+        map_names::CONNTRACK
+    );
+    assert!(metrics.contains(&line), "no `{line}` in:\n{metrics}");
+
+    d.kill9().unwrap();
+    // Evicted while no daemon runs: the datapath counts on.
+    stored += d
+        .fill_conntrack_from(MAX_CONNTRACK + over, 10_000, vip)
+        .unwrap();
+    d.restart().expect("the daemon starts again");
+    let (live, after) = conntrack_fill(&d);
+    let after = after.expect("evictions reported after the restart");
+    assert_eq!(after, stored - live, "{live} live of {stored}");
+    // The 10,000 new entries: in the table, or each evicted an older one.
+    assert_eq!(
+        (after - evicted) as i64 + (live as i64 - live0 as i64),
+        10_000,
+        "{evicted} then {after}"
+    );
+    let flushed = d.client().flush_conntrack().expect("a flush").removed;
+    assert_eq!(flushed, live);
+    assert_eq!(
+        conntrack_fill(&d),
+        (0, Some(after)),
+        "a flush evicts nothing"
+    );
+    eprintln!("{stored} stored, {live} live, {after} evicted");
 }
 
 const EMPTY_STATE: &str = "services: []\n";

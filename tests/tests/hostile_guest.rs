@@ -5,6 +5,11 @@
 //! IPv6, frames cut short or over the MTU. Each is dropped and counted by reason, the daemon stays within bounds
 //! (its CPU time and memory), and a second guest on the node keeps its DHCP answers and loses
 //! none of its datagrams meanwhile.
+//!
+//! Then the same from a real QEMU guest (its kernel, its virtio NIC, QEMU's tap): 802.1Q and
+//! 802.1ad tagged frames and a DHCP RELEASE flood, written by a raw-frame sender inside the
+//! guest (`tests/guest/raw-send.c`), each counted by reason, while the neighbour's DHCP is
+//! answered.
 
 use std::{
     net::Ipv4Addr,
@@ -16,11 +21,16 @@ use etherparse::PacketBuilder;
 use tapestry_tests::{
     Lab,
     daemon::Daemon,
-    require_lab,
+    guest::{Guest, GuestConfig},
+    require_lab, require_qemu,
     tapfd::{TapGuest, dhcp_frame, dhcp_reply, guest_udp, register_vm_pod},
 };
 
 const T: Duration = Duration::from_secs(3);
+
+/// This file's tests one at a time: each measures what a neighbour loses during a flood, which
+/// the other's flood (or QEMU's emulation) would take a share of on two CPUs.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Frames of each hostile kind.
 const EACH: u64 = 2_000;
 /// DHCP messages of each flood (DISCOVER starvation, RELEASE).
@@ -67,6 +77,7 @@ fn dhcp_exchange(guest: &mut TapGuest, mac: [u8; 6], ip: Ipv4Addr) -> Option<Dur
 #[test]
 fn a_hostile_guest_is_dropped_and_counted_and_its_neighbour_is_unaffected() {
     require_lab!();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut lab = Lab::new("hostile").unwrap();
     let peer = lab.add_pod("peer").unwrap();
     let evil = lab.add_pod("evil").unwrap();
@@ -240,5 +251,145 @@ fn a_hostile_guest_is_dropped_and_counted_and_its_neighbour_is_unaffected() {
     assert!(
         rss1 < rss0 + 32 * 1024 * 1024,
         "the daemon grew from {rss0} to {rss1} bytes"
+    );
+}
+
+/// Tagged frames the QEMU guest sends.
+const FROM_QEMU: u64 = 5_000;
+/// DHCP RELEASEs it sends: well over a second's worth at its pace (about 95,000 a second under
+/// TCG here), so that several of the neighbour's renewals fall inside the flood.
+const RELEASES_FROM_QEMU: u64 = 150_000;
+
+/// What `tapestry-raw-send` reported: (frames, milliseconds).
+fn sent(out: &str) -> (u64, u64) {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("TAPESTRY-SENT"))
+        .unwrap_or_else(|| panic!("no TAPESTRY-SENT in {out:?}"));
+    let field = |k: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|t| t.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+    };
+    (field("frames="), field("ms="))
+}
+
+#[test]
+fn a_qemu_guests_vlan_tags_and_release_flood_are_counted_and_its_neighbour_answered() {
+    require_lab!();
+    require_qemu!();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lab = Lab::new("hostile-vm").unwrap();
+    let peer = lab.add_pod("peer").unwrap();
+    let evil = lab.add_pod("evilvm").unwrap();
+    let good = lab.add_pod("good").unwrap();
+    let d = Daemon::start("hostile-vm", "services: []\n", &[&peer.host_ifname]).unwrap();
+    register_vm_pod(&d.client(), &evil).expect("the QEMU guest's endpoint");
+    register_vm_pod(&d.client(), &good).expect("the neighbour's endpoint");
+    let mut vm = Guest::boot(&evil, GuestConfig::new("evilvm", evil.mac)).unwrap();
+    vm.wait_ready(Duration::from_secs(120))
+        .expect("the guest boots and gets its lease");
+    let lease = vm.dhcp_lease().expect("the guest's lease");
+    assert_eq!(lease.ip, evil.ip);
+    let server = lease.server.expect("the lease's server identifier");
+    let mut neighbour = TapGuest::open(&good.netns_path, "tap0").unwrap();
+    neighbour.answer_arp(good.mac, good.ip);
+    dhcp_exchange(&mut neighbour, good.mac, good.ip)
+        .unwrap_or_else(|| panic!("no DHCP answer before the flood; log:\n{}", d.log()));
+    let stats = || {
+        d.client()
+            .guests()
+            .unwrap()
+            .into_iter()
+            .find(|g| g.name == "evilvm")
+            .expect("the QEMU guest's Guest")
+    };
+    let drops = |g: &tapestry_api::types::GuestInfo, r: &str| g.drops.get(r).copied().unwrap_or(0);
+
+    // Tagged frames, half 802.1Q and half 802.1ad, through the guest's kernel and QEMU.
+    let before = stats();
+    let out = vm
+        .console(
+            &format!("tapestry-raw-send eth0 vlan {FROM_QEMU}"),
+            Duration::from_secs(120),
+        )
+        .unwrap();
+    let (vlan_sent, vlan_ms) = sent(&out);
+    assert_eq!(vlan_sent, FROM_QEMU);
+    let after_vlan = stats();
+    assert_eq!(
+        drops(&after_vlan, "vlan_tagged") - drops(&before, "vlan_tagged"),
+        FROM_QEMU,
+        "every tagged frame counted: {:?}",
+        after_vlan.drops
+    );
+
+    // RELEASEs of its own address as fast as it can, the neighbour renewing meanwhile.
+    let flooding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let f = flooding.clone();
+    let neighbour_side = std::thread::spawn(move || {
+        // (answered in, during the flood)
+        let mut exchanges = Vec::new();
+        while f.load(std::sync::atomic::Ordering::Relaxed) || exchanges.is_empty() {
+            let e = dhcp_exchange(&mut neighbour, good.mac, good.ip);
+            exchanges.push((e, f.load(std::sync::atomic::Ordering::Relaxed)));
+            // Four renewals a second, within its own DHCP rate.
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        exchanges
+    });
+    let out = vm
+        .console(
+            &format!("tapestry-raw-send eth0 release {RELEASES_FROM_QEMU} {server}"),
+            Duration::from_secs(120),
+        )
+        .unwrap();
+    flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+    let exchanges = neighbour_side.join().unwrap();
+    let during = exchanges.iter().filter(|(_, during)| *during).count();
+    let exchanges: Vec<Option<Duration>> = exchanges.into_iter().map(|(e, _)| e).collect();
+    let (release_sent, release_ms) = sent(&out);
+    assert_eq!(release_sent, RELEASES_FROM_QEMU);
+    assert!(
+        during >= 3,
+        "only {during} of the neighbour's exchanges fell inside the {release_ms} ms flood"
+    );
+    // What reaches the daemon is queued on the tap's program's way out, asynchronously.
+    std::thread::sleep(Duration::from_millis(300));
+    let after = stats();
+    let limited = drops(&after, "dhcp_rate_limited") - drops(&after_vlan, "dhcp_rate_limited");
+    let queued = after.dhcp_messages - after_vlan.dhcp_messages;
+    assert_eq!(
+        queued + limited,
+        RELEASES_FROM_QEMU,
+        "every RELEASE queued or dropped over the guest's rate: {after:?}"
+    );
+    assert!(
+        limited > RELEASES_FROM_QEMU * 9 / 10,
+        "only {limited} of {RELEASES_FROM_QEMU} limited"
+    );
+    assert!(
+        !exchanges.is_empty() && exchanges.iter().all(|e| e.is_some()),
+        "the neighbour's DHCP went unanswered during the flood: {exchanges:?}"
+    );
+    let worst = exchanges.iter().flatten().max().unwrap();
+    eprintln!(
+        "qemu guest: {vlan_sent} tagged frames in {vlan_ms} ms, {release_sent} RELEASEs in \
+         {release_ms} ms ({limited} rate-limited, {queued} queued); neighbour DHCP worst {worst:?} \
+         over {} exchanges, {during} during the flood",
+        exchanges.len()
+    );
+    eprintln!(
+        "RELIABILITY {}",
+        serde_json::json!({"hostile_qemu_guest": {
+            "vlan_tagged_sent": vlan_sent, "vlan_tagged_counted":
+                drops(&after_vlan, "vlan_tagged") - drops(&before, "vlan_tagged"),
+            "vlan_send_ms": vlan_ms,
+            "dhcp_release_sent": release_sent, "dhcp_release_rate_limited": limited,
+            "dhcp_release_queued": queued, "release_send_ms": release_ms,
+            "neighbour_dhcp_exchanges": exchanges.len(),
+            "neighbour_dhcp_exchanges_during_flood": during,
+            "neighbour_dhcp_worst_ms": worst.as_secs_f64() * 1000.0}})
     );
 }

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use tapestry_api::types::BackendKind;
 use tapestry_tests::{
     Lab,
+    cmd::UnreachableRoute,
     cni::{NetworkConfigList, Runtime, RuntimeConf},
     daemon::{Daemon, bin_dir, binary},
     guest::{Guest, GuestConfig, qemu_available},
@@ -45,17 +46,6 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// Removes a route on drop.
-struct Route(String);
-
-impl Drop for Route {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["route", "del", "unreachable", &self.0])
-            .status();
     }
 }
 
@@ -212,10 +202,7 @@ fn a_qemu_guest_is_reached_through_a_service_made_by_kubectl_expose() {
         .trim()
         .parse()
         .unwrap();
-    let _route = Route(format!("{vip}/32"));
-    let _ = Command::new("ip")
-        .args(["route", "replace", "unreachable", &format!("{vip}/32")])
-        .status();
+    let _route = UnreachableRoute::new(&format!("{vip}/32")).unwrap();
 
     // tapestry-controller's slice: the guest, ready at guest level, named port resolved.
     let slice = wait(

@@ -11,7 +11,11 @@
 //!   nothing left behind once the runtime's DEL ran);
 //! - `add_del_cycles`: ADD/DEL of VM pods through the chain (ptp + host-local + tapestry-cni),
 //!   the daemon restarted in the middle: no endpoint, Guest, attachment, guest link pin, host
-//!   veth or IPAM address may be left.
+//!   veth or IPAM address may be left;
+//! - `apiserver_outage`: tapestryd in Kubernetes mode against a real kube-apiserver and etcd,
+//!   the apiserver killed for a minute and started again on the same etcd: the datapath
+//!   unchanged and no connection failed meanwhile, the daemon up throughout, and a Service
+//!   endpoint change made right after it is back reaches the maps (`--quick`: 10 s).
 //!
 //! `--report DIR` then folds these rounds, the fuzzing figures (`DIR/fuzz.json`, `make fuzz`) and
 //! the in-kernel tests' summary lines (`RELIABILITY {...}` on stderr, `--test-lines FILE`) into
@@ -19,7 +23,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     process::Command,
     sync::{
@@ -34,10 +38,12 @@ use clap::Parser;
 use serde_json::{Value, json};
 use tapestry_tests::{
     Lab, Pod,
+    cmd::UnreachableRoute,
     cni::{NetworkConfigList, Runtime, RuntimeConf},
     daemon::{Daemon, bin_dir},
+    k8s::ControlPlane,
     lab::vm_conflist,
-    stream_request,
+    poll, stream_request,
 };
 
 #[derive(Parser)]
@@ -122,6 +128,14 @@ impl Load {
             long_failed,
             threads,
         })
+    }
+
+    /// (connections attempted, failed) so far.
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.attempted.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
     }
 
     fn stop(self) -> Value {
@@ -239,12 +253,13 @@ fn conntrack_pressure(s: &Setup, d: &Daemon, rate: u64, secs: u64) -> Result<Val
     let load = Load::start(&s.client, s.vip, rate)?;
     std::thread::sleep(Duration::from_secs(1));
     // Established-looking flows from addresses no pod has: the table full of others' entries.
-    let inserted = d.fill_conntrack(MAX_CONNTRACK, *s.vip.ip(), s.backends[0].ip)?;
-    let maps = tapestry_node_daemon::datapath::Maps::open(&d.bpffs_dir)?;
+    let before = ct_table(d)?;
+    // New connections from clients no pod is, through the datapath: the table full of others'
+    // entries.
+    let inserted = d.fill_conntrack(MAX_CONNTRACK, *s.vip.ip())?;
     std::thread::sleep(Duration::from_secs(secs.saturating_sub(1)));
-    let (tcp, _) = maps.conntrack.counts();
     let load = load.stop();
-    let opened = load["connections_attempted"].as_u64().unwrap_or(0);
+    let after = ct_table(d)?;
     Ok(round(
         "conntrack_pressure",
         t,
@@ -252,12 +267,182 @@ fn conntrack_pressure(s: &Setup, d: &Daemon, rate: u64, secs: u64) -> Result<Val
         json!({
             "table_capacity": MAX_CONNTRACK,
             "entries_inserted": inserted,
-            "entries_at_end": tcp,
-            // Every insert past capacity, the load's own two entries per connection included,
-            // evicted the least recently used entry.
-            "evicted": (inserted + 2 * opened).saturating_sub(tcp as u64),
+            "entries_at_end": after.entries,
+            // As the daemon reports them: entries the datapath stored and neither it nor the
+            // daemon removed that are gone.
+            "evicted": after.evicted.unwrap_or(0) - before.evicted.unwrap_or(0),
         }),
     ))
+}
+
+/// A ClusterIP of the apiserver round, in the control plane's Service range.
+const K8S_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 78, 10);
+const K8S_NODE: &str = "reliab-node";
+
+/// The round's Service and its slice of `backends` (a controller's, written by hand).
+fn k8s_service(cp: &ControlPlane, backends: &[&Pod]) -> Result<()> {
+    cp.apply(
+        &json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": K8S_VIP.to_string(),
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
+        .to_string(),
+    )?;
+    let endpoints: Vec<Value> = backends
+        .iter()
+        .map(|p| {
+            json!({"addresses": [p.ip.to_string()], "conditions": {"ready": true},
+                   "targetRef": {"kind": "Pod", "name": p.name, "namespace": "default"}})
+        })
+        .collect();
+    cp.apply(
+        &json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-1", "namespace": "default", "labels": {
+                "kubernetes.io/service-name": "web",
+                "endpointslice.kubernetes.io/managed-by": "reliability.tapestry.example.com"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints})
+        .to_string(),
+    )?;
+    Ok(())
+}
+
+/// The active backends of `default/web` in the daemon's maps, sorted.
+fn k8s_backends(d: &Daemon) -> Option<Vec<Ipv4Addr>> {
+    let services = d.client().services().ok()?;
+    let web = services.iter().find(|s| s.vip == K8S_VIP && s.port == 80)?;
+    let mut ips: Vec<Ipv4Addr> = web
+        .backends
+        .iter()
+        .filter(|b| b.state == tapestry_api::types::BackendState::Active)
+        .map(|b| b.ip)
+        .collect();
+    ips.sort();
+    Some(ips)
+}
+
+fn wait_backends(d: &Daemon, want: &[&Pod], timeout: Duration) -> Result<Duration> {
+    let mut want: Vec<Ipv4Addr> = want.iter().map(|p| p.ip).collect();
+    want.sort();
+    let t = Instant::now();
+    poll(timeout, &format!("default/web -> {want:?}"), || {
+        Ok((k8s_backends(d).as_ref() == Some(&want)).then_some(()))
+    })?;
+    Ok(t.elapsed())
+}
+
+/// `apiserver_outage`: tapestryd in Kubernetes mode against a real kube-apiserver and etcd
+/// (`tapestry_tests::k8s`), its Service's backends two of the lab's pods; while the load runs,
+/// kube-apiserver is killed for `outage` and started again on the same etcd. During the outage
+/// the datapath must not change and no connection fail; the daemon stays up (the same process)
+/// and says the API is unreachable; right after the apiserver is back, a third backend is added
+/// to the slice, and must reach the maps (the watches resynced) and take connections.
+fn apiserver_outage(s: &mut Setup, rate: u64, outage: Duration) -> Result<Value> {
+    let mut cp = ControlPlane::start()?;
+    let _route = UnreachableRoute::new(&format!("{K8S_VIP}/32"))?;
+    let be2 = s.lab.add_pod("be2")?;
+    let _server = be2.serve_tcp_name(8080)?;
+    let (be0, be1) = (&s.backends[0], &s.backends[1]);
+    k8s_service(&cp, &[be0, be1])?;
+    let kubeconfig = cp.kubeconfig_path("admin")?;
+    let mut interfaces = s.interfaces();
+    interfaces.push(&be2.host_ifname);
+    let d = Daemon::start_with(
+        "reliab-k8s",
+        "services: []\n",
+        &interfaces,
+        &[
+            "--source",
+            "kubernetes",
+            "--node-name",
+            K8S_NODE,
+            "--kubeconfig",
+            kubeconfig.to_str().context("kubeconfig path")?,
+        ],
+    )?;
+    wait_backends(&d, &[be0, be1], Duration::from_secs(30))?;
+    let pid = d.pid().context("the daemon runs")?;
+    let before = k8s_backends(&d);
+
+    let t = Instant::now();
+    let vip = SocketAddrV4::new(K8S_VIP, 80);
+    let load = Load::start(&s.client, vip, rate)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let at_stop = load.counts();
+    cp.stop_apiserver();
+    let stopped = Instant::now();
+    let reported = poll(Duration::from_secs(30), "the outage in the status", || {
+        let st = d.client().status()?;
+        Ok(st
+            .last_error
+            .filter(|e| e.contains("unreachable"))
+            .map(|_| stopped.elapsed()))
+    })?;
+    // Through the outage: the maps as they were, every second.
+    let mut unchanged = true;
+    while stopped.elapsed() < outage {
+        unchanged &= k8s_backends(&d) == before;
+        std::thread::sleep(Duration::from_secs(1).min(outage.saturating_sub(stopped.elapsed())));
+    }
+    unchanged &= k8s_backends(&d) == before;
+    let at_restart = load.counts();
+    let outage_secs = stopped.elapsed().as_secs_f64();
+    cp.restart_apiserver()?;
+    let back = Instant::now();
+    // Right away: a third backend. The daemon's watches must list again to see it.
+    k8s_service(&cp, &[be0, be1, &be2])?;
+    let changed = wait_backends(&d, &[be0, be1, &be2], Duration::from_secs(120));
+    let change_to_maps = back.elapsed();
+    let cleared = poll(Duration::from_secs(60), "the outage cleared", || {
+        Ok(d.client()
+            .status()?
+            .last_error
+            .is_none()
+            .then(|| back.elapsed()))
+    });
+    // The new backend takes new connections through the VIP.
+    let mut be2_answered = false;
+    for _ in 0..60 {
+        if s.client.tcp_request(vip, b"x\n", T).ok().as_deref() == Some("be2") {
+            be2_answered = true;
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let load = load.stop();
+    let alive = d.pid() == Some(pid)
+        && Path::new(&format!("/proc/{pid}")).exists()
+        && d.client().healthz().is_ok();
+    drop(d);
+    drop(cp);
+    let ms = |d: Duration| (d.as_secs_f64() * 1000.0).round() as u64;
+    Ok(round(
+        "apiserver_outage",
+        t,
+        load,
+        json!({
+            "outage_seconds": outage_secs,
+            "outage_connections_attempted": at_restart.0 - at_stop.0,
+            "outage_connections_failed": at_restart.1 - at_stop.1,
+            "outage_reported_after_ms": ms(reported),
+            "datapath_unchanged_during_outage": unchanged,
+            "daemon_stayed_up": alive,
+            "endpoint_change_to_maps_ms": changed.as_ref().ok().map(|_| ms(change_to_maps)),
+            "error_cleared_after_ms": cleared.as_ref().ok().map(|d| ms(*d)),
+            "new_backend_answered": be2_answered,
+        }),
+    ))
+}
+
+/// The TCP conntrack table as the daemon's status shows it.
+fn ct_table(d: &Daemon) -> Result<tapestry_api::types::MapFill> {
+    d.client()
+        .status()?
+        .maps
+        .into_iter()
+        .find(|m| m.name == tapestry_common::map_names::CONNTRACK)
+        .context("no TCP conntrack table in the status")
 }
 
 /// What a VM pod's ADD/DEL may leave behind, as seen from the daemon and the host.
@@ -500,14 +685,20 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let (secs, cycles) = if cli.quick { (9, 20) } else { (60, 200) };
-    let s = Setup::new()?;
+    let mut s = Setup::new()?;
     let mut d = Daemon::start("reliab", &s.state(), &s.interfaces())?;
     let mut faults = vec![kill9(&s, &mut d, cli.rate, secs)?];
     faults.push(broken_state_file(&s, &mut d, cli.rate, secs.min(15))?);
     faults.push(conntrack_pressure(&s, &d, cli.rate, secs.min(10))?);
     faults.push(cni_add_while_down(&s, &mut d)?);
     faults.push(add_del_cycles(&s, &mut d, cycles)?);
+    // The Kubernetes-mode daemon takes the same pods' interfaces: the standalone one goes first.
     drop(d);
+    faults.push(apiserver_outage(
+        &mut s,
+        cli.rate,
+        Duration::from_secs(if cli.quick { 10 } else { 60 }),
+    )?);
     s.lab.destroy()?;
 
     let fuzz = read_fuzz(&cli.report).unwrap_or(Value::Null);

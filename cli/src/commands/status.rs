@@ -129,6 +129,8 @@ pub fn render(st: &Status, health: &Health, format: Format, r: &Render) -> Resul
         .right()
         .col("FILL")
         .right()
+        .col("EVICTED")
+        .right()
         .col("PINNED");
     for m in &st.maps {
         let fill = if m.max_entries == 0 {
@@ -146,6 +148,8 @@ pub fn render(st: &Status, health: &Health, format: Format, r: &Render) -> Resul
             thousands(m.entries).into(),
             thousands(m.max_entries).into(),
             Cell::new(output::percent(m.entries, m.max_entries), paint),
+            // "-": nothing counts this map's evictions.
+            m.evicted.map_or_else(|| "-".into(), thousands).into(),
             Cell::new(
                 output::yes_no(m.pinned),
                 if m.pinned { Paint::None } else { Paint::Red },

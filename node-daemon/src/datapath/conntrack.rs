@@ -3,9 +3,23 @@
 //! flood of datagrams never evicts a TCP connection; [`Tables`] is both. Each caller brings its
 //! own handles, so a walk of a full table (262,144 entries, one syscall each) holds no lock
 //! anyone else waits on.
+//!
+//! # Evictions
+//! The tables are LRU hash maps: a full one makes room for a new entry by evicting the least
+//! recently used, and the kernel runs no program for it (an fentry/fexit program on its eviction
+//! callback, `htab_lru_map_delete_node`, would count them; kernels that refuse those, such as
+//! this project's test machines', leave no hook). So every other way out is counted instead, per
+//! table, in the counters map: what the datapath stores under a new key
+//! (`Counter::ConntrackCreated`) and removes (`ConntrackRemoved`), what the daemon removes
+//! (`ConntrackCollected`: GC and flushes, written by the daemon alone). What was created and
+//! is neither removed nor in the table any more was evicted ([`Tables::evicted`]).
 
-use aya::maps::{HashMap, MapData, MapError};
-use tapestry_common::{CtEntry, CtKey, IPPROTO_TCP, ct_direction, ct_flags, ct_lifetime};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use tapestry_common::{Counter, CtEntry, CtKey, IPPROTO_TCP, ct_direction, ct_flags, ct_lifetime};
+use tracing::info;
 
 use super::monotonic_ns;
 
@@ -17,7 +31,28 @@ pub struct Tables {
     pub any: ConntrackMap,
     /// The conntrack share's counts, client IPv4 (network order) -> live flows.
     pub clients: HashMap<MapData, u32, u32>,
+    /// The datapath's counters map, for the tables' accounting (see the module docs).
+    pub counters: PerCpuArray<MapData, u64>,
 }
+
+/// What left the tables other than by eviction, per table: (created, removed by the datapath,
+/// removed by the daemon).
+const ACCOUNTING: [[Counter; 3]; 2] = [
+    [
+        Counter::ConntrackCreated,
+        Counter::ConntrackRemoved,
+        Counter::ConntrackCollected,
+    ],
+    [
+        Counter::ConntrackAnyCreated,
+        Counter::ConntrackAnyRemoved,
+        Counter::ConntrackAnyCollected,
+    ],
+];
+
+/// The daemon's writes of `ConntrackCollected` (a read, an add, a write back) one at a time:
+/// the GC and an API flush run on threads of their own.
+static COLLECTED: Mutex<()> = Mutex::new(());
 
 impl Tables {
     /// The table a flow of `key`'s protocol lives in.
@@ -41,6 +76,84 @@ impl Tables {
     pub fn counts(&self) -> (usize, usize) {
         (self.tcp.keys().count(), self.any.keys().count())
     }
+
+    fn counter(&self, c: Counter) -> Result<u64> {
+        let v = self
+            .counters
+            .get(&(c as u32), 0)
+            .with_context(|| format!("reading the {} counter", c.name()))?;
+        // Wrapping: `ConntrackCollected` may hold a baseline below zero (`start_accounting`).
+        Ok(v.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
+    }
+
+    /// Entries evicted from (TCP, the rest) since the tables were created, given `live`, what
+    /// [`Tables::counts`] found in them: created, minus removed by the datapath and the daemon,
+    /// minus what is still there. Flows created or removed while the tables were walked make it
+    /// off by as many.
+    pub fn evicted(&self, live: (usize, usize)) -> Result<(u64, u64)> {
+        let mut out = [0u64; 2];
+        for (i, (counters, live)) in ACCOUNTING.iter().zip([live.0, live.1]).enumerate() {
+            let [created, removed, collected] = counters.map(|c| self.counter(c));
+            let left = created?
+                .wrapping_sub(removed?)
+                .wrapping_sub(collected?)
+                .wrapping_sub(live as u64);
+            // Negative (as an i64) only by the walk's error: nothing evicted.
+            out[i] = if (left as i64) < 0 { 0 } else { left };
+        }
+        Ok((out[0], out[1]))
+    }
+
+    /// Adds `n` = (TCP, the rest) entries the daemon removed to `ConntrackCollected`.
+    fn count_collected(&mut self, n: (u64, u64)) {
+        let _one = COLLECTED.lock().unwrap_or_else(|p| p.into_inner());
+        for (counters, n) in ACCOUNTING.iter().zip([n.0, n.1]) {
+            if n != 0 {
+                let _ = self.add(counters[2], n);
+            }
+        }
+    }
+
+    /// Adds `n` (wrapping) to counter `c`, which only this process writes: into CPU 0's copy.
+    fn add(&mut self, c: Counter, n: u64) -> Result<()> {
+        let mut v: Vec<u64> = self.counters.get(&(c as u32), 0)?.iter().copied().collect();
+        v[0] = v[0].wrapping_add(n);
+        let values = PerCpuValues::try_from(v).context("per-CPU values")?;
+        self.counters
+            .set(c as u32, values, 0)
+            .with_context(|| format!("writing the {} counter", c.name()))
+    }
+
+    /// At start: tables that hold entries while nothing was ever counted were filled by a
+    /// datapath without this accounting (an upgrade over its pins). Their entries count as
+    /// created before counting began (a baseline subtracted from `ConntrackCollected`), so
+    /// that only later evictions are counted. Call after the new programs are attached.
+    pub fn start_accounting(&mut self) -> Result<()> {
+        for (i, counters) in ACCOUNTING.iter().enumerate() {
+            let counted = counters
+                .iter()
+                .map(|c| self.counter(*c))
+                .collect::<Result<Vec<_>>>()?;
+            if counted.iter().any(|n| *n != 0) {
+                continue;
+            }
+            let live = if i == 0 {
+                self.tcp.keys().count()
+            } else {
+                self.any.keys().count()
+            } as u64;
+            if live != 0 {
+                let _one = COLLECTED.lock().unwrap_or_else(|p| p.into_inner());
+                self.add(counters[2], live.wrapping_neg())?;
+                info!(
+                    entries = live,
+                    table = i,
+                    "conntrack entries of an earlier datapath: evictions counted from now on"
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Every entry the tables hold right now (expired ones included).
@@ -63,12 +176,19 @@ pub fn collect_garbage(tables: &mut Tables) -> usize {
     let (live, expired): (Vec<_>, Vec<_>) = entries(tables)
         .into_iter()
         .partition(|(k, e)| is_live(k, e, now));
-    let n = expired.len();
-    for (k, _) in expired {
-        let _ = tables.remove(&k);
+    let mut removed = (0, 0);
+    for (k, _) in &expired {
+        if tables.remove(k).is_ok() {
+            if k.proto == IPPROTO_TCP {
+                removed.0 += 1;
+            } else {
+                removed.1 += 1;
+            }
+        }
     }
+    tables.count_collected(removed);
     recount_shares(tables, &live);
-    n
+    expired.len()
 }
 
 /// The datapath adds one per new flow and takes one off when a flow closes, but never hears of
@@ -94,14 +214,18 @@ fn recount_shares(tables: &mut Tables, live: &[(CtKey, CtEntry)]) {
 
 /// Removes every entry: live flows are balanced anew on their next packet.
 pub fn flush(tables: &mut Tables) -> u64 {
-    let mut removed = 0;
-    for map in [&mut tables.tcp, &mut tables.any] {
+    let mut removed = [0u64; 2];
+    for (map, n) in [&mut tables.tcp, &mut tables.any]
+        .into_iter()
+        .zip(&mut removed)
+    {
         let keys: Vec<CtKey> = map.keys().filter_map(|k| k.ok()).collect();
         for k in keys {
             if map.remove(&k).is_ok() {
-                removed += 1;
+                *n += 1;
             }
         }
     }
-    removed
+    tables.count_collected((removed[0], removed[1]));
+    removed[0] + removed[1]
 }

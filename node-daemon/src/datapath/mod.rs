@@ -133,6 +133,7 @@ impl Maps {
                 tcp: open(pin_dir, map_names::CONNTRACK)?,
                 any: open(pin_dir, map_names::CONNTRACK_ANY)?,
                 clients: open(pin_dir, map_names::CT_CLIENTS)?,
+                counters: open(pin_dir, map_names::COUNTERS)?,
             },
             affinity: open(pin_dir, map_names::AFFINITY)?,
             config: open(pin_dir, map_names::CONFIG)?,
@@ -294,6 +295,8 @@ impl Datapath {
                 tcp: take(&mut ebpf, map_names::CONNTRACK)?,
                 any: take(&mut ebpf, map_names::CONNTRACK_ANY)?,
                 clients: take(&mut ebpf, map_names::CT_CLIENTS)?,
+                // A second handle on the counters (pinned by now): the tables' accounting.
+                counters: open(pin_dir, map_names::COUNTERS)?,
             },
             affinity: take(&mut ebpf, map_names::AFFINITY)?,
             config: take(&mut ebpf, map_names::CONFIG)?,

@@ -1,12 +1,21 @@
 //! Conntrack: a forward entry keyed by the client's original tuple (which backend, which NAT) and
 //! a reply entry keyed by the tuple the backend's replies carry (how to restore the frontend).
 
-use aya_ebpf::maps::LruHashMap;
-use tapestry_common::{CtEntry, CtKey, IPPROTO_TCP, ct_direction, ct_flags, ct_lifetime};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    maps::LruHashMap,
+};
+use tapestry_common::{Counter, CtEntry, CtKey, IPPROTO_TCP, ct_direction, ct_flags, ct_lifetime};
 
 use tapestry_ebpf::packet::{Ipv4Packet, TCP_FIN, TCP_RST};
 
-use crate::maps::{CONNTRACK, CONNTRACK_ANY, CT_CLIENTS};
+use crate::{
+    events::count,
+    maps::{CONNTRACK, CONNTRACK_ANY, CT_CLIENTS},
+};
+
+/// `-EEXIST`, what an update with `BPF_NOEXIST` returns for a key the map holds.
+const EEXIST: i32 = 17;
 
 // Live flows one client address may hold (`tapestry_common::CT_SHARE_GLOBAL`, set at load;
 // 0: no limit).
@@ -135,12 +144,46 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
     table(key).get_ptr_mut(key)
 }
 
+/// The counter of `key`'s table among (TCP, the rest).
 #[inline(always)]
-pub fn insert(key: &CtKey, entry: &CtEntry) -> Result<(), i32> {
-    table(key).insert(key, entry, 0)
+fn counter(key: &CtKey, tcp: Counter, other: Counter) -> Counter {
+    if key.proto == IPPROTO_TCP { tcp } else { other }
 }
 
+/// Stores `entry` under `key`. `held`: the caller found an entry under `key` (a stale one it
+/// replaces); otherwise a first try with `BPF_NOEXIST` tells (an LRU update takes a free
+/// element before it looks at the key, so a second try costs one more under pressure: only
+/// where an entry turns out to be there). Every entry stored under a key the table did not
+/// hold is counted (`Counter::ConntrackCreated`), so that what left the table without being
+/// removed by the datapath or the daemon is known: the LRU's evictions, which run no program.
+#[inline(always)]
+pub fn insert(key: &CtKey, entry: &CtEntry, held: bool) -> Result<(), i32> {
+    if held {
+        return table(key).insert(key, entry, BPF_ANY as u64);
+    }
+    match table(key).insert(key, entry, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            count(counter(
+                key,
+                Counter::ConntrackCreated,
+                Counter::ConntrackAnyCreated,
+            ));
+            Ok(())
+        }
+        // Another CPU stored this flow's entry meanwhile (and counted it): replaced.
+        Err(e) if e == -EEXIST => table(key).insert(key, entry, BPF_ANY as u64),
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes `key`'s entry out (counted, `Counter::ConntrackRemoved`); absent is fine.
 #[inline(always)]
 pub fn remove(key: &CtKey) {
-    let _ = table(key).remove(key);
+    if table(key).remove(key).is_ok() {
+        count(counter(
+            key,
+            Counter::ConntrackRemoved,
+            Counter::ConntrackAnyRemoved,
+        ));
+    }
 }

@@ -438,8 +438,10 @@ fn lb4_forward(
     let mut new_flow = true;
     let mut reselect = false;
     let mut chosen: Option<Chosen> = None;
+    let mut fkey_held = false;
 
     if let Some(entry) = conntrack::lookup(&fkey) {
+        fkey_held = true;
         // SAFETY: `entry` comes from a successful lookup: a valid, aligned entry for the rest of
         // the run; copied out at once.
         let e = unsafe { *entry };
@@ -490,7 +492,17 @@ fn lb4_forward(
             if svc.backend_count == 0 {
                 return lb4_no_backend(ctx, pkt, svc, reselect);
             }
-            lb4_new_flow(ctx, pkt, svc, now, &fkey, reselect, from_network, local)?
+            lb4_new_flow(
+                ctx,
+                pkt,
+                svc,
+                now,
+                &fkey,
+                fkey_held,
+                reselect,
+                from_network,
+                local,
+            )?
         }
     };
 
@@ -605,6 +617,7 @@ fn lb4_new_flow(
     svc: &Service,
     now: u64,
     fkey: &CtKey,
+    fkey_held: bool,
     reselect: bool,
     from_network: bool,
     local: bool,
@@ -667,8 +680,11 @@ fn lb4_new_flow(
         nat_peer_port: snat_port.to_ne_bytes(),
         ..reply
     };
-    conntrack::insert(&rkey, &reply).map_err(|_| DropReason::ConntrackFull)?;
-    if conntrack::insert(fkey, &forward).is_err() {
+    // A reply entry under this tuple is rare: a stale one (its flow is gone, the client's port
+    // came back to the same backend port), replaced on the insert's second try; not looked up
+    // first, which every new flow would pay for.
+    conntrack::insert(&rkey, &reply, false).map_err(|_| DropReason::ConntrackFull)?;
+    if conntrack::insert(fkey, &forward, fkey_held).is_err() {
         conntrack::remove(&rkey);
         return Err(DropReason::ConntrackFull);
     }
