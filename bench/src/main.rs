@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -32,8 +31,6 @@ use tapestry_tests::{Lab, Pod};
 const SERVER_PORT: u16 = 8080;
 /// Marks the safety route for the VIP range, so it can be told from anyone else's.
 const ROUTE_PROTO: &str = "199";
-/// One benchmark at a time: the anchors and the route have fixed names.
-const LOCK_PATH: &str = "/run/tapestry-bench.lock";
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -213,23 +210,6 @@ fn require_root() -> Result<()> {
     Ok(())
 }
 
-/// Holds an exclusive flock on [`LOCK_PATH`] while alive.
-struct RunLock(#[allow(dead_code)] std::fs::File);
-
-fn lock_single_run() -> Result<RunLock> {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(LOCK_PATH)
-        .with_context(|| format!("opening {LOCK_PATH}"))?;
-    // SAFETY: flock on our own descriptor; released when the file closes.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!("another tapestry-bench is running (it holds {LOCK_PATH})");
-    }
-    Ok(RunLock(f))
-}
-
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
@@ -344,7 +324,7 @@ impl Drop for Guard {
 
 fn cleanup_leftovers() -> Result<()> {
     require_root()?;
-    let _lock = lock_single_run()?;
+    let _lock = tapestry_bench::lock_single_run("tapestry-bench", Duration::ZERO, &|| false)?;
     let a = Anchors {
         netns: None,
         iptables: IptablesBackend::detect()?,
@@ -595,7 +575,7 @@ fn run(args: RunArgs) -> Result<()> {
     if args.rounds == 0 || args.seconds <= 0.0 || args.backends == 0 || args.backends > 1000 {
         bail!("--rounds, --seconds and --backends (1..=1000) must be positive");
     }
-    let _lock = lock_single_run()?;
+    let _lock = tapestry_bench::lock_single_run("tapestry-bench", Duration::ZERO, &|| false)?;
     install_signal_handlers();
     let want = |f: Family| args.only.is_empty() || args.only.contains(&f);
 

@@ -15,12 +15,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Parser;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -29,8 +27,6 @@ use tapestry_bench::quick;
 use tapestry_bench::report::{merge_summary, write_atomic};
 use tapestry_tests::node::{self, Node};
 
-/// Shared with the other benchmarks: one at a time on the machine.
-const LOCK_PATH: &str = "/run/tapestry-bench.lock";
 const WAVE_TIMEOUT: Duration = Duration::from_secs(180);
 
 #[derive(Parser)]
@@ -98,7 +94,10 @@ fn run(args: Args) -> Result<()> {
     } else {
         node::require_tapestry().map_err(|e| anyhow::anyhow!("{e} (run `make images` first)"))?;
     }
-    let _lock = lock()?;
+    let _lock =
+        tapestry_bench::lock_single_run("tapestry-bench-node", Duration::from_secs(600), &|| {
+            false
+        })?;
     std::fs::create_dir_all(&args.out)?;
 
     eprintln!("tapestry-bench-node: starting the node");
@@ -126,26 +125,6 @@ fn run(args: Args) -> Result<()> {
     node.stop()?;
 
     report(&args, &[primary, chain])
-}
-
-fn lock() -> Result<File> {
-    let f = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(LOCK_PATH)
-        .with_context(|| format!("opening {LOCK_PATH}"))?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        // SAFETY: flock on our own descriptor; released when the file closes.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(f);
-        }
-        if Instant::now() > deadline {
-            bail!("another benchmark holds {LOCK_PATH}");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// Creates `args.pods` pods in waves, waits for each wave to run, deletes them, and reads their

@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,8 +36,6 @@ use tapestry_tests::Lab;
 use tapestry_tests::cni::RuntimeConf;
 use tapestry_tests::daemon::Daemon;
 
-/// Shared with `tapestry-bench`: one benchmark at a time on the machine.
-const LOCK_PATH: &str = "/run/tapestry-bench.lock";
 /// `proto` of the blackhole route for the test destination (the datapath bench uses 199).
 const ROUTE_PROTO: &str = "197";
 /// Name given to the daemon harness: its files are `<tmp>/tapestry-vmbench-<pid>-<n>`.
@@ -190,31 +187,8 @@ fn require_root() -> Result<()> {
     tapestry_tests::require_root_and_bpffs().map_err(anyhow::Error::msg)
 }
 
-struct RunLock(#[allow(dead_code)] std::fs::File);
-
-fn lock_single_run(wait: Duration) -> Result<RunLock> {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(LOCK_PATH)
-        .with_context(|| format!("opening {LOCK_PATH}"))?;
-    let deadline = Instant::now() + wait;
-    let mut said = false;
-    loop {
-        // SAFETY: flock on our own descriptor; released when the file closes.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(RunLock(f));
-        }
-        if Instant::now() >= deadline || STOP.load(Ordering::SeqCst) {
-            bail!("another benchmark holds {LOCK_PATH}; not running two at once");
-        }
-        if !said {
-            eprintln!("tapestry-bench-vm: waiting for another benchmark ({LOCK_PATH})");
-            said = true;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+fn lock_single_run(wait: Duration) -> Result<std::fs::File> {
+    tapestry_bench::lock_single_run("tapestry-bench-vm", wait, &|| STOP.load(Ordering::SeqCst))
 }
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -328,7 +302,7 @@ fn cleanup_dead() -> Vec<String> {
 
 fn cleanup_command() -> Result<()> {
     require_root()?;
-    let _lock = lock_single_run(Duration::from_secs(0))?;
+    let _lock = lock_single_run(Duration::ZERO)?;
     let done = cleanup_dead();
     if done.is_empty() {
         eprintln!("tapestry-bench-vm cleanup: nothing to remove");

@@ -64,7 +64,21 @@ struct Cli {
     /// Only write reliability.md again from the reliability.json there (and fuzz.json).
     #[arg(long)]
     render_only: bool,
+    /// Only these fault rounds (comma-separated), merged into the reliability.json there: its
+    /// other rounds and checks stay as they were.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
+
+/// The fault rounds, in the order they run; the first five share one standalone daemon.
+const SCENARIOS: [&str; 6] = [
+    "kill9",
+    "broken_state_file",
+    "conntrack_pressure",
+    "cni_add_while_down",
+    "add_del_cycles",
+    "apiserver_outage",
+];
 
 const T: Duration = Duration::from_secs(2);
 
@@ -390,17 +404,21 @@ fn apiserver_outage(s: &mut Setup, rate: u64, outage: Duration) -> Result<Value>
     let outage_secs = stopped.elapsed().as_secs_f64();
     cp.restart_apiserver()?;
     let back = Instant::now();
-    // Right away: a third backend. The daemon's watches must list again to see it.
+    // Right away: a third backend, which the daemon's watches see once they resume. Meanwhile
+    // the status must stop saying the API is unreachable.
     k8s_service(&cp, &[be0, be1, &be2])?;
-    let changed = wait_backends(&d, &[be0, be1, &be2], Duration::from_secs(120));
-    let change_to_maps = back.elapsed();
-    let cleared = poll(Duration::from_secs(60), "the outage cleared", || {
-        Ok(d.client()
-            .status()?
-            .last_error
-            .is_none()
-            .then(|| back.elapsed()))
-    });
+    let mut want = vec![be0.ip, be1.ip, be2.ip];
+    want.sort();
+    let (mut changed, mut cleared) = (None, None);
+    while back.elapsed() < Duration::from_secs(120) && (changed.is_none() || cleared.is_none()) {
+        if changed.is_none() && k8s_backends(&d).as_ref() == Some(&want) {
+            changed = Some(back.elapsed());
+        }
+        if cleared.is_none() && d.client().status().is_ok_and(|st| st.last_error.is_none()) {
+            cleared = Some(back.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // The new backend takes new connections through the VIP.
     let mut be2_answered = false;
     for _ in 0..60 {
@@ -414,9 +432,28 @@ fn apiserver_outage(s: &mut Setup, rate: u64, outage: Duration) -> Result<Value>
     let alive = d.pid() == Some(pid)
         && Path::new(&format!("/proc/{pid}")).exists()
         && d.client().healthz().is_ok();
+    let last_error = d.client().status()?.last_error;
     drop(d);
     drop(cp);
     let ms = |d: Duration| (d.as_secs_f64() * 1000.0).round() as u64;
+    let outage_failed = at_restart.1 - at_stop.1;
+    let failures: Vec<&str> = [
+        (outage_failed > 0, "connections failed during the outage"),
+        (!unchanged, "the datapath changed during the outage"),
+        (!alive, "the daemon did not stay up"),
+        (
+            changed.is_none(),
+            "the endpoint change never reached the maps",
+        ),
+        (
+            cleared.is_none(),
+            "the status still says the API is unreachable",
+        ),
+        (!be2_answered, "the new backend took no connection"),
+    ]
+    .into_iter()
+    .filter_map(|(failed, what)| failed.then_some(what))
+    .collect();
     Ok(round(
         "apiserver_outage",
         t,
@@ -424,13 +461,15 @@ fn apiserver_outage(s: &mut Setup, rate: u64, outage: Duration) -> Result<Value>
         json!({
             "outage_seconds": outage_secs,
             "outage_connections_attempted": at_restart.0 - at_stop.0,
-            "outage_connections_failed": at_restart.1 - at_stop.1,
+            "outage_connections_failed": outage_failed,
             "outage_reported_after_ms": ms(reported),
             "datapath_unchanged_during_outage": unchanged,
             "daemon_stayed_up": alive,
-            "endpoint_change_to_maps_ms": changed.as_ref().ok().map(|_| ms(change_to_maps)),
-            "error_cleared_after_ms": cleared.as_ref().ok().map(|d| ms(*d)),
+            "endpoint_change_to_maps_ms": changed.map(ms),
+            "error_cleared_after_ms": cleared.map(ms),
             "new_backend_answered": be2_answered,
+            "last_error_at_end": last_error,
+            "failures": failures,
         }),
     ))
 }
@@ -684,27 +723,74 @@ fn main() -> Result<()> {
         std::fs::write(cli.report.join("reliability.md"), table(&report))?;
         return Ok(());
     }
+    if let Some(bad) = cli.only.iter().find(|o| !SCENARIOS.contains(&o.as_str())) {
+        bail!("--only {bad}: the scenarios are {}", SCENARIOS.join(", "));
+    }
+    let want = |n: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == n);
+    let _lock = tapestry_bench::lock_single_run(
+        "tapestry-reliability",
+        Duration::from_secs(1800),
+        &|| false,
+    )?;
     let (secs, cycles) = if cli.quick { (9, 20) } else { (60, 200) };
     let mut s = Setup::new()?;
-    let mut d = Daemon::start("reliab", &s.state(), &s.interfaces())?;
-    let mut faults = vec![kill9(&s, &mut d, cli.rate, secs)?];
-    faults.push(broken_state_file(&s, &mut d, cli.rate, secs.min(15))?);
-    faults.push(conntrack_pressure(&s, &d, cli.rate, secs.min(10))?);
-    faults.push(cni_add_while_down(&s, &mut d)?);
-    faults.push(add_del_cycles(&s, &mut d, cycles)?);
-    // The Kubernetes-mode daemon takes the same pods' interfaces: the standalone one goes first.
-    drop(d);
-    faults.push(apiserver_outage(
-        &mut s,
-        cli.rate,
-        Duration::from_secs(if cli.quick { 10 } else { 60 }),
-    )?);
+    let mut faults = Vec::new();
+    if SCENARIOS[..5].iter().any(|n| want(n)) {
+        let mut d = Daemon::start("reliab", &s.state(), &s.interfaces())?;
+        if want("kill9") {
+            faults.push(kill9(&s, &mut d, cli.rate, secs)?);
+        }
+        if want("broken_state_file") {
+            faults.push(broken_state_file(&s, &mut d, cli.rate, secs.min(15))?);
+        }
+        if want("conntrack_pressure") {
+            faults.push(conntrack_pressure(&s, &d, cli.rate, secs.min(10))?);
+        }
+        if want("cni_add_while_down") {
+            faults.push(cni_add_while_down(&s, &mut d)?);
+        }
+        if want("add_del_cycles") {
+            faults.push(add_del_cycles(&s, &mut d, cycles)?);
+        }
+        // The Kubernetes-mode daemon takes the same pods' interfaces: this one goes first.
+    }
+    if want("apiserver_outage") {
+        let outage = Duration::from_secs(if cli.quick { 10 } else { 60 });
+        faults.push(apiserver_outage(&mut s, cli.rate, outage)?);
+    }
     s.lab.destroy()?;
+    for r in &mut faults {
+        r["quick"] = json!(cli.quick);
+    }
 
+    // Only some rounds: the others stay as the last report has them.
+    let previous: Option<Value> = (!cli.only.is_empty())
+        .then(|| std::fs::read_to_string(cli.report.join("reliability.json")).ok())
+        .flatten()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    if let Some(rounds) = previous.as_ref().and_then(|p| p["faults"].as_array()) {
+        let mut merged: Vec<Value> = rounds
+            .iter()
+            .map(|old| {
+                faults
+                    .iter()
+                    .find(|new| new["scenario"] == old["scenario"])
+                    .unwrap_or(old)
+                    .clone()
+            })
+            .collect();
+        for new in &faults {
+            if !merged.iter().any(|m| m["scenario"] == new["scenario"]) {
+                merged.push(new.clone());
+            }
+        }
+        faults = merged;
+    }
     let fuzz = read_fuzz(&cli.report).unwrap_or(Value::Null);
-    let checks = match &cli.test_lines {
-        Some(p) => test_lines(p)?,
-        None => json!({}),
+    let checks = match (&cli.test_lines, &previous) {
+        (Some(p), _) => test_lines(p)?,
+        (None, Some(prev)) => prev["checks"].clone(),
+        (None, None) => json!({}),
     };
     let failed_connections: u64 = faults
         .iter()
@@ -718,7 +804,6 @@ fn main() -> Result<()> {
         .map(|r| r["leaks"].as_u64().unwrap_or(0))
         .sum();
     let report = json!({
-        "quick": cli.quick,
         "fuzz": fuzz,
         "checks": checks,
         "faults": faults,
@@ -735,5 +820,22 @@ fn main() -> Result<()> {
         "reliability: {failed_connections} failed connections, {leaks} leaks; {}",
         cli.report.join("reliability.md").display()
     );
+    // A round that checks its own outcome lists what went wrong (its `failures`).
+    let failed: Vec<String> = report["faults"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| {
+            let name = r["scenario"].as_str().unwrap_or("?").to_owned();
+            r["failures"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |f| format!("{name}: {}", f.as_str().unwrap_or("?")))
+        })
+        .collect();
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
+    }
     Ok(())
 }
