@@ -284,7 +284,7 @@ fn conntrack_pressure(s: &Setup, d: &Daemon, rate: u64, secs: u64) -> Result<Val
             "entries_at_end": after.entries,
             // As the daemon reports them: entries the datapath stored and neither it nor the
             // daemon removed that are gone.
-            "evicted": after.evicted.unwrap_or(0) - before.evicted.unwrap_or(0),
+            "evicted": after.evicted.unwrap_or(0).saturating_sub(before.evicted.unwrap_or(0)),
         }),
     ))
 }

@@ -35,8 +35,8 @@ pub struct Tables {
     pub counters: PerCpuArray<MapData, u64>,
 }
 
-/// What left the tables other than by eviction, per table: (created, removed by the datapath,
-/// removed by the daemon).
+/// The tables' accounting, per table (TCP, the rest): what went in (created by the datapath),
+/// and what came out other than by eviction (removed by the datapath, by the daemon).
 const ACCOUNTING: [[Counter; 3]; 2] = [
     [
         Counter::ConntrackCreated,

@@ -33,7 +33,8 @@
 //! state is published again, and the reconciler writes only the difference. A failed watch
 //! retries every 5 s at most (10 with jitter), and resumes from its resource version, so the
 //! changes made meanwhile arrive as soon as it is back; the status stops saying the API is
-//! unreachable once the watch has stopped failing for longer than a retry takes.
+//! unreachable once the watch has stopped failing for longer than a retry takes and a list of
+//! its kind answers (an apiserver that hangs instead of refusing stays unreachable).
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -83,9 +84,12 @@ const RETRY_MIN: Duration = Duration::from_millis(800);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// A watch that resumes after a failure says nothing (it starts watching again from its
-/// resource version, with no event until an object changes), and every failed retry is an
-/// error, at most twice [`RETRY_MAX`] apart: a failing watch quiet for longer is watching again.
+/// resource version, with no event until an object changes), while every failed retry is an
+/// error, at most twice [`RETRY_MAX`] apart when the apiserver refuses. A failing watch quiet
+/// for longer has resumed, or hangs on an apiserver that does not answer: a list of its kind,
+/// within [`PROBE_TIMEOUT`], tells which.
 const RESUMED_AFTER: Duration = Duration::from_secs(11);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The watches' backoff ([`RETRY_MIN`], [`RETRY_MAX`]).
 fn retry() -> ResetTimerBackoff<watcher::ExponentialBackoff> {
@@ -142,6 +146,22 @@ fn seen<K>(which: u8) -> impl FnMut(Result<watcher::Event<K>, watcher::Error>) -
 const SERVICES: u8 = 1;
 const SLICES: u8 = 2;
 const NODES: u8 = 4;
+
+/// Whether the API lists (one object of) what watch `which` watches.
+async fn lists(client: Client, which: u8) -> kube::Result<()> {
+    let one = kube::api::ListParams::default().limit(1);
+    match which {
+        SERVICES => Api::<Service>::all(client)
+            .list_metadata(&one)
+            .await
+            .map(drop),
+        SLICES => Api::<EndpointSlice>::all(client)
+            .list_metadata(&one.labels(&SLICE_SELECTOR))
+            .await
+            .map(drop),
+        _ => Api::<Node>::all(client).list_metadata(&one).await.map(drop),
+    }
+}
 
 /// The `kubernetes` Service: its endpoints are the apiserver's own addresses.
 const APISERVER_SERVICE: (&str, &str) = ("default", "kubernetes");
@@ -236,6 +256,10 @@ impl StateSource for KubernetesSource {
         let mut problems_logged: HashSet<String> = HashSet::new();
         let mut quiet_tick = tokio::time::interval(Duration::from_secs(1));
         quiet_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Probes of quiet failing watches: (watch, its error's time when asked, answered).
+        let (probe_tx, mut probe_rx) =
+            tokio::sync::mpsc::unbounded_channel::<(u8, tokio::time::Instant, bool)>();
+        let mut probing = 0u8;
         info!(source = %describe, "watching Services, EndpointSlices and Nodes");
         loop {
             let first = tokio::select! {
@@ -243,14 +267,39 @@ impl StateSource for KubernetesSource {
                     Some(ev) => Some(ev),
                     None => bail!("{describe}: the watches ended"),
                 },
-                _ = quiet_tick.tick(), if !failing.is_empty() => {
-                    let before = failing.len();
-                    failing.retain(|_, (_, at)| at.elapsed() < RESUMED_AFTER);
-                    if failing.len() == before {
+                Some((which, asked_at, answered)) = probe_rx.recv() => {
+                    probing &= !which;
+                    // Not failed again meanwhile: its error is the one the probe was about.
+                    let quiet = failing.get(&which).is_some_and(|(_, at)| *at == asked_at);
+                    if !quiet {
                         continue;
                     }
-                    info!(source = %describe, "a failed Kubernetes API watch is watching again");
-                    None
+                    if answered {
+                        failing.remove(&which);
+                        info!(source = %describe, watch = which, "Kubernetes API answers again: the failed watch is watching");
+                        None
+                    } else {
+                        // Hanging, not refusing: still failing; asked again after another spell.
+                        if let Some((_, at)) = failing.get_mut(&which) {
+                            *at = tokio::time::Instant::now();
+                        }
+                        continue;
+                    }
+                }
+                _ = quiet_tick.tick(), if !failing.is_empty() => {
+                    for (&which, (_, at)) in &failing {
+                        if probing & which == 0 && at.elapsed() >= RESUMED_AFTER {
+                            probing |= which;
+                            let (client, tx, at) = (self.client.clone(), probe_tx.clone(), *at);
+                            tokio::spawn(async move {
+                                let answered = tokio::time::timeout(PROBE_TIMEOUT, lists(client, which))
+                                    .await
+                                    .is_ok_and(|r| r.is_ok());
+                                let _ = tx.send((which, at, answered));
+                            });
+                        }
+                    }
+                    continue;
                 }
             };
             // Which watches saw a change (Nodes count only when their addresses changed).
