@@ -388,8 +388,15 @@ pub struct VmAttachment {
 #[serde(rename_all = "camelCase")]
 pub struct IncomingMigration {
     /// The source VM pod, in the target pod's namespace (its `tapestry.dev/migration-source`
-    /// annotation).
+    /// annotation). Empty for a KubeVirt target ([`IncomingMigration::kubevirt_job`]): the
+    /// daemon finds the source and fills it in.
+    #[serde(default)]
     pub source_pod: String,
+    /// A KubeVirt migration target's job (its `kubevirt.io/migrationJobName` annotation):
+    /// KubeVirt does not name the source pod, so the daemon looks it up (the other running pod
+    /// of the same VMI, by its `kubevirt.io/created-by` label).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubevirt_job: Option<String>,
     /// The node the source's Guest is on: filled in by the daemon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_node: Option<String>,
@@ -478,6 +485,18 @@ pub struct GuestInfo {
     pub migration: Option<GuestArrival>,
 }
 
+/// A guest's last move by live migration, as every node's daemon follows it (the Guest with
+/// the newest switch-over for the address).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestMove {
+    pub from_node: String,
+    pub to_node: String,
+    /// When the guest went live on `to_node` (RFC 3339), and as Unix milliseconds.
+    pub switchover: String,
+    pub switchover_unix_ms: u64,
+}
+
 /// A guest's arrival by live migration, as its target node's datapath saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -525,9 +544,16 @@ pub struct FlowRecord {
     /// The client's node, where known: the node that balanced the flow (the one reporting it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub src_node: Option<String>,
-    /// The backend's node, where known (as in [`BackendInfo::node`]).
+    /// The backend's node, where known (as in [`BackendInfo::node`]; for a guest that moved
+    /// by live migration, the node it moved to).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_node: Option<String>,
+    /// The source's and the backend's last move by live migration, when the address is a
+    /// guest's that moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_moved: Option<GuestMove>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_moved: Option<GuestMove>,
     pub drop_reason: Option<String>,
     pub ifindex: u32,
     /// The datapath's service id (0 when none).

@@ -500,6 +500,8 @@ fn flow_records() -> Vec<FlowRecord> {
         backend_identity: id("vm", "web-vm", Some("default")),
         src_node: Some("node-1".into()),
         backend_node: Some("node-1".into()),
+        src_moved: None,
+        backend_moved: None,
         drop_reason: None,
         ifindex: 14,
         service_id: 1,
@@ -546,6 +548,21 @@ fn flow_records() -> Vec<FlowRecord> {
             backend: Some("10.240.0.5:8080".into()),
             backend_identity: id("pod", "web-1", Some("default")),
             backend_node: Some("node-2".into()),
+            ..base.clone()
+        },
+        // A backend that moved to node-3 by live migration.
+        FlowRecord {
+            seq: 45,
+            time: "2025-11-25T19:30:04.250Z".into(),
+            unix_ms: 1_764_099_004_250,
+            src: "10.240.0.3:43400".into(),
+            backend_node: Some("node-3".into()),
+            backend_moved: Some(tapestry_api::types::GuestMove {
+                from_node: "node-1".into(),
+                to_node: "node-3".into(),
+                switchover: "2025-11-25T19:29:58.040Z".into(),
+                switchover_unix_ms: 1_764_098_998_040,
+            }),
             ..base
         },
     ]
@@ -743,7 +760,7 @@ fn flow_filters() {
     let fl = flow_records();
     let resp = tapestry_api::types::FlowsResponse {
         flows: fl.clone(),
-        next: 45,
+        next: 46,
         lost: 0,
     };
     let seqs = |filter: flows::Filter, cutoff: Option<u64>, last: Option<usize>| -> Vec<u64> {
@@ -753,9 +770,9 @@ fn flow_filters() {
             .collect()
     };
     let all = flows::Filter::default();
-    assert_eq!(seqs(all.clone(), None, None), [41, 42, 43, 44]);
-    assert_eq!(seqs(all.clone(), None, Some(2)), [43, 44]);
-    assert_eq!(seqs(all, Some(1_764_099_002_000), None), [43, 44]);
+    assert_eq!(seqs(all.clone(), None, None), [41, 42, 43, 44, 45]);
+    assert_eq!(seqs(all.clone(), None, Some(2)), [44, 45]);
+    assert_eq!(seqs(all, Some(1_764_099_002_000), None), [43, 44, 45]);
     let f = |service: Option<&str>, guest: Option<&str>, pod: Option<&str>| flows::Filter {
         service: service.map(Into::into),
         guest: guest.map(Into::into),
@@ -763,10 +780,10 @@ fn flow_filters() {
         ..Default::default()
     };
     assert_eq!(seqs(f(Some("dns"), None, None), None, None), [42]);
-    assert_eq!(seqs(f(None, Some("web-vm"), None), None, None), [41, 42]);
+    assert_eq!(seqs(f(None, Some("web-vm"), None), None, None), [41, 42, 45]);
     assert_eq!(
         seqs(f(None, Some("default/web-vm"), None), None, None),
-        [41, 42]
+        [41, 42, 45]
     );
     assert_eq!(seqs(f(None, None, Some("web-1")), None, None), [44]);
     assert_eq!(

@@ -143,18 +143,34 @@ pub struct GuestInputs<'a> {
     /// address): they tell whether the pod's subnet is on-link (a bridge) or routed through
     /// the gateway (ptp, Calico), and the guest must see the same.
     pub pod_routes: &'a [PodRoute],
-    /// A migration target's source pod ([`migration_source`]).
-    pub migration_source: Option<String>,
+    /// A migration target's source ([`migration_source`]).
+    pub migration_source: Option<IncomingMigration>,
 }
 
-/// The source VM pod of a live migration's target pod: its
-/// `tapestry.dev/migration-source` annotation.
-pub fn migration_source(conf: &NetConf) -> Option<String> {
-    conf.runtime_config
-        .pod_annotations
-        .get(tapestry_k8s::names::annotations::MIGRATION_SOURCE)
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
+/// Where a live migration's target pod's guest comes from: the source VM pod its
+/// `tapestry.dev/migration-source` annotation names or, on a KubeVirt target pod (annotated
+/// `kubevirt.io/migrationJobName`, which names no source), the job, from which the daemon finds
+/// the source.
+pub fn migration_source(conf: &NetConf) -> Option<IncomingMigration> {
+    let annotation = |key: &str| {
+        conf.runtime_config
+            .pod_annotations
+            .get(key)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(source_pod) = annotation(tapestry_k8s::names::annotations::MIGRATION_SOURCE) {
+        return Some(IncomingMigration {
+            source_pod,
+            kubevirt_job: None,
+            source_node: None,
+        });
+    }
+    annotation(tapestry_k8s::names::kubevirt::MIGRATION_JOB_NAME).map(|job| IncomingMigration {
+        source_pod: String::new(),
+        kubevirt_job: Some(job),
+        source_node: None,
+    })
 }
 
 /// Puts the guest's address (`guest_ip`, from the daemon) in place of the primary's IPv4
@@ -235,10 +251,7 @@ pub fn attachment(inputs: GuestInputs<'_>) -> Result<VmAttachment> {
         dns: dns(inputs.conf, inputs.prev),
         hostname: inputs.hostname,
         queues: inputs.queues,
-        migration: inputs.migration_source.map(|source_pod| IncomingMigration {
-            source_pod,
-            source_node: None,
-        }),
+        migration: inputs.migration_source,
     })
 }
 
@@ -454,6 +467,34 @@ mod tests {
         assert_eq!(
             hostname(&annotated(json!({})), &args).as_deref(),
             Some("virt-launcher-vm1-abcde")
+        );
+    }
+
+    #[test]
+    fn a_migration_target_is_tapestrys_annotation_or_a_kubevirt_job() {
+        assert_eq!(migration_source(&annotated(json!({}))), None);
+        // KubeVirt's target pod names its job, not its source: the daemon finds the source.
+        let kubevirt = migration_source(&annotated(json!({
+            "kubevirt.io/migrationJobName": "kubevirt-evacuation-x7k2p",
+            "kubevirt.io/domain": "vm1"})))
+        .unwrap();
+        assert_eq!(kubevirt.source_pod, "");
+        assert_eq!(
+            kubevirt.kubevirt_job.as_deref(),
+            Some("kubevirt-evacuation-x7k2p")
+        );
+        // Tapestry's own annotation names the source and wins.
+        let both = migration_source(&annotated(json!({
+            "kubevirt.io/migrationJobName": "job",
+            "tapestry.dev/migration-source": " virt-launcher-vm1-abcde "})))
+        .unwrap();
+        assert_eq!(both.source_pod, "virt-launcher-vm1-abcde");
+        assert_eq!(both.kubevirt_job, None);
+        assert_eq!(
+            migration_source(&annotated(
+                json!({"tapestry.dev/migration-source": "  ", "kubevirt.io/migrationJobName": ""})
+            )),
+            None
         );
     }
 

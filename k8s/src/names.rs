@@ -73,6 +73,17 @@ pub mod annotations {
     pub const MIGRATION_SOURCE: &str = "tapestry.dev/migration-source";
 }
 
+/// What KubeVirt puts on its virt-launcher pods (kubevirt/kubevirt
+/// staging/src/kubevirt.io/api/core/v1/types.go).
+pub mod kubevirt {
+    /// Annotation on a migration's target pod: the VirtualMachineInstanceMigration's name.
+    pub const MIGRATION_JOB_NAME: &str = "kubevirt.io/migrationJobName";
+    /// Label on a migration's target pod: the VirtualMachineInstanceMigration's uid.
+    pub const MIGRATION_JOB_UID: &str = "kubevirt.io/migrationJobUID";
+    /// Label on every virt-launcher pod: its VMI's uid (the source and the target share it).
+    pub const CREATED_BY: &str = "kubevirt.io/created-by";
+}
+
 /// Field manager of the node daemon's migration records (a Guest's `status.migration`).
 pub const MIGRATION_FIELD_MANAGER: &str = "tapestryd-migration";
 

@@ -59,6 +59,8 @@ pub fn decode(e: &FlowEvent, seq: u64, now: SystemTime) -> FlowRecord {
         backend_identity: None,
         src_node: None,
         backend_node: None,
+        src_moved: None,
+        backend_moved: None,
         drop_reason: (e.kind == event_kind::DROP)
             .then(|| DropReason::from_u32(e.reason).map(|r| r.name().to_owned()))
             .flatten(),

@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use aya::maps::MapError;
 use tapestry_api::types::{
     Algorithm, AttachmentInfo, BackendInfo, BackendKind, BackendState, ConntrackEntry,
-    EndpointKind, FlowDirection, FlowKind, FlowRecord, FlowsResponse, GuestInfo, Identity, MapFill,
+    EndpointKind, FlowDirection, FlowKind, FlowRecord, FlowsResponse, GuestInfo, GuestMove, Identity, MapFill,
     Mode, Protocol, ServiceInfo, SessionAffinity, Status, Traffic,
 };
 use tapestry_common::{
@@ -79,6 +79,8 @@ struct Whereabouts {
     local_ips: HashSet<Ipv4Addr>,
     /// Nodes by backend address, as the desired state names them.
     named: HashMap<Ipv4Addr, String>,
+    /// Guests that moved by live migration: where each address lives now.
+    moved: BTreeMap<Ipv4Addr, GuestMove>,
 }
 
 impl Whereabouts {
@@ -89,8 +91,12 @@ impl Whereabouts {
             .or_else(|| self.local_ips.contains(&ip).then(|| self.local.clone())?)
     }
 
-    /// The node of any address: named by the desired state, or local.
+    /// The node of any address: where it moved last, else named by the desired state, or
+    /// local.
     fn node_of(&self, ip: Ipv4Addr) -> Option<String> {
+        if let Some(m) = self.moved.get(&ip) {
+            return Some(m.to_node.clone());
+        }
         self.node(ip, self.named.get(&ip).map(String::as_str))
     }
 
@@ -109,11 +115,10 @@ impl Whereabouts {
         } else {
             ip_of(&f.src).and_then(|ip| self.node_of(ip))
         };
-        f.backend_node = f
-            .backend
-            .as_deref()
-            .and_then(ip_of)
-            .and_then(|ip| self.node_of(ip));
+        let backend = f.backend.as_deref().and_then(ip_of);
+        f.backend_node = backend.and_then(|ip| self.node_of(ip));
+        f.backend_moved = backend.and_then(|ip| self.moved.get(&ip).cloned());
+        f.src_moved = ip_of(&f.src).and_then(|ip| self.moved.get(&ip).cloned());
     }
 }
 
@@ -419,6 +424,12 @@ impl Views {
             local: self.node_name(),
             local_ips: self.local_ips(),
             named,
+            moved: self
+                .endpoints
+                .moves()
+                .iter()
+                .map(|(ip, o)| (*ip, o.as_move()))
+                .collect(),
         }
     }
 
@@ -504,6 +515,7 @@ mod tests {
             local: Some("node-a".into()),
             local_ips: HashSet::from([Ipv4Addr::new(10, 1, 0, 5)]),
             named: HashMap::from([(Ipv4Addr::new(10, 2, 0, 7), "node-b".to_owned())]),
+            moved: BTreeMap::new(),
         }
     }
 
@@ -528,6 +540,8 @@ mod tests {
             backend_identity: None,
             src_node: None,
             backend_node: None,
+            src_moved: None,
+            backend_moved: None,
             drop_reason: None,
             ifindex: 4,
             service_id,
@@ -583,5 +597,38 @@ mod tests {
         let mut f = flow(FlowKind::Drop, 0, "198.51.100.1:443", None);
         p.name_flow(&mut f);
         assert_eq!(f.src_node, None);
+    }
+
+    #[test]
+    fn a_guest_that_moved_is_where_it_moved_to_whatever_the_state_says() {
+        let mut p = place();
+        let guest = Ipv4Addr::new(10, 2, 0, 7);
+        let moved = GuestMove {
+            from_node: "node-b".into(),
+            to_node: "node-c".into(),
+            switchover: "2026-12-04T04:00:00.5Z".into(),
+            switchover_unix_ms: 1_796_356_800_500,
+        };
+        p.moved.insert(guest, moved.clone());
+        // The slice may still name the source's node: the move is what routes it.
+        let mut f = flow(FlowKind::New, 1, "10.9.0.3:40000", Some("10.2.0.7:8080"));
+        p.name_flow(&mut f);
+        assert_eq!(f.backend_node.as_deref(), Some("node-c"));
+        assert_eq!(f.backend_moved.as_ref(), Some(&moved));
+        assert_eq!(f.src_moved, None);
+        // The guest as the client of a reply that was dropped.
+        let mut f = flow(FlowKind::Drop, 0, "10.2.0.7:8080", None);
+        p.name_flow(&mut f);
+        assert_eq!(
+            (f.src_node.as_deref(), f.src_moved.as_ref()),
+            (Some("node-c"), Some(&moved))
+        );
+        // Another backend is not touched.
+        let mut f = flow(FlowKind::New, 1, "10.9.0.3:40000", Some("10.1.0.5:8080"));
+        p.name_flow(&mut f);
+        assert_eq!(
+            (f.backend_node.as_deref(), f.backend_moved),
+            (Some("node-a"), None)
+        );
     }
 }

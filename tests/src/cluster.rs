@@ -106,6 +106,17 @@ impl Node {
     }
 }
 
+/// How a live migration's target pod says where its guest comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetMark {
+    /// `tapestry.dev/migration-source: <source pod>`.
+    Tapestry,
+    /// What KubeVirt writes (`kubevirt.io/migrationJobName`, the `kubevirt.io/migrationJobUID`
+    /// label, the VMI's `kubevirt.io/created-by` label shared with the source): the daemon
+    /// finds the source.
+    KubeVirt,
+}
+
 /// How a pod's sandbox is plumbed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plumbing {
@@ -338,8 +349,8 @@ impl Cluster {
         Ok(pod)
     }
 
-    /// A live migration's target VM pod on `node` for the guest of VM pod `source` (annotated
-    /// `tapestry.dev/migration-source` and `tapestry.dev/vm`, so it has the readiness gate when
+    /// A live migration's target VM pod on `node` for the guest of VM pod `source` (marked as
+    /// `mark` says, and annotated `tapestry.dev/vm`, so it has the readiness gate when
     /// [`Cluster::install_readiness_gate`] ran), with an incoming QEMU on its tap waiting for
     /// the source's migration ([`Guest::boot_incoming_in`], configured as the source's QEMU:
     /// the guest's name `guest_name` and MAC `guest_mac`); then
@@ -351,11 +362,29 @@ impl Cluster {
         name: &str,
         labels: Value,
         source: &str,
+        mark: TargetMark,
         guest_name: &str,
         guest_mac: [u8; 6],
     ) -> Result<(Pod, Guest)> {
-        let annotations = json!({"tapestry.dev/vm": "true",
-                                 tapestry_k8s::names::annotations::MIGRATION_SOURCE: source});
+        let mut labels = labels;
+        let annotations = match mark {
+            TargetMark::Tapestry => json!({"tapestry.dev/vm": "true",
+                                 tapestry_k8s::names::annotations::MIGRATION_SOURCE: source}),
+            TargetMark::KubeVirt => {
+                use tapestry_k8s::names::kubevirt;
+                if labels.get(kubevirt::CREATED_BY).is_none() {
+                    bail!(
+                        "a KubeVirt-marked target needs the source's labels to carry {}",
+                        kubevirt::CREATED_BY
+                    );
+                }
+                // What virt-controller's migration target pod carries: the job's uid as a
+                // label and its name as an annotation; the source is not named.
+                labels[kubevirt::MIGRATION_JOB_UID] = json!(format!("uid-{name}"));
+                json!({"tapestry.dev/vm": "true",
+                       kubevirt::MIGRATION_JOB_NAME: format!("migration-{name}")})
+            }
+        };
         let pod = self.add_pod_inner(node, name, labels, Plumbing::Vm, annotations)?;
         let guest =
             Guest::boot_incoming_in(&pod.netns_path, GuestConfig::new(guest_name, guest_mac))?;

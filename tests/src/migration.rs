@@ -28,7 +28,7 @@ use serde_json::Value;
 
 use crate::{
     Pod,
-    cluster::{Cluster, NAMESPACE},
+    cluster::{Cluster, NAMESPACE, TargetMark},
     guest::{Guest, MigrationInfo},
     net, poll,
 };
@@ -88,8 +88,26 @@ impl Cluster {
     /// Moves `vm` into a new VM pod `name` on node `to` by live migration (module docs);
     /// returns the guest in its new pod. The source pod is gone afterwards.
     pub fn migrate(&mut self, vm: Vm, to: usize, name: &str) -> Result<(Vm, Moved)> {
-        let (pod, guest) =
-            self.add_migration_target(to, name, vm.labels.clone(), &vm.pod.name, &vm.name, vm.mac)?;
+        self.migrate_marked(vm, to, name, TargetMark::Tapestry)
+    }
+
+    /// [`Cluster::migrate`], with the target pod marked as `mark` says.
+    pub fn migrate_marked(
+        &mut self,
+        vm: Vm,
+        to: usize,
+        name: &str,
+        mark: TargetMark,
+    ) -> Result<(Vm, Moved)> {
+        let (pod, guest) = self.add_migration_target(
+            to,
+            name,
+            vm.labels.clone(),
+            &vm.pod.name,
+            mark,
+            &vm.name,
+            vm.mac,
+        )?;
         if pod.ip != vm.ip {
             bail!(
                 "the migration target {name} got {} from the CNI chain, not the guest's {}",

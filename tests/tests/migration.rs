@@ -10,7 +10,7 @@ use std::{
 
 use serde_json::json;
 use tapestry_tests::{
-    cluster::{Cluster, Plumbing},
+    cluster::{Cluster, Plumbing, TargetMark},
     guest::{Guest, GuestConfig, MigrationStatus},
     migration::{BackendWatch, ConnectLoop, StreamClient, Vm},
     poll,
@@ -44,6 +44,9 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
     tapestry_tests::require_k8s!();
     tapestry_tests::require_qemu!();
     let mut c = Cluster::start("cluster-migrate", 3).unwrap();
+    // The clients' node records flow events: `tapestry flows` there shows the guest's moves.
+    c.nodes[0].daemon.add_extra_args(&["--flow-events"]);
+    c.nodes[0].daemon.restart().unwrap();
     c.install_readiness_gate().unwrap();
     let _kubelet = c.kubelet_readiness().unwrap();
 
@@ -70,13 +73,15 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
     ])
     .unwrap();
 
-    let labels = json!({"app": "vm"});
+    // Labelled as KubeVirt labels a virt-launcher pod (its VMI's uid), so that every other
+    // target can be marked as KubeVirt marks one, naming no source.
+    let labels = json!({"app": "vm", tapestry_k8s::names::kubevirt::CREATED_BY: "vmi-uid-1"});
     let pod = c
         .add_pod_with(1, "vm-0", labels.clone(), Plumbing::AnnotatedVm)
         .unwrap();
     let mut guest = Guest::boot_in(&pod.netns_path, GuestConfig::new("vm", pod.mac)).unwrap();
     guest.wait_ready(Duration::from_secs(180)).unwrap();
-    let vm_vip = c.add_service("vm", labels.clone()).unwrap();
+    let vm_vip = c.add_service("vm", json!({"app": "vm"})).unwrap();
     c.wait_backends("vm", &[pod.addr(8080)], Duration::from_secs(60))
         .unwrap();
     let mut web_addrs: Vec<_> = web.iter().map(|w| w.addr(8080)).collect();
@@ -119,7 +124,16 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
     let mut moves = Vec::new();
     for i in 1..=MIGRATIONS {
         let to = if vm.node == 1 { 2 } else { 1 };
-        let (moved_vm, moved) = c.migrate(vm, to, &format!("vm-{i}")).unwrap();
+        // Odd moves name their source (tapestry.dev/migration-source), even ones are marked as
+        // KubeVirt marks its targets, and the daemon finds the source; the last is such a one.
+        let mark = if i % 2 == 0 {
+            TargetMark::KubeVirt
+        } else {
+            TargetMark::Tapestry
+        };
+        let (moved_vm, moved) = c
+            .migrate_marked(vm, to, &format!("vm-{i}"), mark)
+            .unwrap();
         vm = moved_vm;
         eprintln!(
             "migration {i}: node-{} -> node-{}: QEMU total {:?} ms, downtime {:?} ms; live \
@@ -263,6 +277,37 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
         "no announce counted on the target's tap"
     );
 
+    // `tapestry flows` on the clients' node: a flow to the guest names the node it is on now
+    // and its last move, whatever node the flow was balanced to.
+    let flows = c.nodes[0].daemon.client().flows(0).unwrap().flows;
+    let to_guest: Vec<_> = flows
+        .iter()
+        .filter(|f| {
+            f.backend
+                .as_deref()
+                .is_some_and(|b| b.starts_with(&format!("{ip}:")))
+        })
+        .collect();
+    assert!(
+        !to_guest.is_empty(),
+        "no flow event to the guest on node-0 ({} events)",
+        flows.len()
+    );
+    for f in &to_guest {
+        let moved = f.backend_moved.as_ref().expect("the guest's move on its flows");
+        assert_eq!(
+            (moved.from_node.as_str(), moved.to_node.as_str()),
+            (
+                c.nodes[last_move.from].name.as_str(),
+                c.nodes[last_move.to].name.as_str()
+            )
+        );
+        assert_eq!(
+            f.backend_node.as_deref(),
+            Some(c.nodes[last_move.to].name.as_str())
+        );
+    }
+
     // A cancelled migration: the target never goes live, nothing moves, and deleting the
     // target takes only its own endpoint.
     let here = vm.node;
@@ -273,6 +318,7 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
             "vm-cancelled",
             vm.labels.clone(),
             &vm.pod.name,
+            TargetMark::Tapestry,
             &vm.name,
             vm.mac,
         )

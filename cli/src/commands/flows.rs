@@ -7,7 +7,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
-use tapestry_api::types::{EndpointKind, FlowKind, FlowRecord, FlowsResponse, Identity, Verdict};
+use tapestry_api::types::{
+    EndpointKind, FlowKind, FlowRecord, FlowsResponse, GuestMove, Identity, Verdict,
+};
 use tapestry_k8s::duration;
 
 use crate::{
@@ -256,17 +258,35 @@ pub fn history<'a>(
     matching.into_iter().skip(skip).collect()
 }
 
-/// ` (pod name on node)`: who an address is and where, as far as the daemon knows.
-fn identity(id: &Option<Identity>, node: Option<&str>, wide: bool) -> String {
+/// ` (pod name on node)`: who an address is and where, as far as the daemon knows; for a
+/// guest that moved by live migration, also from where and when (`, moved from node at time`).
+fn identity(
+    id: &Option<Identity>,
+    node: Option<&str>,
+    moved: Option<&GuestMove>,
+    wide: bool,
+    offset_secs: i64,
+) -> String {
     let who = id.as_ref().map(|id| match (&id.namespace, wide) {
         (Some(ns), true) => format!("{} {ns}/{}", id.kind, id.name),
         _ => format!("{} {}", id.kind, id.name),
     });
-    match (who, node) {
-        (None, None) => String::new(),
-        (Some(who), None) => format!(" ({who})"),
-        (None, Some(node)) => format!(" (on {node})"),
-        (Some(who), Some(node)) => format!(" ({who} on {node})"),
+    let place = match (who, node) {
+        (None, None) => return String::new(),
+        (Some(who), None) => who,
+        (None, Some(node)) => format!("on {node}"),
+        (Some(who), Some(node)) => format!("{who} on {node}"),
+    };
+    match moved {
+        Some(m) => {
+            let at = if wide {
+                m.switchover.clone()
+            } else {
+                output::event_time(m.switchover_unix_ms, offset_secs)
+            };
+            format!(" ({place}, moved from {} at {at})", m.from_node)
+        }
+        None => format!(" ({place})"),
     }
 }
 
@@ -300,7 +320,13 @@ pub fn render_event(
         f.protocol.map_or("?", |p| p.as_str())
     ));
     line.push_str(&f.src);
-    line.push_str(&identity(&f.src_identity, f.src_node.as_deref(), wide));
+    line.push_str(&identity(
+        &f.src_identity,
+        f.src_node.as_deref(),
+        f.src_moved.as_ref(),
+        wide,
+        offset_secs,
+    ));
     line.push_str(" -> ");
     line.push_str(&f.dst);
     match (&f.service, f.service_id) {
@@ -308,7 +334,7 @@ pub fn render_event(
             " ({})",
             r.paint(&format!("service {s}"), Paint::Bold)
         )),
-        (None, 0) => line.push_str(&identity(&f.dst_identity, None, wide)),
+        (None, 0) => line.push_str(&identity(&f.dst_identity, None, None, wide, offset_secs)),
         (None, id) => line.push_str(&format!(" (service id {id})")),
     }
     if let Some(b) = &f.backend {
@@ -317,7 +343,9 @@ pub fn render_event(
         line.push_str(&identity(
             &f.backend_identity,
             f.backend_node.as_deref(),
+            f.backend_moved.as_ref(),
             wide,
+            offset_secs,
         ));
     }
     if f.kind == FlowKind::Reselected && !wide {

@@ -308,6 +308,8 @@ pub struct Endpoints {
     probes: Mutex<HashMap<u32, (String, bool, String)>>,
     /// TCP ports each guest must accept for its probe to pass, by container id.
     probe_ports: Mutex<HashMap<String, Vec<u16>>>,
+    /// Every migrated address's last move, as the migration follower last saw the Guests.
+    moves: Mutex<BTreeMap<Ipv4Addr, super::migration::Owner>>,
 }
 
 /// A guest's MAC must be a station's (unicast) address: the anti-spoofing check compares every
@@ -405,6 +407,7 @@ impl Endpoints {
             live_readiness: false,
             probes: Mutex::new(HashMap::new()),
             probe_ports: Mutex::new(HashMap::new()),
+            moves: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -947,6 +950,16 @@ impl Endpoints {
 
     /// This node's live-migration targets (VM endpoints with `vm.migration`), with the time
     /// the datapath first saw their guest send from their tap.
+    /// Records where every migrated address lives now (the migration follower's view).
+    pub fn set_moves(&self, moves: BTreeMap<Ipv4Addr, super::migration::Owner>) {
+        *self.moves.lock().unwrap_or_else(|e| e.into_inner()) = moves;
+    }
+
+    /// Every migrated address's last move.
+    pub fn moves(&self) -> BTreeMap<Ipv4Addr, super::migration::Owner> {
+        self.moves.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn migration_targets(&self) -> Vec<super::migration::MigrationTarget> {
         let found: Vec<_> = self
             .lock()

@@ -36,11 +36,11 @@ use anyhow::{Context, Result};
 use futures::{StreamExt, TryStreamExt};
 use ipnet::Ipv4Net;
 use k8s_openapi::{
-    api::core::v1::Node as K8sNode, apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp,
+    api::core::v1::{Node as K8sNode, Pod}, apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp,
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{Patch, PatchParams},
+    api::{ListParams, Patch, PatchParams},
     runtime::{WatchStreamExt, reflector, watcher},
 };
 use rtnetlink::{
@@ -70,14 +70,15 @@ pub async fn prepare_target(
     client: Option<&Client>,
     request: &mut EndpointRequest,
 ) -> Result<(), EndpointError> {
-    let Some(migration) = request.vm.as_ref().and_then(|v| v.migration.clone()) else {
+    let Some(mut migration) = request.vm.as_ref().and_then(|v| v.migration.clone()) else {
         return Ok(());
     };
     let Some(client) = client else {
         return Err(EndpointError::Invalid(format!(
-            "vm.migration (source pod {}): live migration needs the daemon in Kubernetes mode, \
-             where the source's Guest says what the guest's address and MAC are",
-            migration.source_pod
+            "vm.migration (source pod {:?}, KubeVirt job {:?}): live migration needs the daemon \
+             in Kubernetes mode, where the source's Guest says what the guest's address and MAC \
+             are",
+            migration.source_pod, migration.kubevirt_job
         )));
     };
     let Some(pod) = request.pod.clone() else {
@@ -85,6 +86,17 @@ pub async fn prepare_target(
             "vm.migration needs the pod's identity (K8S_POD_NAMESPACE and K8S_POD_NAME)".into(),
         ));
     };
+    if migration.source_pod.is_empty() {
+        let Some(job) = migration.kubevirt_job.clone() else {
+            return Err(EndpointError::Invalid(
+                "vm.migration names neither a source pod nor a KubeVirt migration job".into(),
+            ));
+        };
+        migration.source_pod = kubevirt_source(client, &pod.namespace, &pod.name, &job).await?;
+        if let Some(m) = request.vm.as_mut().and_then(|v| v.migration.as_mut()) {
+            m.source_pod = migration.source_pod.clone();
+        }
+    }
     if migration.source_pod == pod.name {
         return Err(EndpointError::Invalid(format!(
             "pod {}/{} names itself as its migration source",
@@ -118,6 +130,93 @@ pub async fn prepare_target(
         "migration target: the guest arrives with the source's address"
     );
     Ok(())
+}
+
+/// The source pod of a KubeVirt migration's target pod `namespace/target`: KubeVirt marks the
+/// target (`kubevirt.io/migrationJobName`, `kubevirt.io/migrationJobUID`) but does not name the
+/// source, which is the other running virt-launcher pod of the same VMI (the same
+/// `kubevirt.io/created-by`).
+async fn kubevirt_source(
+    client: &Client,
+    namespace: &str,
+    target: &str,
+    job: &str,
+) -> Result<String, EndpointError> {
+    let api = Api::<Pod>::namespaced(client.clone(), namespace);
+    let read = |e: kube::Error, what: &str| {
+        EndpointError::Internal(anyhow::anyhow!(
+            "KubeVirt migration {job}: reading {what}: {e}"
+        ))
+    };
+    let target_pod = api
+        .get_opt(target)
+        .await
+        .map_err(|e| read(e, &format!("the target pod {namespace}/{target}")))?
+        .ok_or_else(|| {
+            EndpointError::NotFound(format!(
+                "KubeVirt migration {job}: the target pod {namespace}/{target} does not exist"
+            ))
+        })?;
+    let vmi = target_pod
+        .labels()
+        .get(names::kubevirt::CREATED_BY)
+        .cloned()
+        .ok_or_else(|| {
+            EndpointError::Invalid(format!(
+                "pod {namespace}/{target} is a KubeVirt migration target ({}: {job}) without \
+                 the {} label that names its VMI",
+                names::kubevirt::MIGRATION_JOB_NAME,
+                names::kubevirt::CREATED_BY
+            ))
+        })?;
+    let selector = format!("{}={vmi}", names::kubevirt::CREATED_BY);
+    let pods = api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|e| read(e, &format!("the pods {selector}")))?;
+    pick_kubevirt_source(&target_pod, &pods.items).map_err(|e| match e {
+        EndpointError::NotFound(m) | EndpointError::Invalid(m) => {
+            let m = format!("KubeVirt migration {job}: {m}");
+            if pods.items.len() <= 1 {
+                EndpointError::NotFound(m)
+            } else {
+                EndpointError::Invalid(m)
+            }
+        }
+        other => other,
+    })
+}
+
+/// Of the pods of the target's VMI, the one the guest runs in: not the target, not another
+/// target of the same job, not being deleted, Running.
+fn pick_kubevirt_source(target: &Pod, pods: &[Pod]) -> Result<String, EndpointError> {
+    let job_uid = |p: &Pod| p.labels().get(names::kubevirt::MIGRATION_JOB_UID).cloned();
+    let target_name = target.name_any();
+    let candidates: Vec<String> = pods
+        .iter()
+        .filter(|p| p.name_any() != target_name)
+        .filter(|p| job_uid(p).is_none() || job_uid(p) != job_uid(target))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        })
+        .map(|p| p.name_any())
+        .collect();
+    match candidates.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(EndpointError::NotFound(format!(
+            "no running pod of the same VMI besides the target {target_name} (of {} with its \
+             {} label)",
+            pods.len(),
+            names::kubevirt::CREATED_BY
+        ))),
+        many => Err(EndpointError::Invalid(format!(
+            "several running pods of the same VMI could be the source ({}); set \
+             {} on the target to say which",
+            many.join(", "),
+            names::annotations::MIGRATION_SOURCE
+        ))),
+    }
 }
 
 /// The address and MAC a pod-owned source Guest gives its guest.
@@ -191,7 +290,21 @@ pub struct Owner {
     pub namespace: String,
     pub guest: String,
     pub node: String,
+    /// The node it moved from (its migration record's source node).
+    pub source_node: String,
     pub switchover: Timestamp,
+}
+
+impl Owner {
+    /// The move as the API reports it (`tapestry flows`).
+    pub fn as_move(&self) -> tapestry_api::types::GuestMove {
+        tapestry_api::types::GuestMove {
+            from_node: self.source_node.clone(),
+            to_node: self.node.clone(),
+            switchover: self.switchover.to_string(),
+            switchover_unix_ms: u64::try_from(self.switchover.as_millisecond()).unwrap_or(0),
+        }
+    }
 }
 
 /// For each address some Guest went live with by migration, the newest such Guest.
@@ -211,6 +324,7 @@ pub fn owners<'a>(guests: impl IntoIterator<Item = &'a Guest>) -> BTreeMap<Ipv4A
             namespace: g.namespace().unwrap_or_default(),
             guest: g.name_any(),
             node: g.spec.node_name.clone(),
+            source_node: m.source_node.clone(),
             switchover: t.0,
         };
         match out.get(&ip) {
@@ -414,6 +528,7 @@ impl Follower {
     /// Makes this node's migration routes what the Guests say.
     async fn reconcile_routes(&mut self, guests: &[Arc<Guest>]) -> Result<()> {
         let owners = owners(guests.iter().map(|g| g.as_ref()));
+        self.endpoints.set_moves(owners.clone());
         let mut wanted: BTreeMap<Ipv4Addr, Via> = BTreeMap::new();
         for (ip, owner) in &owners {
             let via = if owner.node == self.node_name {
@@ -696,11 +811,72 @@ mod tests {
                 queues: 1,
                 migration: Some(IncomingMigration {
                     source_pod: "vm-0".into(),
+                    kubevirt_job: None,
                     source_node: None,
                 }),
             }),
             network: None,
         }
+    }
+
+    /// A virt-launcher pod as KubeVirt labels it: `vmi` is its VMI's uid, `job` the migration
+    /// uid of a target pod.
+    fn launcher(name: &str, vmi: &str, job: Option<&str>, phase: &str, deleting: bool) -> Pod {
+        let mut labels = BTreeMap::from([(names::kubevirt::CREATED_BY.to_owned(), vmi.into())]);
+        if let Some(job) = job {
+            labels.insert(names::kubevirt::MIGRATION_JOB_UID.into(), job.into());
+        }
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("vms".into()),
+                labels: Some(labels),
+                deletion_timestamp: deleting.then(|| {
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now())
+                }),
+                ..Default::default()
+            },
+            status: Some(k8s_openapi::api::core::v1::PodStatus {
+                phase: Some(phase.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_kubevirt_targets_source_is_the_other_running_pod_of_its_vmi() {
+        let target = launcher("virt-launcher-vm1-tgt", "u1", Some("m2"), "Pending", false);
+        // The source was itself the target of an earlier migration: it keeps that job's label.
+        let source = launcher("virt-launcher-vm1-src", "u1", Some("m1"), "Running", false);
+        let done = launcher("virt-launcher-vm1-old", "u1", None, "Succeeded", false);
+        let going = launcher("virt-launcher-vm1-del", "u1", None, "Running", true);
+        let pods = [target.clone(), source, done, going];
+        assert_eq!(
+            pick_kubevirt_source(&target, &pods).unwrap(),
+            "virt-launcher-vm1-src"
+        );
+        // Only the target: nothing to migrate from.
+        assert!(matches!(
+            pick_kubevirt_source(&target, &pods[..1]),
+            Err(EndpointError::NotFound(_))
+        ));
+        // Two running candidates: refused, not guessed.
+        let other = launcher("virt-launcher-vm1-two", "u1", None, "Running", false);
+        let both = [pods[1].clone(), other, target.clone()];
+        match pick_kubevirt_source(&target, &both) {
+            Err(EndpointError::Invalid(m)) => {
+                assert!(m.contains("virt-launcher-vm1-two"), "{m}");
+                assert!(m.contains(names::annotations::MIGRATION_SOURCE), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another target pod of the same job is never the source.
+        let twin = launcher("virt-launcher-vm1-twin", "u1", Some("m2"), "Running", false);
+        assert_eq!(
+            pick_kubevirt_source(&target, &[twin, pods[1].clone()]).unwrap(),
+            "virt-launcher-vm1-src"
+        );
     }
 
     #[test]
