@@ -35,9 +35,13 @@ lint: setup
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## Everything: formatting and clippy, unit tests, in-kernel packet tests, netns integration tests,
-## the Kubernetes tests, the images (`make images`: the chart on the real node runs them).
+## the Kubernetes tests, the images (`make images`: the chart on the real node runs them), then
+## every fuzz target for TEST_FUZZ_SECONDS each (scripts/fuzz.sh; results in target/fuzz.json).
+TEST_FUZZ_SECONDS ?= 30
 test: lint build images
 	$(CARGO) test --workspace --no-fail-fast
+	@bash scripts/setup.sh --with-fuzz
+	FUZZ_SECONDS=$(TEST_FUZZ_SECONDS) FUZZ_RESULTS=target/fuzz.json bash scripts/fuzz.sh
 
 ## A single-host lab in standalone mode: pods behind a Service VIP, one request at a time.
 ## `make demo DEMO_ARGS=--keep` leaves the lab up.

@@ -2,14 +2,15 @@
 # `make fuzz`: every cargo fuzz target (fuzz/fuzz_targets/) for FUZZ_SECONDS each (default 30),
 # from its committed seed corpus (fuzz-targets/corpus/<target>/, read only: what libFuzzer adds
 # goes to a scratch directory outside the checkout). Prints executions and crashes per target,
-# writes bench/results/fuzz.json, and exits non-zero if any target crashed. FUZZ_TARGETS="a b"
-# runs only those. A crash's input is kept in fuzz/artifacts/<target>/ (README.md, "Fuzzing":
+# writes bench/results/fuzz.json (FUZZ_RESULTS=<file>: there instead; `make test` writes
+# target/fuzz.json), and exits non-zero if any target crashed. FUZZ_TARGETS="a b" runs only those. A crash's input is kept in fuzz/artifacts/<target>/ (README.md, "Fuzzing":
 # how it becomes a regression test).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${TAPESTRY_CACHE:-$HOME/.cache/tapestry}"
 SECONDS_EACH="${FUZZ_SECONDS:-30}"
+RESULTS="${FUZZ_RESULTS:-bench/results/fuzz.json}"
 cd "$ROOT"
 command -v cargo-fuzz >/dev/null || export PATH="$PATH:$(ls -d "$CACHE"/cargo-fuzz-*/bin 2>/dev/null | tail -n1)"
 command -v cargo-fuzz >/dev/null || { echo "fuzz: cargo-fuzz is missing (make setup installs it)" >&2; exit 1; }
@@ -70,7 +71,7 @@ for t in "${targets[@]}"; do
     "$t" "$took" "$execs" "$crashes" "$artifact")")
 done
 
-mkdir -p bench/results
+mkdir -p "$(dirname "$RESULTS")"
 {
   printf '{\n  "fuzz_seconds_per_target": %s,\n  "targets": {\n' "$SECONDS_EACH"
   for i in "${!results[@]}"; do
@@ -79,8 +80,8 @@ mkdir -p bench/results
     printf '    %s%s\n' "${results[$i]}" "$sep"
   done
   printf '  }\n}\n'
-} >bench/results/fuzz.json
-echo "wrote bench/results/fuzz.json" >&2
+} >"$RESULTS"
+echo "wrote $RESULTS" >&2
 
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "fuzz: crashed: ${failed[*]} (inputs and logs in fuzz/artifacts/; reproduce with" \
