@@ -508,6 +508,10 @@ pub struct GuestArrival {
     pub live: bool,
     /// When the guest sent its first frame here (RFC 3339).
     pub switchover: Option<String>,
+    /// From the switch-over to the first frame the network sent the guest here, in ms (the
+    /// Guest's `status.migration.blackoutMs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blackout_ms: Option<u64>,
 }
 
 /// Who an address belongs to, as far as this node knows.

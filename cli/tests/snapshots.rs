@@ -366,6 +366,7 @@ fn guests() -> Vec<GuestInfo> {
                 source_node: Some("node-b".into()),
                 live: true,
                 switchover: Some("2026-12-03T17:01:02.345678Z".into()),
+                blackout_ms: Some(212),
             }),
         },
         GuestInfo {

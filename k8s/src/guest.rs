@@ -138,6 +138,11 @@ pub struct GuestMigration {
     /// target stayed dark (the migration's copy phase, as the datapath saw it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dark_ms: Option<i64>,
+    /// From the switch-over to the first frame the network sent the guest here (through the
+    /// target pod's host veth), in milliseconds: how long the live guest waited for the
+    /// network to follow it, as the target's datapath saw it. Unset until that frame came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blackout_ms: Option<i64>,
 }
 
 /// The phases of [`GuestMigration`].

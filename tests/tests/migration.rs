@@ -224,12 +224,14 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
         "node-0 had no ready backend for the guest's Service at {} of {samples} samples",
         empty.len()
     );
+    let mut last_gap = Duration::ZERO;
     for m in &moves {
         let gap = report.longest_gap(m.started, m.routed).unwrap();
         eprintln!(
             "blackout on the established connection: {gap:?} (QEMU downtime {:?} ms)",
             m.qemu.downtime_ms
         );
+        last_gap = gap;
     }
 
     // The Guest records the last move.
@@ -272,6 +274,29 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
         Some(c.nodes[last_move.from].name.as_str())
     );
     assert!(arrival.live && arrival.switchover.is_some(), "{arrival:?}");
+    // The blackout the target's datapath saw (switch-over to the network's first frame to the
+    // guest there) is within the client's: that one also holds QEMU's own downtime.
+    let blackout = arrival
+        .blackout_ms
+        .expect("the target's datapath recorded no blackout");
+    let recorded: u64 =
+        c.cp.kubectl_ok([
+            "get",
+            "guest",
+            &vm.pod.name,
+            "-o",
+            "jsonpath={.status.migration.blackoutMs}",
+        ])
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("the Guest's status.migration.blackoutMs");
+    assert_eq!(recorded, blackout, "the Guest and the daemon disagree");
+    eprintln!("last move: blackout {blackout} ms as the datapath saw it, {last_gap:?} by the client");
+    assert!(
+        Duration::from_millis(blackout) <= last_gap + Duration::from_millis(50),
+        "the datapath's blackout {blackout} ms is longer than the client's {last_gap:?}"
+    );
     assert!(
         shown.announces > 0,
         "no announce counted on the target's tap"

@@ -214,8 +214,14 @@ pub fn render_one(g: &GuestInfo, format: Format, r: &Render) -> Result<String> {
         };
         f.add(
             "Migration",
-            match (&m.switchover, m.live) {
-                (Some(t), true) => format!("arrived from {from}, live here since {t}"),
+            match (&m.switchover, m.live, m.blackout_ms) {
+                (Some(t), true, Some(b)) => format!(
+                    "arrived from {from}, live here since {t}; the network reached it {b} ms \
+                     after"
+                ),
+                (Some(t), true, None) => format!(
+                    "arrived from {from}, live here since {t}; nothing from the network yet"
+                ),
                 _ => format!("incoming from {from}: dark until the guest switches over"),
             },
         );

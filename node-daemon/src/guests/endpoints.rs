@@ -310,6 +310,8 @@ pub struct Endpoints {
     probe_ports: Mutex<HashMap<String, Vec<u16>>>,
     /// Every migrated address's last move, as the migration follower last saw the Guests.
     moves: Mutex<BTreeMap<Ipv4Addr, super::migration::Owner>>,
+    /// Migration targets' blackouts as the datapath saw them (container id -> ms).
+    blackouts: Mutex<HashMap<String, u64>>,
 }
 
 /// A guest's MAC must be a station's (unicast) address: the anti-spoofing check compares every
@@ -408,6 +410,7 @@ impl Endpoints {
             probes: Mutex::new(HashMap::new()),
             probe_ports: Mutex::new(HashMap::new()),
             moves: Mutex::new(BTreeMap::new()),
+            blackouts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -960,6 +963,16 @@ impl Endpoints {
         self.moves.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Records a migration target's blackout (the migration follower's measure), or forgets
+    /// it (`None`, the target gone).
+    pub fn set_blackout(&self, container_id: &str, ms: Option<u64>) {
+        let mut b = self.blackouts.lock().unwrap_or_else(|e| e.into_inner());
+        match ms {
+            Some(ms) => b.insert(container_id.to_owned(), ms),
+            None => b.remove(container_id),
+        };
+    }
+
     pub fn migration_targets(&self) -> Vec<super::migration::MigrationTarget> {
         let found: Vec<_> = self
             .lock()
@@ -1096,6 +1109,12 @@ impl Endpoints {
                                 .map(|t| t.to_string())
                                 .unwrap_or_default()
                         }),
+                        blackout_ms: self
+                            .blackouts
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get(&e.request.container_id)
+                            .copied(),
                     }),
                 })
             })

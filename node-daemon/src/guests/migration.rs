@@ -45,7 +45,10 @@ use kube::{
 };
 use rtnetlink::{
     Handle, RouteMessageBuilder,
-    packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope},
+    packet_route::{
+        link::LinkAttribute,
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope},
+    },
 };
 use serde_json::json;
 use tapestry_api::types::{EndpointRequest, MacAddr};
@@ -403,6 +406,38 @@ pub async fn follow_migrations(
     }
 }
 
+/// One of this node's targets that went live, and what its datapath saw since.
+struct Live {
+    switchover: Timestamp,
+    switchover_wall: SystemTime,
+    /// From the target's attachment to the switch-over.
+    dark_for: Duration,
+    /// The target pod's host veth's `tx_packets` when the switch-over was seen, once read.
+    veth_tx: Option<u64>,
+    /// From the switch-over to the first frame the network sent the guest here, once seen.
+    blackout: Option<Duration>,
+}
+
+impl Live {
+    fn blackout_ms(&self) -> Option<i64> {
+        self.blackout.map(|d| d.as_millis() as i64)
+    }
+
+    /// Still waiting for the network's first frame (a live guest that nobody sends to stops
+    /// being watched after [`BLACKOUT_WATCH`]).
+    fn awaits_network(&self) -> bool {
+        self.blackout.is_none()
+            && self
+                .switchover_wall
+                .elapsed()
+                .is_ok_and(|e| e < BLACKOUT_WATCH)
+    }
+}
+
+/// How long after its switch-over a target's host veth is watched for the network's first
+/// frame to the guest.
+const BLACKOUT_WATCH: Duration = Duration::from_secs(30);
+
 struct Follower {
     client: Client,
     node_name: String,
@@ -410,10 +445,10 @@ struct Follower {
     handle: Handle,
     /// Nodes' InternalIPs, read once each.
     node_ips: HashMap<String, Ipv4Addr>,
-    /// This node's targets that went live: container id -> (switch-over, dark for).
-    live: HashMap<String, (Timestamp, Duration)>,
-    /// What was last written to each target's Guest (container id -> phase).
-    reported: HashMap<String, MigrationPhase>,
+    /// This node's targets that went live, by container id.
+    live: HashMap<String, Live>,
+    /// What was last written to each target's Guest (container id -> phase, blackout ms).
+    reported: HashMap<String, (MigrationPhase, Option<i64>)>,
     /// When writing a target's record last failed (container id -> time).
     report_failed: HashMap<String, std::time::Instant>,
     went_live: bool,
@@ -425,8 +460,14 @@ impl Follower {
     async fn check_incoming(&mut self) -> bool {
         let mut dark = false;
         let targets = self.endpoints.migration_targets();
-        self.live
-            .retain(|c, _| targets.iter().any(|t| &t.request.container_id == c));
+        let endpoints = &self.endpoints;
+        self.live.retain(|c, _| {
+            let kept = targets.iter().any(|t| &t.request.container_id == c);
+            if !kept {
+                endpoints.set_blackout(c, None);
+            }
+            kept
+        });
         self.reported
             .retain(|c, _| targets.iter().any(|t| &t.request.container_id == c));
         self.report_failed
@@ -457,10 +498,47 @@ impl Follower {
                             true,
                             "the guest went live here by live migration",
                         );
-                        self.live.insert(id.clone(), (switchover, dark_for));
+                        self.endpoints.set_blackout(&id, None);
+                        self.live.insert(
+                            id.clone(),
+                            Live {
+                                switchover,
+                                switchover_wall: at,
+                                dark_for,
+                                veth_tx: self.veth_tx_packets(t.host_ifindex).await,
+                                blackout: None,
+                            },
+                        );
                         self.went_live = true;
                     }
                     None => dark = true,
+                }
+            }
+            // The network follows: the first frame out of the target pod's host veth (towards
+            // the pod, so the guest) after the switch-over ends the blackout.
+            if let Some(live) = self.live.get(&id)
+                && live.awaits_network()
+            {
+                let tx = self.veth_tx_packets(t.host_ifindex).await;
+                let live = self.live.get_mut(&id).expect("looked up above");
+                match (live.veth_tx, tx) {
+                    (None, tx) => live.veth_tx = tx,
+                    (Some(before), Some(now)) if now > before => {
+                        let blackout = live.switchover_wall.elapsed().unwrap_or_default();
+                        live.blackout = Some(blackout);
+                        self.endpoints
+                            .set_blackout(&id, Some(blackout.as_millis() as u64));
+                        info!(
+                            container = %id,
+                            ip = %t.guest_ip,
+                            blackout_ms = blackout.as_millis() as u64,
+                            "migration target: the network reached the guest here"
+                        );
+                    }
+                    _ => {}
+                }
+                if live.awaits_network() {
+                    dark = true;
                 }
             }
             let phase = if self.live.contains_key(&id) {
@@ -468,14 +546,18 @@ impl Follower {
             } else {
                 MigrationPhase::Incoming
             };
+            let state = (
+                phase,
+                self.live.get(&id).and_then(Live::blackout_ms),
+            );
             let retry_due = self
                 .report_failed
                 .get(&id)
                 .is_none_or(|at| at.elapsed() >= RETRY);
-            if self.reported.get(&id) != Some(&phase) && retry_due {
+            if self.reported.get(&id) != Some(&state) && retry_due {
                 match self.report(t, phase).await {
                     Ok(()) => {
-                        self.reported.insert(id.clone(), phase);
+                        self.reported.insert(id.clone(), state);
                         self.report_failed.remove(&id);
                     }
                     // The publisher may not have created the Guest yet: tried again after
@@ -487,7 +569,7 @@ impl Follower {
                     }
                 }
             }
-            if self.reported.get(&id) != Some(&phase) {
+            if self.reported.get(&id) != Some(&state) {
                 dark = true;
             }
         }
@@ -506,8 +588,9 @@ impl Follower {
             source_node: t.source_node.clone(),
             target_node: self.node_name.clone(),
             phase,
-            switchover_time: live.map(|(at, _)| MicroTime(*at)),
-            dark_ms: live.map(|(_, d)| d.as_millis() as i64),
+            switchover_time: live.map(|l| MicroTime(l.switchover)),
+            dark_ms: live.map(|l| l.dark_for.as_millis() as i64),
+            blackout_ms: live.and_then(Live::blackout_ms),
         };
         let patch = json!({
             "apiVersion": names::GROUP_VERSION,
@@ -559,7 +642,7 @@ impl Follower {
                         && self
                             .live
                             .get(&t.request.container_id)
-                            .is_some_and(|(at, _)| o.switchover > *at)
+                            .is_some_and(|l| o.switchover > l.switchover)
                 });
                 if !newer_elsewhere {
                     wanted.insert(t.guest_ip, Via::Link(t.host_ifindex));
@@ -580,6 +663,16 @@ impl Follower {
             }
         }
         Ok(())
+    }
+
+    /// Frames sent out of host interface `ifindex` (a target pod's veth, towards the pod).
+    async fn veth_tx_packets(&self, ifindex: u32) -> Option<u64> {
+        let mut links = self.handle.link().get().match_index(ifindex).execute();
+        let link = links.try_next().await.ok()??;
+        link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Stats64(s) => Some(s.tx_packets),
+            _ => None,
+        })
     }
 
     async fn node_ip(&mut self, node: &str) -> Result<Ipv4Addr> {
@@ -758,6 +851,7 @@ mod tests {
                 phase: MigrationPhase::Live,
                 switchover_time: Some(MicroTime(t.parse().unwrap())),
                 dark_ms: Some(500),
+                blackout_ms: None,
             }),
             ..Default::default()
         });
