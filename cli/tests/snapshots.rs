@@ -781,7 +781,10 @@ fn flow_filters() {
         ..Default::default()
     };
     assert_eq!(seqs(f(Some("dns"), None, None), None, None), [42]);
-    assert_eq!(seqs(f(None, Some("web-vm"), None), None, None), [41, 42, 45]);
+    assert_eq!(
+        seqs(f(None, Some("web-vm"), None), None, None),
+        [41, 42, 45]
+    );
     assert_eq!(
         seqs(f(None, Some("default/web-vm"), None), None, None),
         [41, 42, 45]

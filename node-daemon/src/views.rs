@@ -16,8 +16,8 @@ use anyhow::{Context, Result};
 use aya::maps::MapError;
 use tapestry_api::types::{
     Algorithm, AttachmentInfo, BackendInfo, BackendKind, BackendState, ConntrackEntry,
-    EndpointKind, FlowDirection, FlowKind, FlowRecord, FlowsResponse, GuestInfo, GuestMove, Identity, MapFill,
-    Mode, Protocol, ServiceInfo, SessionAffinity, Status, Traffic,
+    EndpointKind, FlowDirection, FlowKind, FlowRecord, FlowsResponse, GuestInfo, GuestMove,
+    Identity, MapFill, Mode, Protocol, ServiceInfo, SessionAffinity, Status, Traffic,
 };
 use tapestry_common::{
     COUNTERS, Counter, CtEntry, CtKey, DROP_REASONS, DropReason, MAX_AFFINITY, MAX_BACKENDS,

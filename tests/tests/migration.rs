@@ -131,9 +131,7 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
         } else {
             TargetMark::Tapestry
         };
-        let (moved_vm, moved) = c
-            .migrate_marked(vm, to, &format!("vm-{i}"), mark)
-            .unwrap();
+        let (moved_vm, moved) = c.migrate_marked(vm, to, &format!("vm-{i}"), mark).unwrap();
         vm = moved_vm;
         eprintln!(
             "migration {i}: node-{} -> node-{}: QEMU total {:?} ms, downtime {:?} ms; live \
@@ -292,7 +290,9 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
         .parse()
         .expect("the Guest's status.migration.blackoutMs");
     assert_eq!(recorded, blackout, "the Guest and the daemon disagree");
-    eprintln!("last move: blackout {blackout} ms as the datapath saw it, {last_gap:?} by the client");
+    eprintln!(
+        "last move: blackout {blackout} ms as the datapath saw it, {last_gap:?} by the client"
+    );
     assert!(
         Duration::from_millis(blackout) <= last_gap + Duration::from_millis(50),
         "the datapath's blackout {blackout} ms is longer than the client's {last_gap:?}"
@@ -319,7 +319,10 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
         flows.len()
     );
     for f in &to_guest {
-        let moved = f.backend_moved.as_ref().expect("the guest's move on its flows");
+        let moved = f
+            .backend_moved
+            .as_ref()
+            .expect("the guest's move on its flows");
         assert_eq!(
             (moved.from_node.as_str(), moved.to_node.as_str()),
             (

@@ -94,6 +94,7 @@ fn run(cli: Cli) -> Result<()> {
     let mut vm = Vm::new(pod, guest, 1, labels, "vm");
     let mut moves = Vec::new();
     let mut convergence = Vec::new();
+    let mut datapath = Vec::new();
     let node0 = c.nodes[0]
         .netns_path
         .file_name()
@@ -108,6 +109,7 @@ fn run(cli: Cli) -> Result<()> {
         vm = v;
         let routed_at = watch.join().ok().flatten();
         let switchover = switchover_time(&c, &name)?;
+        let datapath_ms = datapath_blackout_ms(&c, &name);
         let conv_ms = routed_at.and_then(|r| {
             r.duration_since(switchover)
                 .ok()
@@ -119,6 +121,7 @@ fn run(cli: Cli) -> Result<()> {
             m.from, m.to, m.qemu.downtime_ms, conv_ms
         );
         convergence.push(conv_ms);
+        datapath.push(datapath_ms);
         moves.push(m);
         // Let the stream settle between moves.
         std::thread::sleep(Duration::from_millis(500));
@@ -150,6 +153,7 @@ fn run(cli: Cli) -> Result<()> {
             "live_after_completed_ms": (m.live - m.completed).as_secs_f64() * 1e3,
             "routed_after_completed_ms": (m.routed - m.completed).as_secs_f64() * 1e3,
             "node0_route_after_switchover_ms": convergence[i],
+            "datapath_blackout_ms": datapath[i],
         }));
     }
 
@@ -183,6 +187,7 @@ fn run(cli: Cli) -> Result<()> {
     }
 
     let convergence: Vec<f64> = convergence.into_iter().flatten().collect();
+    let datapath: Vec<f64> = datapath.into_iter().flatten().collect();
     let p = |v: &[f64], q: f64| percentile(v, q).map(|x| (x * 10.0).round() / 10.0);
     let mut summary = Map::new();
     summary.insert(
@@ -204,6 +209,14 @@ fn run(cli: Cli) -> Result<()> {
     summary.insert(
         "migration_route_convergence_ms_p99".into(),
         json!(p(&convergence, 99.0)),
+    );
+    summary.insert(
+        "migration_datapath_blackout_ms_p50".into(),
+        json!(p(&datapath, 50.0)),
+    );
+    summary.insert(
+        "migration_datapath_blackout_ms_p99".into(),
+        json!(p(&datapath, 99.0)),
     );
     summary.insert(
         "guest_unready_to_unpublished_p50_ms".into(),
@@ -230,12 +243,15 @@ fn run(cli: Cli) -> Result<()> {
         "# Live migration (tapestry-bench-migration)\n\n\
          Three-node lab, a real QEMU guest (TCG) moving between nodes 1 and 2; a client on \
          node 0 streams over one connection through the ClusterIP.\n\n\
-         | move | from | to | blackout ms | QEMU downtime ms | extra ms |\n|---|---|---|---|---|---|\n",
+         `datapath ms`: the target's own record (Guest `status.migration.blackoutMs`), from \
+         the switch-over to the network's first frame to the guest there.\n\n\
+         | move | from | to | blackout ms | QEMU downtime ms | extra ms | datapath ms |\n\
+         |---|---|---|---|---|---|---|\n",
     );
     for s in &samples {
         let _ = writeln!(
             md,
-            "| {} | node-{} | node-{} | {:.1} | {} | {} |",
+            "| {} | node-{} | node-{} | {:.1} | {} | {} | {} |",
             s["migration"],
             s["from"],
             s["to"],
@@ -243,7 +259,10 @@ fn run(cli: Cli) -> Result<()> {
             s["qemu_downtime_ms"],
             s["extra_ms"]
                 .as_f64()
-                .map_or("-".into(), |x| format!("{x:.1}"))
+                .map_or("-".into(), |x| format!("{x:.1}")),
+            s["datapath_blackout_ms"]
+                .as_f64()
+                .map_or("-".into(), |x| format!("{x:.0}"))
         );
     }
     let _ = writeln!(md, "\n| key | value |\n|---|---|");
@@ -296,6 +315,33 @@ fn switchover_time(c: &Cluster, name: &str) -> Result<SystemTime> {
         .parse()
         .with_context(|| format!("Guest {name}'s switchoverTime {t:?}"))?;
     Ok(SystemTime::from(ts))
+}
+
+/// The blackout the target's datapath recorded for Guest `name` (written once the network's
+/// first frame reached the guest there: waited for up to 5 s).
+fn datapath_blackout_ms(c: &Cluster, name: &str) -> Option<f64> {
+    let read = || {
+        c.cp.kubectl_ok([
+            "get",
+            "guest",
+            name,
+            "-o",
+            "jsonpath={.status.migration.blackoutMs}",
+        ])
+        .ok()
+        .and_then(|t| t.trim().parse::<f64>().ok())
+    };
+    let since = Instant::now();
+    loop {
+        if let Some(ms) = read() {
+            return Some(ms);
+        }
+        if since.elapsed() > Duration::from_secs(5) {
+            eprintln!("  Guest {name} recorded no datapath blackout within 5 s");
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[cfg(test)]

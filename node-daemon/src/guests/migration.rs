@@ -36,7 +36,9 @@ use anyhow::{Context, Result};
 use futures::{StreamExt, TryStreamExt};
 use ipnet::Ipv4Net;
 use k8s_openapi::{
-    api::core::v1::{Node as K8sNode, Pod}, apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp,
+    api::core::v1::{Node as K8sNode, Pod},
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+    jiff::Timestamp,
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -200,9 +202,7 @@ fn pick_kubevirt_source(target: &Pod, pods: &[Pod]) -> Result<String, EndpointEr
         .filter(|p| p.name_any() != target_name)
         .filter(|p| job_uid(p).is_none() || job_uid(p) != job_uid(target))
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| {
-            p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-        })
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
         .map(|p| p.name_any())
         .collect();
     match candidates.as_slice() {
@@ -546,10 +546,7 @@ impl Follower {
             } else {
                 MigrationPhase::Incoming
             };
-            let state = (
-                phase,
-                self.live.get(&id).and_then(Live::blackout_ms),
-            );
+            let state = (phase, self.live.get(&id).and_then(Live::blackout_ms));
             let retry_due = self
                 .report_failed
                 .get(&id)
