@@ -353,8 +353,7 @@ impl Cluster {
     /// `mark` says, and annotated `tapestry.dev/vm`, so it has the readiness gate when
     /// [`Cluster::install_readiness_gate`] ran), with an incoming QEMU on its tap waiting for
     /// the source's migration ([`Guest::boot_incoming_in`], configured as the source's QEMU:
-    /// the guest's name `guest_name` and MAC `guest_mac`); then
-    /// the kubelet's status (Running; Ready only once the guest is ready here). The returned
+    /// `guest`); then the kubelet's status (Running; Ready only once the guest is ready here). The returned
     /// pod's `ip` is the one the CNI result gives: the guest's.
     pub fn add_migration_target(
         &mut self,
@@ -363,8 +362,7 @@ impl Cluster {
         labels: Value,
         source: &str,
         mark: TargetMark,
-        guest_name: &str,
-        guest_mac: [u8; 6],
+        guest: GuestConfig,
     ) -> Result<(Pod, Guest)> {
         let mut labels = labels;
         let annotations = match mark {
@@ -386,8 +384,7 @@ impl Cluster {
             }
         };
         let pod = self.add_pod_inner(node, name, labels, Plumbing::Vm, annotations)?;
-        let guest =
-            Guest::boot_incoming_in(&pod.netns_path, GuestConfig::new(guest_name, guest_mac))?;
+        let guest = Guest::boot_incoming_in(&pod.netns_path, guest)?;
         self.set_running(node, name, pod.ip)?;
         Ok((pod, guest))
     }

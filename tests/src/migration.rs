@@ -29,7 +29,7 @@ use serde_json::Value;
 use crate::{
     Pod,
     cluster::{Cluster, NAMESPACE, TargetMark},
-    guest::{Guest, MigrationInfo},
+    guest::{Guest, GuestConfig, MigrationInfo},
     net, poll,
 };
 
@@ -105,8 +105,7 @@ impl Cluster {
             vm.labels.clone(),
             &vm.pod.name,
             mark,
-            &vm.name,
-            vm.mac,
+            GuestConfig::new(&vm.name, vm.mac),
         )?;
         if pod.ip != vm.ip {
             bail!(

@@ -347,8 +347,7 @@ fn a_guest_live_migrates_between_nodes_and_keeps_its_connections() {
             vm.labels.clone(),
             &vm.pod.name,
             TargetMark::Tapestry,
-            &vm.name,
-            vm.mac,
+            GuestConfig::new(&vm.name, vm.mac),
         )
         .unwrap();
     assert_eq!(target_pod.ip, ip);
