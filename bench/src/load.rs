@@ -366,6 +366,9 @@ pub struct ClientOptions {
     /// The server's pid (same host): its CPU time is read with ours, so the report can say what
     /// a transaction costs in CPU time, which other jobs on a shared CPU do not distort.
     pub peer_pid: Option<i32>,
+    /// Transactions per second to pace at (from the start, warm-up included); None: as fast
+    /// as it goes.
+    pub rate: Option<f64>,
 }
 
 /// One JSON line per client run.
@@ -614,8 +617,20 @@ pub fn run_client(opts: &ClientOptions, cpu: Option<usize>) -> ClientReport {
     let mut cpu_start = cpu_sample();
     let mut stopped_by = "time";
     let mut conn: Option<Fd> = None;
+    // Paced: transaction n starts no earlier than n / rate after the start (a late one does
+    // not wait, so the average catches up).
+    let pace = opts.rate.filter(|r| *r > 0.0).map(|r| 1.0 / r);
+    let mut started_n: u64 = 0;
 
     loop {
+        if let Some(every) = pace {
+            let due = start + Duration::from_secs_f64(every * started_n as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            started_n += 1;
+        }
         let t0 = Instant::now();
         if !measuring && t0 >= measure_from {
             measuring = true;
@@ -814,6 +829,7 @@ mod tests {
                     max_errors: 10,
                     io_timeout: Duration::from_secs(2),
                     peer_pid: Some(std::process::id() as i32),
+                    rate: None,
                 },
                 None,
             );
@@ -821,5 +837,27 @@ mod tests {
             assert!(r.transactions > 0, "{r:?}");
             assert!(r.transactions_per_cpu_s.is_some_and(|x| x > 0.0), "{r:?}");
         }
+        // Paced at 200/s for 0.5 s: about 100 transactions, not as many as it could.
+        let r = run_client(
+            &ClientOptions {
+                mode: Mode::Crr,
+                target: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+                seconds: 0.5,
+                warmup_seconds: 0.0,
+                request_size: 3,
+                response_size: 5,
+                max_transactions: 100_000,
+                max_errors: 10,
+                io_timeout: Duration::from_secs(2),
+                peer_pid: None,
+                rate: Some(200.0),
+            },
+            None,
+        );
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert!(
+            (80..=102).contains(&r.transactions),
+            "paced at 200/s for 0.5 s: {r:?}"
+        );
     }
 }

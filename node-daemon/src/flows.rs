@@ -90,6 +90,8 @@ struct FlowLogInner {
     next_seq: u64,
     /// Events pushed out of the log before anyone read them.
     overflowed: u64,
+    /// Every event below this sequence was handed to a reader.
+    read_to: u64,
 }
 
 impl FlowLog {
@@ -98,18 +100,26 @@ impl FlowLog {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let seq = g.next_seq;
         g.next_seq += 1;
-        if g.events.len() == FLOW_LOG_CAPACITY {
-            g.events.pop_front();
+        if g.events.len() == FLOW_LOG_CAPACITY
+            && let Some(old) = g.events.pop_front()
+            && old.seq >= g.read_to
+        {
             g.overflowed += 1;
         }
         g.events.push_back(decode(e, seq, now));
     }
 
     /// Events with sequence >= `from`, the sequence to ask for next, and how many events were
-    /// pushed out of the log unread.
+    /// pushed out of the log before any reader had them (a reader that keeps up loses none,
+    /// however many the log has held since).
     pub fn since(&self, from: u64) -> (Vec<FlowRecord>, u64, u64) {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let flows = g.events.iter().filter(|f| f.seq >= from).cloned().collect();
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let flows: Vec<FlowRecord> = g.events.iter().filter(|f| f.seq >= from).cloned().collect();
+        // The reader has everything up to the newest now: what it skipped (below `from`) it
+        // read before, what was pushed out before it came is counted already.
+        if from <= g.next_seq {
+            g.read_to = g.next_seq;
+        }
         (flows, g.next_seq, g.overflowed)
     }
 }
@@ -164,5 +174,36 @@ mod tests {
         assert_eq!(all[0].verdict, Verdict::Dropped);
         let (newer, _, _) = log.since(next - 2);
         assert_eq!(newer.len(), 2);
+    }
+
+    #[test]
+    fn a_reader_that_keeps_up_loses_nothing() {
+        let log = FlowLog::default();
+        let e = FlowEvent::default();
+        let mut next = 0;
+        let mut got = 0;
+        // Ten times the log's size, read every half log: all of it reaches the reader.
+        for _ in 0..20 {
+            for _ in 0..FLOW_LOG_CAPACITY / 2 {
+                log.push(&e);
+            }
+            let (flows, n, lost) = log.since(next);
+            assert_eq!(lost, 0);
+            assert_eq!(flows.first().map(|f| f.seq), Some(next));
+            got += flows.len();
+            next = n;
+        }
+        assert_eq!(got, 10 * FLOW_LOG_CAPACITY);
+        // Then the reader falls behind by 5 events more than the log holds: those 5 are lost.
+        for _ in 0..FLOW_LOG_CAPACITY + 5 {
+            log.push(&e);
+        }
+        let (flows, _, lost) = log.since(next);
+        assert_eq!((flows.len(), lost), (FLOW_LOG_CAPACITY, 5));
+        // A reader that asks for an old sequence afterwards does not make them read.
+        for _ in 0..3 {
+            log.push(&e);
+        }
+        assert_eq!(log.since(0).2, 5);
     }
 }

@@ -36,6 +36,9 @@ struct Args {
     /// CPU for client and server (same vCPU, as the datapath benchmark).
     #[arg(long, default_value_t = 1)]
     cpu: usize,
+    /// New connections/s of the paced run (events on): a reader that keeps up loses none.
+    #[arg(long, default_value_t = 10_000.0)]
+    paced_rate: f64,
     #[arg(long, default_value = quick::RESULTS)]
     out: PathBuf,
     #[arg(long, help = quick::HELP)]
@@ -79,6 +82,16 @@ fn main() -> Result<()> {
     .to_string();
     let ifaces = [client.host_ifname.as_str(), server.host_ifname.as_str()];
 
+    let setup = Setup {
+        cli: &cli,
+        load: &load,
+        client: &client,
+        state: &state,
+        ifaces: &ifaces,
+        target: format!("{vip}:80"),
+        seconds: args.seconds,
+        cpu: args.cpu,
+    };
     let mut runs = Vec::new();
     let (mut ratios, mut rates) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {
@@ -90,90 +103,40 @@ fn main() -> Result<()> {
             [true, false]
         };
         for events in order {
-            let extra: &[&str] = if events { &["--flow-events"] } else { &[] };
-            let d = Daemon::start_with("bench-flows", &state, &ifaces, extra)?;
-            let received = Arc::new(AtomicU64::new(0));
-            let mut reader = None;
+            let r = setup.run(events, None)?;
+            tps[usize::from(events)] = r.report.transactions_per_s;
             if events {
-                let mut child = Command::new(&cli)
-                    .args(["flows", "--follow", "-o", "json", "--socket"])
-                    .arg(&d.socket)
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .context("starting `tapestry flows --follow`")?;
-                let out = child.stdout.take().expect("piped");
-                let n = received.clone();
-                std::thread::spawn(move || {
-                    for line in BufReader::new(out).lines() {
-                        if line.is_err() {
-                            break;
-                        }
-                        n.fetch_add(1, Ordering::Relaxed);
-                    }
-                });
-                reader = Some(child);
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            let before = received.load(Ordering::Relaxed);
-            let started = Instant::now();
-            let out = client
-                .run(
-                    Command::new(&load)
-                        .args(["crr", "--target"])
-                        .arg(format!("{vip}:80"))
-                        .arg("--seconds")
-                        .arg(args.seconds.to_string())
-                        .arg("--cpu")
-                        .arg(args.cpu.to_string()),
-                )
-                .context("running the CRR client")?;
-            // Give the reader one poll interval to catch up before counting.
-            std::thread::sleep(Duration::from_millis(400));
-            let elapsed = started.elapsed().as_secs_f64();
-            let delivered = received.load(Ordering::Relaxed) - before;
-            if let Some(mut c) = reader {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-            let report: ClientReport = serde_json::from_slice(
-                out.stdout
-                    .split(|b| *b == b'\n')
-                    .rfind(|l| !l.is_empty())
-                    .unwrap_or_default(),
-            )
-            .with_context(|| {
-                format!(
-                    "parsing the client's report: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            })?;
-            let lost = d.client().flows(0).map(|f| f.lost).unwrap_or(0);
-            drop(d);
-            tps[usize::from(events)] = report.transactions_per_s;
-            if events {
-                rates.push(delivered as f64 / elapsed);
+                rates.push(r.delivered as f64 / r.elapsed);
             }
             println!(
                 "  [{round}] flow events {}: crr {:.1}k/s{}",
                 if events { "on " } else { "off" },
-                report.transactions_per_s / 1e3,
+                r.report.transactions_per_s / 1e3,
                 if events {
                     format!(
-                        ", {delivered} events to the reader ({:.0}/s), {lost} lost",
-                        delivered as f64 / elapsed
+                        ", {} events to the reader ({:.0}/s), {} lost",
+                        r.delivered,
+                        r.delivered as f64 / r.elapsed,
+                        r.lost
                     )
                 } else {
                     String::new()
                 }
             );
-            runs.push(json!({"round": round, "flowEvents": events, "crrPerS": report.transactions_per_s,
-                "errors": report.errors, "eventsDelivered": delivered, "seconds": elapsed, "lost": lost}));
+            runs.push(r.json(round));
         }
         if tps[0] > 0.0 {
             ratios.push(tps[1] / tps[0]);
         }
     }
+    // The issue's case: new flows at a fixed rate a reader should keep up with.
+    let paced = setup.run(true, Some(args.paced_rate))?;
+    let paced_flows = paced.report.transactions_per_s;
+    let paced_delivered = paced.delivered as f64 / paced.elapsed;
+    println!(
+        "  paced at {}/s: crr {:.0}/s, {} events to the reader ({paced_delivered:.0}/s), {} lost",
+        args.paced_rate, paced_flows, paced.delivered, paced.lost
+    );
     let _ = srv.kill();
     let _ = srv.wait();
     let ratio = median(&ratios);
@@ -181,21 +144,27 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(
         args.out.join("flows.json"),
-        serde_json::to_vec_pretty(
-            &json!({"runs": runs, "crrCostRatio": ratio, "eventsPerS": rate}),
-        )?,
+        serde_json::to_vec_pretty(&json!({"runs": runs, "crrCostRatio": ratio,
+            "eventsPerS": rate, "paced": paced.json(0), "pacedRate": args.paced_rate}))?,
     )?;
     std::fs::write(
         args.out.join("flows.md"),
         format!(
             "# Flow events\n\nTCP_CRR through a Tapestry VIP, {} rounds x {} s, client and server on CPU {}, \
              medians of per-round ratios.\n\n| figure | value |\n|---|---:|\n| CRR with events on / off | {:.3} |\n\
-             | events/s delivered to `tapestry flows --follow` | {:.0} |\n",
+             | events/s delivered to `tapestry flows --follow` | {:.0} |\n\
+             | paced at {}/s: new flows/s | {:.0} |\n\
+             | paced: events/s delivered | {:.0} |\n\
+             | paced: events lost | {} |\n",
             args.rounds,
             args.seconds,
             args.cpu,
             ratio.unwrap_or(f64::NAN),
-            rate.unwrap_or(f64::NAN)
+            rate.unwrap_or(f64::NAN),
+            args.paced_rate,
+            paced_flows,
+            paced_delivered,
+            paced.lost
         ),
     )?;
     let mut m = Map::new();
@@ -204,6 +173,15 @@ fn main() -> Result<()> {
         json!(ratio.map(|r| (r * 1e4).round() / 1e4)),
     );
     m.insert("flow_events_per_s".into(), json!(rate.map(f64::round)));
+    m.insert(
+        "flow_events_paced_new_flows_per_s".into(),
+        json!(paced_flows.round()),
+    );
+    m.insert(
+        "flow_events_paced_delivered_per_s".into(),
+        json!(paced_delivered.round()),
+    );
+    m.insert("flow_events_paced_lost".into(), json!(paced.lost));
     merge_summary(&args.out.join("summary.json"), &m)?;
     println!(
         "flow events: CRR on/off {:.3}, {:.0} events/s to the reader",
@@ -211,6 +189,110 @@ fn main() -> Result<()> {
         rate.unwrap_or(f64::NAN)
     );
     Ok(())
+}
+
+/// What every run shares: the lab, the binaries, the Service.
+struct Setup<'a> {
+    cli: &'a std::path::Path,
+    load: &'a std::path::Path,
+    client: &'a tapestry_tests::Pod,
+    state: &'a str,
+    ifaces: &'a [&'a str],
+    target: String,
+    seconds: f64,
+    cpu: usize,
+}
+
+/// One CRR run and what the reader saw.
+struct Run {
+    events: bool,
+    report: ClientReport,
+    delivered: u64,
+    elapsed: f64,
+    lost: u64,
+}
+
+impl Run {
+    fn json(&self, round: usize) -> serde_json::Value {
+        json!({"round": round, "flowEvents": self.events,
+            "crrPerS": self.report.transactions_per_s, "errors": self.report.errors,
+            "eventsDelivered": self.delivered, "seconds": self.elapsed, "lost": self.lost})
+    }
+}
+
+impl Setup<'_> {
+    /// A daemon with flow events on or off, a `tapestry flows --follow` reader when on, and
+    /// one CRR client run through the VIP (paced at `rate` new connections/s when given).
+    fn run(&self, events: bool, rate: Option<f64>) -> Result<Run> {
+        let extra: &[&str] = if events { &["--flow-events"] } else { &[] };
+        let d = Daemon::start_with("bench-flows", self.state, self.ifaces, extra)?;
+        let received = Arc::new(AtomicU64::new(0));
+        let mut reader = None;
+        if events {
+            let mut child = Command::new(self.cli)
+                .args(["flows", "--follow", "-o", "json", "--socket"])
+                .arg(&d.socket)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting `tapestry flows --follow`")?;
+            let out = child.stdout.take().expect("piped");
+            let n = received.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    if line.is_err() {
+                        break;
+                    }
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            reader = Some(child);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let before = received.load(Ordering::Relaxed);
+        let started = Instant::now();
+        let mut cmd = Command::new(self.load);
+        cmd.args(["crr", "--target", &self.target])
+            .arg("--seconds")
+            .arg(self.seconds.to_string())
+            .arg("--cpu")
+            .arg(self.cpu.to_string());
+        if let Some(r) = rate {
+            cmd.arg("--rate").arg(r.to_string());
+        }
+        let out = self
+            .client
+            .run(&mut cmd)
+            .context("running the CRR client")?;
+        // Give the reader one poll interval to catch up before counting.
+        std::thread::sleep(Duration::from_millis(400));
+        let elapsed = started.elapsed().as_secs_f64();
+        let delivered = received.load(Ordering::Relaxed) - before;
+        if let Some(mut c) = reader {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let report: ClientReport = serde_json::from_slice(
+            out.stdout
+                .split(|b| *b == b'\n')
+                .rfind(|l| !l.is_empty())
+                .unwrap_or_default(),
+        )
+        .with_context(|| {
+            format!(
+                "parsing the client's report: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        let lost = d.client().flows(0).map(|f| f.lost).unwrap_or(0);
+        Ok(Run {
+            events,
+            report,
+            delivered,
+            elapsed,
+            lost,
+        })
+    }
 }
 
 #[cfg(test)]

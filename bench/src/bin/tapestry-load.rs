@@ -67,6 +67,9 @@ struct ClientArgs {
     /// Pid of the server process on this host: report CPU time per transaction too.
     #[arg(long)]
     peer_pid: Option<i32>,
+    /// Pace at this many transactions per second (default: as fast as it goes).
+    #[arg(long)]
+    rate: Option<f64>,
     #[command(flatten)]
     common: Common,
 }
@@ -104,6 +107,7 @@ fn client(mode: Mode, a: ClientArgs) -> Result<()> {
             max_errors: a.max_errors,
             io_timeout: Duration::from_millis(a.io_timeout_ms),
             peer_pid: a.peer_pid,
+            rate: a.rate,
         },
         a.common.cpu,
     );
